@@ -1,0 +1,20 @@
+//! Types shared by every rm-abstract component: the `InferenceWorkload`
+//! custom resource and the device table (types, aliases, resource names,
+//! priorities, device strings).
+
+pub mod device;
+pub mod workload;
+
+pub use device::{DeviceRequest, DeviceStringError, DeviceType, Priority};
+pub use workload::{
+    CompileOptions, DeviceStatus, GROUP, InferenceWorkload, InferenceWorkloadSpec,
+    InferenceWorkloadStatus, ModelSpec, Phase, Precision,
+};
+
+/// Labels and annotations under the `rm-abstract.io` prefix.
+pub mod labels {
+    /// On a workload's pods: the name of the workload.
+    pub const WORKLOAD: &str = "rm-abstract.io/workload";
+    /// On a pod (label) or pod/namespace (annotation): inject the init.
+    pub const INJECT: &str = "rm-abstract.io/inject";
+}

@@ -1,0 +1,383 @@
+//! The `InferenceWorkload` custom resource (`rm-abstract.io/v1alpha1`).
+//!
+//! Validation lives in the schema itself (OpenAPI bounds and CEL rules), so the
+//! apiserver rejects a bad spec with a message that names the field; the
+//! operator never sees one.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::device::{DeviceRequest, DeviceStringError, DeviceType, device_string_regex};
+
+/// API group of every rm-abstract resource, label and annotation.
+pub const GROUP: &str = "rm-abstract.io";
+
+/// Regex for `spec.model.source`: a hub id, a `pvc://` or a `file:///` URL.
+pub const MODEL_SOURCE_REGEX: &str = r"^([A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?|pvc://[a-z0-9]([-a-z0-9]{0,251}[a-z0-9])?(/[^\s]*)?|file:///[^\s]+)$";
+
+/// Desired state of an inference workload: which model, on which kind of
+/// device, how many replicas, compiled how, in which (unchanged) pod template.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "rm-abstract.io",
+    version = "v1alpha1",
+    kind = "InferenceWorkload",
+    namespaced,
+    shortname = "iw",
+    status = "InferenceWorkloadStatus",
+    derive = "PartialEq",
+    doc = "An inference workload: a model and an unchanged pod template that rm-abstract runs on the best accelerator with free capacity.",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Device", type_ = "string", json_path = ".status.device.type", description = "Device type the workload runs on"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.ready", description = "Ready replicas / wanted replicas"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Resource", type_ = "string", json_path = ".status.device.resourceName", priority = "1"),
+    printcolumn(name = "Model", type_ = "string", json_path = ".spec.model.source", priority = "1")
+)]
+#[x_kube(
+    validation = Rule::new("!has(self.containerName) || self.template.spec.containers.exists(c, c.name == self.containerName)")
+        .message("spec.containerName must be the name of one of spec.template.spec.containers")
+        .field_path(".containerName"),
+    validation = Rule::new("!has(self.compile) || !has(self.compile.tensorParallelSize) || self.compile.tensorParallelSize <= self.devicesPerReplica")
+        .message("spec.compile.tensorParallelSize cannot exceed spec.devicesPerReplica: each replica shards the model over its own devices")
+        .field_path(".compile.tensorParallelSize"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct InferenceWorkloadSpec {
+    /// The model to serve.
+    pub model: ModelSpec,
+
+    /// Device string: `auto` (best type with free capacity), `npu` (best NPU
+    /// type), or `rbln`, `furiosa`, `gpu`, `cpu`, each but `cpu` optionally
+    /// with `:N`. Aliases `atom`, `rebellions`, `rngd`, `cuda`, `nvidia` are
+    /// accepted and normalised.
+    #[serde(default = "default_device")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = Rule::new(format!("self.matches(r'{}')", device_string_regex()))
+        .message("spec.device must be auto, npu, or one of rbln, furiosa, gpu (aliases atom, rebellions, rngd, cuda, nvidia), optionally followed by :N, or cpu"))]
+    pub device: String,
+
+    /// Ordered device types to consider, overriding the cluster's priorities
+    /// for this workload. A type left out is never used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4))]
+    #[x_kube(validation = Rule::new("self.all(x, self.exists_one(y, y == x))")
+        .message("spec.devicePriority must not list a device type twice"))]
+    pub device_priority: Option<Vec<DeviceType>>,
+
+    /// Devices each replica needs, all on one node.
+    #[serde(default = "default_one_u32")]
+    #[schemars(range(min = 1, max = 64))]
+    pub devices_per_replica: u32,
+
+    /// Number of replicas (scale subresource).
+    #[serde(default = "default_one_i32")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub replicas: i32,
+
+    /// How the node agent compiles the model for the chosen device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compile: Option<CompileOptions>,
+
+    /// The user's pod template, used unchanged apart from the device request,
+    /// labels and `RM_DEVICE`. Only its outline is validated here (at least
+    /// one named container); the full Pod schema is checked by the apiserver
+    /// when the operator writes the Deployment, and errors are reported in
+    /// the workload's conditions. See docs/crd.md for why.
+    #[schemars(schema_with = "pod_template_schema")]
+    pub template: PodTemplateSpec,
+
+    /// Name of the inference container in the template; default the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub container_name: Option<String>,
+}
+
+/// Where the model comes from.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    /// A Hugging Face hub id (`org/name`), `pvc://CLAIM/PATH` or
+    /// `file:///ABSOLUTE/NODE/PATH`.
+    #[x_kube(
+        validation = Rule::new("self != ''").message("spec.model.source must not be empty: give a hub id (org/name), pvc://CLAIM/PATH or file:///PATH"),
+        validation = Rule::new(format!("self == '' || self.matches(r'{MODEL_SOURCE_REGEX}')"))
+            .message("spec.model.source must be a hub id (org/name), pvc://CLAIM/PATH or file:///ABSOLUTE/PATH"),
+    )]
+    #[schemars(length(max = 1024))]
+    pub source: String,
+
+    /// Hub revision (branch, tag or commit); ignored for pvc:// and file://.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub revision: Option<String>,
+}
+
+/// Numeric precision the model is compiled to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum Precision {
+    #[serde(rename = "fp32")]
+    Fp32,
+    #[serde(rename = "fp16")]
+    Fp16,
+    #[serde(rename = "bf16")]
+    Bf16,
+    #[serde(rename = "int8")]
+    Int8,
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    #[serde(rename = "q4")]
+    Q4,
+}
+
+/// Compile options; their canonical form is part of the compile-cache key.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CompileOptions {
+    /// 0 (none) to 3 (most aggressive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 3))]
+    pub optimization_level: Option<u8>,
+
+    /// Target precision; the model's own precision when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
+
+    /// Devices the model is sharded over (at most devicesPerReplica).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub tensor_parallel_size: Option<u32>,
+
+    /// Longest sequence (prompt + generation) the compiled model accepts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1048576))]
+    pub max_seq_len: Option<u32>,
+
+    /// Batch size the compiled model is built for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub batch_size: Option<u32>,
+
+    /// Vendor-specific options passed to the backend as they are.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub extra: BTreeMap<String, String>,
+}
+
+/// Lifecycle phase of a workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum Phase {
+    /// No device type with capacity yet; waiting for one.
+    Pending,
+    /// Device chosen, pods being created, scheduled or compiled.
+    Progressing,
+    /// All wanted replicas are ready.
+    Running,
+    /// Some replicas ready, fewer than wanted.
+    Degraded,
+    /// The workload cannot run as specified (see conditions).
+    Failed,
+}
+
+/// Observed state, written by the operator.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct InferenceWorkloadStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceStatus>,
+    /// Replicas that exist (scale subresource).
+    #[serde(default)]
+    pub replicas: i32,
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// `readyReplicas/replicas` for the Ready printer column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
+    /// Label selector of the pods, in string form (scale subresource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `DeviceSelected`, `Compiled` and `Available`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// The device choice and why it was made.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceStatus {
+    #[serde(rename = "type")]
+    pub device_type: DeviceType,
+    /// Extended resource requested per replica; absent for cpu.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_name: Option<String>,
+    /// Devices per replica.
+    pub count: u32,
+    /// The types considered, their free counts, and the rule that decided.
+    pub reason: String,
+}
+
+/// Condition types set on a workload.
+pub mod condition {
+    pub const DEVICE_SELECTED: &str = "DeviceSelected";
+    pub const COMPILED: &str = "Compiled";
+    pub const AVAILABLE: &str = "Available";
+}
+
+impl InferenceWorkloadSpec {
+    /// The parsed device request (aliases normalised).
+    pub fn device_request(&self) -> Result<DeviceRequest, DeviceStringError> {
+        self.device.parse()
+    }
+}
+
+/// The CRD as the YAML document that `crdgen` prints and the repository commits.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    let body = serde_yaml::to_string(&InferenceWorkload::crd())?;
+    Ok(format!(
+        "# Generated by `cargo run -p rm-crds --bin crdgen`; do not edit.\n{body}"
+    ))
+}
+
+fn default_device() -> String {
+    "auto".to_string()
+}
+
+fn default_one_u32() -> u32 {
+    1
+}
+
+fn default_one_i32() -> i32 {
+    1
+}
+
+/// Outline schema of the embedded pod template.
+///
+/// The full generated PodTemplateSpec schema would add several hundred KiB to
+/// the CRD (it is stored in etcd and served in discovery) and would freeze
+/// this CRD to one Kubernetes release's Pod fields. The outline checks what
+/// rm-abstract relies on and keeps everything else as the user wrote it.
+fn pod_template_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "description": "Pod template of the workload (a core/v1 PodTemplateSpec), used unchanged.",
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "metadata": {
+                "type": "object",
+                "x-kubernetes-preserve-unknown-fields": true
+            },
+            "spec": {
+                "type": "object",
+                "required": ["containers"],
+                "x-kubernetes-preserve-unknown-fields": true,
+                "properties": {
+                    "containers": {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": 64,
+                        "items": {
+                            "type": "object",
+                            "required": ["name"],
+                            "x-kubernetes-preserve-unknown-fields": true,
+                            "properties": {
+                                "name": { "type": "string", "minLength": 1 }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    fn spec_schema() -> serde_json::Value {
+        let crd = serde_json::to_value(InferenceWorkload::crd()).unwrap();
+        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"].clone()
+    }
+
+    #[test]
+    fn defaults_are_in_the_schema() {
+        let spec = spec_schema();
+        assert_eq!(spec["properties"]["device"]["default"], "auto");
+        assert_eq!(spec["properties"]["replicas"]["default"], 1);
+        assert_eq!(spec["properties"]["devicesPerReplica"]["default"], 1);
+    }
+
+    #[test]
+    fn device_priority_accepts_only_canonical_types() {
+        let spec = spec_schema();
+        let items = &spec["properties"]["devicePriority"]["items"];
+        let allowed: Vec<&str> = items["enum"]
+            .as_array()
+            .expect("enum")
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert_eq!(allowed, ["rbln", "furiosa", "gpu", "cpu"]);
+    }
+
+    #[test]
+    fn model_source_regex_accepts_the_documented_forms() {
+        let re = regex::Regex::new(MODEL_SOURCE_REGEX).unwrap();
+        for ok in [
+            "meta-llama/Llama-2-7b-hf",
+            "gpt2",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "pvc://models/llama/7b",
+            "pvc://models",
+            "file:///var/lib/models/smollm2",
+        ] {
+            assert!(re.is_match(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "/abs/path",
+            "a/b/c",
+            "pvc://Bad_Claim/x",
+            "file://relative",
+            "http://x/y",
+            "org/ name",
+        ] {
+            assert!(!re.is_match(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_minimal_workload_round_trips_with_defaults() {
+        let yaml = r#"
+apiVersion: rm-abstract.io/v1alpha1
+kind: InferenceWorkload
+metadata: {name: w}
+spec:
+  model: {source: gpt2}
+  template:
+    spec:
+      containers: [{name: app, image: python:3.12}]
+"#;
+        let iw: InferenceWorkload = serde_yaml::from_str(yaml).unwrap();
+        assert_eq!(iw.spec.device, "auto");
+        assert_eq!(iw.spec.replicas, 1);
+        assert_eq!(iw.spec.devices_per_replica, 1);
+        assert_eq!(iw.spec.device_request().unwrap(), DeviceRequest::Auto);
+    }
+}
