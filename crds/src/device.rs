@@ -66,6 +66,12 @@ pub struct DeviceInfo {
     pub is_npu: bool,
     /// Human name for messages and tables.
     pub display_name: &'static str,
+    /// Alternative extended-resource name some clusters use for the same
+    /// hardware (Rebellions' generic mode advertises `rebellions.ai/npu`).
+    pub generic_resource_name: Option<&'static str>,
+    /// Environment variable through which the vendor's runtime learns which
+    /// devices a container may use (set by the device plugin on allocation).
+    pub visible_devices_env: Option<&'static str>,
 }
 
 const TABLE: [DeviceInfo; 4] = [
@@ -78,6 +84,8 @@ const TABLE: [DeviceInfo; 4] = [
         default_priority: Priority::HIGHEST,
         is_npu: true,
         display_name: "Rebellions ATOM",
+        generic_resource_name: Some("rebellions.ai/npu"),
+        visible_devices_env: Some("RBLN_DEVICES"),
     },
     DeviceInfo {
         device_type: DeviceType::Furiosa,
@@ -88,6 +96,8 @@ const TABLE: [DeviceInfo; 4] = [
         default_priority: Priority::HIGHEST,
         is_npu: true,
         display_name: "FuriosaAI RNGD",
+        generic_resource_name: None,
+        visible_devices_env: Some("FURIOSA_DEVICES"),
     },
     DeviceInfo {
         device_type: DeviceType::Gpu,
@@ -98,6 +108,8 @@ const TABLE: [DeviceInfo; 4] = [
         default_priority: Priority::HIGH,
         is_npu: false,
         display_name: "NVIDIA GPU",
+        generic_resource_name: None,
+        visible_devices_env: Some("NVIDIA_VISIBLE_DEVICES"),
     },
     DeviceInfo {
         device_type: DeviceType::Cpu,
@@ -108,6 +120,8 @@ const TABLE: [DeviceInfo; 4] = [
         default_priority: Priority::LOWEST,
         is_npu: false,
         display_name: "CPU",
+        generic_resource_name: None,
+        visible_devices_env: None,
     },
 ];
 
@@ -357,9 +371,27 @@ mod tests {
     fn crd_regex_agrees_with_parser() {
         let re = regex::Regex::new(&device_string_regex()).unwrap();
         let samples = [
-            "auto", "auto:0", "npu", "npu:3", "gpu", "gpu:0", "cuda:12", "rbln", "atom:1", "rngd",
-            "furiosa:0", "rebellions", "nvidia:1", "cpu", "cpu:0", "tpu", "gpu:", "gpu:a", ":0",
-            "", "npu:1:2",
+            "auto",
+            "auto:0",
+            "npu",
+            "npu:3",
+            "gpu",
+            "gpu:0",
+            "cuda:12",
+            "rbln",
+            "atom:1",
+            "rngd",
+            "furiosa:0",
+            "rebellions",
+            "nvidia:1",
+            "cpu",
+            "cpu:0",
+            "tpu",
+            "gpu:",
+            "gpu:a",
+            ":0",
+            "",
+            "npu:1:2",
         ];
         for s in samples {
             assert_eq!(

@@ -4,6 +4,10 @@
 //! apiserver rejects a bad spec with a message that names the field; the
 //! operator never sees one.
 
+// clippy reads the repeated `printcolumn(type_ = ...)` arguments of the derive
+// as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::PodTemplateSpec;
@@ -36,12 +40,36 @@ pub const MODEL_SOURCE_REGEX: &str = r"^([A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-
         status_replicas_path = ".status.replicas",
         label_selector_path = ".status.selector"
     ),
-    printcolumn(name = "Device", type_ = "string", json_path = ".status.device.type", description = "Device type the workload runs on"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.ready", description = "Ready replicas / wanted replicas"),
+    printcolumn(
+        name = "Device",
+        type_ = "string",
+        json_path = ".status.device.type",
+        description = "Device type the workload runs on"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.ready",
+        description = "Ready replicas / wanted replicas"
+    ),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    printcolumn(name = "Resource", type_ = "string", json_path = ".status.device.resourceName", priority = "1"),
-    printcolumn(name = "Model", type_ = "string", json_path = ".spec.model.source", priority = "1")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Resource",
+        type_ = "string",
+        json_path = ".status.device.resourceName",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Model",
+        type_ = "string",
+        json_path = ".spec.model.source",
+        priority = "1"
+    )
 )]
 #[x_kube(
     validation = Rule::new("!has(self.containerName) || self.template.spec.containers.exists(c, c.name == self.containerName)")

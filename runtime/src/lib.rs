@@ -1,0 +1,70 @@
+//! Process plumbing every rm-abstract binary shares, so that they all log and
+//! stop the same way: `RM_LOG` / `RM_LOG_FORMAT=json` and SIGTERM/SIGINT.
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Environment variable holding the log filter (same syntax as `RUST_LOG`).
+pub const LOG_FILTER_ENV: &str = "RM_LOG";
+/// Environment variable selecting the log format: `json` or text (default).
+pub const LOG_FORMAT_ENV: &str = "RM_LOG_FORMAT";
+
+/// Installs the global tracing subscriber. `default_filter` applies when
+/// `RM_LOG` is unset, e.g. `"info,kube=warn"`. A malformed `RM_LOG` is
+/// reported on stderr and the default is used instead of failing start-up.
+pub fn init_logging(default_filter: &str) {
+    let filter = match std::env::var(LOG_FILTER_ENV) {
+        Ok(spec) => EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+            eprintln!(
+                "{LOG_FILTER_ENV}={spec:?} is not a valid filter ({e}); using {default_filter:?}"
+            );
+            EnvFilter::new(default_filter)
+        }),
+        Err(_) => EnvFilter::new(default_filter),
+    };
+    let json = std::env::var(LOG_FORMAT_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    let registry = tracing_subscriber::registry().with(filter);
+    // try_init: tests may install a subscriber more than once.
+    let _ = if json {
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(false),
+            )
+            .try_init()
+    } else {
+        registry
+            .with(tracing_subscriber::fmt::layer().with_target(true))
+            .try_init()
+    };
+}
+
+/// Resolves when the process is asked to stop (SIGTERM or SIGINT).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!(signal = "SIGINT", "shutting down"),
+        _ = term => tracing::info!(signal = "SIGTERM", "shutting down"),
+    }
+}
