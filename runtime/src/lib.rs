@@ -10,7 +10,7 @@ pub const LOG_FILTER_ENV: &str = "RM_LOG";
 /// Environment variable selecting the log format: `json` or text (default).
 pub const LOG_FORMAT_ENV: &str = "RM_LOG_FORMAT";
 
-/// Installs the global tracing subscriber. `default_filter` applies when
+/// Installs the global tracing subscriber, writing to stderr. `default_filter` applies when
 /// `RM_LOG` is unset, e.g. `"info,kube=warn"`. A malformed `RM_LOG` is
 /// reported on stderr and the default is used instead of failing start-up.
 pub fn init_logging(default_filter: &str) {
@@ -31,12 +31,17 @@ pub fn init_logging(default_filter: &str) {
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
+                    .flatten_event(true)
                     .with_current_span(false),
             )
             .try_init()
     } else {
         registry
-            .with(tracing_subscriber::fmt::layer().with_target(true))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_target(true)
+                    .with_writer(std::io::stderr),
+            )
             .try_init()
     };
 }

@@ -1,0 +1,449 @@
+//! The HTTP/JSON API: on the unix socket for pods, and `/metrics` +
+//! `/healthz` on TCP. Handlers decode, call [`crate::service::Agent`], and
+//! encode; streamed answers are newline-delimited JSON.
+
+pub mod types;
+
+use std::convert::Infallible;
+use std::io::Write;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use futures::StreamExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::backend::TokenFn;
+use crate::cache::{CacheKey, CompileState};
+use crate::metrics::Gauges;
+use crate::service::{Agent, AgentError, GenerateRequest, PrepareRequest};
+use types::{GenerateBody, PrepareBody, RegisterBody, parse_options};
+
+/// Largest JSON request body.
+pub const MAX_JSON_BODY: usize = 8 << 20;
+
+/// An error answer: `{"error": {"status", "code", "message"}}`.
+pub struct ApiError {
+    status: u16,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ApiError {
+            status: 400,
+            code: "bad_request",
+            message: message.into(),
+        }
+    }
+}
+
+impl From<AgentError> for ApiError {
+    fn from(e: AgentError) -> Self {
+        ApiError {
+            status: e.http_status(),
+            code: e.code(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            tracing::warn!(status = self.status, code = self.code, message = %self.message, "request failed");
+        } else {
+            tracing::debug!(status = self.status, code = self.code, message = %self.message, "request refused");
+        }
+        (
+            status,
+            Json(json!({"error": {"status": self.status, "code": self.code, "message": self.message}})),
+        )
+            .into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn parse_json<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// The caller's token: `Authorization: Bearer <token>` (or `X-RM-Token`).
+fn token(headers: &HeaderMap) -> Option<String> {
+    if let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        if let Some(t) = v.strip_prefix("Bearer ") {
+            return Some(t.trim().to_string()).filter(|t| !t.is_empty());
+        }
+    }
+    headers
+        .get("x-rm-token")
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim().to_string())
+        .filter(|t| !t.is_empty())
+}
+
+fn parse_key(s: &str) -> ApiResult<CacheKey> {
+    s.parse()
+        .map_err(|e: crate::cache::key::BadCacheKey| ApiError::bad_request(e.to_string()))
+}
+
+fn ndjson_line(v: &impl Serialize) -> String {
+    let mut s = serde_json::to_string(v).unwrap_or_else(|_| "{}".into());
+    s.push('\n');
+    s
+}
+
+fn ndjson_response(rx: mpsc::UnboundedReceiver<String>) -> Response {
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|line| (Ok::<_, Infallible>(line), rx))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// The router served on the unix socket.
+pub fn socket_router(agent: Arc<Agent>) -> Router {
+    let blobs = Router::new()
+        .route(
+            "/v1/blobs/{sha256}",
+            get(head_blob).head(head_blob).put(put_blob),
+        )
+        .layer(DefaultBodyLimit::disable());
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/backends", get(backends))
+        .route("/v1/cache", get(cache_list))
+        .route("/v1/cache/{key}", delete(cache_delete).get(cache_get))
+        .route("/v1/compiles", get(compiles))
+        .route("/v1/models", post(register_model))
+        .route("/v1/prepare", post(prepare))
+        .route("/v1/generate", post(generate))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .merge(blobs)
+        .fallback(not_found)
+        .with_state(agent)
+}
+
+/// The router served on `--metrics-addr`.
+pub fn metrics_router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .with_state(agent)
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: 404,
+        code: "not_found",
+        message: "no such endpoint; see agent/README.md for the API".into(),
+    }
+}
+
+async fn healthz(State(agent): State<Arc<Agent>>) -> Json<Value> {
+    Json(json!({
+        "status": "ok",
+        "version": crate::VERSION,
+        "cache_entries": agent.store.list().len(),
+    }))
+}
+
+async fn backends(State(agent): State<Arc<Agent>>) -> Json<Value> {
+    let list: Vec<Value> = agent
+        .backends
+        .all()
+        .iter()
+        .map(|b| {
+            let info = b.info();
+            let avail = b.probe();
+            json!({
+                "name": info.name,
+                "display_name": info.display_name,
+                "version": info.version,
+                "vendor": info.vendor,
+                "priority": info.priority,
+                "device_types": info.device_types,
+                "compiler_version": info.compiler_version,
+                "available": avail.available,
+                "reason": avail.reason,
+                "status": b.status(),
+            })
+        })
+        .collect();
+    Json(json!({ "backends": list }))
+}
+
+async fn cache_list(State(agent): State<Arc<Agent>>) -> Json<Value> {
+    Json(json!({
+        "entries": agent.store.list(),
+        "total_bytes": agent.store.total_bytes(),
+        "max_bytes": agent.store.max_bytes(),
+        "compiles": agent.flights.list(),
+        "stats": agent.metrics.snapshot(),
+    }))
+}
+
+async fn cache_get(
+    State(agent): State<Arc<Agent>>,
+    Path(key): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let key = parse_key(&key)?;
+    if let Some(f) = agent.flights.get(&key) {
+        return Ok(Json(json!({"key": key, "compile": f})));
+    }
+    match agent.store.list().into_iter().find(|e| e.key == key) {
+        Some(e) => Ok(Json(json!({"key": key, "entry": e}))),
+        None => Err(AgentError::Store(crate::cache::StoreError::NotFound(key)).into()),
+    }
+}
+
+async fn compiles(State(agent): State<Arc<Agent>>) -> Json<Value> {
+    Json(json!({ "compiles": agent.flights.list() }))
+}
+
+async fn cache_delete(
+    State(agent): State<Arc<Agent>>,
+    Path(key): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let key = parse_key(&key)?;
+    let freed = agent.delete(&key)?;
+    tracing::info!(key = %key, freed, "cache entry deleted");
+    Ok(Json(json!({"deleted": key, "freed_bytes": freed})))
+}
+
+async fn register_model(State(agent): State<Arc<Agent>>, body: Bytes) -> ApiResult<Json<Value>> {
+    let b: RegisterBody = parse_json(&body)?;
+    let m = agent.register(b.source).await?;
+    Ok(Json(json!({
+        "model": m.digest,
+        "format": m.format,
+        "files": m.files,
+        "bytes": m.bytes,
+    })))
+}
+
+async fn head_blob(
+    State(agent): State<Arc<Agent>>,
+    Path(sha): Path<String>,
+) -> ApiResult<StatusCode> {
+    let has = agent.models.has_blob(&sha).map_err(AgentError::from)?;
+    Ok(if has {
+        StatusCode::OK
+    } else {
+        StatusCode::NOT_FOUND
+    })
+}
+
+async fn put_blob(
+    State(agent): State<Arc<Agent>>,
+    Path(sha): Path<String>,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    if agent.models.has_blob(&sha).map_err(AgentError::from)? {
+        return Ok(Json(
+            json!({"sha256": sha, "stored": false, "reason": "already present"}),
+        ));
+    }
+    let (tmp, mut file) = agent.models.blob_temp(&sha).map_err(AgentError::from)?;
+    let mut hasher = Sha256::new();
+    let mut stream = body.into_data_stream();
+    let mut n = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(ApiError::bad_request(format!("upload interrupted: {e}")));
+            }
+        };
+        hasher.update(&chunk);
+        n += chunk.len() as u64;
+        // Small synchronous writes; uploads are rare and sequential.
+        if let Err(e) = file.write_all(&chunk) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(
+                AgentError::Source(crate::source::SourceError::Upload(e.to_string())).into(),
+            );
+        }
+    }
+    let got = crate::cache::key::hex(&hasher.finalize());
+    agent
+        .models
+        .finish_blob(&sha, &tmp, file, &got)
+        .map_err(AgentError::from)?;
+    Ok(Json(json!({"sha256": sha, "stored": true, "bytes": n})))
+}
+
+fn prepare_request(b: PrepareBody) -> ApiResult<(PrepareRequest, bool)> {
+    let options = parse_options(b.options).map_err(ApiError::bad_request)?;
+    Ok((
+        PrepareRequest {
+            model: b.model,
+            source: b.source,
+            device: b.device,
+            backend: b.backend,
+            options,
+        },
+        b.stream,
+    ))
+}
+
+async fn prepare(
+    State(agent): State<Arc<Agent>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let (req, stream) = prepare_request(parse_json(&body)?)?;
+    let tok = token(&headers);
+    let started = std::time::Instant::now();
+    let ticket = agent.start_prepare(req, tok.as_deref()).await?;
+    if !stream {
+        let p = agent.finish_prepare(ticket).await?;
+        tracing::debug!(key = %p.key, cached = p.cached, us = started.elapsed().as_micros() as u64, "prepared");
+        return Ok(Json(p).into_response());
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let prepared = ticket.prepared.clone();
+    let mut watch = ticket.rx.clone();
+    tokio::spawn(async move {
+        if let Some(w) = watch.as_mut() {
+            loop {
+                let state = w.borrow_and_update().clone();
+                if let CompileState::Running { fraction, stage } = &state {
+                    let _ = tx.send(ndjson_line(&json!({
+                        "event": "progress", "key": prepared.key, "fraction": fraction, "stage": stage,
+                    })));
+                } else {
+                    break;
+                }
+                if w.changed().await.is_err() {
+                    break;
+                }
+            }
+        }
+        match agent.finish_prepare(ticket).await {
+            Ok(p) => {
+                let mut v = serde_json::to_value(&p).unwrap_or(Value::Null);
+                if let Value::Object(m) = &mut v {
+                    m.insert("event".into(), json!("done"));
+                }
+                let _ = tx.send(ndjson_line(&v));
+            }
+            Err(e) => {
+                let _ = tx.send(ndjson_line(&json!({
+                    "event": "error", "status": e.http_status(), "code": e.code(), "message": e.to_string(),
+                })));
+            }
+        }
+    });
+    Ok(ndjson_response(rx))
+}
+
+fn generate_request(b: &GenerateBody) -> ApiResult<GenerateRequest> {
+    Ok(GenerateRequest {
+        key: parse_key(&b.key)?,
+        device: b.device.clone(),
+        prompts: b.prompts().map_err(ApiError::bad_request)?,
+        params: b.params().map_err(ApiError::bad_request)?,
+    })
+}
+
+fn usage(outputs: &[crate::backend::SequenceOutput]) -> Value {
+    json!({
+        "prompt_tokens": outputs.iter().map(|o| o.prompt_tokens).sum::<usize>(),
+        "completion_tokens": outputs.iter().map(|o| o.token_ids.len()).sum::<usize>(),
+    })
+}
+
+async fn generate(
+    State(agent): State<Arc<Agent>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let b: GenerateBody = parse_json(&body)?;
+    let req = generate_request(&b)?;
+    let tok = token(&headers);
+    let key = req.key.clone();
+    if !b.stream {
+        let started = std::time::Instant::now();
+        let outputs = agent.generate(req, tok.as_deref(), None).await?;
+        return Ok(Json(json!({
+            "key": key,
+            "usage": usage(&outputs),
+            "elapsed_ms": started.elapsed().as_secs_f64() * 1000.0,
+            "outputs": outputs,
+        }))
+        .into_response());
+    }
+    let (tx, rx) = mpsc::unbounded_channel::<String>();
+    let tok_tx = tx.clone();
+    let on_token: TokenFn = Arc::new(move |index, token_id, text| {
+        let _ = tok_tx.send(ndjson_line(&json!({
+            "event": "token", "index": index, "token_id": token_id, "text": text,
+        })));
+    });
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let line = match agent.generate(req, tok.as_deref(), Some(on_token)).await {
+            Ok(outputs) => ndjson_line(&json!({
+                "event": "done",
+                "key": key,
+                "usage": usage(&outputs),
+                "elapsed_ms": started.elapsed().as_secs_f64() * 1000.0,
+                "outputs": outputs,
+            })),
+            Err(e) => ndjson_line(&json!({
+                "event": "error", "status": e.http_status(), "code": e.code(), "message": e.to_string(),
+            })),
+        };
+        let _ = tx.send(line);
+    });
+    Ok(ndjson_response(rx))
+}
+
+async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
+    let worker_restarts = agent
+        .backends
+        .all()
+        .iter()
+        .filter_map(|b| {
+            let s = b.status();
+            s.get("restarts")
+                .and_then(Value::as_u64)
+                .map(|n| (b.info().name, n))
+        })
+        .collect();
+    let gauges = Gauges {
+        cache_bytes: agent.store.total_bytes(),
+        cache_max_bytes: agent.store.max_bytes(),
+        cache_entries: agent.store.list().len(),
+        compiles_running: agent.flights.list().len(),
+        evictions: agent.store.evictions(),
+        worker_restarts,
+    };
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        agent.metrics.render(&gauges),
+    )
+        .into_response()
+}

@@ -1,0 +1,354 @@
+//! The cpu engine: loads a compiled artifact (GGUF through candle's
+//! `quantized_llama`, safetensors through candle's `llama`) and generates
+//! with a KV cache. Blocking; the backend runs it on blocking threads.
+
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use candle_transformers::models::{llama, quantized_llama};
+use tokenizers::Tokenizer;
+
+use super::compile::ArtifactManifest;
+use super::tokenizer::{self, IncrementalDecoder};
+use crate::backend::{BackendError, FinishReason, GenerationParams};
+
+enum Weights {
+    Quantized(quantized_llama::ModelWeights),
+    Full {
+        model: Arc<llama::Llama>,
+        config: llama::Config,
+        dtype: DType,
+    },
+}
+
+/// A model loaded in memory, shared by all requests for its cache entry.
+pub struct LoadedModel {
+    weights: Weights,
+    pub tokenizer: Option<Tokenizer>,
+    pub eos_token_ids: Vec<u32>,
+    pub bos_token_id: Option<u32>,
+    pub vocab_size: usize,
+    pub max_seq_len: usize,
+    pub max_batch: Option<usize>,
+    pub bytes: u64,
+}
+
+/// One sequence's state: weights plus its own KV cache.
+enum Session {
+    Quantized(quantized_llama::ModelWeights),
+    Full {
+        model: Arc<llama::Llama>,
+        cache: llama::Cache,
+    },
+}
+
+impl Session {
+    fn forward(&mut self, ids: &[u32], pos: usize) -> candle_core::Result<Tensor> {
+        let input = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
+        let logits = match self {
+            Session::Quantized(w) => w.forward(&input, pos)?,
+            Session::Full { model, cache } => model.forward(&input, pos, cache)?,
+        };
+        logits.squeeze(0)?.to_dtype(DType::F32)
+    }
+}
+
+fn engine_err(what: &str) -> impl FnOnce(candle_core::Error) -> BackendError + '_ {
+    move |e| BackendError::Internal(format!("{what}: {e}"))
+}
+
+/// Tensor names candle's llama loader needs; checked up front because the
+/// loader panics on a missing one.
+fn required_llama_tensors(cfg: &llama::Config) -> Vec<String> {
+    let mut v = vec![
+        "model.embed_tokens.weight".to_string(),
+        "model.norm.weight".to_string(),
+    ];
+    if !cfg.tie_word_embeddings {
+        v.push("lm_head.weight".into());
+    }
+    for i in 0..cfg.num_hidden_layers {
+        for n in [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+            "input_layernorm",
+            "post_attention_layernorm",
+        ] {
+            v.push(format!("model.layers.{i}.{n}.weight"));
+        }
+    }
+    v
+}
+
+/// Reads every `*.safetensors` in a directory into one map.
+pub fn load_safetensors_dir(
+    dir: &Path,
+) -> Result<std::collections::HashMap<String, Tensor>, BackendError> {
+    let mut all = std::collections::HashMap::new();
+    let mut names: Vec<_> = fs::read_dir(dir)
+        .map_err(|e| BackendError::Io(format!("{}: {e}", dir.display())))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        return Err(BackendError::Unsupported(format!(
+            "no *.safetensors in {}",
+            dir.display()
+        )));
+    }
+    for p in names {
+        let m = candle_core::safetensors::load(&p, &Device::Cpu).map_err(|e| {
+            BackendError::Unsupported(format!(
+                "{} is not a readable safetensors file: {e}",
+                p.display()
+            ))
+        })?;
+        all.extend(m);
+    }
+    Ok(all)
+}
+
+pub fn read_llama_config(dir: &Path) -> Result<llama::LlamaConfig, BackendError> {
+    let raw = fs::read(dir.join("config.json"))
+        .map_err(|e| BackendError::Unsupported(format!("config.json: {e}")))?;
+    serde_json::from_slice(&raw).map_err(|e| {
+        BackendError::Unsupported(format!(
+            "config.json is not a llama-family config the cpu backend understands: {e}"
+        ))
+    })
+}
+
+impl LoadedModel {
+    pub fn load(dir: &Path) -> Result<LoadedModel, BackendError> {
+        let manifest = ArtifactManifest::read(dir)?;
+        let bytes = crate::cache::store::list_files(dir)
+            .map(|fs_| {
+                fs_.iter()
+                    .filter_map(|f| fs::metadata(dir.join(f)).ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        let tokenizer_json = dir.join("tokenizer.json");
+        let mut tokenizer = if tokenizer_json.is_file() {
+            Some(Tokenizer::from_file(&tokenizer_json).map_err(|e| {
+                BackendError::Unsupported(format!("tokenizer.json cannot be read: {e}"))
+            })?)
+        } else {
+            None
+        };
+        let cap = |n: usize| match manifest.max_seq_len {
+            Some(m) => n.min(m as usize),
+            None => n,
+        };
+        let (weights, vocab_size, max_seq_len) = if manifest.format == "gguf" {
+            let path = dir.join("model.gguf");
+            let mut f = fs::File::open(&path)
+                .map_err(|e| BackendError::Io(format!("{}: {e}", path.display())))?;
+            let content = gguf_file::Content::read(&mut f)
+                .map_err(|e| BackendError::Unsupported(format!("model.gguf: {e}")))?;
+            if tokenizer.is_none() {
+                match tokenizer::from_gguf(&content) {
+                    Ok(t) => tokenizer = Some(t),
+                    Err(why) => tracing::info!(%why, "no tokenizer: text prompts will be refused"),
+                }
+            }
+            let vocab = content
+                .tensor_infos
+                .get("token_embd.weight")
+                .map(|t| t.shape.dims()[0])
+                .unwrap_or(0);
+            let ctx = content
+                .metadata
+                .get("llama.context_length")
+                .and_then(|v| v.to_u32().ok())
+                .map(|v| v as usize)
+                .unwrap_or(quantized_llama::MAX_SEQ_LEN);
+            let w = quantized_llama::ModelWeights::from_gguf(content, &mut f, &Device::Cpu)
+                .map_err(|e| BackendError::Unsupported(format!("model.gguf: {e}")))?;
+            (
+                Weights::Quantized(w),
+                vocab,
+                cap(ctx.min(quantized_llama::MAX_SEQ_LEN)),
+            )
+        } else {
+            let cfg = read_llama_config(dir)?.into_config(false);
+            let dtype = match manifest.dtype.as_str() {
+                "bf16" => DType::BF16,
+                "f16" => DType::F16,
+                _ => DType::F32,
+            };
+            let tensors = load_safetensors_dir(dir)?;
+            for name in required_llama_tensors(&cfg) {
+                if !tensors.contains_key(&name) {
+                    return Err(BackendError::Unsupported(format!(
+                        "the weights have no tensor {name}; is this a llama-family model?"
+                    )));
+                }
+            }
+            let vb = VarBuilder::from_tensors(tensors, dtype, &Device::Cpu);
+            let model = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                llama::Llama::load(vb, &cfg)
+            }))
+            .map_err(|_| {
+                BackendError::Unsupported(
+                    "the weights do not match config.json (tensor shapes)".into(),
+                )
+            })?
+            .map_err(|e| {
+                BackendError::Unsupported(format!("the weights do not match config.json: {e}"))
+            })?;
+            let vocab = cfg.vocab_size;
+            let ctx = cfg.max_position_embeddings;
+            (
+                Weights::Full {
+                    model: Arc::new(model),
+                    config: cfg,
+                    dtype,
+                },
+                vocab,
+                cap(ctx),
+            )
+        };
+        Ok(LoadedModel {
+            weights,
+            tokenizer,
+            eos_token_ids: manifest.eos_token_ids.clone(),
+            bos_token_id: manifest.bos_token_id,
+            vocab_size,
+            max_seq_len,
+            max_batch: manifest.batch_size.map(|b| b as usize),
+            bytes,
+        })
+    }
+
+    fn session(&self) -> Result<Session, BackendError> {
+        Ok(match &self.weights {
+            Weights::Quantized(w) => {
+                let mut w = w.clone();
+                w.clear_kv_cache();
+                Session::Quantized(w)
+            }
+            Weights::Full {
+                model,
+                config,
+                dtype,
+            } => Session::Full {
+                model: model.clone(),
+                cache: llama::Cache::new(true, *dtype, config, &Device::Cpu)
+                    .map_err(engine_err("KV cache"))?,
+            },
+        })
+    }
+
+    /// Tokenizes a text prompt (no special tokens added: the chat template or
+    /// BOS, if the model wants one, is the client's to include).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, BackendError> {
+        let tok = self.tokenizer.as_ref().ok_or_else(|| {
+            BackendError::InvalidRequest(
+                "this model has no tokenizer in the agent; send \"input_ids\" instead of text"
+                    .into(),
+            )
+        })?;
+        let enc = tok.encode(text, false).map_err(|e| {
+            BackendError::InvalidRequest(format!("cannot tokenize the prompt: {e}"))
+        })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Option<String> {
+        self.tokenizer
+            .as_ref()
+            .and_then(|t| t.decode(ids, true).ok())
+    }
+
+    /// Checks a prompt against the model's limits.
+    pub fn check_prompt(&self, ids: &[u32], max_new_tokens: usize) -> Result<(), BackendError> {
+        if ids.is_empty() {
+            return Err(BackendError::InvalidRequest(
+                "a prompt must have at least one token".into(),
+            ));
+        }
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return Err(BackendError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.vocab_size
+            )));
+        }
+        if ids.len() + max_new_tokens > self.max_seq_len {
+            return Err(BackendError::InvalidRequest(format!(
+                "prompt ({} tokens) + max_new_tokens ({max_new_tokens}) exceeds the maximum sequence length {}; shorten the prompt, lower max_new_tokens, or compile with a larger maxSeqLen",
+                ids.len(),
+                self.max_seq_len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Generates for one prompt. `on_token` gets each new token and, when a
+    /// tokenizer exists, the text it completes.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        params: &GenerationParams,
+        mut on_token: impl FnMut(u32, Option<&str>),
+    ) -> Result<(Vec<u32>, FinishReason), BackendError> {
+        self.check_prompt(prompt, params.max_new_tokens)?;
+        let eos: &[u32] = if params.eos_token_ids.is_empty() {
+            &self.eos_token_ids
+        } else {
+            &params.eos_token_ids
+        };
+        let sampling = sampling_of(params);
+        let mut lp = LogitsProcessor::from_sampling(params.seed, sampling);
+        let mut session = self.session()?;
+        let mut decoder = self.tokenizer.as_ref().map(IncrementalDecoder::new);
+        let mut out = Vec::with_capacity(params.max_new_tokens);
+        if params.max_new_tokens == 0 {
+            return Ok((out, FinishReason::Length));
+        }
+        let mut logits = session.forward(prompt, 0).map_err(engine_err("forward"))?;
+        loop {
+            let next = lp.sample(&logits).map_err(engine_err("sampling"))?;
+            out.push(next);
+            let piece = decoder.as_mut().map(|d| d.push(next));
+            on_token(next, piece.as_deref());
+            if params.stop_at_eos && eos.contains(&next) {
+                return Ok((out, FinishReason::Eos));
+            }
+            if out.len() >= params.max_new_tokens {
+                return Ok((out, FinishReason::Length));
+            }
+            let pos = prompt.len() + out.len() - 1;
+            logits = session
+                .forward(&[next], pos)
+                .map_err(engine_err("forward"))?;
+        }
+    }
+}
+
+/// transformers' meaning: greedy unless `do_sample`; temperature 0 is greedy.
+pub fn sampling_of(p: &GenerationParams) -> Sampling {
+    if !p.do_sample || p.temperature <= 0.0 {
+        return Sampling::ArgMax;
+    }
+    let temperature = p.temperature;
+    match (p.top_k.filter(|k| *k > 0), p.top_p.filter(|p| *p < 1.0)) {
+        (None, None) => Sampling::All { temperature },
+        (Some(k), None) => Sampling::TopK { k, temperature },
+        (None, Some(p)) => Sampling::TopP { p, temperature },
+        (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
+    }
+}

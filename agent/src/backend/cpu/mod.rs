@@ -1,0 +1,194 @@
+//! The built-in `cpu` backend: candle's llama-family models, in-process.
+
+pub mod compile;
+pub mod engine;
+pub mod tokenizer;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use rm_crds::{CompileOptions, DeviceType, Priority};
+use tokio::sync::Semaphore;
+
+use super::{
+    Availability, Backend, BackendError, BackendInfo, CompileJob, GenerateJob, ProgressFn, Prompt,
+    SequenceOutput, TokenFn,
+};
+use crate::cache::CacheKey;
+use crate::source::ModelFormat;
+pub use engine::LoadedModel;
+
+/// candle's version, part of every cpu cache key.
+pub const CANDLE_VERSION: &str = "0.11.1";
+/// Loaded models kept in memory at once.
+const MAX_LOADED: usize = 4;
+
+type LoadedMap = Mutex<HashMap<CacheKey, (Arc<LoadedModel>, u64)>>;
+
+pub struct CpuBackend {
+    loaded: Arc<LoadedMap>,
+    /// One generation at a time: candle uses every core for one sequence, so
+    /// running two at once only makes both slower.
+    compute: Semaphore,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        CpuBackend {
+            loaded: Arc::new(Mutex::new(HashMap::new())),
+            compute: Semaphore::new(1),
+        }
+    }
+}
+
+fn join_err(e: tokio::task::JoinError) -> BackendError {
+    BackendError::Internal(format!("the cpu task failed: {e}"))
+}
+
+static TICK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The loaded model for an entry, loading it on first use. Blocking.
+fn loaded_model(
+    loaded: &LoadedMap,
+    key: &CacheKey,
+    dir: &std::path::Path,
+) -> Result<Arc<LoadedModel>, BackendError> {
+    {
+        let tick = TICK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        {
+            let mut map = loaded.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((m, t)) = map.get_mut(key) {
+                *t = tick;
+                return Ok(m.clone());
+            }
+        }
+        let started = std::time::Instant::now();
+        let m = Arc::new(LoadedModel::load(dir)?);
+        tracing::info!(key = %key, ms = started.elapsed().as_millis() as u64, bytes = m.bytes, "model loaded");
+        let mut map = loaded.lock().unwrap_or_else(|p| p.into_inner());
+        while map.len() >= MAX_LOADED {
+            let oldest = map
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => map.remove(&k),
+                None => break,
+            };
+        }
+        map.insert(key.clone(), (m.clone(), tick));
+        Ok(m)
+    }
+}
+
+impl Backend for CpuBackend {
+    fn info(&self) -> BackendInfo {
+        BackendInfo {
+            name: "cpu".into(),
+            display_name: "CPU (candle, in-process)".into(),
+            version: crate::VERSION.into(),
+            vendor: "rm-abstract".into(),
+            priority: Priority::LOWEST,
+            device_types: vec![DeviceType::Cpu],
+            compiler_version: format!("candle-{CANDLE_VERSION}+rm-agent-{}", crate::VERSION),
+        }
+    }
+
+    fn probe(&self) -> Availability {
+        Availability::yes()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let map = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        serde_json::json!({
+            "loaded_models": map.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        })
+    }
+
+    fn validate(&self, options: &CompileOptions, format: ModelFormat) -> Result<(), BackendError> {
+        compile::validate(options, format)
+    }
+
+    fn compile(
+        &self,
+        job: CompileJob,
+        progress: ProgressFn,
+    ) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || compile::compile(&job, &progress))
+                .await
+                .map_err(join_err)?
+        })
+    }
+
+    fn generate(
+        &self,
+        job: GenerateJob,
+        on_token: Option<TokenFn>,
+    ) -> BoxFuture<'_, Result<Vec<SequenceOutput>, BackendError>> {
+        Box::pin(async move {
+            let _permit = self
+                .compute
+                .acquire()
+                .await
+                .map_err(|_| BackendError::Unavailable("the agent is shutting down".into()))?;
+            let loaded = self.loaded.clone();
+            tokio::task::spawn_blocking(move || {
+                let model = loaded_model(&loaded, &job.key, &job.artifact_dir)?;
+                run_batch(&model, &job, on_token.as_ref())
+            })
+            .await
+            .map_err(join_err)?
+        })
+    }
+
+    fn cleanup(&self, key: &CacheKey) {
+        self.loaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+}
+
+/// Runs every prompt of a batch, one after the other (each has its own KV
+/// cache; candle's llama has no padding mask for mixed lengths).
+pub fn run_batch(
+    model: &LoadedModel,
+    job: &GenerateJob,
+    on_token: Option<&TokenFn>,
+) -> Result<Vec<SequenceOutput>, BackendError> {
+    if let Some(max) = model.max_batch.filter(|m| job.prompts.len() > *m) {
+        return Err(BackendError::InvalidRequest(format!(
+            "{} prompts exceed the batch size {max} this artifact was compiled for",
+            job.prompts.len()
+        )));
+    }
+    let ids: Vec<Vec<u32>> = job
+        .prompts
+        .iter()
+        .map(|p| match p {
+            Prompt::Ids(ids) => Ok(ids.clone()),
+            Prompt::Text(t) => model.encode(t),
+        })
+        .collect::<Result<_, _>>()?;
+    for p in &ids {
+        model.check_prompt(p, job.params.max_new_tokens)?;
+    }
+    let mut outputs = Vec::with_capacity(ids.len());
+    for (index, prompt) in ids.iter().enumerate() {
+        let (tokens, finish_reason) = model.generate(prompt, &job.params, |id, piece| {
+            if let Some(f) = on_token {
+                f(index, id, piece);
+            }
+        })?;
+        outputs.push(SequenceOutput {
+            prompt_tokens: prompt.len(),
+            text: model.decode(&tokens),
+            token_ids: tokens,
+            finish_reason,
+        });
+    }
+    Ok(outputs)
+}

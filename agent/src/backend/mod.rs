@@ -1,0 +1,370 @@
+//! Backends: the plugin interface (metadata, availability probe, compile,
+//! generate, cleanup), the registry, and selection by priority.
+//!
+//! The built-in `cpu` backend runs models in-process; external backends are
+//! worker programs (see `worker`). Both look the same to the rest of the agent.
+
+pub mod cpu;
+pub mod worker;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use rm_crds::{CompileOptions, DeviceType, Priority};
+use serde::{Deserialize, Serialize};
+
+use crate::cache::CacheKey;
+use crate::source::ModelFormat;
+
+/// What a backend says about itself.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BackendInfo {
+    pub name: String,
+    pub display_name: String,
+    pub version: String,
+    pub vendor: String,
+    pub priority: Priority,
+    pub device_types: Vec<DeviceType>,
+    /// Part of the cache key: a new compiler gives new entries.
+    pub compiler_version: String,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Availability {
+    pub available: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl Availability {
+    pub fn yes() -> Self {
+        Availability {
+            available: true,
+            reason: None,
+        }
+    }
+    pub fn no(reason: impl Into<String>) -> Self {
+        Availability {
+            available: false,
+            reason: Some(reason.into()),
+        }
+    }
+}
+
+/// Progress callback: fraction 0..1 and a short stage name.
+pub type ProgressFn = Arc<dyn Fn(f32, &str) + Send + Sync>;
+
+/// Token callback for streaming: (sequence index, token id, text piece).
+pub type TokenFn = Arc<dyn Fn(usize, u32, Option<&str>) + Send + Sync>;
+
+/// One compile: read `model_path`, write the artifact into `output_dir`.
+#[derive(Clone, Debug)]
+pub struct CompileJob {
+    pub key: CacheKey,
+    pub model_path: PathBuf,
+    pub model_format: ModelFormat,
+    pub device_type: DeviceType,
+    pub devices: Vec<String>,
+    pub options: CompileOptions,
+    pub output_dir: PathBuf,
+}
+
+/// One prompt: token ids, or text the backend tokenizes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    Ids(Vec<u32>),
+    Text(String),
+}
+
+/// Sampling and stopping, with transformers' meanings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GenerationParams {
+    pub max_new_tokens: usize,
+    pub do_sample: bool,
+    pub temperature: f64,
+    pub top_p: Option<f64>,
+    pub top_k: Option<usize>,
+    pub seed: u64,
+    /// Stop tokens; empty means the model's own EOS.
+    pub eos_token_ids: Vec<u32>,
+    /// Stop at EOS at all (false: always generate `max_new_tokens`).
+    pub stop_at_eos: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerateJob {
+    pub key: CacheKey,
+    pub artifact_dir: PathBuf,
+    pub devices: Vec<String>,
+    pub prompts: Vec<Prompt>,
+    pub params: GenerationParams,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Eos,
+    Length,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SequenceOutput {
+    pub prompt_tokens: usize,
+    pub token_ids: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    pub finish_reason: FinishReason,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    #[error("worker failed: {0}")]
+    Worker(String),
+    #[error("worker did not answer within {0} s; it was restarted")]
+    Timeout(u64),
+    #[error("{0}")]
+    Io(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl BackendError {
+    pub fn http_status(&self) -> u16 {
+        match self {
+            BackendError::InvalidRequest(_) => 400,
+            BackendError::Unsupported(_) => 422,
+            BackendError::Unavailable(_) => 503,
+            BackendError::Worker(_) => 502,
+            BackendError::Timeout(_) => 504,
+            BackendError::Io(_) | BackendError::Internal(_) => 500,
+        }
+    }
+}
+
+/// The plugin interface. Every method must fail with an error, never panic,
+/// whatever the request holds.
+pub trait Backend: Send + Sync {
+    fn info(&self) -> BackendInfo;
+    fn probe(&self) -> Availability;
+    /// Extra facts for `GET /v1/backends` (worker restarts, loaded models).
+    fn status(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Checks options before a compile is started, so bad options get a 400
+    /// and never a cache entry.
+    fn validate(&self, options: &CompileOptions, format: ModelFormat) -> Result<(), BackendError>;
+    fn compile(
+        &self,
+        job: CompileJob,
+        progress: ProgressFn,
+    ) -> BoxFuture<'_, Result<(), BackendError>>;
+    fn generate(
+        &self,
+        job: GenerateJob,
+        on_token: Option<TokenFn>,
+    ) -> BoxFuture<'_, Result<Vec<SequenceOutput>, BackendError>>;
+    /// Frees what the backend holds for an entry (deleted or evicted).
+    fn cleanup(&self, key: &CacheKey);
+    /// Stops worker processes; called at shutdown.
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// All backends of this agent.
+#[derive(Default, Clone)]
+pub struct Registry {
+    backends: Vec<Arc<dyn Backend>>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SelectError {
+    #[error("no backend named {0:?}; GET /v1/backends lists them")]
+    UnknownBackend(String),
+    #[error("backend {backend:?} does not run on {device}; it supports {supported}")]
+    WrongDevice {
+        backend: String,
+        device: DeviceType,
+        supported: String,
+    },
+    #[error("no available backend for device {device}{why}")]
+    NoneAvailable { device: DeviceType, why: String },
+}
+
+/// A candidate for selection: what the pure chooser needs to know.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    pub info: BackendInfo,
+    pub availability: Availability,
+}
+
+/// Picks the backend: the named one if given (it must support the device),
+/// else the highest-priority available backend for the device type; ties go
+/// to the earlier registered (built-in first, then plugins by name).
+pub fn select(
+    candidates: &[Candidate],
+    device: DeviceType,
+    name: Option<&str>,
+) -> Result<usize, SelectError> {
+    if let Some(name) = name.filter(|n| *n != "auto") {
+        let i = candidates
+            .iter()
+            .position(|c| c.info.name == name)
+            .ok_or_else(|| SelectError::UnknownBackend(name.to_string()))?;
+        let c = &candidates[i];
+        if !c.info.device_types.contains(&device) {
+            return Err(SelectError::WrongDevice {
+                backend: name.to_string(),
+                device,
+                supported: c
+                    .info
+                    .device_types
+                    .iter()
+                    .map(|d| d.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        if !c.availability.available {
+            return Err(SelectError::NoneAvailable {
+                device,
+                why: format!(
+                    ": {name} is unavailable ({})",
+                    c.availability.reason.clone().unwrap_or_default()
+                ),
+            });
+        }
+        return Ok(i);
+    }
+    let mut best: Option<usize> = None;
+    let mut reasons = Vec::new();
+    for (i, c) in candidates.iter().enumerate() {
+        if !c.info.device_types.contains(&device) {
+            continue;
+        }
+        if !c.availability.available {
+            reasons.push(format!(
+                "{}: {}",
+                c.info.name,
+                c.availability.reason.clone().unwrap_or_default()
+            ));
+            continue;
+        }
+        if best.is_none_or(|b| c.info.priority > candidates[b].info.priority) {
+            best = Some(i);
+        }
+    }
+    best.ok_or_else(|| SelectError::NoneAvailable {
+        device,
+        why: if reasons.is_empty() {
+            "; install a worker plugin for it in --plugin-dir".into()
+        } else {
+            format!(" ({})", reasons.join("; "))
+        },
+    })
+}
+
+impl Registry {
+    pub fn new(backends: Vec<Arc<dyn Backend>>) -> Self {
+        Registry { backends }
+    }
+
+    pub fn all(&self) -> &[Arc<dyn Backend>] {
+        &self.backends
+    }
+
+    pub fn candidates(&self) -> Vec<Candidate> {
+        self.backends
+            .iter()
+            .map(|b| Candidate {
+                info: b.info(),
+                availability: b.probe(),
+            })
+            .collect()
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<Arc<dyn Backend>> {
+        self.backends
+            .iter()
+            .find(|b| b.info().name == name)
+            .cloned()
+    }
+
+    pub fn select(
+        &self,
+        device: DeviceType,
+        name: Option<&str>,
+    ) -> Result<Arc<dyn Backend>, SelectError> {
+        let i = select(&self.candidates(), device, name)?;
+        Ok(self.backends[i].clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(name: &str, prio: u32, types: &[DeviceType], avail: bool) -> Candidate {
+        Candidate {
+            info: BackendInfo {
+                name: name.into(),
+                display_name: name.into(),
+                version: "1".into(),
+                vendor: "v".into(),
+                priority: Priority(prio),
+                device_types: types.to_vec(),
+                compiler_version: "c".into(),
+            },
+            availability: if avail {
+                Availability::yes()
+            } else {
+                Availability::no("no SDK")
+            },
+        }
+    }
+
+    #[test]
+    fn highest_available_priority_wins() {
+        let c = vec![
+            cand("a", 50, &[DeviceType::Gpu], true),
+            cand("b", 75, &[DeviceType::Gpu], true),
+            cand("c", 100, &[DeviceType::Gpu], false),
+        ];
+        assert_eq!(select(&c, DeviceType::Gpu, None), Ok(1));
+        assert_eq!(select(&c, DeviceType::Gpu, Some("auto")), Ok(1));
+    }
+
+    #[test]
+    fn ties_go_to_the_first_registered() {
+        let c = vec![
+            cand("a", 75, &[DeviceType::Gpu], true),
+            cand("b", 75, &[DeviceType::Gpu], true),
+        ];
+        assert_eq!(select(&c, DeviceType::Gpu, None), Ok(0));
+    }
+
+    #[test]
+    fn named_backend_must_fit_the_device() {
+        let c = vec![cand("cpu", 0, &[DeviceType::Cpu], true)];
+        assert!(matches!(
+            select(&c, DeviceType::Gpu, Some("cpu")),
+            Err(SelectError::WrongDevice { .. })
+        ));
+        assert!(matches!(
+            select(&c, DeviceType::Cpu, Some("nope")),
+            Err(SelectError::UnknownBackend(_))
+        ));
+        assert!(matches!(
+            select(&c, DeviceType::Rbln, None),
+            Err(SelectError::NoneAvailable { .. })
+        ));
+    }
+}

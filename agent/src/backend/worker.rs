@@ -1,0 +1,719 @@
+//! External backends: worker programs found in `--plugin-dir` by a
+//! `manifest.json`, started and supervised by the agent (restart with
+//! back-off), one process per device set so a worker only ever sees the
+//! devices of one allocation. The protocol is JSON lines over the worker's
+//! stdin/stdout (stderr is logged); agent/README.md documents it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use rm_crds::{CompileOptions, DeviceType, Priority};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{Notify, mpsc};
+
+use super::{
+    Availability, Backend, BackendError, BackendInfo, CompileJob, GenerateJob, ProgressFn,
+    SequenceOutput, TokenFn,
+};
+use crate::cache::CacheKey;
+use crate::source::ModelFormat;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Longest line a worker may write (a generate result with many tokens fits).
+const MAX_LINE: usize = 16 << 20;
+
+/// `<plugin-dir>/<name>/manifest.json`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub name: String,
+    pub display_name: String,
+    pub version: String,
+    pub vendor: String,
+    pub priority: u32,
+    pub device_types: Vec<DeviceType>,
+    /// Program and arguments; a relative program is resolved against the
+    /// manifest's directory, which is also the working directory.
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_s: u64,
+    #[serde(default = "default_compile_timeout")]
+    pub compile_timeout_s: u64,
+    /// Shown in `/v1/backends`: the path has not been run on real hardware.
+    #[serde(default)]
+    pub unverified_on_hardware: bool,
+}
+
+fn default_request_timeout() -> u64 {
+    600
+}
+fn default_compile_timeout() -> u64 {
+    4 * 3600
+}
+
+/// Reads every manifest under `plugin_dir`; bad ones are logged and skipped.
+pub fn discover(plugin_dir: &Path) -> Vec<(PathBuf, Manifest)> {
+    let mut found = Vec::new();
+    let Ok(rd) = std::fs::read_dir(plugin_dir) else {
+        tracing::warn!(dir = %plugin_dir.display(), "plugin directory cannot be read; no external backends");
+        return found;
+    };
+    let mut dirs: Vec<PathBuf> = rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    for dir in dirs {
+        let path = dir.join("manifest.json");
+        let Ok(raw) = std::fs::read(&path) else {
+            continue;
+        };
+        match serde_json::from_slice::<Manifest>(&raw) {
+            Ok(m) if m.command.is_empty() => {
+                tracing::warn!(manifest = %path.display(), "manifest has an empty command; skipped")
+            }
+            Ok(m) => found.push((dir, m)),
+            Err(e) => {
+                tracing::warn!(manifest = %path.display(), error = %e, "bad manifest; skipped")
+            }
+        }
+    }
+    found
+}
+
+/// What the worker answers to `hello`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+pub struct Hello {
+    pub protocol: u32,
+    pub compiler_version: String,
+    pub available: bool,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// A message from a worker about one request.
+#[derive(Debug)]
+enum Incoming {
+    Progress(f32, String),
+    Token(usize, u32, Option<String>),
+    Result(Value),
+    Error(BackendError),
+}
+
+struct Outgoing {
+    method: &'static str,
+    params: Value,
+    reply: mpsc::UnboundedSender<Incoming>,
+}
+
+/// One supervised worker process (restarted when it dies).
+struct Instance {
+    tx: mpsc::UnboundedSender<Outgoing>,
+    kill: Arc<Notify>,
+    stop: Arc<Notify>,
+}
+
+#[derive(Deserialize)]
+struct Line {
+    id: Option<u64>,
+    #[serde(default)]
+    result: Option<Value>,
+    #[serde(default)]
+    error: Option<WireError>,
+    #[serde(default)]
+    progress: Option<WireProgress>,
+    #[serde(default)]
+    token: Option<WireToken>,
+}
+
+#[derive(Deserialize)]
+struct WireError {
+    message: String,
+    #[serde(default)]
+    kind: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireProgress {
+    fraction: f32,
+    #[serde(default)]
+    stage: String,
+}
+
+#[derive(Deserialize)]
+struct WireToken {
+    #[serde(default)]
+    index: usize,
+    token_id: u32,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+/// Parses one line of worker output. Pure; the protocol's grammar lives here.
+fn parse_line(line: &str) -> Result<(u64, Incoming), String> {
+    let l: Line = serde_json::from_str(line)
+        .map_err(|e| format!("not a JSON message ({e}): {:.200}", line))?;
+    let id =
+        l.id.ok_or_else(|| format!("message without \"id\": {:.200}", line))?;
+    let msg = if let Some(r) = l.result {
+        Incoming::Result(r)
+    } else if let Some(e) = l.error {
+        let err = match e.kind.as_deref() {
+            Some("invalid_request") => BackendError::InvalidRequest(e.message),
+            Some("unsupported") => BackendError::Unsupported(e.message),
+            Some("unavailable") => BackendError::Unavailable(e.message),
+            _ => BackendError::Worker(e.message),
+        };
+        Incoming::Error(err)
+    } else if let Some(p) = l.progress {
+        Incoming::Progress(p.fraction, p.stage)
+    } else if let Some(t) = l.token {
+        Incoming::Token(t.index, t.token_id, t.text)
+    } else {
+        return Err(format!(
+            "message has none of result, error, progress, token: {:.200}",
+            line
+        ));
+    };
+    Ok((id, msg))
+}
+
+/// Back-off before restart number `n` (0-based): 200 ms doubling to 30 s.
+pub fn restart_delay(consecutive_failures: u32) -> Duration {
+    let ms = 200u64.saturating_mul(1u64 << consecutive_failures.min(10));
+    Duration::from_millis(ms.min(30_000))
+}
+
+/// Environment that tells a worker its devices.
+fn device_env(device_type: Option<DeviceType>, devices: &[String]) -> Vec<(String, String)> {
+    let list = devices.join(",");
+    let mut env = vec![("RM_DEVICES".to_string(), list.clone())];
+    if let Some(t) = device_type {
+        env.push(("RM_DEVICE_TYPE".into(), t.as_str().into()));
+        match t {
+            // The CUDA runtime reads this before the first CUDA call.
+            DeviceType::Gpu => env.push(("CUDA_VISIBLE_DEVICES".into(), list)),
+            DeviceType::Rbln => env.push(("RBLN_DEVICES".into(), list)),
+            DeviceType::Furiosa => env.push(("FURIOSA_DEVICES".into(), list)),
+            DeviceType::Cpu => {}
+        }
+    }
+    env
+}
+
+struct Supervisor {
+    name: String,
+    dir: PathBuf,
+    manifest: Manifest,
+    env: Vec<(String, String)>,
+    restarts: Arc<AtomicU64>,
+}
+
+impl Supervisor {
+    fn spawn_child(&self) -> std::io::Result<Child> {
+        let prog = &self.manifest.command[0];
+        let prog_path = if prog.contains('/') && !Path::new(prog).is_absolute() {
+            self.dir.join(prog)
+        } else {
+            PathBuf::from(prog)
+        };
+        let mut cmd = Command::new(prog_path);
+        cmd.args(&self.manifest.command[1..])
+            .current_dir(&self.dir)
+            .envs(&self.manifest.env)
+            .envs(self.env.iter().cloned())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        cmd.spawn()
+    }
+
+    async fn run(
+        self,
+        mut rx: mpsc::UnboundedReceiver<Outgoing>,
+        kill: Arc<Notify>,
+        stop: Arc<Notify>,
+    ) {
+        let mut consecutive = 0u32;
+        let mut first = true;
+        loop {
+            if !first {
+                let delay = restart_delay(consecutive);
+                tracing::warn!(worker = %self.name, delay_ms = delay.as_millis() as u64, "restarting worker after back-off");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.notified() => return,
+                }
+                self.restarts.fetch_add(1, Ordering::Relaxed);
+                consecutive += 1;
+            }
+            first = false;
+            let started = Instant::now();
+            let mut child = match self.spawn_child() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(worker = %self.name, error = %e, "cannot start worker");
+                    // Fail what is queued so callers do not wait for a
+                    // program that cannot start.
+                    while let Ok(o) = rx.try_recv() {
+                        let _ = o
+                            .reply
+                            .send(Incoming::Error(BackendError::Unavailable(format!(
+                                "worker {} cannot be started: {e}",
+                                self.name
+                            ))));
+                    }
+                    continue;
+                }
+            };
+            tracing::info!(worker = %self.name, pid = child.id().unwrap_or(0), "worker started");
+            let (Some(mut stdin), Some(stdout), Some(stderr)) =
+                (child.stdin.take(), child.stdout.take(), child.stderr.take())
+            else {
+                continue;
+            };
+            let name = self.name.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    tracing::info!(worker = %name, "{l}");
+                }
+            });
+            let mut out = BufReader::with_capacity(1 << 16, stdout);
+            let mut pending: HashMap<u64, mpsc::UnboundedSender<Incoming>> = HashMap::new();
+            let mut next_id = 1u64;
+            let mut buf = Vec::new();
+            let why: String = loop {
+                tokio::select! {
+                    msg = rx.recv() => {
+                        let Some(o) = msg else {
+                            // The backend was dropped: stop for good.
+                            let _ = child.start_kill();
+                            return;
+                        };
+                        let id = next_id;
+                        next_id += 1;
+                        let line = json!({"id": id, "method": o.method, "params": o.params}).to_string() + "\n";
+                        if let Err(e) = stdin.write_all(line.as_bytes()).await {
+                            let _ = o.reply.send(Incoming::Error(BackendError::Worker(format!("cannot write to worker: {e}"))));
+                            break format!("stdin closed: {e}");
+                        }
+                        let _ = stdin.flush().await;
+                        pending.insert(id, o.reply);
+                    }
+                    read = read_line(&mut out, &mut buf) => {
+                        match read {
+                            Ok(None) => break "worker closed its stdout".to_string(),
+                            Err(e) => break e,
+                            Ok(Some(text)) => match parse_line(&text) {
+                                Ok((id, msg)) => {
+                                    let done = matches!(msg, Incoming::Result(_) | Incoming::Error(_));
+                                    match pending.get(&id) {
+                                        Some(tx) => { let _ = tx.send(msg); }
+                                        None => tracing::warn!(worker = %self.name, id, "message for an unknown request id; ignored"),
+                                    }
+                                    if done { pending.remove(&id); }
+                                }
+                                Err(e) => break format!("protocol error: {e}"),
+                            }
+                        }
+                    }
+                    _ = kill.notified() => break "killed after a request timed out".to_string(),
+                    _ = stop.notified() => {
+                        let line = json!({"id": 0, "method": "shutdown", "params": {}}).to_string() + "\n";
+                        let _ = stdin.write_all(line.as_bytes()).await;
+                        drop(stdin);
+                        if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+                            let _ = child.start_kill();
+                        }
+                        return;
+                    }
+                }
+            };
+            let _ = child.start_kill();
+            let status = child
+                .wait()
+                .await
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            tracing::warn!(worker = %self.name, reason = %why, %status, "worker stopped");
+            for (_, tx) in pending.drain() {
+                let _ = tx.send(Incoming::Error(BackendError::Worker(format!(
+                    "worker {} stopped ({why}; {status}); it is being restarted, retry the request",
+                    self.name
+                ))));
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                consecutive = 0;
+            }
+        }
+    }
+}
+
+/// Reads one `\n`-terminated line, refusing lines over [`MAX_LINE`].
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<Option<String>, String> {
+    buf.clear();
+    loop {
+        let chunk = r.fill_buf().await.map_err(|e| e.to_string())?;
+        if chunk.is_empty() {
+            return Ok(None);
+        }
+        if let Some(pos) = chunk.iter().position(|b| *b == b'\n') {
+            buf.extend_from_slice(&chunk[..pos]);
+            r.consume(pos + 1);
+            break;
+        }
+        let n = chunk.len();
+        buf.extend_from_slice(chunk);
+        r.consume(n);
+        if buf.len() > MAX_LINE {
+            return Err(format!(
+                "protocol error: a line longer than {MAX_LINE} bytes"
+            ));
+        }
+    }
+    String::from_utf8(std::mem::take(buf))
+        .map(Some)
+        .map_err(|_| "protocol error: a line that is not UTF-8".to_string())
+}
+
+/// A backend served by an external worker program.
+pub struct WorkerBackend {
+    dir: PathBuf,
+    manifest: Manifest,
+    hello: Mutex<Option<Hello>>,
+    availability: Mutex<Availability>,
+    instances: Mutex<HashMap<String, Arc<Instance>>>,
+    restarts: Arc<AtomicU64>,
+}
+
+impl WorkerBackend {
+    pub fn new(dir: PathBuf, manifest: Manifest) -> Self {
+        WorkerBackend {
+            dir,
+            manifest,
+            hello: Mutex::new(None),
+            availability: Mutex::new(Availability::no("not probed yet")),
+            instances: Mutex::new(HashMap::new()),
+            restarts: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
+    fn instance(&self, device_type: Option<DeviceType>, devices: &[String]) -> Arc<Instance> {
+        let set = format!(
+            "{}:{}",
+            device_type.map(|t| t.as_str()).unwrap_or("-"),
+            devices.join(",")
+        );
+        let mut map = self.instances.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = map.get(&set) {
+            return i.clone();
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let kill = Arc::new(Notify::new());
+        let stop = Arc::new(Notify::new());
+        let sup = Supervisor {
+            name: format!("{}[{set}]", self.manifest.name),
+            dir: self.dir.clone(),
+            manifest: self.manifest.clone(),
+            env: device_env(device_type, devices),
+            restarts: self.restarts.clone(),
+        };
+        tokio::spawn(sup.run(rx, kill.clone(), stop.clone()));
+        let inst = Arc::new(Instance { tx, kill, stop });
+        map.insert(set, inst.clone());
+        inst
+    }
+
+    /// Sends one request and waits for its result, passing progress and
+    /// tokens on. A request that outlives `timeout` kills the worker.
+    async fn call(
+        &self,
+        inst: &Instance,
+        method: &'static str,
+        params: Value,
+        timeout: Duration,
+        progress: Option<ProgressFn>,
+        on_token: Option<TokenFn>,
+    ) -> Result<Value, BackendError> {
+        let (reply, mut rx) = mpsc::unbounded_channel();
+        inst.tx
+            .send(Outgoing {
+                method,
+                params,
+                reply,
+            })
+            .map_err(|_| {
+                BackendError::Unavailable(format!("worker {} is stopped", self.manifest.name))
+            })?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Err(_) => {
+                    inst.kill.notify_one();
+                    return Err(BackendError::Timeout(timeout.as_secs()));
+                }
+                Ok(None) => {
+                    return Err(BackendError::Worker(
+                        "the worker dropped the request".into(),
+                    ));
+                }
+                Ok(Some(Incoming::Result(v))) => return Ok(v),
+                Ok(Some(Incoming::Error(e))) => return Err(e),
+                Ok(Some(Incoming::Progress(f, s))) => {
+                    if let Some(p) = &progress {
+                        p(f, &s);
+                    }
+                }
+                Ok(Some(Incoming::Token(i, t, text))) => {
+                    if let Some(cb) = &on_token {
+                        cb(i, t, text.as_deref());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts a device-less instance, asks `hello`, records the answer and
+    /// stops the instance again.
+    pub async fn probe_now(&self) {
+        let inst = self.instance(None, &[]);
+        let res = self
+            .call(
+                &inst,
+                "hello",
+                json!({"protocol": PROTOCOL_VERSION}),
+                Duration::from_secs(60),
+                None,
+                None,
+            )
+            .await;
+        let avail = match res.and_then(|v| {
+            serde_json::from_value::<Hello>(v)
+                .map_err(|e| BackendError::Worker(format!("bad hello answer: {e}")))
+        }) {
+            Ok(h) if h.protocol != PROTOCOL_VERSION => Availability::no(format!(
+                "worker speaks protocol {}, the agent {PROTOCOL_VERSION}",
+                h.protocol
+            )),
+            Ok(h) => {
+                let a = if h.available {
+                    Availability::yes()
+                } else {
+                    Availability::no(
+                        h.reason
+                            .clone()
+                            .unwrap_or_else(|| "the worker says it is unavailable".into()),
+                    )
+                };
+                *self.hello.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+                a
+            }
+            Err(e) => Availability::no(e.to_string()),
+        };
+        tracing::info!(backend = %self.manifest.name, available = avail.available, reason = ?avail.reason, "worker probed");
+        *self.availability.lock().unwrap_or_else(|p| p.into_inner()) = avail;
+        let removed = self
+            .instances
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove("-:");
+        if let Some(i) = removed {
+            i.stop.notify_one();
+        }
+    }
+}
+
+impl Backend for WorkerBackend {
+    fn info(&self) -> BackendInfo {
+        let compiler_version = self
+            .hello
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|h| h.compiler_version.clone())
+            .unwrap_or_else(|| "unknown".into());
+        BackendInfo {
+            name: self.manifest.name.clone(),
+            display_name: self.manifest.display_name.clone(),
+            version: self.manifest.version.clone(),
+            vendor: self.manifest.vendor.clone(),
+            priority: Priority(self.manifest.priority),
+            device_types: self.manifest.device_types.clone(),
+            compiler_version,
+        }
+    }
+
+    fn probe(&self) -> Availability {
+        self.availability
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn status(&self) -> Value {
+        json!({
+            "kind": "worker",
+            "restarts": self.restarts(),
+            "processes": self.instances.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            "unverified_on_hardware": self.manifest.unverified_on_hardware,
+        })
+    }
+
+    fn validate(&self, options: &CompileOptions, _format: ModelFormat) -> Result<(), BackendError> {
+        if options.tensor_parallel_size.is_some_and(|t| t == 0) {
+            return Err(BackendError::InvalidRequest(
+                "tensorParallelSize must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn compile(
+        &self,
+        job: CompileJob,
+        progress: ProgressFn,
+    ) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move {
+            let inst = self.instance(Some(job.device_type), &job.devices);
+            let params = json!({
+                "key": job.key,
+                "model_path": job.model_path,
+                "model_format": job.model_format,
+                "output_dir": job.output_dir,
+                "device_type": job.device_type,
+                "devices": job.devices,
+                "options": job.options,
+            });
+            let timeout = Duration::from_secs(self.manifest.compile_timeout_s);
+            self.call(&inst, "compile", params, timeout, Some(progress), None)
+                .await
+                .map(|_| ())
+        })
+    }
+
+    fn generate(
+        &self,
+        job: GenerateJob,
+        on_token: Option<TokenFn>,
+    ) -> BoxFuture<'_, Result<Vec<SequenceOutput>, BackendError>> {
+        Box::pin(async move {
+            // The generate request names the allocation's devices; the
+            // process for that device set sees only them.
+            let device_type = self.manifest.device_types.first().copied();
+            let inst = self.instance(device_type, &job.devices);
+            let params = json!({
+                "key": job.key,
+                "artifact_dir": job.artifact_dir,
+                "devices": job.devices,
+                "prompts": job.prompts,
+                "params": job.params,
+                "stream": on_token.is_some(),
+            });
+            let timeout = Duration::from_secs(self.manifest.request_timeout_s);
+            let v = self
+                .call(&inst, "generate", params, timeout, None, on_token)
+                .await?;
+            let outputs = v.get("outputs").cloned().unwrap_or(Value::Null);
+            serde_json::from_value::<Vec<SequenceOutput>>(outputs).map_err(|e| {
+                BackendError::Worker(format!(
+                    "protocol error: generate result without valid \"outputs\": {e}"
+                ))
+            })
+        })
+    }
+
+    fn cleanup(&self, key: &CacheKey) {
+        let instances: Vec<Arc<Instance>> = self
+            .instances
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for inst in instances {
+            let (reply, _rx) = mpsc::unbounded_channel();
+            let _ = inst.tx.send(Outgoing {
+                method: "cleanup",
+                params: json!({"key": key}),
+                reply,
+            });
+        }
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let all: Vec<Arc<Instance>> = self
+                .instances
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain()
+                .map(|(_, i)| i)
+                .collect();
+            for i in all {
+                i.stop.notify_one();
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_lines_parse() {
+        assert!(matches!(
+            parse_line(r#"{"id":3,"result":{}}"#),
+            Ok((3, Incoming::Result(_)))
+        ));
+        assert!(matches!(
+            parse_line(r#"{"id":3,"error":{"message":"x","kind":"invalid_request"}}"#),
+            Ok((3, Incoming::Error(BackendError::InvalidRequest(_))))
+        ));
+        assert!(matches!(
+            parse_line(r#"{"id":1,"progress":{"fraction":0.5,"stage":"s"}}"#),
+            Ok((1, Incoming::Progress(_, _)))
+        ));
+        assert!(matches!(
+            parse_line(r#"{"id":1,"token":{"index":0,"token_id":7}}"#),
+            Ok((1, Incoming::Token(0, 7, None)))
+        ));
+        assert!(parse_line("hello").is_err());
+        assert!(parse_line(r#"{"result":{}}"#).is_err());
+        assert!(parse_line(r#"{"id":1}"#).is_err());
+    }
+
+    #[test]
+    fn back_off_grows_and_caps() {
+        assert_eq!(restart_delay(0), Duration::from_millis(200));
+        assert_eq!(restart_delay(1), Duration::from_millis(400));
+        assert_eq!(restart_delay(20), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn workers_see_only_their_devices() {
+        let env = device_env(Some(DeviceType::Gpu), &["2".into(), "3".into()]);
+        assert!(env.contains(&("CUDA_VISIBLE_DEVICES".into(), "2,3".into())));
+        assert!(env.contains(&("RM_DEVICES".into(), "2,3".into())));
+    }
+}

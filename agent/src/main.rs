@@ -1,0 +1,179 @@
+//! `rm-agent`: wiring only. Parses flags, opens the cache, discovers
+//! backends, serves the API on the unix socket (and metrics on TCP), and
+//! shuts down cleanly on SIGTERM.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use rm_agent::api;
+use rm_agent::auth::TokenStore;
+use rm_agent::backend::cpu::CpuBackend;
+use rm_agent::backend::worker::{WorkerBackend, discover};
+use rm_agent::backend::{Backend, Registry};
+use rm_agent::cache::CacheStore;
+use rm_agent::service::Agent;
+use rm_agent::source::ModelRegistry;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "rm-agent",
+    version,
+    about = "rm-abstract node agent: compile cache and execution for pods"
+)]
+struct Cli {
+    /// Unix socket for the pods' API (created with mode 0660).
+    #[arg(long, env = "RM_AGENT_SOCKET")]
+    socket: PathBuf,
+    /// Compile cache directory.
+    #[arg(long, env = "RM_CACHE_DIR")]
+    cache_dir: PathBuf,
+    /// Directory of external backend workers (`<name>/manifest.json`).
+    #[arg(long, env = "RM_PLUGIN_DIR")]
+    plugin_dir: Option<PathBuf>,
+    /// Directory where the device plugin writes `tokens/<sha256>.json`.
+    #[arg(long, env = "RM_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// TCP address for `/metrics` and `/healthz`, e.g. 0.0.0.0:9464.
+    #[arg(long, env = "RM_METRICS_ADDR")]
+    metrics_addr: Option<String>,
+    /// Cache size limit; least-recently-used entries beyond it are evicted.
+    /// Accepts bytes or K/M/G/T suffixes.
+    #[arg(long, env = "RM_CACHE_MAX_BYTES", default_value = "100G", value_parser = parse_size)]
+    cache_max_bytes: u64,
+    /// Node directories models may be read from (`source.path`); repeatable.
+    /// Unset: any absolute path the agent can read.
+    #[arg(
+        long = "model-path-allow",
+        env = "RM_MODEL_PATH_ALLOW",
+        value_delimiter = ','
+    )]
+    model_path_allow: Vec<PathBuf>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        Some('T' | 't') => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .map(|n| n.saturating_mul(mult))
+        .map_err(|_| format!("{s:?} is not a size; write e.g. 500M or 100G"))
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("cannot open the cache: {0}")]
+    Cache(#[from] rm_agent::cache::StoreError),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: &'static str, path: &std::path::Path) -> impl FnOnce(std::io::Error) -> StartError {
+    let path = path.display().to_string();
+    move |source| StartError::Io { what, path, source }
+}
+
+async fn run(cli: Cli) -> Result<(), StartError> {
+    std::fs::create_dir_all(&cli.cache_dir)
+        .map_err(io("cannot create cache dir", &cli.cache_dir))?;
+    let store = CacheStore::open(&cli.cache_dir, cli.cache_max_bytes)?;
+    let models = Arc::new(
+        ModelRegistry::new(&cli.cache_dir, cli.model_path_allow.clone())
+            .map_err(io("cannot prepare model store in", &cli.cache_dir))?,
+    );
+    let mut backends: Vec<Arc<dyn Backend>> = vec![Arc::new(CpuBackend::default())];
+    if let Some(dir) = &cli.plugin_dir {
+        for (wdir, manifest) in discover(dir) {
+            tracing::info!(backend = %manifest.name, dir = %wdir.display(), "worker plugin found");
+            let w = Arc::new(WorkerBackend::new(wdir, manifest));
+            w.probe_now().await;
+            backends.push(w);
+        }
+    }
+    let agent = Arc::new(Agent::new(
+        store,
+        models,
+        Registry::new(backends),
+        TokenStore::new(cli.state_dir.as_deref()),
+    ));
+
+    if let Some(parent) = cli.socket.parent() {
+        std::fs::create_dir_all(parent).map_err(io("cannot create socket dir", parent))?;
+    }
+    if cli.socket.exists() {
+        std::fs::remove_file(&cli.socket).map_err(io("cannot remove stale socket", &cli.socket))?;
+    }
+    let listener = tokio::net::UnixListener::bind(&cli.socket)
+        .map_err(io("cannot bind socket", &cli.socket))?;
+    std::fs::set_permissions(&cli.socket, std::fs::Permissions::from_mode(0o660))
+        .map_err(io("cannot set mode of", &cli.socket))?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(addr) = &cli.metrics_addr {
+        let tcp = tokio::net::TcpListener::bind(addr).await.map_err(io(
+            "cannot bind metrics address",
+            std::path::Path::new(addr),
+        ))?;
+        let router = api::metrics_router(agent.clone());
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let r = axum::serve(tcp, router)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|v| *v).await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+        tracing::info!(%addr, "metrics listening");
+    }
+    tracing::info!(socket = %cli.socket.display(), cache = %cli.cache_dir.display(), version = rm_agent::VERSION, "rm-agent ready");
+    let served = axum::serve(listener, api::socket_router(agent.clone()))
+        .with_graceful_shutdown(rm_runtime::shutdown_signal())
+        .await;
+    let _ = stop_tx.send(true);
+    if let Err(e) = served {
+        tracing::error!(error = %e, "socket server failed");
+    }
+    for b in agent.backends.all() {
+        b.shutdown().await;
+    }
+    let _ = std::fs::remove_file(&cli.socket);
+    tracing::info!("rm-agent stopped");
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    rm_runtime::init_logging("info");
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rm-agent: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "rm-agent failed to start");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

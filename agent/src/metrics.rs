@@ -1,0 +1,146 @@
+//! Prometheus metrics, kept as plain atomics and rendered in the text format.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Default)]
+pub struct Metrics {
+    pub prepare_requests: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub compiles_started: AtomicU64,
+    pub compiles_failed: AtomicU64,
+    pub generate_requests: AtomicU64,
+    pub generate_errors: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub refused_requests: AtomicU64,
+}
+
+/// Gauges read at scrape time.
+pub struct Gauges {
+    pub cache_bytes: u64,
+    pub cache_max_bytes: u64,
+    pub cache_entries: usize,
+    pub compiles_running: usize,
+    pub evictions: u64,
+    pub worker_restarts: Vec<(String, u64)>,
+}
+
+impl Metrics {
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> serde_json::Value {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "prepare_requests": g(&self.prepare_requests),
+            "cache_hits": g(&self.cache_hits),
+            "cache_misses": g(&self.cache_misses),
+            "compiles_started": g(&self.compiles_started),
+            "compiles_failed": g(&self.compiles_failed),
+            "generate_requests": g(&self.generate_requests),
+            "generated_tokens": g(&self.generated_tokens),
+            "refused_requests": g(&self.refused_requests),
+        })
+    }
+
+    pub fn render(&self, gauges: &Gauges) -> String {
+        let mut s = String::new();
+        let counters: [(&str, &str, &AtomicU64); 9] = [
+            (
+                "rm_agent_prepare_requests_total",
+                "prepare requests",
+                &self.prepare_requests,
+            ),
+            (
+                "rm_agent_cache_hits_total",
+                "prepares served from the cache",
+                &self.cache_hits,
+            ),
+            (
+                "rm_agent_cache_misses_total",
+                "prepares that needed a compile",
+                &self.cache_misses,
+            ),
+            (
+                "rm_agent_compiles_started_total",
+                "compiles started (one per missing entry)",
+                &self.compiles_started,
+            ),
+            (
+                "rm_agent_compiles_failed_total",
+                "compiles that failed",
+                &self.compiles_failed,
+            ),
+            (
+                "rm_agent_generate_requests_total",
+                "generate requests",
+                &self.generate_requests,
+            ),
+            (
+                "rm_agent_generate_errors_total",
+                "generate requests that failed",
+                &self.generate_errors,
+            ),
+            (
+                "rm_agent_generated_tokens_total",
+                "tokens generated",
+                &self.generated_tokens,
+            ),
+            (
+                "rm_agent_refused_requests_total",
+                "requests refused for their token or device",
+                &self.refused_requests,
+            ),
+        ];
+        for (name, help, c) in counters {
+            let _ = writeln!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                c.load(Ordering::Relaxed)
+            );
+        }
+        let gauges_list = [
+            (
+                "rm_agent_cache_bytes",
+                "bytes in cache entries",
+                gauges.cache_bytes,
+            ),
+            (
+                "rm_agent_cache_max_bytes",
+                "cache size limit",
+                gauges.cache_max_bytes,
+            ),
+            (
+                "rm_agent_cache_entries",
+                "cache entries",
+                gauges.cache_entries as u64,
+            ),
+            (
+                "rm_agent_compiles_running",
+                "compiles in progress",
+                gauges.compiles_running as u64,
+            ),
+            (
+                "rm_agent_cache_evictions",
+                "cache entries evicted since start",
+                gauges.evictions,
+            ),
+        ];
+        for (name, help, v) in gauges_list {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        let _ = writeln!(
+            s,
+            "# HELP rm_agent_worker_restarts_total worker process restarts\n# TYPE rm_agent_worker_restarts_total counter"
+        );
+        for (backend, n) in &gauges.worker_restarts {
+            let _ = writeln!(
+                s,
+                "rm_agent_worker_restarts_total{{backend=\"{backend}\"}} {n}"
+            );
+        }
+        s
+    }
+}

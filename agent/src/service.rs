@@ -1,0 +1,436 @@
+//! The agent's core operations (prepare, generate, cache management), over
+//! the cache, the backends, the model registry and the token store. The HTTP
+//! layer in `api` only decodes requests and encodes these results.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use rm_crds::{CompileOptions, DeviceRequest, DeviceType};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::auth::{self, AuthError, Target, TokenStore};
+use crate::backend::{
+    Backend, BackendError, CompileJob, GenerateJob, GenerationParams, Prompt, Registry,
+    SelectError, SequenceOutput, TokenFn,
+};
+use crate::cache::{CacheKey, CacheStore, CompileState, InFlight, KeyInputs, Role, StoreError};
+use crate::metrics::Metrics;
+use crate::source::{ModelRegistry, ModelSource, ResolvedModel, SourceError};
+
+/// Any failure of an agent operation, with the HTTP status it maps to.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Select(#[from] SelectError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("compile failed: {message}")]
+    Compile { status: u16, message: String },
+    #[error("{0}")]
+    Forbidden(String),
+}
+
+impl AgentError {
+    pub fn http_status(&self) -> u16 {
+        match self {
+            AgentError::BadRequest(_) => 400,
+            AgentError::Auth(e) => e.http_status(),
+            AgentError::Source(e) => e.http_status(),
+            AgentError::Select(SelectError::UnknownBackend(_)) => 404,
+            AgentError::Select(SelectError::WrongDevice { .. }) => 400,
+            AgentError::Select(SelectError::NoneAvailable { .. }) => 503,
+            AgentError::Backend(e) => e.http_status(),
+            AgentError::Store(StoreError::NotFound(_)) => 404,
+            AgentError::Store(StoreError::InUse(_)) => 409,
+            AgentError::Store(StoreError::Corrupt { .. }) => 409,
+            AgentError::Store(StoreError::Io { .. }) => 500,
+            AgentError::Compile { status, .. } => *status,
+            AgentError::Forbidden(_) => 403,
+        }
+    }
+
+    /// A short machine-readable code for clients.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AgentError::BadRequest(_) => "bad_request",
+            AgentError::Auth(_) => "unauthorized",
+            AgentError::Source(_) => "model_source",
+            AgentError::Select(_) => "backend_selection",
+            AgentError::Backend(_) => "backend",
+            AgentError::Store(_) => "cache",
+            AgentError::Compile { .. } => "compile_failed",
+            AgentError::Forbidden(_) => "forbidden",
+        }
+    }
+}
+
+/// What a prepare asks for.
+#[derive(Clone, Debug, Default)]
+pub struct PrepareRequest {
+    /// A model registered before (`sha256:...`), or
+    pub model: Option<String>,
+    /// a source to register now.
+    pub source: Option<ModelSource>,
+    pub device: String,
+    pub backend: Option<String>,
+    pub options: CompileOptions,
+}
+
+/// The result of a prepare.
+#[derive(Clone, Debug, Serialize)]
+pub struct Prepared {
+    pub key: CacheKey,
+    pub model: String,
+    pub backend: String,
+    pub device_type: DeviceType,
+    pub devices: Vec<String>,
+    /// True when the entry was already in the cache.
+    pub cached: bool,
+}
+
+/// A prepare under way: either done (`rx` is `None`) or following a compile.
+pub struct PrepareTicket {
+    pub prepared: Prepared,
+    pub rx: Option<watch::Receiver<CompileState>>,
+}
+
+pub struct GenerateRequest {
+    pub key: CacheKey,
+    pub device: String,
+    pub prompts: Vec<Prompt>,
+    pub params: GenerationParams,
+}
+
+pub struct Agent {
+    pub store: Arc<CacheStore>,
+    pub flights: Arc<InFlight>,
+    pub models: Arc<ModelRegistry>,
+    pub backends: Registry,
+    pub tokens: TokenStore,
+    pub metrics: Arc<Metrics>,
+    verified: Mutex<HashSet<CacheKey>>,
+}
+
+fn join_err(e: tokio::task::JoinError) -> AgentError {
+    AgentError::Backend(BackendError::Internal(e.to_string()))
+}
+
+impl Agent {
+    pub fn new(
+        store: Arc<CacheStore>,
+        models: Arc<ModelRegistry>,
+        backends: Registry,
+        tokens: TokenStore,
+    ) -> Self {
+        Agent {
+            store,
+            flights: Arc::new(InFlight::default()),
+            models,
+            backends,
+            tokens,
+            metrics: Arc::new(Metrics::default()),
+            verified: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Where a request may run, from its device string and token.
+    pub fn target(&self, device: &str, token: Option<&str>) -> Result<Target, AgentError> {
+        let request: DeviceRequest = device
+            .parse()
+            .map_err(|e: rm_crds::DeviceStringError| AgentError::BadRequest(e.to_string()))?;
+        let allocation = match token {
+            Some(t) => Some(self.tokens.lookup(t)?),
+            None => None,
+        };
+        let now = crate::cache::store::now_ms() / 1000;
+        auth::authorize(request, allocation.as_ref(), now).map_err(|e| {
+            Metrics::inc(&self.metrics.refused_requests);
+            AgentError::Auth(e)
+        })
+    }
+
+    /// Registers a model source (hashing it once).
+    pub async fn register(&self, source: ModelSource) -> Result<ResolvedModel, AgentError> {
+        let models = self.models.clone();
+        Ok(
+            tokio::task::spawn_blocking(move || models.register(&source))
+                .await
+                .map_err(join_err)??,
+        )
+    }
+
+    /// Finds the entry for a model and options, or starts (or joins) its
+    /// compile.
+    pub async fn start_prepare(
+        &self,
+        req: PrepareRequest,
+        token: Option<&str>,
+    ) -> Result<PrepareTicket, AgentError> {
+        Metrics::inc(&self.metrics.prepare_requests);
+        let target = self.target(&req.device, token)?;
+        let model = match (&req.model, req.source) {
+            (Some(id), None) => self.models.get(id)?,
+            (None, Some(src)) => self.register(src).await?,
+            _ => {
+                return Err(AgentError::BadRequest(
+                    "give exactly one of \"model\" (a registered sha256:... id) or \"source\""
+                        .into(),
+                ));
+            }
+        };
+        let backend = self
+            .backends
+            .select(target.device_type, req.backend.as_deref())?;
+        let info = backend.info();
+        backend.validate(&req.options, model.format)?;
+        let inputs = KeyInputs {
+            model_digest: model.digest.clone(),
+            backend: info.name.clone(),
+            compiler_version: info.compiler_version.clone(),
+            device_type: target.device_type,
+            options: req.options.clone(),
+        };
+        let key = CacheKey::derive(&inputs);
+        let mut prepared = Prepared {
+            key: key.clone(),
+            model: model.digest.clone(),
+            backend: info.name.clone(),
+            device_type: target.device_type,
+            devices: target.devices.clone(),
+            cached: true,
+        };
+        if self.store.lookup(&key).is_some() {
+            Metrics::inc(&self.metrics.cache_hits);
+            return Ok(PrepareTicket { prepared, rx: None });
+        }
+        Metrics::inc(&self.metrics.cache_misses);
+        prepared.cached = false;
+        let rx = match self.flights.join(&key, &info.name) {
+            Role::Follower(rx) => rx,
+            Role::Leader(leader, rx) => {
+                let job = CompileJob {
+                    key: key.clone(),
+                    model_path: model.path.clone(),
+                    model_format: model.format,
+                    device_type: target.device_type,
+                    devices: target.devices.clone(),
+                    options: req.options.clone(),
+                    output_dir: Default::default(),
+                };
+                let store = self.store.clone();
+                let metrics = self.metrics.clone();
+                // Detached: the compile finishes even if every caller leaves.
+                tokio::spawn(run_compile(store, metrics, backend, leader, job, inputs));
+                rx
+            }
+        };
+        Ok(PrepareTicket {
+            prepared,
+            rx: Some(rx),
+        })
+    }
+
+    /// Waits for a ticket's compile to end.
+    pub async fn finish_prepare(&self, ticket: PrepareTicket) -> Result<Prepared, AgentError> {
+        let Some(mut rx) = ticket.rx else {
+            return Ok(ticket.prepared);
+        };
+        loop {
+            let state = rx.borrow_and_update().clone();
+            match state {
+                CompileState::Ready => return Ok(ticket.prepared),
+                CompileState::Failed { status, message } => {
+                    return Err(AgentError::Compile { status, message });
+                }
+                CompileState::Running { .. } => {}
+            }
+            if rx.changed().await.is_err() {
+                // The sender is gone; its last value is final.
+                let last = rx.borrow().clone();
+                return match last {
+                    CompileState::Ready => Ok(ticket.prepared),
+                    CompileState::Failed { status, message } => {
+                        Err(AgentError::Compile { status, message })
+                    }
+                    CompileState::Running { .. } => Err(AgentError::Compile {
+                        status: 500,
+                        message: "the compile ended without a result; retry".into(),
+                    }),
+                };
+            }
+        }
+    }
+
+    pub async fn prepare(
+        &self,
+        req: PrepareRequest,
+        token: Option<&str>,
+    ) -> Result<Prepared, AgentError> {
+        let t = self.start_prepare(req, token).await?;
+        self.finish_prepare(t).await
+    }
+
+    /// Runs a generation on a prepared entry.
+    pub async fn generate(
+        &self,
+        req: GenerateRequest,
+        token: Option<&str>,
+        on_token: Option<TokenFn>,
+    ) -> Result<Vec<SequenceOutput>, AgentError> {
+        Metrics::inc(&self.metrics.generate_requests);
+        let result = self.generate_inner(req, token, on_token).await;
+        match &result {
+            Ok(outs) => {
+                let n: usize = outs.iter().map(|o| o.token_ids.len()).sum();
+                self.metrics
+                    .generated_tokens
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(_) => Metrics::inc(&self.metrics.generate_errors),
+        }
+        result
+    }
+
+    async fn generate_inner(
+        &self,
+        req: GenerateRequest,
+        token: Option<&str>,
+        on_token: Option<TokenFn>,
+    ) -> Result<Vec<SequenceOutput>, AgentError> {
+        let target = self.target(&req.device, token)?;
+        let entry = self
+            .store
+            .lookup(&req.key)
+            .ok_or_else(|| AgentError::Store(StoreError::NotFound(req.key.clone())))?;
+        if entry.device_type != target.device_type {
+            Metrics::inc(&self.metrics.refused_requests);
+            return Err(AgentError::Forbidden(format!(
+                "cache entry {} was compiled for {}, but this request runs on {}; prepare the model for this device",
+                req.key, entry.device_type, target.device_type
+            )));
+        }
+        let backend: Arc<dyn Backend> = self.backends.by_name(&entry.backend).ok_or_else(|| {
+            AgentError::Select(SelectError::UnknownBackend(entry.backend.clone()))
+        })?;
+        let _pin = self.store.pin(&req.key)?;
+        let first_use = !self
+            .verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&req.key);
+        if first_use {
+            let store = self.store.clone();
+            let key = req.key.clone();
+            let verdict = tokio::task::spawn_blocking(move || store.verify(&key))
+                .await
+                .map_err(join_err)?;
+            if let Err(e) = verdict {
+                tracing::error!(key = %req.key, error = %e, "cache entry failed verification; removed");
+                self.store.quarantine(&req.key);
+                backend.cleanup(&req.key);
+                return Err(AgentError::Store(StoreError::Corrupt {
+                    key: req.key.clone(),
+                    reason: format!("{e}; it was removed, prepare the model again"),
+                }));
+            }
+            self.verified
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(req.key.clone());
+        }
+        let job = GenerateJob {
+            key: req.key.clone(),
+            artifact_dir: entry.dir.clone(),
+            devices: target.devices,
+            prompts: req.prompts,
+            params: req.params,
+        };
+        Ok(backend.generate(job, on_token).await?)
+    }
+
+    /// Deletes an entry and lets its backend free what it holds.
+    pub fn delete(&self, key: &CacheKey) -> Result<u64, AgentError> {
+        let entry = self.store.lookup(key);
+        let size = self.store.delete(key)?;
+        self.verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        if let Some(b) = entry.and_then(|e| self.backends.by_name(&e.backend)) {
+            b.cleanup(key);
+        }
+        Ok(size)
+    }
+}
+
+async fn run_compile(
+    store: Arc<CacheStore>,
+    metrics: Arc<Metrics>,
+    backend: Arc<dyn Backend>,
+    leader: crate::cache::Leader,
+    mut job: CompileJob,
+    inputs: KeyInputs,
+) {
+    let key = leader.key().clone();
+    // The previous leader may have committed between our lookup and join.
+    if store.lookup(&key).is_some() {
+        leader.finish(CompileState::Ready);
+        return;
+    }
+    Metrics::inc(&metrics.compiles_started);
+    let started = std::time::Instant::now();
+    tracing::info!(key = %key, backend = %inputs.backend, model = %inputs.model_digest, "compile started");
+    let staging = match store.stage(&key) {
+        Ok(s) => s,
+        Err(e) => {
+            Metrics::inc(&metrics.compiles_failed);
+            leader.finish(CompileState::Failed {
+                status: 500,
+                message: e.to_string(),
+            });
+            return;
+        }
+    };
+    job.output_dir = staging.dir.clone();
+    let progress = leader.progress_fn();
+    if let Err(e) = backend.compile(job, progress.clone()).await {
+        Metrics::inc(&metrics.compiles_failed);
+        tracing::warn!(key = %key, error = %e, "compile failed");
+        leader.finish(CompileState::Failed {
+            status: e.http_status(),
+            message: e.to_string(),
+        });
+        return;
+    }
+    progress(1.0, "verify");
+    let committed = tokio::task::spawn_blocking(move || store.commit(staging, inputs)).await;
+    match committed {
+        Ok(Ok(entry)) => {
+            tracing::info!(key = %key, bytes = entry.size_bytes, ms = started.elapsed().as_millis() as u64, "compile committed");
+            leader.finish(CompileState::Ready);
+        }
+        Ok(Err(e)) => {
+            Metrics::inc(&metrics.compiles_failed);
+            leader.finish(CompileState::Failed {
+                status: 500,
+                message: e.to_string(),
+            });
+        }
+        Err(e) => {
+            Metrics::inc(&metrics.compiles_failed);
+            leader.finish(CompileState::Failed {
+                status: 500,
+                message: e.to_string(),
+            });
+        }
+    }
+}

@@ -1,0 +1,571 @@
+//! Model sources and their content digests.
+//!
+//! A model comes from a node path (a file or a directory), from files the
+//! client uploaded as blobs (`PUT /v1/blobs/<sha256>`), or from a hub id. Its
+//! digest is `sha256:` over the sorted list of (relative path, file SHA-256),
+//! so the same files give the same digest whichever way they arrived. File
+//! hashes are memoised by (path, size, mtime, inode): registering an unchanged
+//! model again does not re-read it.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::cache::key::hex;
+use crate::cache::store::{file_sha256, list_files};
+
+/// Where a model comes from, as a request names it. Exactly one field is set.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSource {
+    /// Absolute path on the node: a `.gguf` file or a model directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Files uploaded before with `PUT /v1/blobs/<sha256>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<Vec<BlobFile>>,
+    /// Hugging Face hub id (`org/name`), fetched by the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BlobFile {
+    /// Relative path inside the model directory, e.g. `config.json`.
+    pub path: String,
+    pub sha256: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelFormat {
+    Gguf,
+    Safetensors,
+}
+
+/// A model the agent can read, with its digest.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ResolvedModel {
+    /// `sha256:<hex>`.
+    pub digest: String,
+    /// The `.gguf` file, or the directory with `config.json` and safetensors.
+    pub path: PathBuf,
+    pub format: ModelFormat,
+    pub files: usize,
+    pub bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("bad model source: {0}")]
+    Invalid(String),
+    #[error("model path {path} cannot be read: {reason}")]
+    Unreadable { path: String, reason: String },
+    #[error(
+        "no model found at {0}: expected a .gguf file, or a directory with config.json and *.safetensors (or one .gguf)"
+    )]
+    NoModel(String),
+    #[error("blob {0} was not uploaded; PUT its bytes to /v1/blobs/{0} first")]
+    MissingBlob(String),
+    #[error("unknown model {0}; register it with POST /v1/models first")]
+    UnknownModel(String),
+    #[error("path {0} is outside the directories this agent may read models from")]
+    NotAllowed(String),
+    #[error("cannot fetch hub model {id}: {reason}")]
+    Hub { id: String, reason: String },
+    #[error("blob upload failed: {0}")]
+    Upload(String),
+}
+
+impl SourceError {
+    pub fn http_status(&self) -> u16 {
+        match self {
+            SourceError::Invalid(_) | SourceError::NoModel(_) => 400,
+            SourceError::Unreadable { .. } => 422,
+            SourceError::MissingBlob(_) | SourceError::UnknownModel(_) => 404,
+            SourceError::NotAllowed(_) => 403,
+            SourceError::Hub { .. } => 502,
+            SourceError::Upload(_) => 400,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct FileStamp {
+    path: PathBuf,
+    size: u64,
+    mtime_ns: i128,
+    ino: u64,
+}
+
+/// Resolves sources to digested models and keeps the ones registered.
+pub struct ModelRegistry {
+    blobs_dir: PathBuf,
+    models_dir: PathBuf,
+    hub_dir: PathBuf,
+    allowed_roots: Vec<PathBuf>,
+    hashes: Mutex<HashMap<FileStamp, String>>,
+    models: Mutex<HashMap<String, ResolvedModel>>,
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A relative path without `..`, absolute parts or hidden components.
+fn safe_relative(p: &str) -> Option<PathBuf> {
+    let path = Path::new(p);
+    if p.is_empty() || p.len() > 1024 {
+        return None;
+    }
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(s) if !s.to_string_lossy().starts_with('.') => out.push(s),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+/// The model digest over (relative path, sha256) pairs.
+pub fn digest_of(files: &[(String, String)]) -> String {
+    let mut sorted: Vec<&(String, String)> = files.iter().collect();
+    sorted.sort();
+    let mut h = Sha256::new();
+    for (p, s) in sorted {
+        h.update(p.as_bytes());
+        h.update([0]);
+        h.update(s.as_bytes());
+        h.update([b'\n']);
+    }
+    format!("sha256:{}", hex(&h.finalize()))
+}
+
+/// (relative name in the digest, file to read).
+type DigestFiles = Vec<(String, PathBuf)>;
+
+/// What a file or directory holds, and the files that make up its digest.
+fn detect(path: &Path) -> Result<(ModelFormat, PathBuf, DigestFiles), SourceError> {
+    let shown = path.display().to_string();
+    let meta = fs::metadata(path).map_err(|e| SourceError::Unreadable {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
+    if meta.is_file() {
+        if path.extension().is_some_and(|e| e == "gguf") {
+            return Ok((
+                ModelFormat::Gguf,
+                path.to_path_buf(),
+                vec![("model.gguf".into(), path.to_path_buf())],
+            ));
+        }
+        return Err(SourceError::NoModel(shown));
+    }
+    let files: Vec<String> = list_files(path)
+        .map_err(|e| SourceError::Unreadable {
+            path: shown.clone(),
+            reason: e.to_string(),
+        })?
+        .into_iter()
+        .filter(|f| !f.split('/').any(|c| c.starts_with('.')))
+        .collect();
+    let with_paths = |keep: &dyn Fn(&str) -> bool| {
+        files
+            .iter()
+            .filter(|f| keep(f))
+            .map(|f| (f.clone(), path.join(f)))
+            .collect::<Vec<_>>()
+    };
+    let has_config = files.iter().any(|f| f == "config.json");
+    let has_st = files.iter().any(|f| f.ends_with(".safetensors"));
+    if has_config && has_st {
+        // Weights in other formats (.bin, .gguf) are not read; leave them out
+        // of the digest so that adding one does not change the key.
+        let keep = |f: &str| !(f.ends_with(".bin") || f.ends_with(".gguf") || f.ends_with(".pt"));
+        return Ok((
+            ModelFormat::Safetensors,
+            path.to_path_buf(),
+            with_paths(&keep),
+        ));
+    }
+    let ggufs: Vec<&String> = files.iter().filter(|f| f.ends_with(".gguf")).collect();
+    match ggufs.as_slice() {
+        [one] => {
+            let file = path.join(one);
+            Ok((
+                ModelFormat::Gguf,
+                file.clone(),
+                vec![("model.gguf".into(), file)],
+            ))
+        }
+        [] => Err(SourceError::NoModel(shown)),
+        _ => Err(SourceError::Invalid(format!(
+            "{shown} holds several .gguf files; name the one to use in \"path\""
+        ))),
+    }
+}
+
+impl ModelRegistry {
+    pub fn new(cache_dir: &Path, allowed_roots: Vec<PathBuf>) -> std::io::Result<Self> {
+        let reg = ModelRegistry {
+            blobs_dir: cache_dir.join("blobs"),
+            models_dir: cache_dir.join("models"),
+            hub_dir: cache_dir.join("hub"),
+            allowed_roots,
+            hashes: Mutex::new(HashMap::new()),
+            models: Mutex::new(HashMap::new()),
+        };
+        fs::create_dir_all(&reg.blobs_dir)?;
+        fs::create_dir_all(&reg.models_dir)?;
+        // Models assembled from uploads survive restarts: re-register them.
+        for e in fs::read_dir(&reg.models_dir)?.flatten() {
+            if let Ok(m) = reg.resolve_path(&e.path()) {
+                reg.remember(m);
+            }
+        }
+        Ok(reg)
+    }
+
+    fn remember(&self, m: ResolvedModel) {
+        self.models
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(m.digest.clone(), m);
+    }
+
+    /// A model registered earlier, by `sha256:<hex>`.
+    pub fn get(&self, digest: &str) -> Result<ResolvedModel, SourceError> {
+        self.models
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(digest)
+            .cloned()
+            .ok_or_else(|| SourceError::UnknownModel(digest.to_string()))
+    }
+
+    fn hash_file(&self, path: &Path) -> Result<(String, u64), SourceError> {
+        let m = fs::metadata(path).map_err(|e| SourceError::Unreadable {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let stamp = FileStamp {
+            path: path.to_path_buf(),
+            size: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ino: m.ino(),
+        };
+        if let Some(h) = self
+            .hashes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&stamp)
+        {
+            return Ok((h.clone(), stamp.size));
+        }
+        let (h, n) = file_sha256(path).map_err(|e| SourceError::Unreadable {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        self.hashes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(stamp, h.clone());
+        Ok((h, n))
+    }
+
+    /// Digests a node path (blocking: may read the files once).
+    pub fn resolve_path(&self, path: &Path) -> Result<ResolvedModel, SourceError> {
+        let (format, model_path, files) = detect(path)?;
+        let mut sums = Vec::with_capacity(files.len());
+        let mut bytes = 0;
+        for (rel, abs) in &files {
+            let (h, n) = self.hash_file(abs)?;
+            bytes += n;
+            sums.push((rel.clone(), h));
+        }
+        Ok(ResolvedModel {
+            digest: digest_of(&sums),
+            path: model_path,
+            format,
+            files: files.len(),
+            bytes,
+        })
+    }
+
+    fn check_allowed(&self, path: &Path) -> Result<PathBuf, SourceError> {
+        let shown = path.display().to_string();
+        if !path.is_absolute() {
+            return Err(SourceError::Invalid(format!(
+                "model path {shown:?} must be absolute"
+            )));
+        }
+        let canon = fs::canonicalize(path).map_err(|e| SourceError::Unreadable {
+            path: shown.clone(),
+            reason: e.to_string(),
+        })?;
+        if !self.allowed_roots.is_empty()
+            && !self.allowed_roots.iter().any(|r| canon.starts_with(r))
+        {
+            return Err(SourceError::NotAllowed(shown));
+        }
+        Ok(canon)
+    }
+
+    /// Resolves and registers a source. Blocking (hashing, copying).
+    pub fn register(&self, source: &ModelSource) -> Result<ResolvedModel, SourceError> {
+        let set = [
+            source.path.is_some(),
+            source.files.is_some(),
+            source.hub.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if set != 1 {
+            return Err(SourceError::Invalid(
+                "give exactly one of \"path\", \"files\" or \"hub\"".into(),
+            ));
+        }
+        let m = if let Some(p) = &source.path {
+            let canon = self.check_allowed(Path::new(p))?;
+            self.resolve_path(&canon)?
+        } else if let Some(files) = &source.files {
+            self.assemble(files)?
+        } else {
+            let id = source.hub.clone().unwrap_or_default();
+            let dir = self.fetch_hub(&id, source.revision.as_deref())?;
+            self.resolve_path(&dir)?
+        };
+        self.remember(m.clone());
+        Ok(m)
+    }
+
+    pub fn blob_path(&self, sha256: &str) -> Result<PathBuf, SourceError> {
+        if !is_sha256_hex(sha256) {
+            return Err(SourceError::Invalid(format!(
+                "{sha256:?} is not a SHA-256 (64 lowercase hex digits)"
+            )));
+        }
+        Ok(self.blobs_dir.join(sha256))
+    }
+
+    pub fn has_blob(&self, sha256: &str) -> Result<bool, SourceError> {
+        Ok(self.blob_path(sha256)?.is_file())
+    }
+
+    /// A temporary file for an upload; `finish_blob` verifies and renames it.
+    pub fn blob_temp(&self, sha256: &str) -> Result<(PathBuf, fs::File), SourceError> {
+        let dest = self.blob_path(sha256)?;
+        let tmp = dest.with_extension(format!("part.{}", std::process::id()));
+        let f = fs::File::create(&tmp).map_err(|e| SourceError::Upload(e.to_string()))?;
+        Ok((tmp, f))
+    }
+
+    pub fn finish_blob(
+        &self,
+        sha256: &str,
+        tmp: &Path,
+        mut file: fs::File,
+        got: &str,
+    ) -> Result<(), SourceError> {
+        let dest = self.blob_path(sha256)?;
+        if got != sha256 {
+            let _ = fs::remove_file(tmp);
+            return Err(SourceError::Upload(format!(
+                "the body's SHA-256 is {got}, not {sha256}: the upload was corrupted or the URL names the wrong blob"
+            )));
+        }
+        file.flush()
+            .and_then(|_| file.sync_all())
+            .and_then(|_| fs::rename(tmp, &dest))
+            .map_err(|e| SourceError::Upload(e.to_string()))
+    }
+
+    fn assemble(&self, files: &[BlobFile]) -> Result<ResolvedModel, SourceError> {
+        if files.is_empty() || files.len() > 10_000 {
+            return Err(SourceError::Invalid(
+                "\"files\" must list 1 to 10000 files".into(),
+            ));
+        }
+        let mut sums = Vec::new();
+        for f in files {
+            if safe_relative(&f.path).is_none() {
+                return Err(SourceError::Invalid(format!(
+                    "file path {:?} must be relative, without '..' or hidden parts",
+                    f.path
+                )));
+            }
+            if !self.has_blob(&f.sha256)? {
+                return Err(SourceError::MissingBlob(f.sha256.clone()));
+            }
+            sums.push((f.path.clone(), f.sha256.clone()));
+        }
+        let digest = digest_of(&sums);
+        let dir = self.models_dir.join(digest.trim_start_matches("sha256:"));
+        if !dir.is_dir() {
+            let tmp = dir.with_extension(format!("tmp.{}", std::process::id()));
+            let _ = fs::remove_dir_all(&tmp);
+            let io = |e: std::io::Error| SourceError::Upload(e.to_string());
+            for f in files {
+                let rel = safe_relative(&f.path).unwrap_or_default();
+                let dest = tmp.join(&rel);
+                if let Some(parent) = dest.parent() {
+                    fs::create_dir_all(parent).map_err(io)?;
+                }
+                let blob = self.blob_path(&f.sha256)?;
+                if fs::hard_link(&blob, &dest).is_err() {
+                    fs::copy(&blob, &dest).map_err(io)?;
+                }
+            }
+            fs::rename(&tmp, &dir).map_err(io)?;
+        }
+        let m = self.resolve_path(&dir)?;
+        if m.digest != digest {
+            return Err(SourceError::Invalid(format!(
+                "the uploaded files do not form a model: the usable files give digest {} (uploaded set {digest}); upload config.json and the *.safetensors, or one .gguf",
+                m.digest
+            )));
+        }
+        Ok(m)
+    }
+
+    fn fetch_hub(&self, id: &str, revision: Option<&str>) -> Result<PathBuf, SourceError> {
+        let valid = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 200
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+                && !s.contains("..")
+        };
+        if !valid(id) || !id.contains('/') {
+            return Err(SourceError::Invalid(format!(
+                "hub id {id:?} must look like org/name"
+            )));
+        }
+        let rev = revision.unwrap_or("main");
+        if !valid(rev) {
+            return Err(SourceError::Invalid(format!(
+                "revision {rev:?} is not valid"
+            )));
+        }
+        let dir = self.hub_dir.join(format!(
+            "{}--{}",
+            id.replace('/', "--"),
+            rev.replace('/', "--")
+        ));
+        if dir.join(".complete").is_file() {
+            return Ok(dir);
+        }
+        // The agent has no HTTP client of its own: the hub CLI (huggingface_hub)
+        // handles auth, mirrors and resumable downloads where it is installed.
+        let cli = ["hf", "huggingface-cli"]
+            .into_iter()
+            .find(|c| which(c).is_some())
+            .ok_or_else(|| SourceError::Hub {
+                id: id.into(),
+                reason: "neither `hf` nor `huggingface-cli` is installed on the node; mount the model and use \"path\", or upload it with \"files\"".into(),
+            })?;
+        let out = std::process::Command::new(cli)
+            .arg("download")
+            .arg(id)
+            .arg("--revision")
+            .arg(rev)
+            .arg("--local-dir")
+            .arg(&dir)
+            .output()
+            .map_err(|e| SourceError::Hub {
+                id: id.into(),
+                reason: e.to_string(),
+            })?;
+        if !out.status.success() {
+            return Err(SourceError::Hub {
+                id: id.into(),
+                reason: String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+                    .to_string(),
+            });
+        }
+        let _ = fs::write(dir.join(".complete"), b"");
+        Ok(dir)
+    }
+}
+
+fn which(cmd: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(cmd))
+        .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_ignores_listing_order() {
+        let a = digest_of(&[("a".into(), "1".into()), ("b".into(), "2".into())]);
+        let b = digest_of(&[("b".into(), "2".into()), ("a".into(), "1".into())]);
+        assert_eq!(a, b);
+        assert_ne!(a, digest_of(&[("a".into(), "1".into())]));
+    }
+
+    #[test]
+    fn unsafe_relative_paths_are_refused() {
+        assert!(safe_relative("config.json").is_some());
+        assert!(safe_relative("sub/x.safetensors").is_some());
+        assert!(safe_relative("../x").is_none());
+        assert!(safe_relative("/etc/passwd").is_none());
+        assert!(safe_relative(".git/config").is_none());
+    }
+
+    #[test]
+    fn uploaded_and_node_copies_share_a_digest() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let model = tmp.path().join("m");
+        fs::create_dir_all(&model).expect("mkdir");
+        fs::write(model.join("config.json"), b"{}").expect("write");
+        fs::write(model.join("model.safetensors"), b"weights").expect("write");
+        let reg = ModelRegistry::new(&tmp.path().join("cache"), vec![]).expect("registry");
+        let from_path = reg
+            .register(&ModelSource {
+                path: Some(model.display().to_string()),
+                ..Default::default()
+            })
+            .expect("path source");
+        let mut files = vec![];
+        for name in ["config.json", "model.safetensors"] {
+            let (h, _) = file_sha256(&model.join(name)).expect("hash");
+            let (tmpf, f) = reg.blob_temp(&h).expect("temp");
+            drop(f);
+            fs::copy(model.join(name), &tmpf).expect("copy");
+            let f = fs::File::options().write(true).open(&tmpf).expect("open");
+            reg.finish_blob(&h, &tmpf, f, &h).expect("finish");
+            files.push(BlobFile {
+                path: name.into(),
+                sha256: h,
+            });
+        }
+        let uploaded = reg
+            .register(&ModelSource {
+                files: Some(files),
+                ..Default::default()
+            })
+            .expect("blob source");
+        assert_eq!(from_path.digest, uploaded.digest);
+        assert_eq!(uploaded.format, ModelFormat::Safetensors);
+    }
+}

@@ -1,0 +1,725 @@
+//! The real `rm-agent` binary, driven through its unix socket: generation,
+//! cache behaviour, tokens, workers and bad requests.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Agent, TINY_VOCAB, direct_greedy, ids, test_double_plugins, tiny_llama};
+use serde_json::{Value, json};
+
+fn prepare(agent: &Agent, model: &Path, options: Value) -> Value {
+    let r = agent.post(
+        "/v1/prepare",
+        json!({"source": {"path": model}, "device": "cpu", "options": options}),
+    );
+    assert_eq!(
+        r.status,
+        200,
+        "prepare: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    r.json()
+}
+
+fn generate_ids(agent: &Agent, key: &str, prompt: &[u32], n: usize) -> Vec<u32> {
+    let r = agent.post(
+        "/v1/generate",
+        json!({"key": key, "device": "cpu", "input_ids": prompt, "max_new_tokens": n, "ignore_eos": true}),
+    );
+    assert_eq!(
+        r.status,
+        200,
+        "generate: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    ids(&r.json()["outputs"][0]["token_ids"])
+}
+
+#[test]
+fn tiny_llama_greedy_output_equals_direct_candle() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    tiny_llama(&model, 7);
+    let agent = Agent::start(dir.path(), None, &[]);
+    assert_eq!(agent.get("/healthz").json()["status"], "ok");
+    let backends = agent.get("/v1/backends").json();
+    assert_eq!(backends["backends"][0]["name"], "cpu");
+    assert_eq!(backends["backends"][0]["available"], true);
+
+    let p = prepare(&agent, &model, json!({}));
+    assert_eq!(p["cached"], false);
+    let key = p["key"].as_str().unwrap();
+    let prompt = [1u32, 17, 42, 99, 3];
+    let got = generate_ids(&agent, key, &prompt, 16);
+    let want = direct_greedy(&model, &prompt, 16);
+    assert_eq!(got, want, "agent greedy tokens differ from candle's");
+
+    // Streaming gives the same tokens, one event per token, then "done".
+    let r = agent.post(
+        "/v1/generate",
+        json!({"key": key, "device": "cpu", "input_ids": prompt, "max_new_tokens": 16, "ignore_eos": true, "stream": true}),
+    );
+    assert_eq!(r.status, 200);
+    let lines = r.lines();
+    let streamed: Vec<u32> = lines
+        .iter()
+        .filter(|l| l["event"] == "token")
+        .map(|l| l["token_id"].as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(streamed, want);
+    assert_eq!(lines.last().unwrap()["event"], "done");
+
+    // A batch of prompts: each equals its own direct run.
+    let r = agent.post(
+        "/v1/generate",
+        json!({"key": key, "input_ids": [[5, 6, 7], [200, 1]], "max_new_tokens": 6, "ignore_eos": true}),
+    );
+    assert_eq!(r.status, 200);
+    let outs = r.json()["outputs"].clone();
+    assert_eq!(
+        ids(&outs[0]["token_ids"]),
+        direct_greedy(&model, &[5, 6, 7], 6)
+    );
+    assert_eq!(
+        ids(&outs[1]["token_ids"]),
+        direct_greedy(&model, &[200, 1], 6)
+    );
+
+    // Sampling with a seed is reproducible; EOS stops early.
+    let sample = |seed: u64| {
+        let r = agent.post(
+            "/v1/generate",
+            json!({"key": key, "input_ids": prompt, "max_new_tokens": 12, "do_sample": true,
+                   "temperature": 0.9, "top_p": 0.9, "top_k": 20, "seed": seed, "ignore_eos": true}),
+        );
+        ids(&r.json()["outputs"][0]["token_ids"])
+    };
+    assert_eq!(sample(3), sample(3));
+    let stop = want[2];
+    let r = agent.post(
+        "/v1/generate",
+        json!({"key": key, "input_ids": prompt, "max_new_tokens": 16, "eos_token_id": stop}),
+    );
+    let out = &r.json()["outputs"][0];
+    assert_eq!(out["finish_reason"], "eos");
+    assert_eq!(*ids(&out["token_ids"]).last().unwrap(), stop);
+}
+
+#[test]
+fn quantized_compiles_run_and_gguf_conversion_keeps_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    tiny_llama(&model, 11);
+    // The HF -> GGUF conversion (names, rope permutation) without
+    // quantization gives the same greedy tokens as the safetensors model.
+    let gguf = dir.path().join("f32.gguf");
+    rm_agent::backend::cpu::compile::hf_to_gguf(
+        &model,
+        candle_core::quantized::GgmlDType::F32,
+        &gguf,
+        &|_, _| {},
+    )
+    .unwrap();
+    let agent = Agent::start(dir.path(), None, &[]);
+    let r = agent.post(
+        "/v1/prepare",
+        json!({"source": {"path": gguf}, "device": "cpu"}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let prompt = [3u32, 9, 27, 81];
+    let got = generate_ids(&agent, r.json()["key"].as_str().unwrap(), &prompt, 12);
+    assert_eq!(got, direct_greedy(&model, &prompt, 12));
+
+    for precision in ["q8_0", "q4", "bf16"] {
+        let p = prepare(&agent, &model, json!({"precision": precision}));
+        let out = generate_ids(&agent, p["key"].as_str().unwrap(), &prompt, 8);
+        assert_eq!(out.len(), 8);
+        assert!(out.iter().all(|t| (*t as usize) < TINY_VOCAB));
+    }
+    // q8_0 of this model stays close to f32: the first greedy token agrees.
+    let p = prepare(&agent, &model, json!({"precision": "q8_0"}));
+    let q8 = generate_ids(&agent, p["key"].as_str().unwrap(), &prompt, 1);
+    assert_eq!(q8[0], direct_greedy(&model, &prompt, 1)[0]);
+}
+
+#[test]
+fn cache_hits_misses_on_changed_options_and_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    tiny_llama(&model, 3);
+    let mut agent = Agent::start(dir.path(), None, &[]);
+    let a = prepare(&agent, &model, json!({"maxSeqLen": 128}));
+    assert_eq!(a["cached"], false);
+    let t = Instant::now();
+    let b = prepare(&agent, &model, json!({"max_seq_len": 128}));
+    let hit_ms = t.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(b["cached"], true);
+    assert_eq!(a["key"], b["key"]);
+    eprintln!("prepare on cache hit: {hit_ms:.2} ms");
+    let c = prepare(&agent, &model, json!({"maxSeqLen": 64}));
+    assert_eq!(
+        c["cached"], false,
+        "a changed option must be a different entry"
+    );
+    assert_ne!(a["key"], c["key"]);
+
+    let listed = agent.get("/v1/cache").json();
+    assert_eq!(listed["entries"].as_array().unwrap().len(), 2);
+    assert!(listed["entries"][0]["size_bytes"].as_u64().unwrap() > 0);
+
+    agent.stop();
+    agent.spawn();
+    let listed = agent.get("/v1/cache").json();
+    assert_eq!(
+        listed["entries"].as_array().unwrap().len(),
+        2,
+        "index rebuilt from disk"
+    );
+    let again = prepare(&agent, &model, json!({"maxSeqLen": 128}));
+    assert_eq!(again["cached"], true);
+    assert_eq!(again["key"], a["key"]);
+
+    // Deletion.
+    let key = a["key"].as_str().unwrap();
+    let r = common::request(
+        &agent.socket,
+        "DELETE",
+        &format!("/v1/cache/{key}"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200);
+    let r = common::request(
+        &agent.socket,
+        "DELETE",
+        &format!("/v1/cache/{key}"),
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 404);
+    assert!(r.message().contains("GET /v1/cache"));
+}
+
+#[test]
+fn corrupted_entry_is_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    tiny_llama(&model, 5);
+    let mut agent = Agent::start(dir.path(), None, &[]);
+    let p = prepare(&agent, &model, json!({}));
+    let key = p["key"].as_str().unwrap().to_string();
+    agent.stop();
+    // Same size, different bytes: only the checksum can tell.
+    let f = agent
+        .cache
+        .join("entries")
+        .join(&key)
+        .join("model.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let n = bytes.len();
+    bytes[n - 5] ^= 0xff;
+    std::fs::write(&f, bytes).unwrap();
+    agent.spawn();
+    let r = agent.post(
+        "/v1/generate",
+        json!({"key": key, "input_ids": [1, 2], "max_new_tokens": 2}),
+    );
+    assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.message().contains("prepare"), "{}", r.message());
+    // Prepare compiles it afresh.
+    let again = prepare(&agent, &model, json!({}));
+    assert_eq!(again["cached"], false);
+    assert_eq!(generate_ids(&agent, &key, &[1, 2], 2).len(), 2);
+}
+
+#[test]
+fn lru_eviction_keeps_the_cache_under_its_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    tiny_llama(&model, 9);
+    let size = std::fs::metadata(model.join("model.safetensors"))
+        .unwrap()
+        .len();
+    // Room for about two copies of the model.
+    let limit = (size * 2 + size / 2).to_string();
+    let agent = Agent::start(dir.path(), None, &["--cache-max-bytes", &limit]);
+    let a = prepare(&agent, &model, json!({"maxSeqLen": 100}));
+    std::thread::sleep(Duration::from_millis(20));
+    let b = prepare(&agent, &model, json!({"maxSeqLen": 101}));
+    std::thread::sleep(Duration::from_millis(20));
+    // Use `a` again, so `b` is the least recently used.
+    assert_eq!(
+        prepare(&agent, &model, json!({"maxSeqLen": 100}))["cached"],
+        true
+    );
+    std::thread::sleep(Duration::from_millis(20));
+    let c = prepare(&agent, &model, json!({"maxSeqLen": 102}));
+    let listed = agent.get("/v1/cache").json();
+    let keys: Vec<&str> = listed["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys.len(), 2, "{listed}");
+    assert!(keys.contains(&a["key"].as_str().unwrap()));
+    assert!(keys.contains(&c["key"].as_str().unwrap()));
+    assert!(!keys.contains(&b["key"].as_str().unwrap()));
+    assert!(listed["total_bytes"].as_u64().unwrap() <= limit.parse::<u64>().unwrap());
+}
+
+fn gpu_prepare(agent: &Agent, token: &str, model: &Path, extra: Value) -> common::Reply {
+    agent.post_auth(
+        "/v1/prepare",
+        token,
+        json!({"source": {"path": model}, "device": "gpu:0", "options": {"extra": extra}}),
+    )
+}
+
+#[test]
+fn sixteen_concurrent_prepares_run_one_compile() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    tiny_llama(&model, 1);
+    let agent = Agent::start(dir.path(), Some(test_double_plugins(dir.path())), &[]);
+    agent.add_token("tok-gpu", "gpu", &["3"]);
+    let results: Vec<common::Reply> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..16)
+            .map(|_| {
+                s.spawn(|| {
+                    gpu_prepare(
+                        &agent,
+                        "tok-gpu",
+                        &model,
+                        json!({"test.compile_seconds": "1.0"}),
+                    )
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in &results {
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    let keys: std::collections::HashSet<String> = results
+        .iter()
+        .map(|r| r.json()["key"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(keys.len(), 1);
+    let stats = agent.get("/v1/cache").json()["stats"].clone();
+    assert_eq!(stats["compiles_started"], 1, "{stats}");
+
+    // Progress is observable while a compile runs (streamed prepare).
+    let r = gpu_prepare(
+        &agent,
+        "tok-gpu",
+        &model,
+        json!({"test.compile_seconds": "0.3", "v": "2"}),
+    );
+    assert_eq!(r.status, 200);
+    let r = agent.post_auth(
+        "/v1/prepare",
+        "tok-gpu",
+        json!({"source": {"path": model}, "device": "gpu:0", "stream": true,
+               "options": {"extra": {"test.compile_seconds": "0.5", "v": "3"}}}),
+    );
+    let lines = r.lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["event"] == "progress" && l["stage"] == "test-compile"),
+        "{lines:?}"
+    );
+    assert_eq!(lines.last().unwrap()["event"], "done");
+}
+
+#[test]
+fn sigkill_during_compile_leaves_no_entry_and_retry_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    tiny_llama(&model, 2);
+    let mut agent = Agent::start(dir.path(), Some(test_double_plugins(dir.path())), &[]);
+    agent.add_token("tok", "gpu", &["0"]);
+    let sock = agent.socket.clone();
+    let m = model.clone();
+    let pending = std::thread::spawn(move || {
+        common::request(
+            &sock,
+            "POST",
+            "/v1/prepare",
+            &[("Authorization", "Bearer tok")],
+            json!({"source": {"path": m}, "device": "gpu", "options": {"extra": {"test.compile_seconds": "30"}}})
+                .to_string()
+                .as_bytes(),
+        )
+    });
+    // Wait until the compile is running and has written part of its output.
+    let t = Instant::now();
+    loop {
+        let c = agent.get("/v1/compiles").json();
+        if c["compiles"].as_array().is_some_and(|a| !a.is_empty()) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "compile never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    agent.child.kill().unwrap(); // SIGKILL
+    agent.child.wait().unwrap();
+    let _ = pending.join();
+    let tmp_entries = std::fs::read_dir(agent.cache.join("tmp")).unwrap().count();
+    assert!(
+        tmp_entries > 0,
+        "the killed compile left its staging directory"
+    );
+    assert_eq!(
+        std::fs::read_dir(agent.cache.join("entries"))
+            .unwrap()
+            .count(),
+        0
+    );
+
+    agent.spawn();
+    assert_eq!(
+        std::fs::read_dir(agent.cache.join("tmp")).unwrap().count(),
+        0,
+        "staging cleaned at start"
+    );
+    assert_eq!(
+        agent.get("/v1/cache").json()["entries"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    let r = gpu_prepare(
+        &agent,
+        "tok",
+        &model,
+        json!({"test.compile_seconds": "0.1"}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["cached"], false);
+}
+
+#[test]
+fn accelerator_requests_need_a_token_for_their_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    tiny_llama(&model, 4);
+    let agent = Agent::start(dir.path(), Some(test_double_plugins(dir.path())), &[]);
+    agent.add_token("good", "gpu", &["5", "6"]);
+    agent.add_token("rbln-token", "rbln", &["0"]);
+    let body = json!({"source": {"path": model}, "device": "gpu:0"});
+
+    let r = agent.post("/v1/prepare", body.clone());
+    assert_eq!(r.status, 401);
+    assert!(
+        r.message().contains("Authorization: Bearer"),
+        "{}",
+        r.message()
+    );
+    let r = agent.post_auth("/v1/prepare", "forged", body.clone());
+    assert_eq!(r.status, 401);
+    let r = agent.post_auth("/v1/prepare", "rbln-token", body.clone());
+    assert_eq!(r.status, 403);
+    assert!(r.message().contains("rbln"), "{}", r.message());
+    let r = agent.post_auth(
+        "/v1/prepare",
+        "good",
+        json!({"source": {"path": model}, "device": "gpu:2"}),
+    );
+    assert_eq!(r.status, 403);
+    assert!(
+        r.message().contains("outside the allocation"),
+        "{}",
+        r.message()
+    );
+
+    let r = agent.post_auth(
+        "/v1/prepare",
+        "good",
+        json!({"source": {"path": model}, "device": "gpu:1"}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let p = r.json();
+    assert_eq!(p["backend"], "test-double");
+    assert_eq!(p["devices"], json!(["6"]));
+    let key = p["key"].as_str().unwrap();
+    // The worker process for this allocation sees only device 6.
+    let r = agent.post_auth(
+        "/v1/generate",
+        "good",
+        json!({"key": key, "device": "gpu:1", "input_ids": [1], "max_new_tokens": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["outputs"][0]["text"], "6");
+    // Generating on the GPU entry without the token is refused too.
+    let r = agent.post(
+        "/v1/generate",
+        json!({"key": key, "device": "gpu:1", "input_ids": [1]}),
+    );
+    assert_eq!(r.status, 401);
+    // And a cpu request may not use a GPU entry.
+    let r = agent.post(
+        "/v1/generate",
+        json!({"key": key, "device": "cpu", "input_ids": [1]}),
+    );
+    assert_eq!(r.status, 403);
+}
+
+#[test]
+fn crashed_or_garbled_worker_is_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    tiny_llama(&model, 6);
+    let agent = Agent::start(dir.path(), Some(test_double_plugins(dir.path())), &[]);
+    agent.add_token("t", "gpu", &["0"]);
+    let p = agent
+        .post_auth(
+            "/v1/prepare",
+            "t",
+            json!({"source": {"path": model}, "device": "gpu"}),
+        )
+        .json();
+    let key = p["key"].as_str().unwrap();
+    let run = |prompt: Value| {
+        agent.post_auth(
+            "/v1/generate",
+            "t",
+            json!({"key": key, "device": "gpu", "prompt": prompt, "max_new_tokens": 3}),
+        )
+    };
+
+    assert_eq!(run(json!("ok")).status, 200);
+    let r = run(json!("crash"));
+    assert_eq!(r.status, 502, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.message().contains("restarted"), "{}", r.message());
+    let r = run(json!("ok"));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+
+    let r = run(json!("garbage"));
+    assert_eq!(r.status, 502);
+    assert!(r.message().contains("protocol error"), "{}", r.message());
+    assert_eq!(run(json!("ok")).status, 200);
+
+    // A worker that hangs is killed after the manifest's request timeout.
+    let r = run(json!("hang"));
+    assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.message().contains("did not answer"), "{}", r.message());
+    assert_eq!(run(json!("ok")).status, 200);
+
+    let b = agent.get("/v1/backends").json();
+    let w = b["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "test-double")
+        .unwrap()
+        .clone();
+    assert!(w["status"]["restarts"].as_u64().unwrap() >= 3, "{w}");
+}
+
+#[test]
+fn bad_requests_get_4xx_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    tiny_llama(&model, 8);
+    let agent = Agent::start(dir.path(), None, &[]);
+    let key = prepare(&agent, &model, json!({}))["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cases: Vec<(&str, Value, u16, &str)> = vec![
+        (
+            "/v1/prepare",
+            json!({"source": {"path": model}, "device": "tpu"}),
+            400,
+            "unknown device type",
+        ),
+        (
+            "/v1/prepare",
+            json!({"source": {"path": model}, "options": {"precison": "q8_0"}}),
+            400,
+            "unknown compile option",
+        ),
+        (
+            "/v1/prepare",
+            json!({"source": {"path": model}, "options": {"precision": "int8"}}),
+            400,
+            "q8_0",
+        ),
+        (
+            "/v1/prepare",
+            json!({"source": {"path": "/nonexistent/model"}}),
+            422,
+            "cannot be read",
+        ),
+        (
+            "/v1/prepare",
+            json!({"source": {"path": "relative/model"}}),
+            400,
+            "absolute",
+        ),
+        (
+            "/v1/prepare",
+            json!({"model": "sha256:00"}),
+            404,
+            "POST /v1/models",
+        ),
+        (
+            "/v1/prepare",
+            json!({"source": {"path": model}, "backend": "nope"}),
+            404,
+            "GET /v1/backends",
+        ),
+        (
+            "/v1/prepare",
+            json!({"source": {"path": model}, "device": "rbln:0"}),
+            401,
+            "token",
+        ),
+        (
+            "/v1/generate",
+            json!({"key": key, "input_ids": [1], "max_new_tokens": 100000}),
+            400,
+            "max_new_tokens",
+        ),
+        (
+            "/v1/generate",
+            json!({"key": key, "input_ids": [100000]}),
+            400,
+            "vocabulary",
+        ),
+        (
+            "/v1/generate",
+            json!({"key": key, "input_ids": []}),
+            400,
+            "at least one token",
+        ),
+        (
+            "/v1/generate",
+            json!({"key": key, "prompt": "hello"}),
+            400,
+            "input_ids",
+        ),
+        (
+            "/v1/generate",
+            json!({"key": key, "input_ids": [1], "max_new_tokens": 300}),
+            400,
+            "maximum sequence length",
+        ),
+        (
+            "/v1/generate",
+            json!({"key": "zz", "input_ids": [1]}),
+            400,
+            "not a cache key",
+        ),
+        (
+            "/v1/generate",
+            json!({"key": "a".repeat(64), "input_ids": [1]}),
+            404,
+            "GET /v1/cache",
+        ),
+        (
+            "/v1/generate",
+            json!({"key": key, "input_ids": [1], "colour": "red"}),
+            400,
+            "unknown field",
+        ),
+    ];
+    for (path, body, status, needle) in cases {
+        let r = agent.post(path, body.clone());
+        assert_eq!(
+            r.status,
+            status,
+            "{path} {body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(
+            r.message().contains(needle),
+            "{path} {body}: message {:?} lacks {needle:?}",
+            r.message()
+        );
+    }
+    let r = common::request(&agent.socket, "POST", "/v1/generate", &[], b"{not json");
+    assert_eq!(r.status, 400);
+    assert!(r.message().contains("invalid JSON"));
+    assert_eq!(agent.get("/v1/nothing").status, 404);
+    // Still healthy after all that.
+    assert_eq!(agent.get("/healthz").status, 200);
+}
+
+#[test]
+fn smollm2_says_the_capital_of_france_is_paris() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/fetch-smollm2.sh");
+    let out = std::process::Command::new(&script).output();
+    let gguf = match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .last()
+            .unwrap_or("")
+            .to_string(),
+        _ => {
+            eprintln!(
+                "SKIPPED smollm2 test: e2e/fetch-smollm2.sh could not provide the GGUF (no PyPI access?)"
+            );
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), None, &[]);
+    let r = agent.post(
+        "/v1/prepare",
+        json!({"source": {"path": gguf}, "device": "cpu"}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let key = r.json()["key"].as_str().unwrap().to_string();
+    let r = agent.post(
+        "/v1/generate",
+        json!({"key": key, "prompt": "The capital of France is", "max_new_tokens": 4}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let text = r.json()["outputs"][0]["text"].as_str().unwrap().to_string();
+    assert!(text.starts_with(" Paris"), "continuation was {text:?}");
+}
+
+#[test]
+fn shipped_workers_are_discovered_and_report_missing_sdks() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = Path::new(env!("CARGO_MANIFEST_DIR")).join("workers");
+    let agent = Agent::start(dir.path(), Some(plugins), &[]);
+    let b = agent.get("/v1/backends").json();
+    let names: Vec<&str> = b["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["cpu", "furiosa", "gpu-vllm", "rbln"]);
+    for w in b["backends"].as_array().unwrap().iter().skip(1) {
+        assert_eq!(w["status"]["unverified_on_hardware"], true);
+        if w["available"] == false {
+            assert!(!w["reason"].as_str().unwrap().is_empty(), "{w}");
+        }
+    }
+    // With no SDK, an rbln request with a valid token gets a clear 503.
+    agent.add_token("r", "rbln", &["0"]);
+    let model = dir.path().join("tiny");
+    tiny_llama(&model, 12);
+    let r = agent.post_auth(
+        "/v1/prepare",
+        "r",
+        json!({"source": {"path": model}, "device": "rbln:0"}),
+    );
+    if b["backends"][3]["available"] == false {
+        assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+        assert!(r.message().contains("rbln"), "{}", r.message());
+    }
+}

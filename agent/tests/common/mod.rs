@@ -1,0 +1,362 @@
+//! Test helpers: start the real `rm-agent` binary, speak HTTP/1.1 to its unix
+//! socket the way a stdlib-only client would, and build a tiny random llama.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::{Value, json};
+
+pub struct Agent {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub cache: PathBuf,
+    pub state: PathBuf,
+    pub plugins: Option<PathBuf>,
+    pub extra_args: Vec<String>,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn lines(&self) -> Vec<Value> {
+        String::from_utf8_lossy(&self.body)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+    pub fn message(&self) -> String {
+        self.json()["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(pos) = body.windows(2).position(|w| w == b"\r\n") {
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&body[..pos]).unwrap().trim(), 16).unwrap();
+        body = &body[pos + 2..];
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&body[..size]);
+        body = &body[size + 2..];
+    }
+    out
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`).
+pub fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: rm-agent\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() {
+        head.push_str("Content-Type: application/json\r\n");
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP head");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = &raw[split + 4..];
+    Reply {
+        status,
+        body: if chunked {
+            dechunk(body)
+        } else {
+            body.to_vec()
+        },
+    }
+}
+
+impl Agent {
+    pub fn start(dir: &Path, plugins: Option<PathBuf>, extra_args: &[&str]) -> Agent {
+        let mut a = Agent {
+            child: Command::new("true").spawn().unwrap(),
+            socket: dir.join("run/agent.sock"),
+            cache: dir.join("cache"),
+            state: dir.join("state"),
+            plugins,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        std::fs::create_dir_all(a.state.join("tokens")).unwrap();
+        a.spawn();
+        a
+    }
+
+    pub fn spawn(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rm-agent"));
+        cmd.arg("--socket")
+            .arg(&self.socket)
+            .arg("--cache-dir")
+            .arg(&self.cache)
+            .arg("--state-dir")
+            .arg(&self.state);
+        if let Some(p) = &self.plugins {
+            cmd.arg("--plugin-dir").arg(p);
+        }
+        cmd.args(&self.extra_args)
+            .env("RM_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        self.child = cmd.spawn().unwrap();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            if self.socket.exists() && UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("rm-agent did not open its socket");
+    }
+
+    /// SIGTERM and wait (graceful).
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+    }
+
+    pub fn get(&self, path: &str) -> Reply {
+        request(&self.socket, "GET", path, &[], b"")
+    }
+    pub fn post(&self, path: &str, body: Value) -> Reply {
+        request(&self.socket, "POST", path, &[], body.to_string().as_bytes())
+    }
+    pub fn post_auth(&self, path: &str, token: &str, body: Value) -> Reply {
+        let auth = format!("Bearer {token}");
+        request(
+            &self.socket,
+            "POST",
+            path,
+            &[("Authorization", &auth)],
+            body.to_string().as_bytes(),
+        )
+    }
+
+    /// Writes a token file the way the device plugin does.
+    pub fn add_token(&self, token: &str, device_type: &str, devices: &[&str]) {
+        let name = rm_agent::auth::token_file_stem(token);
+        let body = json!({"version": 1, "device_type": device_type, "devices": devices});
+        std::fs::write(
+            self.state.join("tokens").join(format!("{name}.json")),
+            body.to_string(),
+        )
+        .unwrap();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plugin dir holding the test-double worker.
+pub fn test_double_plugins(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workers/test-double");
+    let dst = dir.join("plugins/test-double");
+    std::fs::create_dir_all(&dst).unwrap();
+    for f in ["manifest.json", "worker.py"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    dir.join("plugins")
+}
+
+/// Deterministic pseudo-random numbers (no global RNG: same weights each run).
+fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (((x >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+pub const TINY_VOCAB: usize = 256;
+
+/// Writes a tiny random llama (config.json + model.safetensors) to `dir`.
+pub fn tiny_llama(dir: &Path, seed: u64) {
+    std::fs::create_dir_all(dir).unwrap();
+    let (hidden, inter, layers, heads, kv) = (64usize, 128usize, 2usize, 4usize, 2usize);
+    let head_dim = hidden / heads;
+    let cfg = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden, "intermediate_size": inter, "vocab_size": TINY_VOCAB,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
+        "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": false,
+    });
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&cfg).unwrap(),
+    )
+    .unwrap();
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    let mut s = seed;
+    let mut add = |name: String, shape: &[usize], scale: f32, ones: bool| {
+        s += 1;
+        let n: usize = shape.iter().product();
+        let v = if ones {
+            values(n, s, 0.1).into_iter().map(|x| 1.0 + x).collect()
+        } else {
+            values(n, s, scale)
+        };
+        t.insert(name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
+    };
+    add(
+        "model.embed_tokens.weight".into(),
+        &[TINY_VOCAB, hidden],
+        1.0,
+        false,
+    );
+    add("model.norm.weight".into(), &[hidden], 0.0, true);
+    add("lm_head.weight".into(), &[TINY_VOCAB, hidden], 0.3, false);
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        add(format!("{p}.input_layernorm.weight"), &[hidden], 0.0, true);
+        add(
+            format!("{p}.post_attention_layernorm.weight"),
+            &[hidden],
+            0.0,
+            true,
+        );
+        add(
+            format!("{p}.self_attn.q_proj.weight"),
+            &[heads * head_dim, hidden],
+            0.3,
+            false,
+        );
+        add(
+            format!("{p}.self_attn.k_proj.weight"),
+            &[kv * head_dim, hidden],
+            0.3,
+            false,
+        );
+        add(
+            format!("{p}.self_attn.v_proj.weight"),
+            &[kv * head_dim, hidden],
+            0.3,
+            false,
+        );
+        add(
+            format!("{p}.self_attn.o_proj.weight"),
+            &[hidden, heads * head_dim],
+            0.3,
+            false,
+        );
+        add(
+            format!("{p}.mlp.gate_proj.weight"),
+            &[inter, hidden],
+            0.3,
+            false,
+        );
+        add(
+            format!("{p}.mlp.up_proj.weight"),
+            &[inter, hidden],
+            0.3,
+            false,
+        );
+        add(
+            format!("{p}.mlp.down_proj.weight"),
+            &[hidden, inter],
+            0.3,
+            false,
+        );
+    }
+    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+}
+
+/// Greedy decoding with candle's llama directly, no agent involved.
+pub fn direct_greedy(dir: &Path, prompt: &[u32], n: usize) -> Vec<u32> {
+    use candle_transformers::models::llama;
+    let cfg: llama::LlamaConfig =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let cfg = cfg.into_config(false);
+    let tensors =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let model = llama::Llama::load(vb, &cfg).unwrap();
+    let mut cache = llama::Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
+    let mut out = Vec::new();
+    let mut input = prompt.to_vec();
+    let mut pos = 0;
+    for _ in 0..n {
+        let x = Tensor::new(input.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = model
+            .forward(&x, pos, &mut cache)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let next = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        pos += input.len();
+        out.push(next);
+        input = vec![next];
+    }
+    out
+}
+
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}

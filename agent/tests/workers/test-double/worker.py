@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""TEST DOUBLE of an accelerator worker, for rm-agent's tests only.
+
+It speaks the rm-agent worker protocol (JSON lines on stdin/stdout) exactly
+like the real workers in agent/workers/, but runs no model: "compile" writes a
+small artifact, "generate" answers deterministic tokens. Special inputs make
+it misbehave on purpose so the tests can check supervision:
+
+- compile option extra["test.compile_seconds"]: sleep that long while
+  compiling (after writing a partial file);
+- compile option extra["test.fail"] = "1": answer an error;
+- prompt text "crash": exit at once (status 3);
+- prompt text "garbage": print a line that is not JSON;
+- prompt text "hang": never answer.
+"""
+import json
+import os
+import sys
+import time
+
+PARENT = os.getppid()
+
+
+def send(obj):
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def parent_alive():
+    return os.getppid() == PARENT
+
+
+def compile_(rid, p):
+    extra = (p.get("options") or {}).get("extra") or {}
+    out = p["output_dir"]
+    with open(os.path.join(out, "partial.bin"), "wb") as f:
+        f.write(b"\0" * 4096)
+    delay = float(extra.get("test.compile_seconds", "0"))
+    end = time.time() + delay
+    while time.time() < end:
+        if not parent_alive():
+            sys.exit(0)
+        send({"id": rid, "progress": {"fraction": 1 - max(0.0, end - time.time()) / max(delay, 1e-9), "stage": "test-compile"}})
+        time.sleep(0.05)
+    if extra.get("test.fail") == "1":
+        send({"id": rid, "error": {"kind": "unsupported", "message": "test double asked to fail"}})
+        return
+    with open(os.path.join(out, "artifact.json"), "w") as f:
+        json.dump({"test_double": True, "devices": p.get("devices"), "env_devices": os.environ.get("RM_DEVICES")}, f)
+    send({"id": rid, "result": {}})
+
+
+def generate(rid, p):
+    outputs = []
+    for i, prompt in enumerate(p["prompts"]):
+        if prompt == "crash":
+            os._exit(3)
+        if prompt == "garbage":
+            sys.stdout.write("this is not json\n")
+            sys.stdout.flush()
+            return
+        if prompt == "hang":
+            while parent_alive():
+                time.sleep(0.1)
+            sys.exit(0)
+        ids = prompt if isinstance(prompt, list) else [ord(c) for c in prompt]
+        n = p["params"]["max_new_tokens"]
+        toks = [(ids[-1] + k + 1) % 1000 for k in range(n)] if ids else []
+        if p.get("stream"):
+            for t in toks:
+                send({"id": rid, "token": {"index": i, "token_id": t}})
+        outputs.append({
+            "prompt_tokens": len(ids),
+            "token_ids": toks,
+            "text": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+            "finish_reason": "length",
+        })
+    send({"id": rid, "result": {"outputs": outputs}})
+
+
+def main():
+    for line in sys.stdin:
+        msg = json.loads(line)
+        rid, method, params = msg["id"], msg["method"], msg.get("params") or {}
+        if method == "hello":
+            send({"id": rid, "result": {"protocol": 1, "compiler_version": "test-double-1", "available": True}})
+        elif method == "compile":
+            compile_(rid, params)
+        elif method == "generate":
+            generate(rid, params)
+        elif method == "cleanup":
+            send({"id": rid, "result": {}})
+        elif method == "shutdown":
+            return
+        else:
+            send({"id": rid, "error": {"kind": "invalid_request", "message": "unknown method " + method}})
+
+
+if __name__ == "__main__":
+    main()

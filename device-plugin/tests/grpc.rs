@@ -1,0 +1,535 @@
+//! The plugin over real gRPC on unix sockets, driven by a test kubelet, on
+//! fake host trees for each vendor, mixed, empty and broken.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use rm_device_plugin::api;
+use rm_device_plugin::config::FileConfig;
+
+const GPU0: &str = "GPU-11111111-2222-3333-4444-000000000000";
+const GPU1: &str = "GPU-11111111-2222-3333-4444-000000000001";
+const SEC: Duration = Duration::from_secs(1);
+
+fn alloc_req(ids: &[&str]) -> api::AllocateRequest {
+    api::AllocateRequest {
+        container_requests: vec![api::ContainerAllocateRequest {
+            devices_ids: ids.iter().map(|s| s.to_string()).collect(),
+        }],
+    }
+}
+
+fn paths(r: &api::ContainerAllocateResponse) -> Vec<&str> {
+    r.devices.iter().map(|d| d.host_path.as_str()).collect()
+}
+
+#[tokio::test]
+async fn gpu_node_registers_lists_with_numa_and_allocates_with_a_token() {
+    let host = FakeHost::new();
+    host.nvidia_gpu("0000:3b:00.0", 0, GPU0, 0);
+    host.nvidia_gpu("0000:af:00.0", 1, GPU1, 1);
+    host.pci("0000:3b:00.1", 0x10de, 0x22a3, 0x040300, 0); // the GPU's audio function
+    let dirs = Dirs::new();
+    let mut kubelet = TestKubelet::start(dirs.kubelet.path());
+    let plugin = RunningPlugin::start(test_config(
+        &host,
+        &dirs,
+        FileConfig {
+            agent_socket_dir: Some("/run/rm-abstract".into()),
+            ..Default::default()
+        },
+    ));
+
+    let reg = kubelet.next_registration(2 * SEC).await;
+    assert_eq!(reg.version, "v1beta1");
+    assert_eq!(reg.resource_name, "nvidia.com/gpu");
+    assert_eq!(reg.endpoint, "rm-gpu.sock");
+    assert!(reg.options.unwrap().get_preferred_allocation_available);
+
+    let mut client = kubelet.client(&reg).await;
+    let mut lw = Watch::open(&mut client).await;
+    let devs = lw.until(SEC, |d| d.len() == 2).await;
+    assert_eq!(devs[0].id, GPU0);
+    assert_eq!(devs[0].health, "Healthy");
+    assert_eq!(devs[0].topology.as_ref().unwrap().nodes[0].id, 0);
+    assert_eq!(devs[1].topology.as_ref().unwrap().nodes[0].id, 1);
+
+    let resp = client
+        .allocate(alloc_req(&[GPU1]))
+        .await
+        .unwrap()
+        .into_inner();
+    let c = &resp.container_responses[0];
+    assert_eq!(
+        paths(c),
+        [
+            "/dev/nvidia1",
+            "/dev/nvidiactl",
+            "/dev/nvidia-uvm",
+            "/dev/nvidia-uvm-tools"
+        ]
+    );
+    assert!(
+        c.devices
+            .iter()
+            .all(|d| d.permissions == "rw" && d.container_path == d.host_path)
+    );
+    assert_eq!(c.envs["NVIDIA_VISIBLE_DEVICES"], GPU1);
+    assert_eq!(c.envs["RM_ALLOCATED_DEVICES"], "gpu:1");
+    assert_eq!(c.mounts[0].host_path, "/run/rm-abstract");
+    let token = &c.envs["RM_AGENT_TOKEN"];
+    let rec: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dirs.tokens_dir().join(format!("{token}.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rec["deviceIds"][0], GPU1);
+    assert_eq!(rec["devices"][0]["index"], 1);
+    assert_eq!(rec["devices"][0]["deviceType"], "gpu");
+
+    let err = client.allocate(alloc_req(&["GPU-nope"])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("GPU-nope"), "{}", err.message());
+    plugin.stop().await;
+    assert!(
+        !dirs.kubelet.path().join("rm-gpu.sock").exists(),
+        "socket removed on stop"
+    );
+}
+
+#[tokio::test]
+async fn rebellions_node_allocates_rbln_nodes_and_skips_unknown_products_and_pfs_with_vfs() {
+    let host = FakeHost::new();
+    host.rbln("0000:01:00.0", 0, 0);
+    host.rbln("0000:02:00.0", 1, 1);
+    host.pci("0000:03:00.0", 0x1eff, 0x9999, 0x120000, 0); // unknown product
+    host.write("sys/bus/pci/devices/0000:02:00.0/sriov_numvfs", "2\n"); // its VFs are the units
+    let dirs = Dirs::new();
+    let mut kubelet = TestKubelet::start(dirs.kubelet.path());
+    let plugin = RunningPlugin::start(test_config(&host, &dirs, FileConfig::default()));
+    let reg = kubelet.next_registration(2 * SEC).await;
+    assert_eq!(reg.resource_name, "rebellions.ai/ATOM");
+    let mut client = kubelet.client(&reg).await;
+    let devs = Watch::open(&mut client)
+        .await
+        .until(SEC, |d| !d.is_empty())
+        .await;
+    let ids: Vec<&str> = devs.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["0000:01:00.0"]);
+    let resp = client
+        .allocate(alloc_req(&["0000:01:00.0"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let c = &resp.container_responses[0];
+    assert_eq!(paths(c), ["/dev/rbln0", "/dev/rsd0"]);
+    assert_eq!(c.envs["RBLN_DEVICES"], "0");
+    assert_eq!(c.envs["RM_ALLOCATED_DEVICES"], "rbln:0");
+    plugin.stop().await;
+}
+
+#[tokio::test]
+async fn furiosa_node_allocates_all_nodes_of_the_npu_and_mounts_its_mgmt_sysfs() {
+    let host = FakeHost::new();
+    host.rngd("0000:4e:00.0", 0, "A0000000-0000-0000-0000-000000000000", 0);
+    host.rngd("0000:4f:00.0", 1, "A1111111-0000-0000-0000-000000000000", 0);
+    let dirs = Dirs::new();
+    let mut kubelet = TestKubelet::start(dirs.kubelet.path());
+    let plugin = RunningPlugin::start(test_config(&host, &dirs, FileConfig::default()));
+    let reg = kubelet.next_registration(2 * SEC).await;
+    assert_eq!(reg.resource_name, "furiosa.ai/rngd");
+    let mut client = kubelet.client(&reg).await;
+    let devs = Watch::open(&mut client)
+        .await
+        .until(SEC, |d| d.len() == 2)
+        .await;
+    assert!(devs.iter().all(|d| d.health == "Healthy"), "{devs:?}");
+    let resp = client
+        .allocate(alloc_req(&["A1111111-0000-0000-0000-000000000000"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let c = &resp.container_responses[0];
+    let p = paths(c);
+    assert!(p.contains(&"/dev/rngd/npu1pe0") && p.contains(&"/dev/rngd/npu1pe0-3"));
+    assert!(p.contains(&"/dev/rngd/npu1ch7") && p.contains(&"/dev/rngd/npu1mgmt"));
+    assert!(!p.iter().any(|x| x.contains("npu0")), "{p:?}");
+    assert_eq!(c.envs["FURIOSA_DEVICES"], "npu:1");
+    assert_eq!(c.mounts[0].host_path, "/sys/class/rngd_mgmt/rngd!npu1mgmt");
+    assert!(c.mounts[0].read_only);
+    plugin.stop().await;
+}
+
+#[tokio::test]
+async fn mixed_node_registers_one_endpoint_per_vendor() {
+    let host = FakeHost::new();
+    host.nvidia_gpu("0000:3b:00.0", 0, GPU0, 0);
+    host.rbln("0000:01:00.0", 0, 0);
+    host.rngd("0000:4e:00.0", 0, "A0000000-0000-0000-0000-000000000000", 1);
+    let dirs = Dirs::new();
+    let mut kubelet = TestKubelet::start(dirs.kubelet.path());
+    let plugin = RunningPlugin::start(test_config(&host, &dirs, FileConfig::default()));
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let r = kubelet.next_registration(2 * SEC).await;
+        seen.push((r.resource_name, r.endpoint));
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("furiosa.ai/rngd".to_string(), "rm-furiosa.sock".to_string()),
+            ("nvidia.com/gpu".to_string(), "rm-gpu.sock".to_string()),
+            ("rebellions.ai/ATOM".to_string(), "rm-rbln.sock".to_string()),
+        ]
+    );
+    plugin.stop().await;
+}
+
+#[tokio::test]
+async fn node_without_devices_registers_nothing_and_stops_cleanly() {
+    let host = FakeHost::new();
+    host.pci("0000:00:02.0", 0x8086, 0x1234, 0x030000, 0); // an Intel iGPU
+    let dirs = Dirs::new();
+    let mut kubelet = TestKubelet::start(dirs.kubelet.path());
+    let plugin = RunningPlugin::start(test_config(&host, &dirs, FileConfig::default()));
+    // Absence can only be observed over a window: one second is five
+    // registration polls' worth.
+    let got = tokio::time::timeout(SEC, kubelet.registrations.recv()).await;
+    assert!(got.is_err(), "unexpected registration: {got:?}");
+    plugin.stop().await;
+}
+
+#[tokio::test]
+async fn broken_entries_are_skipped_or_unhealthy_never_fatal() {
+    let host = FakeHost::new();
+    host.nvidia_gpu("0000:3b:00.0", 0, GPU0, 0);
+    host.nvidia_gpu("0000:5e:00.0", 1, GPU1, 0);
+    host.remove("dev/nvidia1"); // driver info present, node missing
+    host.nvidia_gpu("0000:86:00.0", 2, "GPU-bad-minor", 0);
+    host.write(
+        "proc/driver/nvidia/gpus/0000:86:00.0/information",
+        "GPU UUID: \t GPU-bad-minor\nDevice Minor: \t two\n",
+    );
+    host.write("sys/bus/pci/devices/0000:99:00.0/vendor", "not hex\n");
+    host.write("sys/bus/pci/devices/0000:9a:00.0/device", "0x1\n"); // no vendor file
+    host.rngd("0000:4e:00.0", 0, "A0000000-0000-0000-0000-000000000000", 0);
+    host.write("sys/class/rngd_mgmt/rngd!npu0mgmt/heartbeat", "garbage\n");
+    host.write("dev/rngd/npu5pe0", ""); // a node whose mgmt sysfs is missing
+    let dirs = Dirs::new();
+    let mut kubelet = TestKubelet::start(dirs.kubelet.path());
+    let plugin = RunningPlugin::start(test_config(&host, &dirs, FileConfig::default()));
+    let mut regs = [
+        kubelet.next_registration(2 * SEC).await,
+        kubelet.next_registration(2 * SEC).await,
+    ];
+    regs.sort_by(|a, b| a.resource_name.cmp(&b.resource_name));
+    let mut gpu = kubelet.client(&regs[1]).await;
+    let devs = Watch::open(&mut gpu)
+        .await
+        .until(SEC, |d| d.len() == 2)
+        .await;
+    assert_eq!(health_of(&devs, GPU0).as_deref(), Some("Healthy"));
+    assert_eq!(health_of(&devs, GPU1).as_deref(), Some("Unhealthy"));
+    let err = gpu.allocate(alloc_req(&[GPU1])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message().contains("/dev/nvidia1 is missing"),
+        "{}",
+        err.message()
+    );
+
+    let mut rngd = kubelet.client(&regs[0]).await;
+    let devs = Watch::open(&mut rngd)
+        .await
+        .until(SEC, |d| d.len() == 1)
+        .await;
+    assert_eq!(devs[0].health, "Unhealthy", "unreadable heartbeat");
+    plugin.stop().await;
+}
+
+#[tokio::test]
+async fn kubelet_restart_leads_to_reregistration_within_2s() {
+    let host = FakeHost::new();
+    host.nvidia_gpu("0000:3b:00.0", 0, GPU0, 0);
+    let dirs = Dirs::new();
+    let mut kubelet = TestKubelet::start(dirs.kubelet.path());
+    let plugin = RunningPlugin::start(test_config(&host, &dirs, FileConfig::default()));
+    kubelet.next_registration(2 * SEC).await;
+
+    for round in 0..2 {
+        kubelet.stop_and_wipe().await;
+        assert!(!dirs.kubelet.path().join("rm-gpu.sock").exists());
+        let restarted = Instant::now();
+        kubelet = TestKubelet::start(dirs.kubelet.path());
+        let reg = kubelet.next_registration(2 * SEC).await;
+        let took = restarted.elapsed();
+        assert!(
+            took < 2 * SEC,
+            "round {round}: re-registered after {took:?}"
+        );
+        // The new socket serves: the kubelet can list devices again.
+        let mut client = kubelet.client(&reg).await;
+        let devs = Watch::open(&mut client)
+            .await
+            .until(SEC, |d| d.len() == 1)
+            .await;
+        assert_eq!(devs[0].id, GPU0);
+    }
+    plugin.stop().await;
+}
+
+#[tokio::test]
+async fn removed_device_turns_unhealthy_and_returns_healthy_within_1s() {
+    let host = FakeHost::new();
+    host.nvidia_gpu("0000:3b:00.0", 0, GPU0, 0);
+    host.nvidia_gpu("0000:af:00.0", 1, GPU1, 1);
+    let dirs = Dirs::new();
+    let mut kubelet = TestKubelet::start(dirs.kubelet.path());
+    let plugin = RunningPlugin::start(test_config(&host, &dirs, FileConfig::default()));
+    let reg = kubelet.next_registration(2 * SEC).await;
+    let mut client = kubelet.client(&reg).await;
+    let mut lw = Watch::open(&mut client).await;
+    lw.until(SEC, |d| {
+        d.len() == 2 && d.iter().all(|x| x.health == "Healthy")
+    })
+    .await;
+
+    host.remove("dev/nvidia1");
+    lw.until(SEC, |d| health_of(d, GPU1).as_deref() == Some("Unhealthy"))
+        .await;
+    assert_eq!(health_of(&lw.last, GPU0).as_deref(), Some("Healthy"));
+
+    host.write("dev/nvidia1", "");
+    lw.until(SEC, |d| health_of(d, GPU1).as_deref() == Some("Healthy"))
+        .await;
+
+    // The whole PCI function vanishing (hot unplug) keeps it listed, Unhealthy.
+    std::fs::remove_dir_all(host.root().join("sys/bus/pci/devices/0000:af:00.0")).unwrap();
+    let devs = lw
+        .until(SEC, |d| health_of(d, GPU1).as_deref() == Some("Unhealthy"))
+        .await;
+    assert_eq!(devs.len(), 2);
+    plugin.stop().await;
+}
+
+#[tokio::test]
+async fn stuck_furiosa_heartbeat_turns_unhealthy_and_recovers() {
+    let host = FakeHost::new();
+    let uuid = "A0000000-0000-0000-0000-000000000000";
+    host.rngd("0000:4e:00.0", 0, uuid, 0);
+    let dirs = Dirs::new();
+    let mut kubelet = TestKubelet::start(dirs.kubelet.path());
+    let plugin = RunningPlugin::start(test_config(
+        &host,
+        &dirs,
+        FileConfig {
+            heartbeat_timeout_ms: Some(300),
+            ..Default::default()
+        },
+    ));
+    let reg = kubelet.next_registration(2 * SEC).await;
+    let mut client = kubelet.client(&reg).await;
+    let mut lw = Watch::open(&mut client).await;
+    // The fake heartbeat never moves: Unhealthy after the 300 ms timeout.
+    lw.until(2 * SEC, |d| {
+        health_of(d, uuid).as_deref() == Some("Unhealthy")
+    })
+    .await;
+    host.write("sys/class/rngd_mgmt/rngd!npu0mgmt/heartbeat", "2\n");
+    lw.until(SEC, |d| health_of(d, uuid).as_deref() == Some("Healthy"))
+        .await;
+    plugin.stop().await;
+}
+
+#[tokio::test]
+async fn preferred_allocation_is_numa_local_honours_must_include_and_packs() {
+    let host = FakeHost::new();
+    let ids: Vec<String> = (0..5)
+        .map(|i| format!("GPU-11111111-2222-3333-4444-00000000000{i}"))
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let numa = if i < 2 { 0 } else { 1 };
+        host.nvidia_gpu(&format!("0000:{:02x}:00.0", 0x10 + i), i as u32, id, numa);
+    }
+    let dirs = Dirs::new();
+    let mut kubelet = TestKubelet::start(dirs.kubelet.path());
+    let plugin = RunningPlugin::start(test_config(&host, &dirs, FileConfig::default()));
+    let reg = kubelet.next_registration(2 * SEC).await;
+    let mut client = kubelet.client(&reg).await;
+    let ask = |must: Vec<String>, size| api::PreferredAllocationRequest {
+        container_requests: vec![api::ContainerPreferredAllocationRequest {
+            available_device_i_ds: ids.clone(),
+            must_include_device_i_ds: must,
+            allocation_size: size,
+        }],
+    };
+    let pick = |r: api::PreferredAllocationResponse| r.container_responses[0].device_i_ds.clone();
+    // NUMA 0 holds 2 free, NUMA 1 holds 3: a pair fits best on NUMA 0.
+    let got = pick(
+        client
+            .get_preferred_allocation(ask(vec![], 2))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(got, [ids[0].clone(), ids[1].clone()]);
+    // Three fit only on NUMA 1.
+    let got = pick(
+        client
+            .get_preferred_allocation(ask(vec![], 3))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(got, [ids[2].clone(), ids[3].clone(), ids[4].clone()]);
+    // must_include on NUMA 1 keeps the rest there.
+    let got = pick(
+        client
+            .get_preferred_allocation(ask(vec![ids[4].clone()], 2))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(got[0], ids[4]);
+    assert!(got[1] == ids[2] || got[1] == ids[3], "{got:?}");
+    plugin.stop().await;
+}
+
+#[tokio::test]
+async fn shared_devices_are_advertised_as_replicas() {
+    let host = FakeHost::new();
+    host.nvidia_gpu("0000:3b:00.0", 0, GPU0, 0);
+    let dirs = Dirs::new();
+    let mut kubelet = TestKubelet::start(dirs.kubelet.path());
+    let plugin = RunningPlugin::start(test_config(
+        &host,
+        &dirs,
+        FileConfig {
+            replicas: Some(3),
+            ..Default::default()
+        },
+    ));
+    let reg = kubelet.next_registration(2 * SEC).await;
+    let mut client = kubelet.client(&reg).await;
+    let devs = Watch::open(&mut client)
+        .await
+        .until(SEC, |d| d.len() == 3)
+        .await;
+    assert_eq!(devs[2].id, format!("{GPU0}::2"));
+    let resp = client
+        .allocate(alloc_req(&[&format!("{GPU0}::1")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        resp.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"],
+        GPU0
+    );
+    plugin.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_of_vanished_containers_are_collected() {
+    let host = FakeHost::new();
+    host.nvidia_gpu("0000:3b:00.0", 0, GPU0, 0);
+    host.nvidia_gpu("0000:af:00.0", 1, GPU1, 1);
+    let dirs = Dirs::new();
+    let podres = TestPodResources::default();
+    podres.serve(&dirs.pod_resources_socket());
+    let mut kubelet = TestKubelet::start(dirs.kubelet.path());
+    let plugin = RunningPlugin::start(test_config(
+        &host,
+        &dirs,
+        FileConfig {
+            token_gc_interval_ms: Some(100),
+            token_grace_ms: Some(0),
+            ..Default::default()
+        },
+    ));
+    let reg = kubelet.next_registration(2 * SEC).await;
+    let mut client = kubelet.client(&reg).await;
+    // Both containers are live before their tokens exist, so no pass of the
+    // collector can race the allocation.
+    podres.set("nvidia.com/gpu", &[&[GPU0], &[GPU1]]);
+    let token_of =
+        |r: api::AllocateResponse| r.container_responses[0].envs["RM_AGENT_TOKEN"].clone();
+    let t0 = token_of(
+        client
+            .allocate(alloc_req(&[GPU0]))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let t1 = token_of(
+        client
+            .allocate(alloc_req(&[GPU1]))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let file = |t: &str| dirs.tokens_dir().join(format!("{t}.json"));
+    assert!(file(&t0).exists() && file(&t1).exists());
+
+    // The second container goes away.
+    podres.set("nvidia.com/gpu", &[&[GPU0]]);
+    wait_until(2 * SEC, "token of the vanished container removed", || {
+        !file(&t1).exists()
+    })
+    .await;
+    assert!(file(&t0).exists(), "live container's token kept");
+
+    // A new allocation of GPU0 supersedes the old holder at once.
+    let t2 = token_of(
+        client
+            .allocate(alloc_req(&[GPU0]))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert!(file(&t2).exists());
+    assert!(!file(&t0).exists(), "superseded token removed");
+    plugin.stop().await;
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_binary_and_removes_its_socket() {
+    let host = FakeHost::new();
+    host.nvidia_gpu("0000:3b:00.0", 0, GPU0, 0);
+    let dirs = Dirs::new();
+    let mut kubelet = TestKubelet::start(dirs.kubelet.path());
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rm-device-plugin"))
+        .arg("--host-root")
+        .arg(host.root())
+        .arg("--kubelet-dir")
+        .arg(dirs.kubelet.path())
+        .arg("--state-dir")
+        .arg(dirs.state.path())
+        .env("RM_LOG_FORMAT", "json")
+        .env("RM_DP_POD_RESOURCES_SOCKET", dirs.pod_resources_socket())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let reg = kubelet.next_registration(5 * SEC).await;
+    assert_eq!(reg.endpoint, "rm-gpu.sock");
+    let socket = dirs.kubelet.path().join("rm-gpu.sock");
+    assert!(socket.exists());
+    // Keep a ListAndWatch stream open: shutdown must not wait on it.
+    let mut client = kubelet.client(&reg).await;
+    let mut lw = Watch::open(&mut client).await;
+    lw.until(SEC, |d| d.len() == 1).await;
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(5 * SEC, child.wait())
+        .await
+        .expect("exits within 5 s")
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert!(!socket.exists(), "socket removed");
+}

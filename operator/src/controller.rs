@@ -1,0 +1,482 @@
+//! The InferenceWorkload controller: watches workloads, their Deployments,
+//! and the nodes and pods that make up free capacity; reconciles each
+//! workload into a Deployment on the device type `selection` picks.
+//!
+//! A reconcile reads only from the watch caches and writes only what changed:
+//! the Deployment when its rendered hash differs, the status when it differs,
+//! an Event when the decision changes. At steady state it writes nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use rm_crds::{InferenceWorkload, Phase, labels};
+use serde_json::json;
+
+use crate::capacity::pod_device_requests;
+use crate::config::OperatorConfig;
+use crate::metrics::Metrics;
+use crate::placement::{
+    Unschedulable, capacity_for, current_placement, is_own_pod, unschedulable_pods,
+};
+use crate::render::{is_current, render_deployment};
+use crate::selection::{Decision, Selection, select_device};
+use crate::status::{Observed, desired_status};
+
+/// Field manager of every write the operator makes (server-side apply).
+pub const FIELD_MANAGER: &str = "rm-operator";
+
+/// Shared state of all reconciles.
+pub struct Context {
+    pub client: Client,
+    pub config: OperatorConfig,
+    pub nodes: Store<Node>,
+    pub pods: Store<Pod>,
+    pub deployments: Store<Deployment>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the workload has no namespace")]
+    NoNamespace,
+    #[error("writing to the apiserver failed: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl Error {
+    fn metric_label(&self) -> &'static str {
+        match self {
+            Error::NoNamespace => "no_namespace",
+            Error::Kube(_) => "kube",
+        }
+    }
+}
+
+/// Which workloads may be watched: all namespaces, or one.
+#[derive(Clone, Debug, Default)]
+pub struct Scope {
+    pub namespace: Option<String>,
+}
+
+impl Scope {
+    fn api<K>(&self, client: Client) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as Resource>::DynamicType: Default,
+    {
+        match &self.namespace {
+            Some(ns) => Api::namespaced(client, ns),
+            None => Api::all(client),
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    config: OperatorConfig,
+    scope: Scope,
+    metrics: Arc<Metrics>,
+    reporter: Reporter,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let workloads: Api<InferenceWorkload> = scope.api(client.clone());
+    let deployments_api: Api<Deployment> = scope.api(client.clone());
+    let pods_api: Api<Pod> = Api::all(client.clone());
+    let nodes_api: Api<Node> = Api::all(client.clone());
+
+    // Caches stripped of what the decisions never read, to keep memory low.
+    let (nodes, node_writer) = reflector::store();
+    let node_stream = watcher(nodes_api, watcher::Config::default())
+        .default_backoff()
+        .modify(|n: &mut Node| {
+            n.managed_fields_mut().clear();
+            n.annotations_mut().clear();
+            if let Some(s) = n.status.as_mut() {
+                s.images = None;
+            }
+        })
+        .reflect(node_writer)
+        .touched_objects();
+    let (pods, pod_writer) = reflector::store();
+    // Finished pods hold no devices; leave them out of the cache.
+    let pod_config =
+        watcher::Config::default().fields("status.phase!=Succeeded,status.phase!=Failed");
+    let pod_stream = watcher(pods_api, pod_config)
+        .default_backoff()
+        .modify(|p: &mut Pod| {
+            p.managed_fields_mut().clear();
+            p.annotations_mut().clear();
+            if let Some(spec) = p.spec.as_mut() {
+                spec.volumes = None;
+                for c in spec
+                    .containers
+                    .iter_mut()
+                    .chain(spec.init_containers.iter_mut().flatten())
+                {
+                    c.env = None;
+                    c.volume_mounts = None;
+                    c.command = None;
+                    c.args = None;
+                }
+            }
+        })
+        .reflect(pod_writer)
+        .touched_objects();
+    let (deployments, deployment_writer) = reflector::store();
+    let deployment_stream = watcher(
+        deployments_api,
+        watcher::Config::default().labels(labels::WORKLOAD),
+    )
+    .default_backoff()
+    .modify(|d: &mut Deployment| d.managed_fields_mut().clear())
+    .reflect(deployment_writer)
+    .touched_objects();
+
+    let controller = Controller::new(workloads, watcher::Config::default());
+    let workload_store = controller.store();
+
+    // The caches are driven by tasks of their own, so that they fill
+    // independently of the controller, and changes reach it as reconcile
+    // requests mapped to the affected workloads only.
+    let (trigger, triggers) = futures::channel::mpsc::unbounded::<ObjectRef<InferenceWorkload>>();
+    let store = workload_store.clone();
+    spawn_trigger(node_stream, trigger.clone(), move |_node: Node| {
+        waiting_workloads(&store, |_| true)
+    });
+    let store = workload_store.clone();
+    let pod_config = config.clone();
+    let scope_ns = scope.namespace.clone();
+    spawn_trigger(pod_stream, trigger.clone(), move |pod: Pod| {
+        let mut refs = pod_triggers(&pod, &store, &pod_config);
+        // Pods are watched in all namespaces; workloads maybe in one.
+        if let Some(ns) = &scope_ns {
+            refs.retain(|r| r.namespace.as_deref() == Some(ns.as_str()));
+        }
+        refs
+    });
+    spawn_trigger(deployment_stream, trigger, |d: Deployment| {
+        owner_workload(&d)
+    });
+
+    let _ = tokio::join!(
+        nodes.wait_until_ready(),
+        pods.wait_until_ready(),
+        deployments.wait_until_ready()
+    );
+    tracing::info!("node, pod and deployment caches synced");
+
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        config,
+        nodes,
+        pods,
+        deployments,
+        metrics: metrics.clone(),
+    });
+    let phase_store = workload_store.clone();
+    tokio::spawn(async move {
+        if phase_store.wait_until_ready().await.is_ok() {
+            ready.store(true, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!("workload cache synced; reconciling");
+        }
+        // The workloads-by-phase gauge, recounted from the cache.
+        loop {
+            let state = phase_store.state();
+            metrics.count_phases(state.iter().map(AsRef::as_ref));
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+    });
+
+    controller
+        .reconcile_on(triggers)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(workload = %obj, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile did not run"),
+            }
+        })
+        .await;
+}
+
+/// Drives a watch stream (filling its cache) and sends the workloads each
+/// changed object maps to.
+fn spawn_trigger<K, S, F, I>(
+    stream: S,
+    trigger: futures::channel::mpsc::UnboundedSender<ObjectRef<InferenceWorkload>>,
+    map: F,
+) where
+    S: futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+    K: Send + 'static,
+    F: Fn(K) -> I + Send + 'static,
+    I: IntoIterator<Item = ObjectRef<InferenceWorkload>>,
+{
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(obj) => {
+                    for r in map(obj) {
+                        if trigger.unbounded_send(r).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "watch failed; retrying with back-off"),
+            }
+        }
+    });
+}
+
+/// The workload that controls a Deployment.
+fn owner_workload(d: &Deployment) -> Option<ObjectRef<InferenceWorkload>> {
+    let owner = d
+        .owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true) && o.kind == "InferenceWorkload")?;
+    Some(ObjectRef::new(&owner.name).within(&d.namespace()?))
+}
+
+/// Workloads whose state can change with free capacity: no device yet, or
+/// not all replicas ready. Running workloads are left alone (no flapping).
+fn waiting_workloads(
+    store: &Store<InferenceWorkload>,
+    filter: impl Fn(&InferenceWorkload) -> bool,
+) -> Vec<ObjectRef<InferenceWorkload>> {
+    store
+        .state()
+        .iter()
+        .filter(|iw| {
+            let phase = iw.status.as_ref().and_then(|s| s.phase);
+            !matches!(phase, Some(Phase::Running)) && filter(iw)
+        })
+        .map(|iw| ObjectRef::from_obj(iw.as_ref()))
+        .collect()
+}
+
+/// A pod of a workload triggers that workload; any other pod holding
+/// devices triggers the workloads still waiting for a device.
+fn pod_triggers(
+    pod: &Pod,
+    store: &Store<InferenceWorkload>,
+    config: &OperatorConfig,
+) -> Vec<ObjectRef<InferenceWorkload>> {
+    if let (Some(name), Some(ns)) = (pod.labels().get(labels::WORKLOAD), pod.namespace()) {
+        return vec![ObjectRef::new(name).within(&ns)];
+    }
+    if pod_device_requests(pod, config).is_empty() {
+        return vec![];
+    }
+    waiting_workloads(store, |iw| {
+        iw.status.as_ref().and_then(|s| s.phase) == Some(Phase::Pending)
+    })
+}
+
+pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile();
+    let ns = iw.namespace().ok_or(Error::NoNamespace)?;
+    let name = iw.name_any();
+    let now = jiff::Timestamp::now();
+    let nodes = ctx.nodes.state();
+    let pods = ctx.pods.state();
+    let capacity = capacity_for(
+        &iw,
+        nodes.iter().map(AsRef::as_ref),
+        pods.iter().map(AsRef::as_ref),
+        &ctx.config,
+    );
+    let existing = ctx.deployments.get(&ObjectRef::new(&name).within(&ns));
+    let unschedulable = unschedulable_pods(
+        pods.iter()
+            .map(AsRef::as_ref)
+            .filter(|p| is_own_pod(p, &iw)),
+        now,
+    );
+    let current = existing
+        .as_deref()
+        .and_then(|d| current_placement(&iw, d, unschedulable.as_ref().map(|u| u.longest)));
+    let selection = select_device(&iw.spec, &ctx.config, &capacity, current.as_ref());
+
+    let mut deployment_error = None;
+    let mut deployment = existing.as_deref().cloned();
+    if let Some(chosen) = selection.chosen() {
+        match render_deployment(&iw, chosen, &ctx.config) {
+            Ok(desired) if existing.as_deref().is_some_and(|e| is_current(e, &desired)) => {}
+            Ok(desired) => {
+                let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+                ctx.metrics.write("deployment");
+                match api
+                    .patch(
+                        &name,
+                        &PatchParams::apply(FIELD_MANAGER).force(),
+                        &Patch::Apply(&desired),
+                    )
+                    .await
+                {
+                    Ok(d) => {
+                        tracing::info!(workload = %name, namespace = %ns, device = %chosen.device_type, "applied Deployment");
+                        deployment = Some(d);
+                    }
+                    // The apiserver rejected the user's template: report it, do not retry hot.
+                    Err(kube::Error::Api(e)) if (400..500).contains(&e.code) && e.code != 409 => {
+                        deployment_error = Some(e.message.clone());
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => deployment_error = Some(e.to_string()),
+        }
+    }
+
+    publish_decision_events(&iw, &selection, deployment_error.as_deref(), &ctx).await;
+
+    let observed = Observed {
+        deployment: deployment.as_ref(),
+        deployment_error,
+        unschedulable: unschedulable.as_ref().map(|u| (u.count, u.message.clone())),
+    };
+    let mut status = desired_status(&iw, &selection, &observed, &ctx.config, &Time(now));
+    if iw.status.as_ref() != Some(&status) {
+        let api: Api<InferenceWorkload> = Api::namespaced(ctx.client.clone(), &ns);
+        // The cache may lag behind our own last status write; recompute
+        // against the stored object so that carried-over reasons and
+        // timestamps are not lost, and skip the write if it is current.
+        let Some(fresh) = api.get_opt(&name).await? else {
+            return Ok(Action::await_change());
+        };
+        status = desired_status(&fresh, &selection, &observed, &ctx.config, &Time(now));
+        if fresh.status.as_ref() == Some(&status) {
+            return Ok(requeue_after(
+                &selection,
+                unschedulable.as_ref(),
+                &ctx.config,
+            ));
+        }
+        let patch = json!({
+            "apiVersion": "rm-abstract.io/v1alpha1",
+            "kind": "InferenceWorkload",
+            "status": status,
+        });
+        ctx.metrics.write("status");
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    }
+
+    Ok(requeue_after(
+        &selection,
+        unschedulable.as_ref(),
+        &ctx.config,
+    ))
+}
+
+/// Watches re-trigger on capacity changes; the timer only covers what no
+/// watch event announces: a grace period running out.
+fn requeue_after(
+    selection: &Selection,
+    unschedulable: Option<&Unschedulable>,
+    config: &OperatorConfig,
+) -> Action {
+    match (selection.chosen(), unschedulable) {
+        (Some(_), Some(u)) => {
+            let left = config.unschedulable_grace.saturating_sub(u.longest);
+            Action::requeue(left + Duration::from_secs(1))
+        }
+        _ => Action::requeue(Duration::from_secs(300)),
+    }
+}
+
+pub fn error_policy(iw: Arc<InferenceWorkload>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.error(error.metric_label());
+    tracing::warn!(workload = %iw.name_any(), error = %error, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// One Event per change of decision, never one per reconcile.
+async fn publish_decision_events(
+    iw: &InferenceWorkload,
+    selection: &Selection,
+    deployment_error: Option<&str>,
+    ctx: &Context,
+) {
+    let previous = iw.status.as_ref();
+    let previous_type = previous
+        .and_then(|s| s.device.as_ref())
+        .map(|d| d.device_type);
+    let previous_reason = previous
+        .and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == rm_crds::workload::condition::DEVICE_SELECTED)
+        })
+        .map(|c| c.reason.as_str());
+    let event = match selection.chosen() {
+        Some(c) if Some(c.device_type) != previous_type => {
+            ctx.metrics
+                .selection(c.device_type.as_str(), c.decision.reason());
+            let reason = match c.decision {
+                Decision::Reselected { .. } => "Reselected",
+                _ if previous_type.is_some() => "Reselected",
+                _ => "DeviceSelected",
+            };
+            Some((EventType::Normal, reason, selection.message.clone()))
+        }
+        None if previous_reason != Some(selection.reason()) => Some((
+            EventType::Warning,
+            selection.reason(),
+            selection.message.clone(),
+        )),
+        _ => None,
+    };
+    let rejected =
+        deployment_error.filter(|_| previous.and_then(|s| s.phase) != Some(Phase::Failed));
+    let events = event.into_iter().chain(rejected.map(|e| {
+        (
+            EventType::Warning,
+            "DeploymentRejected",
+            format!("the workload's Deployment was rejected: {e}"),
+        )
+    }));
+    for (type_, reason, note) in events {
+        ctx.metrics.write("event");
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(truncate(&note, 1000)),
+            action: "SelectDevice".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&ev, &iw.object_ref(&())).await {
+            tracing::warn!(workload = %iw.name_any(), error = %e, "cannot publish event");
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}

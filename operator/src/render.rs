@@ -1,0 +1,275 @@
+//! The Deployment of a workload: the user's pod template, unchanged except
+//! for the device request of the inference container, the labels that tie
+//! the pods to the workload and trigger injection, and `RM_DEVICE`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{Container, EnvVar, ResourceRequirements};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+use kube::ResourceExt;
+use rm_crds::InferenceWorkload;
+use rm_crds::labels;
+use sha2::{Digest, Sha256};
+
+use crate::config::OperatorConfig;
+use crate::selection::{Chosen, selection_basis};
+
+/// Annotation on the Deployment: the spec fields its device was chosen for.
+pub const SELECTION_BASIS: &str = "rm-abstract.io/selection-basis";
+/// Annotation on the Deployment: hash of everything the operator wrote, so a
+/// steady-state reconcile can tell that there is nothing to write.
+pub const RENDER_HASH: &str = "rm-abstract.io/render-hash";
+/// Annotation on the pod template: the device type chosen.
+pub const DEVICE_TYPE: &str = "rm-abstract.io/device-type";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("spec.containerName {0:?} is not a container of spec.template")]
+    NoSuchContainer(String),
+    #[error("spec.template has no containers")]
+    NoContainers,
+    #[error("the workload has no {0}; it must come from the apiserver")]
+    MissingMetadata(&'static str),
+}
+
+/// Name of the inference container: `containerName`, else the first.
+pub fn inference_container_name(iw: &InferenceWorkload) -> Option<String> {
+    iw.spec.container_name.clone().or_else(|| {
+        iw.spec
+            .template
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first())
+            .map(|c| c.name.clone())
+    })
+}
+
+pub fn render_deployment(
+    iw: &InferenceWorkload,
+    chosen: &Chosen,
+    config: &OperatorConfig,
+) -> Result<Deployment, RenderError> {
+    let name = iw
+        .metadata
+        .name
+        .clone()
+        .ok_or(RenderError::MissingMetadata("name"))?;
+    let owner = iw
+        .controller_owner_ref(&())
+        .ok_or(RenderError::MissingMetadata("uid"))?;
+    let selector: BTreeMap<String, String> = [(labels::WORKLOAD.to_string(), name.clone())].into();
+
+    let mut template = iw.spec.template.clone();
+    let meta = template.metadata.get_or_insert_with(ObjectMeta::default);
+    let pod_labels = meta.labels.get_or_insert_with(BTreeMap::new);
+    pod_labels.insert(labels::WORKLOAD.into(), name.clone());
+    pod_labels.insert(labels::INJECT.into(), "true".into());
+    meta.annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(DEVICE_TYPE.into(), chosen.device_type.to_string());
+
+    let pod_spec = template.spec.as_mut().ok_or(RenderError::NoContainers)?;
+    let target = inference_container_name(iw).ok_or(RenderError::NoContainers)?;
+    let container = pod_spec
+        .containers
+        .iter_mut()
+        .find(|c| c.name == target)
+        .ok_or_else(|| RenderError::NoSuchContainer(target.clone()))?;
+    let resource = config.resource_name(chosen.device_type);
+    if let Some(resource) = resource {
+        request_devices(container, resource, iw.spec.devices_per_replica);
+    }
+    set_env(container, "RM_DEVICE", &chosen.device_string);
+
+    let mut deployment = Deployment {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: iw.namespace(),
+            labels: Some(selector.clone()),
+            owner_references: Some(vec![owner]),
+            annotations: Some([(SELECTION_BASIS.to_string(), selection_basis(&iw.spec))].into()),
+            ..Default::default()
+        },
+        spec: DeploymentSpec {
+            replicas: Some(iw.spec.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                ..Default::default()
+            },
+            // Devices are scarce: replace pods one at a time instead of
+            // surging, which would need spare devices.
+            strategy: resource.map(|_| DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(0)),
+                    max_unavailable: Some(IntOrString::Int(1)),
+                }),
+            }),
+            template,
+            ..Default::default()
+        },
+        status: None,
+    };
+    let hash = render_hash(&deployment);
+    deployment
+        .annotations_mut()
+        .insert(RENDER_HASH.into(), hash);
+    Ok(deployment)
+}
+
+/// Requests and limits of the device resource on the inference container;
+/// other resources stay as the user wrote them.
+fn request_devices(container: &mut Container, resource: &str, count: u32) {
+    let res = container
+        .resources
+        .get_or_insert_with(ResourceRequirements::default);
+    let qty = Quantity(count.to_string());
+    res.limits
+        .get_or_insert_with(BTreeMap::new)
+        .insert(resource.into(), qty.clone());
+    res.requests
+        .get_or_insert_with(BTreeMap::new)
+        .insert(resource.into(), qty);
+}
+
+fn set_env(container: &mut Container, name: &str, value: &str) {
+    let env = container.env.get_or_insert_with(Vec::new);
+    env.retain(|e| e.name != name);
+    env.push(EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    });
+}
+
+/// Hash of the rendered object (before the hash annotation is added).
+fn render_hash(d: &Deployment) -> String {
+    // Serialising k8s-openapi types cannot fail (string keys, no floats).
+    let bytes = serde_json::to_vec(d).unwrap_or_default();
+    let digest = Sha256::digest(&bytes);
+    digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `existing` already is what `desired` would write.
+pub fn is_current(existing: &Deployment, desired: &Deployment) -> bool {
+    let hash = |d: &Deployment| {
+        d.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(RENDER_HASH))
+            .cloned()
+    };
+    hash(existing).is_some() && hash(existing) == hash(desired)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::selection::Decision;
+    use rm_crds::DeviceType;
+
+    fn workload(container_name: Option<&str>) -> InferenceWorkload {
+        let mut iw: InferenceWorkload = serde_json::from_value(serde_json::json!({
+            "apiVersion": "rm-abstract.io/v1alpha1", "kind": "InferenceWorkload",
+            "metadata": {"name": "w", "namespace": "ns", "uid": "u-1"},
+            "spec": {
+                "model": {"source": "gpt2"},
+                "devicesPerReplica": 2,
+                "replicas": 3,
+                "template": {
+                    "metadata": {"labels": {"app": "mine"}},
+                    "spec": {"containers": [
+                        {"name": "side", "image": "busybox"},
+                        {"name": "llm", "image": "python", "env": [{"name": "RM_DEVICE", "value": "cpu"}, {"name": "A", "value": "1"}],
+                         "resources": {"limits": {"memory": "1Gi"}}}
+                    ]}
+                }
+            }
+        }))
+        .unwrap();
+        iw.spec.container_name = container_name.map(Into::into);
+        iw
+    }
+
+    fn rbln() -> Chosen {
+        Chosen {
+            device_type: DeviceType::Rbln,
+            decision: Decision::Full,
+            device_string: "rbln".into(),
+        }
+    }
+
+    #[test]
+    fn the_inference_container_gets_the_devices_and_rm_device() {
+        let d =
+            render_deployment(&workload(Some("llm")), &rbln(), &OperatorConfig::default()).unwrap();
+        let spec = d.spec;
+        assert_eq!(spec.replicas, Some(3));
+        let pod = spec.template.spec.unwrap();
+        let llm = &pod.containers[1];
+        let res = llm.resources.as_ref().unwrap();
+        assert_eq!(res.limits.as_ref().unwrap()["rebellions.ai/ATOM"].0, "2");
+        assert_eq!(res.requests.as_ref().unwrap()["rebellions.ai/ATOM"].0, "2");
+        assert_eq!(
+            res.limits.as_ref().unwrap()["memory"].0,
+            "1Gi",
+            "user resources kept"
+        );
+        let env = llm.env.as_ref().unwrap();
+        assert_eq!(env.iter().filter(|e| e.name == "RM_DEVICE").count(), 1);
+        assert!(
+            env.iter()
+                .any(|e| e.name == "RM_DEVICE" && e.value.as_deref() == Some("rbln"))
+        );
+        assert!(env.iter().any(|e| e.name == "A"), "user env kept");
+        assert!(
+            pod.containers[0].resources.is_none(),
+            "other containers untouched"
+        );
+        let labels = spec.template.metadata.unwrap().labels.unwrap();
+        assert_eq!(labels["app"], "mine");
+        assert_eq!(labels[labels::WORKLOAD], "w");
+        assert_eq!(labels[labels::INJECT], "true");
+        assert_eq!(d.metadata.owner_references.unwrap()[0].uid, "u-1");
+    }
+
+    #[test]
+    fn the_first_container_is_the_default_and_cpu_requests_nothing() {
+        let cpu = Chosen {
+            device_type: DeviceType::Cpu,
+            decision: Decision::CpuFallback,
+            device_string: "cpu".into(),
+        };
+        let d = render_deployment(&workload(None), &cpu, &OperatorConfig::default()).unwrap();
+        let spec = d.spec;
+        assert!(spec.strategy.is_none());
+        let side = &spec.template.spec.unwrap().containers[0];
+        assert!(side.resources.is_none());
+        assert_eq!(side.env.as_ref().unwrap()[0].value.as_deref(), Some("cpu"));
+    }
+
+    #[test]
+    fn rendering_is_deterministic_and_tracks_changes() {
+        let config = OperatorConfig::default();
+        let a = render_deployment(&workload(Some("llm")), &rbln(), &config).unwrap();
+        let b = render_deployment(&workload(Some("llm")), &rbln(), &config).unwrap();
+        assert!(is_current(&a, &b));
+        let mut scaled = workload(Some("llm"));
+        scaled.spec.replicas = 4;
+        let c = render_deployment(&scaled, &rbln(), &config).unwrap();
+        assert!(!is_current(&a, &c));
+    }
+
+    #[test]
+    fn a_missing_container_is_an_error() {
+        let err = render_deployment(&workload(Some("nope")), &rbln(), &OperatorConfig::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("\"nope\""));
+    }
+}

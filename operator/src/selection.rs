@@ -1,0 +1,614 @@
+//! Device selection: which device type a workload runs on, and why.
+//!
+//! A pure function of the workload spec, the cluster configuration, a
+//! capacity snapshot and where the workload runs now. The rules:
+//! 1. An explicit device (`rbln`, `gpu:0`, ...) is taken as asked; capacity is
+//!    only reported.
+//! 2. Once replicas run on a type they stay there (no flapping) unless the
+//!    device part of the spec changes, or their pods have been unschedulable
+//!    longer than the grace period; then the walk below runs without that type.
+//! 3. Otherwise walk the priority list (the workload's `devicePriority`, else
+//!    the cluster's): the first type with room for every replica wins; if none
+//!    has, the highest-priority type with room for at least one
+//!    (`PartialCapacity`); if none has, `cpu` when listed; else nothing
+//!    (`NoCapacity`: wait and pick again when capacity changes).
+//!    `cpu` listed last is the fallback of step 3; listed earlier it is a
+//!    preference like any other type (it always has room).
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use rm_crds::{DeviceRequest, DeviceType, InferenceWorkloadSpec};
+
+use crate::capacity::CapacitySnapshot;
+use crate::config::OperatorConfig;
+
+/// How one candidate type looked when the choice was made.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate {
+    pub device_type: DeviceType,
+    /// Free devices over all nodes (`None` for cpu: no device resource).
+    pub free_devices: Option<i64>,
+    /// Replicas that fit (`None` for cpu: unbounded).
+    pub replicas_fit: Option<u32>,
+}
+
+impl Candidate {
+    fn holds(&self, replicas: u32) -> bool {
+        self.replicas_fit.is_none_or(|f| f >= replicas)
+    }
+}
+
+/// Why the chosen type was chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// First type in priority order with room for all replicas.
+    Full,
+    /// No type holds all replicas: the highest-priority one that holds some.
+    Partial,
+    /// No accelerator has room for a replica: `cpu` as the fallback.
+    CpuFallback,
+    /// The spec names the device type.
+    Explicit,
+    /// The replicas already run on this type.
+    Kept,
+    /// Pods were unschedulable too long on `from`; moved here.
+    Reselected { from: DeviceType },
+}
+
+impl Decision {
+    /// The `DeviceSelected` condition reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Decision::Full => "Selected",
+            Decision::Partial => "PartialCapacity",
+            Decision::CpuFallback => "CpuFallback",
+            Decision::Explicit => "Explicit",
+            Decision::Kept => "Kept",
+            Decision::Reselected { .. } => "Reselected",
+        }
+    }
+}
+
+/// The device chosen for a workload.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Chosen {
+    pub device_type: DeviceType,
+    pub decision: Decision,
+    /// Value of `RM_DEVICE` in the pods: the type, with the index when the
+    /// spec gave one.
+    pub device_string: String,
+}
+
+/// Why no device type was chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoChoice {
+    /// Nothing listed has room: wait for capacity.
+    NoCapacity,
+    /// The request and the priority list exclude each other.
+    NoCandidate,
+    /// `spec.device` does not parse (the CRD's validation normally stops it).
+    InvalidDevice,
+}
+
+impl NoChoice {
+    pub fn reason(self) -> &'static str {
+        match self {
+            NoChoice::NoCapacity => "NoCapacity",
+            NoChoice::NoCandidate => "NoCandidate",
+            NoChoice::InvalidDevice => "InvalidDevice",
+        }
+    }
+}
+
+/// The outcome of a selection, with the explanation for status and Events.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Selection {
+    pub result: Result<Chosen, NoChoice>,
+    /// The priority list walked, after the request's filter.
+    pub order: Vec<DeviceType>,
+    pub candidates: Vec<Candidate>,
+    /// One or two sentences a person can act on.
+    pub message: String,
+}
+
+impl Selection {
+    pub fn chosen(&self) -> Option<&Chosen> {
+        self.result.as_ref().ok()
+    }
+
+    /// The condition reason: the decision's, or why there is none.
+    pub fn reason(&self) -> &'static str {
+        match &self.result {
+            Ok(c) => c.decision.reason(),
+            Err(n) => n.reason(),
+        }
+    }
+}
+
+/// Where the workload's replicas run now.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Current {
+    pub device_type: DeviceType,
+    /// The device fields of the spec are those the placement was made for.
+    pub same_basis: bool,
+    /// How long the oldest unschedulable pod has been unschedulable.
+    pub unschedulable_for: Option<Duration>,
+}
+
+/// The part of the spec a placement depends on; a change means reselect.
+pub fn selection_basis(spec: &InferenceWorkloadSpec) -> String {
+    let request = spec
+        .device_request()
+        .map(|r| r.to_string())
+        .unwrap_or_else(|_| spec.device.clone());
+    let priority = spec
+        .device_priority
+        .as_ref()
+        .map(|p| p.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(","))
+        .unwrap_or_else(|| "cluster".into());
+    format!("{request};{priority};{}", spec.devices_per_replica)
+}
+
+pub fn select_device(
+    spec: &InferenceWorkloadSpec,
+    config: &OperatorConfig,
+    capacity: &CapacitySnapshot,
+    current: Option<&Current>,
+) -> Selection {
+    let request = match spec.device_request() {
+        Ok(r) => r,
+        Err(e) => {
+            return Selection {
+                result: Err(NoChoice::InvalidDevice),
+                order: vec![],
+                candidates: vec![],
+                message: format!("spec.device: {e}"),
+            };
+        }
+    };
+    let replicas = u32::try_from(spec.replicas.max(0)).unwrap_or(0);
+    let per_replica = spec.devices_per_replica;
+    let base_order = spec
+        .device_priority
+        .clone()
+        .unwrap_or_else(|| config.priority_order());
+    let order: Vec<DeviceType> = match request {
+        DeviceRequest::Exact { device_type, .. } => vec![device_type],
+        _ => {
+            let allowed = request.candidate_types();
+            base_order
+                .iter()
+                .copied()
+                .filter(|t| allowed.contains(t))
+                .collect()
+        }
+    };
+    let candidates: Vec<Candidate> = order
+        .iter()
+        .map(|t| candidate(*t, config, capacity, per_replica))
+        .collect();
+    let free = describe_candidates(&candidates, per_replica);
+    let device_string = |t: DeviceType| match request.index() {
+        Some(i) => format!("{t}:{i}"),
+        None => t.to_string(),
+    };
+    let chosen = |t: DeviceType, decision: Decision| Chosen {
+        device_type: t,
+        decision,
+        device_string: device_string(t),
+    };
+
+    if order.is_empty() {
+        let listed = base_order
+            .iter()
+            .map(|t| t.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Selection {
+            result: Err(NoChoice::NoCandidate),
+            order,
+            candidates,
+            message: format!(
+                "device {request} allows none of the listed types [{listed}]; add an NPU type to spec.devicePriority or change spec.device"
+            ),
+        };
+    }
+
+    if let DeviceRequest::Exact { device_type, .. } = request {
+        let c = &candidates[0];
+        let room = if c.holds(replicas) {
+            format!("room for all {replicas} replicas")
+        } else {
+            format!(
+                "room for {} of {replicas} replicas; the rest stay Pending until {} frees up",
+                c.replicas_fit.unwrap_or(0),
+                config.resource_name(device_type).unwrap_or("capacity")
+            )
+        };
+        return Selection {
+            result: Ok(chosen(device_type, Decision::Explicit)),
+            message: format!("device {request} requested explicitly; {free}; {room}"),
+            order,
+            candidates,
+        };
+    }
+
+    let mut excluded = None;
+    if let Some(cur) = current.filter(|c| c.same_basis && order.contains(&c.device_type)) {
+        match cur.unschedulable_for {
+            Some(stuck) if stuck > config.unschedulable_grace => excluded = Some((cur, stuck)),
+            _ => {
+                // "Kept" only when staying put differs from what the walk
+                // would pick now; otherwise the walk's own reason holds.
+                let all: Vec<&Candidate> = candidates.iter().collect();
+                let now = walk(&all, replicas);
+                if now.is_none_or(|(t, _)| t != cur.device_type) {
+                    let would = now
+                        .map(|(t, _)| t.to_string())
+                        .unwrap_or_else(|| "nothing".into());
+                    return Selection {
+                        result: Ok(chosen(cur.device_type, Decision::Kept)),
+                        message: format!(
+                            "kept {}, where the replicas run, although {would} would be chosen now: running replicas do not move while the device spec is unchanged; {free}",
+                            cur.device_type
+                        ),
+                        order,
+                        candidates,
+                    };
+                }
+            }
+        }
+    }
+
+    let walked: Vec<&Candidate> = candidates
+        .iter()
+        .filter(|c| excluded.is_none_or(|(cur, _)| c.device_type != cur.device_type))
+        .collect();
+    let listed = order
+        .iter()
+        .map(|t| t.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let walk = walk(&walked, replicas);
+
+    let (result, why) = match (walk, excluded) {
+        (Some((t, _)), Some((cur, stuck))) => (
+            Ok(chosen(
+                t,
+                Decision::Reselected {
+                    from: cur.device_type,
+                },
+            )),
+            format!(
+                "pods were unschedulable on {} for {}s (grace {}s); moved to {t}",
+                cur.device_type,
+                stuck.as_secs(),
+                config.unschedulable_grace.as_secs()
+            ),
+        ),
+        (None, Some((cur, stuck))) => (
+            Ok(chosen(cur.device_type, Decision::Kept)),
+            format!(
+                "pods unschedulable on {} for {}s, but no other listed type has room; kept it",
+                cur.device_type,
+                stuck.as_secs()
+            ),
+        ),
+        (Some((t, Decision::Full)), None) => (
+            Ok(chosen(t, Decision::Full)),
+            format!("chose {t}: first in [{listed}] with room for all {replicas} replicas"),
+        ),
+        (Some((t, Decision::Partial)), None) => (
+            Ok(chosen(t, Decision::Partial)),
+            format!(
+                "chose {t}: no type has room for all {replicas} replicas; {t} is the highest priority with room for some"
+            ),
+        ),
+        (Some((t, d)), None) => (
+            Ok(chosen(t, d)),
+            format!(
+                "chose {t}: no accelerator in [{listed}] has room for a replica, cpu is the fallback"
+            ),
+        ),
+        (None, None) => (
+            Err(NoChoice::NoCapacity),
+            format!(
+                "no type in [{listed}] has room for a replica of {per_replica} device(s); waiting for capacity (add nodes, free devices, or widen spec.devicePriority)"
+            ),
+        ),
+    };
+    Selection {
+        result,
+        message: format!("{why}; {free}"),
+        order,
+        candidates,
+    }
+}
+
+/// Steps 3 of the module rules over `candidates` in priority order.
+fn walk(candidates: &[&Candidate], replicas: u32) -> Option<(DeviceType, Decision)> {
+    let cpu_is_fallback = candidates
+        .last()
+        .is_some_and(|c| c.device_type == DeviceType::Cpu);
+    let accelerators = || {
+        candidates
+            .iter()
+            .filter(|c| c.device_type != DeviceType::Cpu)
+    };
+    for (i, c) in candidates.iter().enumerate() {
+        let is_fallback = cpu_is_fallback && i + 1 == candidates.len();
+        if c.device_type == DeviceType::Cpu && is_fallback {
+            break;
+        }
+        if c.holds(replicas) {
+            return Some((c.device_type, Decision::Full));
+        }
+    }
+    if let Some(c) = accelerators().find(|c| c.replicas_fit.is_some_and(|f| f >= 1)) {
+        return Some((c.device_type, Decision::Partial));
+    }
+    if cpu_is_fallback {
+        return Some((DeviceType::Cpu, Decision::CpuFallback));
+    }
+    None
+}
+
+fn candidate(
+    t: DeviceType,
+    config: &OperatorConfig,
+    capacity: &CapacitySnapshot,
+    per_replica: u32,
+) -> Candidate {
+    if t == DeviceType::Cpu || config.resource_name(t).is_none() {
+        return Candidate {
+            device_type: t,
+            free_devices: None,
+            replicas_fit: None,
+        };
+    }
+    Candidate {
+        device_type: t,
+        free_devices: Some(capacity.free_devices(t)),
+        replicas_fit: Some(capacity.replicas_that_fit(t, per_replica)),
+    }
+}
+
+fn describe_candidates(candidates: &[Candidate], per_replica: u32) -> String {
+    let mut s = String::from("free:");
+    for (i, c) in candidates.iter().enumerate() {
+        let sep = if i == 0 { " " } else { ", " };
+        match (c.free_devices, c.replicas_fit) {
+            (Some(free), Some(fit)) => {
+                let _ = write!(
+                    s,
+                    "{sep}{} {free} ({fit} replica(s) of {per_replica} fit)",
+                    c.device_type
+                );
+            }
+            _ => {
+                let _ = write!(s, "{sep}{} unbounded", c.device_type);
+            }
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capacity::tests::node;
+
+    fn spec(device: &str, replicas: i32, priority: Option<&[DeviceType]>) -> InferenceWorkloadSpec {
+        let mut s: InferenceWorkloadSpec = serde_json::from_value(serde_json::json!({
+            "model": {"source": "gpt2"},
+            "device": device,
+            "replicas": replicas,
+            "template": {"spec": {"containers": [{"name": "app"}]}}
+        }))
+        .unwrap();
+        s.device_priority = priority.map(<[DeviceType]>::to_vec);
+        s
+    }
+
+    fn snapshot(nodes: &[(&str, &[(&str, i64)])]) -> CapacitySnapshot {
+        let nodes: Vec<_> = nodes.iter().map(|(n, r)| node(n, r)).collect();
+        CapacitySnapshot::from_cluster(&nodes, &[], &OperatorConfig::default())
+    }
+
+    fn pick(spec: &InferenceWorkloadSpec, cap: &CapacitySnapshot) -> Selection {
+        select_device(spec, &OperatorConfig::default(), cap, None)
+    }
+
+    fn chosen(sel: &Selection) -> (DeviceType, Decision) {
+        let c = sel
+            .chosen()
+            .unwrap_or_else(|| panic!("nothing chosen: {}", sel.message));
+        (c.device_type, c.decision)
+    }
+
+    const ATOM: &str = "rebellions.ai/ATOM";
+    const RNGD: &str = "furiosa.ai/rngd";
+    const GPU: &str = "nvidia.com/gpu";
+
+    #[test]
+    fn rbln_while_an_atom_node_has_room() {
+        let cap = snapshot(&[("n", &[(ATOM, 4), (RNGD, 4), (GPU, 4)])]);
+        let sel = pick(&spec("auto", 2, None), &cap);
+        assert_eq!(chosen(&sel), (DeviceType::Rbln, Decision::Full));
+        assert!(sel.message.contains("rbln 4"), "{}", sel.message);
+    }
+
+    #[test]
+    fn atom_full_means_furiosa_then_gpu_then_cpu() {
+        let cap = snapshot(&[("n", &[(ATOM, 0), (RNGD, 2), (GPU, 4)])]);
+        assert_eq!(
+            chosen(&pick(&spec("auto", 2, None), &cap)).0,
+            DeviceType::Furiosa
+        );
+        let cap = snapshot(&[("n", &[(GPU, 4)])]);
+        assert_eq!(
+            chosen(&pick(&spec("auto", 2, None), &cap)).0,
+            DeviceType::Gpu
+        );
+        let cap = snapshot(&[("n", &[])]);
+        assert_eq!(
+            chosen(&pick(&spec("auto", 2, None), &cap)),
+            (DeviceType::Cpu, Decision::CpuFallback)
+        );
+    }
+
+    #[test]
+    fn partial_capacity_beats_the_cpu_fallback() {
+        let cap = snapshot(&[("n", &[(GPU, 1)])]);
+        let sel = pick(&spec("auto", 3, None), &cap);
+        assert_eq!(chosen(&sel), (DeviceType::Gpu, Decision::Partial));
+        assert_eq!(sel.reason(), "PartialCapacity");
+    }
+
+    #[test]
+    fn no_capacity_without_cpu_means_pending() {
+        let cap = snapshot(&[("n", &[(GPU, 0)])]);
+        let config = OperatorConfig {
+            cpu_fallback: false,
+            ..OperatorConfig::default()
+        };
+        let sel = select_device(&spec("auto", 1, None), &config, &cap, None);
+        assert_eq!(sel.result, Err(NoChoice::NoCapacity));
+        assert!(
+            sel.message.contains("waiting for capacity"),
+            "{}",
+            sel.message
+        );
+        let sel = pick(
+            &spec("auto", 1, Some(&[DeviceType::Gpu, DeviceType::Rbln])),
+            &cap,
+        );
+        assert_eq!(
+            sel.result,
+            Err(NoChoice::NoCapacity),
+            "cpu not in the override"
+        );
+    }
+
+    #[test]
+    fn the_workload_priority_overrides_the_cluster() {
+        let cap = snapshot(&[("n", &[(ATOM, 4), (RNGD, 4), (GPU, 4)])]);
+        let sel = pick(
+            &spec("auto", 1, Some(&[DeviceType::Gpu, DeviceType::Furiosa])),
+            &cap,
+        );
+        assert_eq!(chosen(&sel).0, DeviceType::Gpu);
+        assert_eq!(sel.order, [DeviceType::Gpu, DeviceType::Furiosa]);
+        // cpu listed first is a preference, not a fallback.
+        let sel = pick(
+            &spec("auto", 1, Some(&[DeviceType::Cpu, DeviceType::Gpu])),
+            &cap,
+        );
+        assert_eq!(chosen(&sel), (DeviceType::Cpu, Decision::Full));
+    }
+
+    #[test]
+    fn an_explicit_device_skips_the_walk_but_reports_capacity() {
+        let cap = snapshot(&[("n", &[(ATOM, 4), (GPU, 0)])]);
+        let sel = pick(&spec("cuda:1", 2, None), &cap);
+        let c = sel.chosen().unwrap();
+        assert_eq!(
+            (c.device_type, c.decision),
+            (DeviceType::Gpu, Decision::Explicit)
+        );
+        assert_eq!(c.device_string, "gpu:1");
+        assert!(sel.message.contains("room for 0 of 2"), "{}", sel.message);
+    }
+
+    #[test]
+    fn npu_means_the_best_npu() {
+        let cap = snapshot(&[("n", &[(RNGD, 1), (GPU, 8)])]);
+        let sel = pick(&spec("npu", 1, None), &cap);
+        assert_eq!(chosen(&sel).0, DeviceType::Furiosa);
+        let sel = pick(&spec("npu", 1, Some(&[DeviceType::Gpu])), &cap);
+        assert_eq!(sel.result, Err(NoChoice::NoCandidate));
+    }
+
+    #[test]
+    fn running_replicas_keep_their_type_when_better_capacity_appears() {
+        let cap = snapshot(&[("n", &[(ATOM, 8), (GPU, 8)])]);
+        let current = Current {
+            device_type: DeviceType::Gpu,
+            same_basis: true,
+            unschedulable_for: None,
+        };
+        let sel = select_device(
+            &spec("auto", 1, None),
+            &OperatorConfig::default(),
+            &cap,
+            Some(&current),
+        );
+        assert_eq!(chosen(&sel), (DeviceType::Gpu, Decision::Kept));
+        // A change of the device spec reselects.
+        let changed = Current {
+            same_basis: false,
+            ..current
+        };
+        let sel = select_device(
+            &spec("auto", 1, None),
+            &OperatorConfig::default(),
+            &cap,
+            Some(&changed),
+        );
+        assert_eq!(chosen(&sel).0, DeviceType::Rbln);
+    }
+
+    #[test]
+    fn pods_stuck_past_the_grace_period_move_to_another_type() {
+        let cap = snapshot(&[("n", &[(ATOM, 1), (GPU, 8)])]);
+        let config = OperatorConfig::default();
+        let stuck = Current {
+            device_type: DeviceType::Rbln,
+            same_basis: true,
+            unschedulable_for: Some(config.unschedulable_grace + Duration::from_secs(1)),
+        };
+        let sel = select_device(&spec("auto", 1, None), &config, &cap, Some(&stuck));
+        assert_eq!(
+            chosen(&sel),
+            (
+                DeviceType::Gpu,
+                Decision::Reselected {
+                    from: DeviceType::Rbln
+                }
+            )
+        );
+        let within = Current {
+            unschedulable_for: Some(Duration::from_secs(1)),
+            ..stuck
+        };
+        let sel = select_device(&spec("auto", 1, None), &config, &cap, Some(&within));
+        assert_eq!(
+            chosen(&sel).0,
+            DeviceType::Rbln,
+            "within the grace period it stays"
+        );
+    }
+
+    #[test]
+    fn replicas_need_their_devices_on_one_node() {
+        let cap = snapshot(&[("a", &[(ATOM, 1)]), ("b", &[(ATOM, 1)]), ("c", &[(GPU, 2)])]);
+        let mut s = spec("auto", 1, None);
+        s.devices_per_replica = 2;
+        assert_eq!(chosen(&pick(&s, &cap)).0, DeviceType::Gpu);
+    }
+
+    #[test]
+    fn basis_changes_with_the_device_fields_only() {
+        let a = spec("auto", 1, None);
+        let mut b = a.clone();
+        b.replicas = 5;
+        assert_eq!(
+            selection_basis(&a),
+            selection_basis(&b),
+            "scaling is not a device change"
+        );
+        b.device = "atom".into();
+        assert_ne!(selection_basis(&a), selection_basis(&b));
+    }
+}

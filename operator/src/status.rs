@@ -1,0 +1,178 @@
+//! The status of a workload: a pure function of the workload, the device
+//! selection, its Deployment and pods. Timestamps of unchanged conditions are
+//! carried over, so recomputing an unchanged status yields an equal value and
+//! the controller writes nothing.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
+use rm_crds::workload::condition;
+use rm_crds::{DeviceStatus, InferenceWorkload, InferenceWorkloadStatus, Phase, labels};
+
+use crate::config::OperatorConfig;
+use crate::selection::{Decision, Selection};
+
+/// What the controller observed besides the workload itself.
+#[derive(Debug, Default)]
+pub struct Observed<'a> {
+    pub deployment: Option<&'a Deployment>,
+    /// Why the Deployment could not be written, in the apiserver's words.
+    pub deployment_error: Option<String>,
+    /// Pods of the workload the scheduler cannot place, with its message.
+    pub unschedulable: Option<(usize, String)>,
+}
+
+pub fn desired_status(
+    iw: &InferenceWorkload,
+    selection: &Selection,
+    observed: &Observed<'_>,
+    config: &OperatorConfig,
+    now: &Time,
+) -> InferenceWorkloadStatus {
+    let wanted = iw.spec.replicas.max(0);
+    let dep_status = observed.deployment.and_then(|d| d.status.as_ref());
+    let replicas = dep_status.and_then(|s| s.replicas).unwrap_or(0);
+    let ready = dep_status.and_then(|s| s.ready_replicas).unwrap_or(0);
+    let chosen = selection.chosen();
+    // A kept device keeps the explanation of why it was chosen, so that
+    // capacity changing elsewhere rewrites nothing.
+    let previous_device = iw.status.as_ref().and_then(|s| s.device.as_ref());
+    let previous_selected = iw.status.as_ref().and_then(|s| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == condition::DEVICE_SELECTED)
+    });
+    let carry = match (chosen, previous_device, previous_selected) {
+        (Some(c), Some(d), Some(cond)) => {
+            cond.status == "True"
+                && d.device_type == c.device_type
+                && (c.decision == Decision::Kept || cond.reason == selection.reason())
+        }
+        _ => false,
+    };
+    let (selected_reason, selected_message) = match (carry, previous_device, previous_selected) {
+        (true, Some(d), Some(c)) => (c.reason.clone(), d.reason.clone()),
+        _ => (selection.reason().to_string(), selection.message.clone()),
+    };
+    let device = chosen.map(|c| DeviceStatus {
+        device_type: c.device_type,
+        resource_name: config.resource_name(c.device_type).map(Into::into),
+        count: iw.spec.devices_per_replica,
+        reason: selected_message.clone(),
+    });
+
+    let phase = if observed.deployment_error.is_some() {
+        Phase::Failed
+    } else if chosen.is_none() {
+        Phase::Pending
+    } else if ready >= wanted && observed.deployment.is_some() {
+        Phase::Running
+    } else if ready > 0 {
+        Phase::Degraded
+    } else {
+        Phase::Progressing
+    };
+
+    let generation = iw.metadata.generation;
+    let previous = iw
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or(&[]);
+    let cond = |type_: &str, status: &str, reason: &str, message: String| {
+        make_condition(previous, type_, status, reason, message, generation, now)
+    };
+
+    let device_selected = match chosen {
+        Some(_) => cond(
+            condition::DEVICE_SELECTED,
+            "True",
+            &selected_reason,
+            selected_message,
+        ),
+        None => cond(
+            condition::DEVICE_SELECTED,
+            "False",
+            selection.reason(),
+            selection.message.clone(),
+        ),
+    };
+    let compiled = cond(
+        condition::COMPILED,
+        "Unknown",
+        "NotReported",
+        "the node agents report compilation per node: kubectl inference cache".into(),
+    );
+    let available = if let Some(err) = &observed.deployment_error {
+        cond(
+            condition::AVAILABLE,
+            "False",
+            "DeploymentRejected",
+            format!("the Deployment for this workload was rejected: {err}; fix spec.template"),
+        )
+    } else if chosen.is_none() {
+        cond(
+            condition::AVAILABLE,
+            "False",
+            "NoDevice",
+            "no device type chosen yet; see the DeviceSelected condition".into(),
+        )
+    } else if ready >= wanted {
+        cond(
+            condition::AVAILABLE,
+            "True",
+            "ReplicasReady",
+            format!("{ready}/{wanted} replicas ready"),
+        )
+    } else if let Some((n, msg)) = &observed.unschedulable {
+        cond(
+            condition::AVAILABLE,
+            "False",
+            "Unschedulable",
+            format!("{ready}/{wanted} replicas ready; {n} pod(s) cannot be scheduled: {msg}"),
+        )
+    } else {
+        cond(
+            condition::AVAILABLE,
+            "False",
+            "ReplicasNotReady",
+            format!("{ready}/{wanted} replicas ready"),
+        )
+    };
+
+    InferenceWorkloadStatus {
+        phase: Some(phase),
+        device,
+        replicas,
+        ready_replicas: ready,
+        ready: Some(format!("{ready}/{wanted}")),
+        selector: Some(format!("{}={}", labels::WORKLOAD, iw.name_any())),
+        observed_generation: generation,
+        conditions: vec![device_selected, compiled, available],
+    }
+}
+
+fn make_condition(
+    previous: &[Condition],
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
+    // The transition time moves only when the status does.
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.clone());
+    Condition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}

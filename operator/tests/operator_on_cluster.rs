@@ -1,0 +1,638 @@
+//! rm-operator against the local control plane (e2e/cluster.sh): real
+//! apiserver, kube-scheduler placing pods on kwok nodes, garbage collector of
+//! the controller-manager.
+//!
+//! Each test runs its own operator process, watching its own namespace, with
+//! device resources named for that test only (`<test>.e2e.rm-abstract.io/atom`
+//! ...), so tests run in parallel and never share capacity.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::runtime::wait::await_condition;
+use rm_crds::{DeviceType, InferenceWorkload, Phase};
+use rm_e2e_testkit::{Cluster, cluster};
+use serde_json::{Value, json};
+
+/// A running `rm-operator` process, killed when dropped.
+struct Operator {
+    child: Child,
+    metrics_port: u16,
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Operator {
+    fn metrics(&self) -> String {
+        let out = Command::new("curl")
+            .args([
+                "-fsS",
+                &format!("http://127.0.0.1:{}/metrics", self.metrics_port),
+            ])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn counter(&self, name: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status();
+    }
+}
+
+/// Resource names private to one test.
+struct Resources {
+    atom: String,
+    rngd: String,
+    gpu: String,
+}
+
+impl Resources {
+    fn new(test: &str) -> Self {
+        let domain = format!("{test}-{}.e2e.rm-abstract.io", std::process::id());
+        Self {
+            atom: format!("{domain}/atom"),
+            rngd: format!("{domain}/rngd"),
+            gpu: format!("{domain}/gpu"),
+        }
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![
+            format!("--resource-name=rbln={}", self.atom),
+            format!("--resource-name=furiosa={}", self.rngd),
+            format!("--resource-name=gpu={}", self.gpu),
+        ]
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn start_operator(cluster: &Cluster, ns: &str, res: &Resources, extra: &[&str]) -> Operator {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_rm-operator"))
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .env("RM_LOG", "info,rm_operator=debug,kube=warn")
+        .arg(format!("--namespace={ns}"))
+        .arg(format!("--metrics-addr=127.0.0.1:{port}"))
+        .args(res.args())
+        .args(extra)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start rm-operator");
+    Operator {
+        child,
+        metrics_port: port,
+    }
+}
+
+fn node_name(test: &str, n: &str) -> String {
+    format!("{test}-{n}-{}", std::process::id())
+}
+
+fn workload(name: &str, spec: Value) -> InferenceWorkload {
+    let mut full = json!({
+        "model": {"source": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+        "template": {"spec": {"containers": [{"name": "app", "image": "python:3.12"}]}}
+    });
+    for (k, v) in spec.as_object().expect("object").iter() {
+        full[k] = v.clone();
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "rm-abstract.io/v1alpha1",
+        "kind": "InferenceWorkload",
+        "metadata": {"name": name},
+        "spec": full,
+    }))
+    .expect("workload")
+}
+
+async fn wait_iw(
+    api: &Api<InferenceWorkload>,
+    name: &str,
+    what: &str,
+    secs: u64,
+    cond: impl Fn(&InferenceWorkload) -> bool,
+) -> InferenceWorkload {
+    let found = tokio::time::timeout(
+        Duration::from_secs(secs),
+        await_condition(api.clone(), name, move |iw: Option<&InferenceWorkload>| {
+            iw.is_some_and(&cond)
+        }),
+    )
+    .await;
+    let current = api.get_opt(name).await.ok().flatten();
+    match found {
+        Ok(Ok(Some(iw))) => iw,
+        _ => panic!(
+            "{name}: not {what} within {secs}s; status: {}",
+            serde_json::to_string_pretty(&current.and_then(|i| i.status)).unwrap_or_default()
+        ),
+    }
+}
+
+fn device_of(iw: &InferenceWorkload) -> Option<DeviceType> {
+    iw.status.as_ref()?.device.as_ref().map(|d| d.device_type)
+}
+
+fn phase_of(iw: &InferenceWorkload) -> Option<Phase> {
+    iw.status.as_ref()?.phase
+}
+
+fn condition_reason(iw: &InferenceWorkload, type_: &str) -> Option<String> {
+    iw.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.reason.clone())
+}
+
+async fn running_on(
+    api: &Api<InferenceWorkload>,
+    name: &str,
+    device: DeviceType,
+) -> InferenceWorkload {
+    wait_iw(api, name, &format!("Running on {device}"), 60, |iw| {
+        device_of(iw) == Some(device) && phase_of(iw) == Some(Phase::Running)
+    })
+    .await
+}
+
+async fn events_for(client: kube::Client, ns: &str, name: &str) -> Vec<(String, String)> {
+    let events: Api<Event> = Api::namespaced(client, ns);
+    events
+        .list(&ListParams::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter(|e| e.involved_object.name.as_deref() == Some(name))
+        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
+        .collect()
+}
+
+#[tokio::test]
+async fn workloads_fill_rbln_then_furiosa_then_gpu_then_cpu() {
+    let cluster = cluster();
+    let test = "fill";
+    let res = Resources::new(test);
+    cluster.add_node(&node_name(test, "atom"), &[(&res.atom, 1)]);
+    cluster.add_node(&node_name(test, "rngd"), &[(&res.rngd, 2)]);
+    cluster.add_node(&node_name(test, "gpu"), &[(&res.gpu, 2)]);
+    let ns = cluster.namespace(test).await;
+    cluster.install_crds().await;
+    let _op = start_operator(cluster, &ns, &res, &[]);
+    let client = cluster.client().await;
+    let api: Api<InferenceWorkload> = Api::namespaced(client.clone(), &ns);
+
+    let steps = [
+        ("first", 1, DeviceType::Rbln),
+        ("second", 2, DeviceType::Furiosa),
+        ("third", 2, DeviceType::Gpu),
+        ("fourth", 1, DeviceType::Cpu),
+    ];
+    for (name, replicas, want) in steps {
+        api.create(
+            &PostParams::default(),
+            &workload(name, json!({"replicas": replicas})),
+        )
+        .await
+        .unwrap();
+        let iw = running_on(&api, name, want).await;
+        let status = iw.status.unwrap();
+        assert_eq!(status.ready_replicas, replicas);
+        assert_eq!(
+            status.ready.as_deref(),
+            Some(format!("{replicas}/{replicas}").as_str())
+        );
+        let reason = condition_reason_from(&status.conditions, "DeviceSelected");
+        let expected = if want == DeviceType::Cpu {
+            "CpuFallback"
+        } else {
+            "Selected"
+        };
+        assert_eq!(reason, expected, "{name}");
+        // The reason names the types considered with their free counts.
+        assert!(
+            status.device.unwrap().reason.contains("free: rbln"),
+            "{name}"
+        );
+    }
+
+    // The pods were placed by kube-scheduler on the node holding the resource.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    for pod in pods
+        .list(&ListParams::default().labels("rm-abstract.io/workload=second"))
+        .await
+        .unwrap()
+    {
+        assert_eq!(
+            pod.spec.unwrap().node_name.unwrap(),
+            node_name(test, "rngd")
+        );
+        let status = pod.status.unwrap();
+        assert_eq!(status.phase.as_deref(), Some("Running"));
+    }
+    let dep: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let second = dep.get("second").await.unwrap();
+    let c = &second.spec.template.spec.unwrap().containers[0];
+    assert_eq!(
+        c.resources.as_ref().unwrap().limits.as_ref().unwrap()[&res.rngd].0,
+        "1"
+    );
+    let env = c.env.as_ref().unwrap();
+    assert!(
+        env.iter()
+            .any(|e| e.name == "RM_DEVICE" && e.value.as_deref() == Some("furiosa"))
+    );
+    let events = events_for(client, &ns, "first").await;
+    assert!(
+        events
+            .iter()
+            .any(|(r, m)| r == "DeviceSelected" && m.contains("chose rbln")),
+        "{events:?}"
+    );
+    for n in ["atom", "rngd", "gpu"] {
+        cluster.remove_node(&node_name(test, n)).await;
+    }
+}
+
+fn condition_reason_from(
+    conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> String {
+    conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.reason.clone())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn pending_without_cpu_proceeds_when_a_node_with_capacity_arrives() {
+    let cluster = cluster();
+    let test = "pending";
+    let res = Resources::new(test);
+    let ns = cluster.namespace(test).await;
+    cluster.install_crds().await;
+    let _op = start_operator(cluster, &ns, &res, &["--cpu-fallback=false"]);
+    let client = cluster.client().await;
+    let api: Api<InferenceWorkload> = Api::namespaced(client.clone(), &ns);
+    api.create(&PostParams::default(), &workload("waits", json!({})))
+        .await
+        .unwrap();
+    let iw = wait_iw(&api, "waits", "Pending", 30, |iw| {
+        phase_of(iw) == Some(Phase::Pending)
+    })
+    .await;
+    assert_eq!(
+        condition_reason(&iw, "DeviceSelected").as_deref(),
+        Some("NoCapacity")
+    );
+    assert_eq!(
+        condition_reason(&iw, "Available").as_deref(),
+        Some("NoDevice")
+    );
+    let dep: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    assert!(
+        dep.get_opt("waits").await.unwrap().is_none(),
+        "no Deployment while Pending"
+    );
+    let events = events_for(client.clone(), &ns, "waits").await;
+    assert!(events.iter().any(|(r, _)| r == "NoCapacity"), "{events:?}");
+
+    cluster.add_node(&node_name(test, "gpu"), &[(&res.gpu, 1)]);
+    running_on(&api, "waits", DeviceType::Gpu).await;
+    cluster.remove_node(&node_name(test, "gpu")).await;
+}
+
+#[tokio::test]
+async fn override_explicit_scale_and_delete() {
+    let cluster = cluster();
+    let test = "override";
+    let res = Resources::new(test);
+    cluster.add_node(&node_name(test, "all"), &[(&res.atom, 4), (&res.gpu, 4)]);
+    let ns = cluster.namespace(test).await;
+    cluster.install_crds().await;
+    let _op = start_operator(cluster, &ns, &res, &[]);
+    let client = cluster.client().await;
+    let api: Api<InferenceWorkload> = Api::namespaced(client.clone(), &ns);
+    let dep: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+
+    // The workload's own priority list beats the cluster's.
+    api.create(
+        &PostParams::default(),
+        &workload("gpu-first", json!({"devicePriority": ["gpu", "rbln"]})),
+    )
+    .await
+    .unwrap();
+    running_on(&api, "gpu-first", DeviceType::Gpu).await;
+
+    // An explicit device is taken as asked, even without capacity.
+    api.create(
+        &PostParams::default(),
+        &workload("wants-rngd", json!({"device": "rngd:0"})),
+    )
+    .await
+    .unwrap();
+    let iw = wait_iw(&api, "wants-rngd", "Progressing on furiosa", 30, |iw| {
+        device_of(iw) == Some(DeviceType::Furiosa)
+    })
+    .await;
+    assert_eq!(
+        condition_reason(&iw, "DeviceSelected").as_deref(),
+        Some("Explicit")
+    );
+    let reason = iw.status.unwrap().device.unwrap().reason;
+    assert!(reason.contains("room for 0 of 1"), "{reason}");
+    let d = dep.get("wants-rngd").await.unwrap();
+    let env = d.spec.template.spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap();
+    assert!(
+        env.iter()
+            .any(|e| e.name == "RM_DEVICE" && e.value.as_deref() == Some("furiosa:0"))
+    );
+    let iw = wait_iw(&api, "wants-rngd", "Unschedulable", 30, |iw| {
+        condition_reason(iw, "Available").as_deref() == Some("Unschedulable")
+    })
+    .await;
+    assert_eq!(phase_of(&iw), Some(Phase::Progressing));
+
+    // kubectl scale goes through the scale subresource to the Deployment.
+    let out = cluster
+        .kubectl()
+        .args(["scale", "iw/gpu-first", "--replicas=3", "-n", &ns])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let iw = wait_iw(&api, "gpu-first", "Running with 3 replicas", 60, |iw| {
+        iw.status.as_ref().is_some_and(|s| s.ready_replicas == 3)
+            && phase_of(iw) == Some(Phase::Running)
+    })
+    .await;
+    assert_eq!(
+        device_of(&iw),
+        Some(DeviceType::Gpu),
+        "scaling keeps the device"
+    );
+    assert_eq!(dep.get("gpu-first").await.unwrap().spec.replicas, Some(3));
+
+    // Deleting the workload deletes its Deployment (garbage collector).
+    api.delete("gpu-first", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while dep.get_opt("gpu-first").await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "Deployment not garbage-collected"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    cluster.remove_node(&node_name(test, "all")).await;
+}
+
+#[tokio::test]
+async fn running_workloads_do_not_flap_and_steady_state_writes_nothing() {
+    let cluster = cluster();
+    let test = "flap";
+    let res = Resources::new(test);
+    cluster.add_node(&node_name(test, "gpu"), &[(&res.gpu, 2)]);
+    let ns = cluster.namespace(test).await;
+    cluster.install_crds().await;
+    let op = start_operator(cluster, &ns, &res, &[]);
+    let client = cluster.client().await;
+    let api: Api<InferenceWorkload> = Api::namespaced(client.clone(), &ns);
+    api.create(&PostParams::default(), &workload("steady", json!({})))
+        .await
+        .unwrap();
+    running_on(&api, "steady", DeviceType::Gpu).await;
+
+    // Higher-priority capacity appears: the running workload stays.
+    cluster.add_node(&node_name(test, "atom"), &[(&res.atom, 8)]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let iw = api.get("steady").await.unwrap();
+    assert_eq!(device_of(&iw), Some(DeviceType::Gpu));
+
+    // Steady state: events that trigger reconciles cause no writes.
+    let settle = Instant::now();
+    let mut writes = op.counter("rm_operator_api_writes_total");
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = op.counter("rm_operator_api_writes_total");
+        if now == writes || settle.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+        writes = now;
+    }
+    let reconciles = op.counter("rm_operator_reconciles_total");
+    for i in 0..5 {
+        let patch = json!({"metadata": {"annotations": {"touch": i.to_string()}}});
+        api.patch(
+            "steady",
+            &Default::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+        cluster.add_node(&node_name(test, "atom"), &[(&res.atom, 8 + i)]);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        op.counter("rm_operator_reconciles_total") >= reconciles + 5.0,
+        "the touches must have caused reconciles"
+    );
+    assert_eq!(
+        op.counter("rm_operator_api_writes_total"),
+        writes,
+        "a steady-state reconcile must not write"
+    );
+    assert_eq!(
+        device_of(&api.get("steady").await.unwrap()),
+        Some(DeviceType::Gpu)
+    );
+    for n in ["gpu", "atom"] {
+        cluster.remove_node(&node_name(test, n)).await;
+    }
+}
+
+#[tokio::test]
+async fn pods_unschedulable_past_the_grace_period_move_to_another_type() {
+    let cluster = cluster();
+    let test = "grace";
+    let res = Resources::new(test);
+    // The ATOM node has room but a taint the workload does not tolerate: the
+    // operator sees capacity, the scheduler cannot use it.
+    let atom = node_name(test, "atom");
+    cluster.add_node(&atom, &[(&res.atom, 2)]);
+    let out = cluster
+        .kubectl()
+        .args([
+            "taint",
+            "node",
+            &atom,
+            "dedicated=other:NoSchedule",
+            "--overwrite",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    cluster.add_node(&node_name(test, "gpu"), &[(&res.gpu, 2)]);
+    let ns = cluster.namespace(test).await;
+    cluster.install_crds().await;
+    let _op = start_operator(cluster, &ns, &res, &["--unschedulable-grace=3s"]);
+    let client = cluster.client().await;
+    let api: Api<InferenceWorkload> = Api::namespaced(client.clone(), &ns);
+    api.create(&PostParams::default(), &workload("stuck", json!({})))
+        .await
+        .unwrap();
+    wait_iw(&api, "stuck", "on rbln", 30, |iw| {
+        device_of(iw) == Some(DeviceType::Rbln)
+    })
+    .await;
+    let iw = running_on(&api, "stuck", DeviceType::Gpu).await;
+    assert_eq!(
+        condition_reason(&iw, "DeviceSelected").as_deref(),
+        Some("Reselected")
+    );
+    let events = events_for(client, &ns, "stuck").await;
+    assert!(
+        events
+            .iter()
+            .any(|(r, m)| r == "Reselected" && m.contains("unschedulable on rbln")),
+        "{events:?}"
+    );
+    for n in ["atom", "gpu"] {
+        cluster.remove_node(&node_name(test, n)).await;
+    }
+}
+
+#[tokio::test]
+async fn sigkill_while_reconciling_100_workloads_then_restart_converges() {
+    let cluster = cluster();
+    let test = "kill";
+    let res = Resources::new(test);
+    cluster.add_node(&node_name(test, "gpu"), &[(&res.gpu, 200)]);
+    let ns = cluster.namespace(test).await;
+    cluster.install_crds().await;
+    let client = cluster.client().await;
+    let api: Api<InferenceWorkload> = Api::namespaced(client.clone(), &ns);
+    let op = start_operator(cluster, &ns, &res, &[]);
+    for i in 0..100 {
+        api.create(
+            &PostParams::default(),
+            &workload(&format!("w{i}"), json!({})),
+        )
+        .await
+        .unwrap();
+    }
+    let dep: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    // Kill it mid-way: once some, not all, Deployments exist.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = dep.list(&ListParams::default()).await.unwrap().items.len();
+        if n >= 10 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "operator made no progress");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    op.signal("-KILL");
+    drop(op);
+    let _op = start_operator(cluster, &ns, &res, &[]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let iws = api.list(&ListParams::default()).await.unwrap();
+        let running = iws
+            .items
+            .iter()
+            .filter(|iw| {
+                phase_of(iw) == Some(Phase::Running) && device_of(iw) == Some(DeviceType::Gpu)
+            })
+            .count();
+        if running == 100 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {running}/100 converged");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let deployments = dep.list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(
+        deployments.len(),
+        100,
+        "exactly one Deployment per workload"
+    );
+    cluster.remove_node(&node_name(test, "gpu")).await;
+}
+
+#[tokio::test]
+async fn only_the_leader_reconciles_and_a_standby_takes_over() {
+    let cluster = cluster();
+    let test = "leader";
+    let res = Resources::new(test);
+    let ns = cluster.namespace(test).await;
+    cluster.install_crds().await;
+    let client = cluster.client().await;
+    let api: Api<InferenceWorkload> = Api::namespaced(client.clone(), &ns);
+    let first = start_operator(cluster, &ns, &res, &["--identity=first"]);
+    api.create(&PostParams::default(), &workload("a", json!({})))
+        .await
+        .unwrap();
+    running_on(&api, "a", DeviceType::Cpu).await;
+    let second = start_operator(cluster, &ns, &res, &["--identity=second"]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    api.create(&PostParams::default(), &workload("b", json!({})))
+        .await
+        .unwrap();
+    running_on(&api, "b", DeviceType::Cpu).await;
+    assert_eq!(
+        second.counter("rm_operator_reconciles_total"),
+        0.0,
+        "the standby reconciled"
+    );
+    assert!(first.counter("rm_operator_reconciles_total") > 0.0);
+
+    first.signal("-KILL");
+    let killed = Instant::now();
+    drop(first);
+    api.create(&PostParams::default(), &workload("c", json!({})))
+        .await
+        .unwrap();
+    running_on(&api, "c", DeviceType::Cpu).await;
+    assert!(
+        killed.elapsed() < Duration::from_secs(25),
+        "take-over took {:?}",
+        killed.elapsed()
+    );
+    assert!(second.counter("rm_operator_reconciles_total") > 0.0);
+}
