@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job: brings up the local control plane, adds kwok nodes with GPU,
-# ATOM and RNGD capacity, installs the InferenceWorkload CRD, applies the
-# examples and shows them. Exits non-zero when any step fails.
+# ATOM and RNGD capacity, installs the InferenceWorkload CRD, runs the
+# operator, applies the examples and shows where each runs and why (kubectl
+# inference), then generates text with SmolLM2 through the node agent.
+# Exits non-zero when any step fails.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -13,6 +15,11 @@ step "set-up (Debian packages, control-plane binaries; cached after the first ru
 e2e/setup.sh
 steps_done+=("set-up")
 
+step "building rm-operator, rm-agent and kubectl-inference"
+cargo build -q --locked -p rm-operator -p rm-agent -p kubectl-inference
+PATH="${CARGO_TARGET_DIR:-$ROOT/target}/debug:$PATH"
+steps_done+=("binaries built")
+
 step "local control plane"
 kubeconfig=$(e2e/cluster.sh up | tail -n 1)
 export KUBECONFIG=$kubeconfig
@@ -20,9 +27,11 @@ PATH="$(e2e/cluster.sh bin-dir):$PATH"
 steps_done+=("control plane up")
 
 step "kwok nodes with accelerators"
-e2e/cluster.sh node demo-npu rebellions.ai/ATOM=4 furiosa.ai/rngd=2
-e2e/cluster.sh node demo-gpu nvidia.com/gpu=8
-e2e/cluster.sh node demo-cpu
+# rm-abstract.io/agent: the node agent's socket, a resource every node with
+# an agent offers (CPU pods request it instead of mounting a hostPath).
+e2e/cluster.sh node demo-npu rebellions.ai/ATOM=4 furiosa.ai/rngd=2 rm-abstract.io/agent=100
+e2e/cluster.sh node demo-gpu nvidia.com/gpu=8 rm-abstract.io/agent=100
+e2e/cluster.sh node demo-cpu rm-abstract.io/agent=100
 kubectl get nodes -o custom-columns='NODE:.metadata.name,ATOM:.status.allocatable.rebellions\.ai/ATOM,RNGD:.status.allocatable.furiosa\.ai/rngd,GPU:.status.allocatable.nvidia\.com/gpu,READY:.status.conditions[?(@.type=="Ready")].status'
 steps_done+=("3 nodes")
 
@@ -31,28 +40,81 @@ kubectl apply --server-side -f crds/inferenceworkload.yaml
 kubectl wait --for=condition=Established crd/inferenceworkloads.rm-abstract.io --timeout=60s
 steps_done+=("CRD established")
 
-step "example workloads"
-kubectl create namespace rm-demo --dry-run=client -o yaml | kubectl apply -f -
-kubectl apply -n rm-demo -f examples/
-kubectl get iw -n rm-demo -o wide
-steps_done+=("$(ls examples/*.yaml | wc -l) workloads applied")
+step "rm-operator: controller (leader election) and admission webhook on https://127.0.0.1:18443"
+state=$(dirname "$kubeconfig")/demo
+mkdir -p "$state"
+for p in operator agent; do
+    [[ -f "$state/$p.pid" ]] && kill "$(cat "$state/$p.pid")" 2>/dev/null || true
+done
+trap 'for p in operator agent; do [[ -f "$state/$p.pid" ]] && kill "$(cat "$state/$p.pid")" 2>/dev/null || true; done' EXIT
+# A fresh namespace each run, so that every pod shown went through the webhook.
+kubectl delete namespace rm-demo --ignore-not-found --timeout=120s >/dev/null
+kubectl create namespace rm-demo >/dev/null
+kubectl label namespace rm-demo rm-abstract.io/demo=true --overwrite >/dev/null
+rm-operator --namespace rm-demo --metrics-addr 127.0.0.1:18080 --lease-namespace default \
+    --webhook-addr 127.0.0.1:18443 --webhook-url https://127.0.0.1:18443 --webhook-dns-names 127.0.0.1,localhost \
+    --webhook-secret-namespace default --webhook-secret-name rm-abstract-demo-webhook-tls --webhook-config-name rm-abstract-demo \
+    --webhook-namespace-selector rm-abstract.io/demo=true >"$state/operator.log" 2>&1 &
+echo $! >"$state/operator.pid"
+until curl -fsS http://127.0.0.1:18080/readyz >/dev/null 2>&1; do sleep 0.3; done
+until kubectl get mutatingwebhookconfiguration rm-abstract-demo >/dev/null 2>&1; do sleep 0.3; done
+steps_done+=("operator leading, webhook registered")
 
-step "an invalid workload is refused by the apiserver"
-if out=$(kubectl apply -n rm-demo -f - 2>&1 <<'YAML'
-apiVersion: rm-abstract.io/v1alpha1
-kind: InferenceWorkload
-metadata: {name: bad}
-spec:
-  model: {source: gpt2}
-  device: tpu
-  template: {spec: {containers: [{name: app, image: python}]}}
-YAML
-); then
-    echo "expected a rejection, got: $out" >&2
-    exit 1
-fi
+step "example workloads"
+kubectl apply -n rm-demo -f examples/
+kubectl wait -n rm-demo iw --all --for=condition=DeviceSelected --timeout=60s >/dev/null
+kubectl wait -n rm-demo iw/smollm2-auto iw/smollm2-cpu --for=condition=Available --timeout=90s >/dev/null
+kubectl get iw -n rm-demo -o wide
+steps_done+=("$(ls examples/*.yaml | wc -l) workloads placed")
+
+step "kubectl inference status / devices / explain"
+kubectl inference status -n rm-demo
+kubectl inference devices
+kubectl inference explain smollm2-auto -n rm-demo
+steps_done+=("kubectl inference shown")
+
+step "node agent (CPU backend) and the unchanged user script with the env the webhook injected"
+gguf=$(e2e/fetch-smollm2.sh)
+rm -f "$state/agent.sock"
+rm-agent --socket "$state/agent.sock" --cache-dir "$state/cache" >"$state/agent.log" 2>&1 &
+echo $! >"$state/agent.pid"
+until curl -fsS --unix-socket "$state/agent.sock" http://agent/healthz >/dev/null 2>&1; do sleep 0.2; done
+pod=$(kubectl get pod -n rm-demo -l rm-abstract.io/workload=smollm2-cpu -o json | python3 -c '
+import json, sys
+pods = [p for p in json.load(sys.stdin)["items"]
+        if any(c["name"].startswith("rm-abstract") for c in p["spec"].get("initContainers", []))]
+print(pods[0]["metadata"]["name"] if pods else "")')
+[[ -n "$pod" ]] || { echo "no pod of smollm2-cpu carries the injected init container" >&2; exit 1; }
+echo "pod $pod as the webhook admitted it:"
+kubectl get pod -n rm-demo "$pod" -o jsonpath='{range .spec.initContainers[*]}  init container {.name}: {.image} {.command}{"\n"}{end}{range .spec.containers[0].env[*]}  env {.name}={.value}{.valueFrom.fieldRef.fieldPath}{"\n"}{end}'
+# The pod's env, with the two mounts mapped to this machine: the injected
+# package directory is python/ of this repository, the agent socket
+# directory is the demo agent's.
+injected=$(kubectl get pod -n rm-demo "$pod" -o json | python3 -c '
+import json, sys
+pod = json.load(sys.stdin)
+for e in pod["spec"]["containers"][0].get("env", []):
+    if "value" in e:
+        print(e["name"] + "=" + e["value"])
+    elif e.get("valueFrom", {}).get("fieldRef"):
+        path = e["valueFrom"]["fieldRef"]["fieldPath"].split(".")
+        v = pod
+        for p in path:
+            v = v.get(p, {})
+        print(e["name"] + "=" + (v if isinstance(v, str) else ""))
+')
+mapped=()
+while IFS= read -r kv; do
+    kv=${kv//\/rm-abstract-inject/$ROOT\/python}
+    kv=${kv//\/var\/run\/rm-abstract\/agent.sock/$state\/agent.sock}
+    mapped+=("$kv")
+done <<<"$injected"
+python3 e2e/smollm2-hf-dir.py "$gguf" "$state/smollm2"
+echo "running: python3 examples/generate.py (unchanged; transformers + the injected init)"
+out=$(env -i PATH="$PATH" HOME="$HOME" "${mapped[@]}" python3 examples/generate.py "$state/smollm2")
 echo "$out"
-steps_done+=("invalid spec rejected")
+[[ "$out" == *Paris* ]] || { echo "expected Paris in the answer" >&2; exit 1; }
+steps_done+=("unchanged script answered through the agent: Paris")
 
 printf '\n\033[1mdemo summary:\033[0m'
 printf ' %s;' "${steps_done[@]}"

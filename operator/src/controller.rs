@@ -25,9 +25,7 @@ use serde_json::json;
 use crate::capacity::pod_device_requests;
 use crate::config::OperatorConfig;
 use crate::metrics::Metrics;
-use crate::placement::{
-    Unschedulable, capacity_for, current_placement, is_own_pod, unschedulable_pods,
-};
+use crate::placement::{Unschedulable, capacity_for, current_placement};
 use crate::render::{is_current, render_deployment};
 use crate::selection::{Decision, Selection, select_device};
 use crate::status::{Observed, desired_status};
@@ -116,23 +114,7 @@ pub async fn run(
         watcher::Config::default().fields("status.phase!=Succeeded,status.phase!=Failed");
     let pod_stream = watcher(pods_api, pod_config)
         .default_backoff()
-        .modify(|p: &mut Pod| {
-            p.managed_fields_mut().clear();
-            p.annotations_mut().clear();
-            if let Some(spec) = p.spec.as_mut() {
-                spec.volumes = None;
-                for c in spec
-                    .containers
-                    .iter_mut()
-                    .chain(spec.init_containers.iter_mut().flatten())
-                {
-                    c.env = None;
-                    c.volume_mounts = None;
-                    c.command = None;
-                    c.args = None;
-                }
-            }
-        })
+        .modify(slim_pod)
         .reflect(pod_writer)
         .touched_objects();
     let (deployments, deployment_writer) = reflector::store();
@@ -141,12 +123,26 @@ pub async fn run(
         watcher::Config::default().labels(labels::WORKLOAD),
     )
     .default_backoff()
-    .modify(|d: &mut Deployment| d.managed_fields_mut().clear())
+    .modify(|d: &mut Deployment| {
+        // Decisions read the annotations, the template's annotations and
+        // the status; the pod spec is the user's and can be large.
+        d.managed_fields_mut().clear();
+        d.spec.template.spec = None;
+    })
     .reflect(deployment_writer)
     .touched_objects();
 
-    let controller = Controller::new(workloads, watcher::Config::default());
-    let workload_store = controller.store();
+    let (workload_store, workload_writer) = reflector::store();
+    let workload_stream = watcher(workloads, watcher::Config::default())
+        .default_backoff()
+        .modify(|iw: &mut InferenceWorkload| {
+            iw.managed_fields_mut().clear();
+            iw.annotations_mut()
+                .remove("kubectl.kubernetes.io/last-applied-configuration");
+        })
+        .reflect(workload_writer)
+        .applied_objects();
+    let controller = Controller::for_stream(workload_stream, workload_store.clone());
 
     // The caches are driven by tasks of their own, so that they fill
     // independently of the controller, and changes reach it as reconcile
@@ -188,11 +184,10 @@ pub async fn run(
         metrics: metrics.clone(),
     });
     let phase_store = workload_store.clone();
+    // Ready to reconcile: the controller itself holds reconciles until its
+    // own workload cache is synced.
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
     tokio::spawn(async move {
-        if phase_store.wait_until_ready().await.is_ok() {
-            ready.store(true, std::sync::atomic::Ordering::Relaxed);
-            tracing::info!("workload cache synced; reconciling");
-        }
         // The workloads-by-phase gauge, recounted from the cache.
         loop {
             let state = phase_store.state();
@@ -252,6 +247,42 @@ fn owner_workload(d: &Deployment) -> Option<ObjectRef<InferenceWorkload>> {
     Some(ObjectRef::new(&owner.name).within(&d.namespace()?))
 }
 
+/// Keeps only what capacity, placement and triggers read of a pod: the
+/// cache holds every pod of the cluster, so the rest is dropped.
+fn slim_pod(p: &mut Pod) {
+    use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus};
+    let slim_container = |c: &Container| Container {
+        name: c.name.clone(),
+        resources: c.resources.clone(),
+        ..Default::default()
+    };
+    let spec = p.spec.as_ref().map(|s| PodSpec {
+        node_name: s.node_name.clone(),
+        containers: s.containers.iter().map(slim_container).collect(),
+        init_containers: s
+            .init_containers
+            .as_ref()
+            .map(|cs| cs.iter().map(slim_container).collect()),
+        ..Default::default()
+    });
+    let status = p.status.as_ref().map(|s| PodStatus {
+        phase: s.phase.clone(),
+        conditions: s.conditions.as_ref().map(|cs| {
+            cs.iter()
+                .filter(|c| c.type_ == "PodScheduled")
+                .cloned()
+                .collect()
+        }),
+        ..Default::default()
+    });
+    p.managed_fields_mut().clear();
+    p.annotations_mut()
+        .retain(|k, _| k == crate::render::DEVICE_TYPE);
+    p.metadata.owner_references = None;
+    p.spec = spec;
+    p.status = status;
+}
+
 /// Workloads whose state can change with free capacity: no device yet, or
 /// not all replicas ready. Running workloads are left alone (no flapping).
 fn waiting_workloads(
@@ -301,15 +332,13 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
         &ctx.config,
     );
     let existing = ctx.deployments.get(&ObjectRef::new(&name).within(&ns));
-    let unschedulable = unschedulable_pods(
-        pods.iter()
-            .map(AsRef::as_ref)
-            .filter(|p| is_own_pod(p, &iw)),
-        now,
-    );
-    let current = existing
+    let (current, unschedulable) = match existing
         .as_deref()
-        .and_then(|d| current_placement(&iw, d, unschedulable.as_ref().map(|u| u.longest)));
+        .and_then(|d| current_placement(&iw, d, pods.iter().map(AsRef::as_ref), now))
+    {
+        Some((current, unschedulable)) => (Some(current), unschedulable),
+        None => (None, None),
+    };
     let selection = select_device(&iw.spec, &ctx.config, &capacity, current.as_ref());
 
     let mut deployment_error = None;
@@ -373,12 +402,19 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
             "status": status,
         });
         ctx.metrics.write("status");
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+        match api
+            .patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            Ok(_) => {}
+            // Deleted meanwhile: nothing left to report on.
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Action::await_change()),
+            Err(e) => return Err(e.into()),
+        }
     }
 
     Ok(requeue_after(

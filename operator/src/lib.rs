@@ -15,3 +15,4 @@ pub mod render;
 pub mod selection;
 pub mod server;
 pub mod status;
+pub mod webhook;

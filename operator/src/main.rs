@@ -55,6 +55,8 @@ struct Cli {
     /// Identity in the Lease (default: the pod name, else host-pid).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    #[command(flatten)]
+    webhook: rm_operator::webhook::WebhookArgs,
 }
 
 fn parse_priority_arg(s: &str) -> Result<(DeviceType, u32), String> {
@@ -123,20 +125,34 @@ async fn main() -> std::process::ExitCode {
         stopped(stop_rx.clone()),
     ));
 
-    let identity = cli.identity.clone().unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        format!("{}-{}", host.trim(), std::process::id())
-    });
-    let lease_ns = cli
+    // The operator's own namespace: its Lease and its webhook Secret live here.
+    let own_namespace = cli
         .lease_namespace
         .clone()
         .or_else(|| cli.namespace.clone())
         .unwrap_or_else(|| "default".into());
-    let leader = LeaderElection::new(client.clone(), &lease_ns, &cli.lease_name, &identity);
+    // The webhook serves on every replica, leader or not.
+    let inject = cli
+        .webhook
+        .inject_config(config.resource_names.values().cloned());
+    let webhook = tokio::spawn(rm_operator::webhook::run(
+        client.clone(),
+        cli.webhook.clone(),
+        own_namespace.clone(),
+        inject,
+        stopped(stop_rx.clone()),
+    ));
+
+    let identity = cli.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let leader = LeaderElection::new(client.clone(), &own_namespace, &cli.lease_name, &identity);
     tokio::select! {
         _ = leader.acquire() => {}
         _ = stopped(stop_rx.clone()) => {
             let _ = server.await;
+            let _ = webhook.await;
             return std::process::ExitCode::SUCCESS;
         }
     }
@@ -180,6 +196,9 @@ async fn main() -> std::process::ExitCode {
     }
     leader.release().await;
     let _ = server.await;
+    if let Ok(Err(e)) = webhook.await {
+        tracing::error!(error = %e, "the admission webhook could not serve");
+    }
     tracing::info!("stopped");
     std::process::ExitCode::SUCCESS
 }

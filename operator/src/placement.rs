@@ -7,7 +7,7 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
-use rm_crds::{InferenceWorkload, labels};
+use rm_crds::{DeviceType, InferenceWorkload, labels};
 
 use crate::capacity::CapacitySnapshot;
 use crate::config::OperatorConfig;
@@ -35,13 +35,9 @@ pub fn capacity_for<'a>(
     )
 }
 
-/// Where the replicas run, as the Deployment the operator wrote says.
-pub fn current_placement(
-    iw: &InferenceWorkload,
-    deployment: &Deployment,
-    unschedulable_for: Option<Duration>,
-) -> Option<Current> {
-    let device_type = deployment
+/// The device type the Deployment's pods are made for.
+pub fn deployed_device_type(deployment: &Deployment) -> Option<DeviceType> {
+    deployment
         .spec
         .template
         .metadata
@@ -50,13 +46,41 @@ pub fn current_placement(
         .as_ref()?
         .get(DEVICE_TYPE)?
         .parse()
-        .ok()?;
+        .ok()
+}
+
+/// Whether the pod was made for the given device type (pods carry their
+/// template's annotation), so that pods left from an earlier choice do not
+/// count against the current one.
+pub fn is_for_device_type(pod: &Pod, device_type: DeviceType) -> bool {
+    pod.annotations()
+        .get(DEVICE_TYPE)
+        .is_some_and(|t| *t == device_type.as_str())
+}
+
+/// Where the replicas run, as the Deployment the operator wrote says, and
+/// how long its pods have been unschedulable there.
+pub fn current_placement<'a>(
+    iw: &InferenceWorkload,
+    deployment: &Deployment,
+    pods: impl IntoIterator<Item = &'a Pod>,
+    now: jiff::Timestamp,
+) -> Option<(Current, Option<Unschedulable>)> {
+    let device_type = deployed_device_type(deployment)?;
     let basis = deployment.annotations().get(SELECTION_BASIS)?;
-    Some(Current {
-        device_type,
-        same_basis: *basis == selection_basis(&iw.spec),
-        unschedulable_for,
-    })
+    let unschedulable = unschedulable_pods(
+        pods.into_iter()
+            .filter(|p| is_own_pod(p, iw) && is_for_device_type(p, device_type)),
+        now,
+    );
+    Some((
+        Current {
+            device_type,
+            same_basis: *basis == selection_basis(&iw.spec),
+            unschedulable_for: unschedulable.as_ref().map(|u| u.longest),
+        },
+        unschedulable,
+    ))
 }
 
 /// Pods the scheduler cannot place.

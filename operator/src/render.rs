@@ -70,9 +70,13 @@ pub fn render_deployment(
     let pod_labels = meta.labels.get_or_insert_with(BTreeMap::new);
     pod_labels.insert(labels::WORKLOAD.into(), name.clone());
     pod_labels.insert(labels::INJECT.into(), "true".into());
-    meta.annotations
-        .get_or_insert_with(BTreeMap::new)
-        .insert(DEVICE_TYPE.into(), chosen.device_type.to_string());
+    let pod_annotations = meta.annotations.get_or_insert_with(BTreeMap::new);
+    pod_annotations.insert(DEVICE_TYPE.into(), chosen.device_type.to_string());
+    if let Some(compile) = &iw.spec.compile {
+        // Serialising plain option structs cannot fail.
+        let json = serde_json::to_string(compile).unwrap_or_default();
+        pod_annotations.insert(labels::COMPILE_OPTIONS.into(), json);
+    }
 
     let pod_spec = template.spec.as_mut().ok_or(RenderError::NoContainers)?;
     let target = inference_container_name(iw).ok_or(RenderError::NoContainers)?;
@@ -232,7 +236,14 @@ mod tests {
             pod.containers[0].resources.is_none(),
             "other containers untouched"
         );
-        let labels = spec.template.metadata.unwrap().labels.unwrap();
+        let meta = spec.template.metadata.unwrap();
+        assert!(
+            !meta
+                .annotations
+                .unwrap()
+                .contains_key(labels::COMPILE_OPTIONS)
+        );
+        let labels = meta.labels.unwrap();
         assert_eq!(labels["app"], "mine");
         assert_eq!(labels[labels::WORKLOAD], "w");
         assert_eq!(labels[labels::INJECT], "true");
@@ -264,6 +275,22 @@ mod tests {
         scaled.spec.replicas = 4;
         let c = render_deployment(&scaled, &rbln(), &config).unwrap();
         assert!(!is_current(&a, &c));
+    }
+
+    #[test]
+    fn compile_options_reach_the_pods_as_an_annotation() {
+        let mut iw = workload(Some("llm"));
+        iw.spec.compile = Some(
+            serde_json::from_value(serde_json::json!({"precision": "q8_0", "maxSeqLen": 2048}))
+                .unwrap(),
+        );
+        let d = render_deployment(&iw, &rbln(), &OperatorConfig::default()).unwrap();
+        let ann = d.spec.template.metadata.unwrap().annotations.unwrap();
+        let opts: serde_json::Value = serde_json::from_str(&ann[labels::COMPILE_OPTIONS]).unwrap();
+        assert_eq!(
+            opts,
+            serde_json::json!({"precision": "q8_0", "maxSeqLen": 2048})
+        );
     }
 
     #[test]

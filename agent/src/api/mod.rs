@@ -145,10 +145,14 @@ pub fn socket_router(agent: Arc<Agent>) -> Router {
 }
 
 /// The router served on `--metrics-addr`.
+/// The TCP port: metrics, health, and the read-only cache listing, which
+/// `kubectl inference cache` reaches through the apiserver's pod proxy.
+/// Nothing that runs a model or changes the cache is served here.
 pub fn metrics_router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/v1/cache", get(cache_list))
         .with_state(agent)
 }
 

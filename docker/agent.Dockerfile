@@ -1,0 +1,27 @@
+# syntax=docker/dockerfile:1
+# rm-agent image. Build from the repository root:
+#   docker build -f docker/agent.Dockerfile -t ghcr.io/rm-abstract/agent:0.1.0 .
+ARG RUST_VERSION=1.95
+
+FROM rust:${RUST_VERSION}-bookworm AS build
+WORKDIR /src
+COPY . .
+# Cache mounts keep the registry and target directory between builds; the
+# binary is copied out of the cached target directory.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p rm-agent \
+ && install -D -m 0755 target/release/rm-agent /out/rm-agent
+
+# glibc + libgcc only (ldd: libgcc_s, libm, libc); no shell, no package manager.
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /out/rm-agent /usr/local/bin/rm-agent
+# The external worker backends (Python programs driven over stdin/stdout) for
+# images that add a vendor SDK on top of this one: --plugin-dir /opt/rm-abstract/workers.
+# This image itself carries no Python and no SDK: it runs the built-in cpu backend.
+COPY agent/workers /opt/rm-abstract/workers
+# Non-root by default; the chart's DaemonSet runs it as uid 0 (root-owned host
+# directories; privileged only with agent.accelerators.enabled).
+USER 65532:65532
+EXPOSE 9100
+ENTRYPOINT ["/usr/local/bin/rm-agent"]

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Operator benchmark on the local control plane (prints figures; not a test).
+#
+#  1. 200 Deployments applied with kubectl, time until all exist (baseline);
+#     200 InferenceWorkloads applied at once with rm-operator running, time
+#     until every one has its Deployment and DeviceSelected=True. Same run.
+#  2. Resident memory of rm-operator with 1000 workloads.
+#  3. API writes per reconcile at steady state (every workload touched).
+#
+# Usage: e2e/bench/operator.sh [OPERATOR_BINARY]   (default: target/release/rm-operator)
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT"
+OPERATOR=${1:-target/release/rm-operator}
+[[ -x "$OPERATOR" ]] || { echo "build it first: cargo build --release -p rm-operator" >&2; exit 2; }
+
+export KUBECONFIG=$(e2e/cluster.sh up 2>/dev/null | tail -n 1)
+PATH="$(e2e/cluster.sh bin-dir):$PATH"
+run_id=$$
+res="bench-$run_id.e2e.rm-abstract.io/gpu"
+e2e/cluster.sh node "bench-$run_id" "$res=5000" 2>/dev/null
+kubectl apply --server-side -f crds/inferenceworkload.yaml >/dev/null
+kubectl wait --for=condition=Established crd/inferenceworkloads.rm-abstract.io >/dev/null
+work=$(mktemp -d)
+trap 'kill $op_pid 2>/dev/null || true; rm -rf "$work"; kubectl delete ns "bd-$run_id" "bw-$run_id" --wait=false >/dev/null 2>&1 || true; kubectl delete node "bench-$run_id" >/dev/null 2>&1 || true' EXIT
+kubectl create ns "bd-$run_id" >/dev/null
+kubectl create ns "bw-$run_id" >/dev/null
+
+now() { date +%s.%N; }
+elapsed() { python3 -c "print(f'{$2 - $1:.2f}')"; }
+
+# The same pod template for both: one container asking for one device.
+gen() { # gen KIND FROM TO
+    local i
+    for ((i = $2; i < $3; i++)); do
+        if [[ $1 == Deployment ]]; then
+            cat <<EOF
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: d$i, labels: {app: d$i}}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: d$i}}
+  template:
+    metadata: {labels: {app: d$i}}
+    spec:
+      containers:
+      - name: app
+        image: python:3.12
+        resources: {limits: {"$res": "1"}}
+EOF
+        else
+            cat <<EOF
+---
+apiVersion: rm-abstract.io/v1alpha1
+kind: InferenceWorkload
+metadata: {name: w$i}
+spec:
+  model: {source: HuggingFaceTB/SmolLM2-135M-Instruct}
+  template:
+    spec:
+      containers:
+      - name: app
+        image: python:3.12
+EOF
+        fi
+    done
+}
+gen Deployment 0 200 >"$work/deployments.yaml"
+gen InferenceWorkload 0 200 >"$work/workloads.yaml"
+gen InferenceWorkload 200 1000 >"$work/more.yaml"
+
+echo "== 1. 200 at once"
+t0=$(now)
+kubectl apply --server-side -n "bd-$run_id" -f "$work/deployments.yaml" >/dev/null
+t1=$(now)
+baseline=$(elapsed "$t0" "$t1")
+echo "kubectl apply --server-side of 200 Deployments: ${baseline}s"
+
+metrics_port=18$((run_id % 1000 + 100))
+"$OPERATOR" --namespace "bw-$run_id" --metrics-addr "127.0.0.1:$metrics_port" \
+    --resource-name "gpu=$res" --resource-name "rbln=none-$run_id.e2e.rm-abstract.io/atom" \
+    --resource-name "furiosa=none-$run_id.e2e.rm-abstract.io/rngd" 2>"$work/operator.log" &
+op_pid=$!
+until curl -fsS "http://127.0.0.1:$metrics_port/readyz" >/dev/null 2>&1; do sleep 0.2; done
+
+selected() {
+    kubectl get iw -n "bw-$run_id" -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="DeviceSelected")].status}{"\n"}{end}' | grep -c True || true
+}
+deployments() { kubectl get deploy -n "bw-$run_id" --no-headers 2>/dev/null | wc -l; }
+t0=$(now)
+kubectl apply --server-side -n "bw-$run_id" -f "$work/workloads.yaml" >/dev/null
+t_apply=$(now)
+until [[ $(selected) -ge 200 && $(deployments) -ge 200 ]]; do sleep 0.2; done
+t1=$(now)
+with_operator=$(elapsed "$t0" "$t1")
+apply_only=$(elapsed "$t0" "$t_apply")
+echo "kubectl apply --server-side of 200 InferenceWorkloads: ${apply_only}s; until all have Deployment + DeviceSelected: ${with_operator}s"
+python3 -c "b=$baseline; w=$with_operator; a=$apply_only; print(f'operator adds {100*(w-b)/b:.0f}% to the Deployments-only time (goal: at most 25%); of that, the apiserver taking the 200 custom resources is {100*(a-b)/b:.0f}% and the operator after the last one was stored {100*(w-a)/b:.0f}%')"
+
+echo "== 2. memory with 1000 workloads"
+kubectl apply --server-side -n "bw-$run_id" -f "$work/more.yaml" >/dev/null
+until [[ $(selected) -ge 1000 ]]; do sleep 1; done
+sleep 5
+grep -E 'VmRSS|VmHWM' /proc/$op_pid/status | tr -s ' ' | sed 's/^/operator /'
+
+echo "== 3. API writes per reconcile at steady state (1000 workloads)"
+counter() { curl -fsS "http://127.0.0.1:$metrics_port/metrics" | awk -v m="$1" '$1 ~ "^"m {s+=$2} END {print s+0}'; }
+# Let the rollouts settle (pods Running, Deployments ready).
+prev=-1
+while true; do
+    w=$(counter rm_operator_api_writes_total)
+    [[ "$w" == "$prev" ]] && break
+    prev=$w
+    sleep 5
+done
+w0=$(counter rm_operator_api_writes_total)
+r0=$(counter rm_operator_reconciles_total)
+kubectl annotate iw --all -n "bw-$run_id" bench/touch="$(date +%s)" --overwrite >/dev/null
+sleep 10
+w1=$(counter rm_operator_api_writes_total)
+r1=$(counter rm_operator_reconciles_total)
+python3 -c "r=$r1-$r0; w=$w1-$w0; print(f'reconciles: {r:.0f}, writes: {w:.0f}, writes per reconcile: {w/max(r,1):.3f} (goal: 0)')"

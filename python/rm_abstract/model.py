@@ -1,0 +1,305 @@
+"""Loading a model through the agent, and the proxy that stands in for it.
+
+The proxy is not a torch module: the weights live in the agent (compiled for
+the device), so the pod needs neither torch nor the accelerator's SDK. It
+answers what inference scripts touch (config, generation_config, device,
+eval(), to(), generate()) and says clearly what it cannot do.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import types
+
+from . import _log
+from .client import AgentClient, AgentError, AgentUnavailable
+
+# Weight formats the agent does not read; the agent leaves them out of the
+# model digest, so we must not upload them either (the digests would differ).
+_UNREAD = (".bin", ".gguf", ".pt")
+
+
+class RMUnavailableError(RuntimeError):
+    """The model could not be put on the requested device (mode 'fail')."""
+
+
+RMUnavailableError.__module__ = "rm_abstract"  # tracebacks show the public name
+
+def _walk(root):
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if not f.startswith("."):
+                full = os.path.join(dirpath, f)
+                out.append((os.path.relpath(full, root).replace(os.sep, "/"), full))
+    return out
+
+
+def model_files(path, gguf_file=None):
+    """The (name, file) list to upload, mirroring the agent's own detection."""
+    if gguf_file:
+        path = os.path.join(path, gguf_file) if os.path.isdir(path) else gguf_file
+    if os.path.isfile(path):
+        if path.endswith(".gguf"):
+            return [("model.gguf", path)]
+        raise ValueError("%s is not a model: expected a directory or a .gguf file" % path)
+    files = _walk(path)
+    names = [n for n, _ in files]
+    if "config.json" in names and any(n.endswith(".safetensors") for n in names):
+        return [(n, f) for n, f in files if not n.endswith(_UNREAD)]
+    ggufs = [(n, f) for n, f in files if n.endswith(".gguf")]
+    if len(ggufs) == 1:
+        return [("model.gguf", ggufs[0][1])]
+    raise ValueError("%s holds no model the agent can read: it needs config.json + *.safetensors, "
+                     "or one .gguf (pass gguf_file= to pick one)" % path)
+
+
+def load(state, name, kwargs, original):
+    """Registers + prepares `name` on the agent; returns a RemoteModel.
+
+    `original` is transformers' own from_pretrained, used only in mode
+    'fallback' (with one warning line), never silently.
+    """
+    cfg = state.config
+    try:
+        if state.config_error is not None:
+            raise RMUnavailableError("rm_abstract is not configured: %s" % state.config_error)
+        return _load(cfg, name, kwargs)
+    except (AgentError, RMUnavailableError) as e:
+        why = getattr(e, "agent_message", None) or str(e)
+        on = cfg.on_unavailable if cfg is not None else "fail"
+        if on == "fallback":
+            _log.warn("cannot run %s on %s (%s); falling back to transformers in this process (RM_ON_UNAVAILABLE=fallback)"
+                      % (name, cfg.device if cfg else "?", why))
+            return original(name, **kwargs)
+        raise RMUnavailableError("cannot run %s on %s: %s (set RM_ON_UNAVAILABLE=fallback to run it in this process instead)"
+                                 % (name, cfg.device if cfg else "?", why)) from None
+
+
+def _load(cfg, name, kwargs):
+    client = AgentClient(cfg.socket, cfg.token)
+    client.health()  # fail early and clearly (no socket, no permission) before hashing weights
+    name = os.fspath(name)
+    local = os.path.join(name, kwargs["subfolder"]) if kwargs.get("subfolder") else name
+    gguf = kwargs.get("gguf_file")
+    if os.path.exists(local):
+        reg = client.register_files(model_files(local, gguf))
+    elif gguf:
+        raise RMUnavailableError("a hub id with gguf_file= cannot be sent to the agent; download the file and pass its directory")
+    else:
+        reg = client.register_hub(name, kwargs.get("revision"))
+
+    progress = None
+    if cfg.verbose:
+        last = [-1]
+
+        def progress(fraction, stage):  # one line per 10 %, not per event
+            step = int((fraction or 0) * 10)
+            if step != last[0]:
+                last[0] = step
+                _log.info("compiling %s for %s: %3d%% %s" % (name, cfg.device, step * 10, stage or ""))
+    prep = client.prepare(reg["model"], cfg.device, cfg.compile_options, progress)
+    _log.info("%s on %s via backend %s (%s)" % (
+        name, cfg.device, prep.get("backend"), "cached" if prep.get("cached") else "compiled"))
+    config, gen_config = _configs(name, local, kwargs)
+    return RemoteModel(client, cfg.device, prep, reg, name, config, gen_config)
+
+
+def _configs(name, local, kwargs):
+    """The real transformers config objects when transformers can build them."""
+    keep = {k: kwargs[k] for k in ("revision", "subfolder", "gguf_file", "token", "trust_remote_code",
+                                   "cache_dir", "local_files_only") if k in kwargs}
+    config = gen = None
+    try:
+        from transformers import AutoConfig
+        config = kwargs.get("config") or AutoConfig.from_pretrained(name, **keep)
+    except Exception:
+        path = os.path.join(local, "config.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                config = types.SimpleNamespace(**json.load(f))
+    try:
+        from transformers import GenerationConfig
+        try:
+            gen = GenerationConfig.from_pretrained(name, **{k: v for k, v in keep.items() if k != "gguf_file"})
+        except Exception:
+            gen = GenerationConfig.from_model_config(config) if config is not None and hasattr(config, "to_dict") else None
+    except Exception:
+        gen = None
+    return config, gen
+
+
+# -- tensors in, same kind out ---------------------------------------------------
+
+def _kind(x):
+    mod = type(x).__module__.split(".")[0]
+    return mod if mod in ("torch", "numpy") else "list"
+
+
+def _rows(x):
+    v = x.tolist() if hasattr(x, "tolist") else list(x)
+    if v and not isinstance(v[0], (list, tuple)):
+        return [list(v)], True
+    return [list(r) for r in v], False
+
+
+def _as_kind(rows, kind, flat=False):
+    if kind == "torch":
+        import torch
+        return torch.tensor(rows[0] if flat else rows, dtype=torch.long)
+    if kind == "numpy":
+        import numpy
+        return numpy.array(rows[0] if flat else rows, dtype=numpy.int64)
+    return rows[0] if flat else rows
+
+
+def _array_kind(kind):
+    """Streamers call .shape/.tolist(): give them an array even for list input."""
+    if kind != "list":
+        return kind
+    for k in ("numpy", "torch"):
+        if k in sys.modules:
+            return k
+    try:
+        import numpy  # noqa: F401
+        return "numpy"
+    except ImportError:
+        return "list"
+
+
+def _ids(v):
+    if v is None:
+        return None
+    if hasattr(v, "tolist"):
+        v = v.tolist()
+    return [int(t) for t in v] if isinstance(v, (list, tuple)) else [int(v)]
+
+
+def _gc(gen_config, name, default=None):
+    v = getattr(gen_config, name, None) if gen_config is not None else None
+    return default if v is None else v
+
+
+class RemoteModel:
+    """Stands in for a PreTrainedModel whose weights live in the node agent."""
+
+    def __init__(self, client, device, prepared, registered, name, config, generation_config):
+        self._client = client
+        self.rm_device = device
+        self.rm_key = prepared["key"]
+        self.rm_backend = prepared.get("backend")
+        self.rm_model = registered["model"]
+        self.name_or_path = name
+        self.config = config
+        self.generation_config = generation_config
+        self.training = False
+
+    def __repr__(self):
+        return "RemoteModel(%r on %s via rm-agent backend %s)" % (self.name_or_path, self.rm_device, self.rm_backend)
+
+    # Inputs stay on the host: the agent moves them to the accelerator. So the
+    # "device" a script moves tensors to is the CPU, and to()/cuda() are no-ops.
+    @property
+    def device(self):
+        if "torch" in sys.modules:
+            return sys.modules["torch"].device("cpu")
+        return "cpu"
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        if mode:
+            _log.warn("train() has no effect: the model runs in the node agent, inference only")
+        return self
+
+    cpu = cuda = half = float = bfloat16 = eval
+
+    def can_generate(self):
+        return True
+
+    def forward(self, *args, **kwargs):
+        # The agent API returns tokens, not logits (see python/README.md).
+        raise NotImplementedError("rm_abstract: forward()/__call__ need logits, which the node agent does not return; use generate()")
+
+    __call__ = forward
+
+    def generate(self, inputs=None, generation_config=None, streamer=None, **kwargs):
+        input_ids = kwargs.pop("input_ids", inputs)
+        if input_ids is None:
+            raise ValueError("generate() needs input_ids")
+        mask = kwargs.pop("attention_mask", None)
+        kind = _kind(input_ids)
+        rows, flat = _rows(input_ids)
+        gc = generation_config or self.generation_config
+
+        def opt(k, default=None):
+            return kwargs.pop(k) if kwargs.get(k) is not None else _gc(gc, k, default)
+
+        if opt("num_beams", 1) != 1:
+            raise NotImplementedError("rm_abstract: beam search (num_beams > 1) is not supported by the node agent")
+        n_ret = int(opt("num_return_sequences", 1))
+        width = len(rows[0]) if rows else 0
+        # transformers: max_new_tokens wins over max_length, which counts the
+        # (padded) prompt; arguments win over the model's generation_config.
+        if kwargs.get("max_new_tokens") is not None:
+            max_new = kwargs.pop("max_new_tokens")
+        elif kwargs.get("max_length") is not None:
+            max_new = int(kwargs.pop("max_length")) - width
+        elif _gc(gc, "max_new_tokens") is not None:
+            max_new = _gc(gc, "max_new_tokens")
+        else:
+            max_new = int(_gc(gc, "max_length", 20)) - width
+        max_new = max(int(max_new), 0)
+        do_sample = bool(opt("do_sample", False))
+        eos = _ids(opt("eos_token_id"))
+        pad = opt("pad_token_id")
+        if pad is None:
+            pad = eos[0] if eos else 0
+        seed = kwargs.pop("seed", None)
+        body = {"key": self.rm_key, "device": self.rm_device, "max_new_tokens": int(max_new), "do_sample": do_sample}
+        if do_sample:
+            body["temperature"] = float(opt("temperature", 1.0))
+            top_k, top_p = opt("top_k", 50), opt("top_p", 1.0)
+            if top_k:
+                body["top_k"] = int(top_k)
+            if top_p is not None and float(top_p) < 1.0:
+                body["top_p"] = float(top_p)
+            # transformers draws from torch's RNG, which differs per call;
+            # a fresh seed keeps that (pass seed= to reproduce a run).
+            body["seed"] = int(seed) if seed is not None else random.getrandbits(31)
+        if eos:
+            body["eos_token_id"] = eos
+        for k in ("temperature", "top_k", "top_p", "max_length", "use_cache", "output_scores",
+                  "return_dict_in_generate", "token_type_ids"):
+            kwargs.pop(k, None)
+        if kwargs:
+            _log.warn("generate(): ignoring arguments the agent does not support: %s" % ", ".join(sorted(kwargs)))
+
+        # Padding: the agent wants each prompt without pad tokens; the result
+        # keeps the caller's rows as given, like transformers does.
+        masks = _rows(mask)[0] if mask is not None else [[1] * len(r) for r in rows]
+        prompts = [[t for t, m in zip(r, mk) if m] for r, mk in zip(rows, masks)]
+        prompts = [p for p in prompts for _ in range(n_ret)]
+        rows = [r for r in rows for _ in range(n_ret)]
+        if max_new == 0:
+            return _as_kind(rows, kind, flat)
+        body["input_ids"] = prompts
+
+        if streamer is not None:
+            ak = _array_kind(kind)
+            streamer.put(_as_kind(rows, ak))
+            result = self._client.generate(body, on_token=lambda ev: streamer.put(_as_kind([[ev["token_id"]]], ak, True)))
+            streamer.end()
+        else:
+            result = self._client.generate(body)
+        outs = [r + list(o["token_ids"]) for r, o in zip(rows, result["outputs"])]
+        longest = max(len(o) for o in outs)
+        outs = [o + [pad] * (longest - len(o)) for o in outs]
+        return _as_kind(outs, kind, flat)

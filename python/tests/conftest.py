@@ -1,0 +1,198 @@
+"""Fixtures: a real rm-agent, a tiny random llama saved as a HuggingFace
+directory, an independent raw client of the agent (so that "same tokens as
+the agent directly" does not compare rm_abstract with itself), and a runner
+for unchanged user scripts in a clean subprocess."""
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+PYTHON_DIR = Path(__file__).resolve().parents[1]
+REPO = PYTHON_DIR.parent
+
+
+# -- the agent ----------------------------------------------------------------
+
+def _agent_binary():
+    if os.environ.get("RM_AGENT_BIN"):
+        return Path(os.environ["RM_AGENT_BIN"])
+    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
+    binary = target / "debug" / "rm-agent"
+    if shutil.which("cargo"):
+        # a no-op when up to date; keeps the tests honest after agent changes
+        r = subprocess.run(["cargo", "build", "-q", "-p", "rm-agent"], cwd=REPO)
+        if r.returncode != 0 and not binary.exists():
+            pytest.fail("cargo build -p rm-agent failed")
+    if not binary.exists():
+        pytest.skip("no rm-agent binary (set RM_AGENT_BIN or install cargo)")
+    return binary
+
+
+class Agent:
+    def __init__(self, binary, root):
+        self.binary, self.root = binary, Path(root)
+        self.socket = self.root / "run" / "agent.sock"
+        self.cache = self.root / "cache"
+        self.state = self.root / "state"
+        (self.state / "tokens").mkdir(parents=True, exist_ok=True)
+        self.socket.parent.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.root / "agent.log", "wb")
+        self.proc = subprocess.Popen(
+            [str(binary), "--socket", str(self.socket), "--cache-dir", str(self.cache), "--state-dir", str(self.state)],
+            stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ, RM_LOG="warn"))
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.socket.exists():
+                try:
+                    self.call("GET", "/healthz")
+                    return
+                except OSError:
+                    pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError("rm-agent did not start; log: %s" % (self.root / "agent.log").read_text())
+
+    def call(self, method, path, body=None, token=None):
+        """Raw HTTP over the unix socket; returns (status, decoded body or text)."""
+        class Conn(http.client.HTTPConnection):
+            def connect(c):
+                c.sock = socket.socket(socket.AF_UNIX)
+                c.sock.connect(str(self.socket))
+        c = Conn("rm-agent", timeout=300)
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = "Bearer " + token
+        c.request(method, path, json.dumps(body) if body is not None else None, headers)
+        r = c.getresponse()
+        data = r.read()
+        c.close()
+        try:
+            return r.status, json.loads(data)
+        except ValueError:
+            return r.status, data.decode()
+
+    def direct_generate(self, source_path, input_ids, max_new_tokens, **extra):
+        """What the agent produces without rm_abstract: register by path, prepare, generate."""
+        st, reg = self.call("POST", "/v1/models", {"source": {"path": str(source_path)}})
+        assert st == 200, reg
+        st, prep = self.call("POST", "/v1/prepare", {"model": reg["model"], "device": "cpu"})
+        assert st == 200, prep
+        body = dict({"key": prep["key"], "device": "cpu", "input_ids": input_ids,
+                     "max_new_tokens": max_new_tokens}, **extra)
+        st, out = self.call("POST", "/v1/generate", body)
+        assert st == 200, out
+        return [o["token_ids"] for o in out["outputs"]]
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def agent(tmp_path_factory):
+    # short root: unix socket paths are limited to ~107 bytes
+    root = Path(os.environ.get("RM_TEST_TMP", "/tmp")) / ("rmpy-%d" % os.getpid())
+    shutil.rmtree(root, ignore_errors=True)
+    a = Agent(_agent_binary(), root)
+    yield a
+    a.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+# -- a tiny random llama as a HuggingFace directory ----------------------------
+
+TINY_VOCAB = 256
+_CORPUS = ("Hello world. The capital of France is Paris. The quick brown fox jumps over the lazy dog. "
+           "Models run on GPUs and NPUs; hello again, world! ") * 20
+
+
+def make_tiny_llama(d, seed=7):
+    import numpy as np
+    from safetensors.numpy import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    hidden, inter, layers, heads, kv = 64, 128, 2, 4, 2
+    hd = hidden // heads
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+           "intermediate_size": inter, "vocab_size": TINY_VOCAB, "num_hidden_layers": layers,
+           "num_attention_heads": heads, "num_key_value_heads": kv, "rms_norm_eps": 1e-5,
+           "rope_theta": 10000.0, "max_position_embeddings": 256, "bos_token_id": 1,
+           "eos_token_id": 2, "tie_word_embeddings": False, "torch_dtype": "float32"}
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    rng = np.random.default_rng(seed)
+
+    def w(*shape, scale=0.3):
+        return (rng.uniform(-1, 1, size=shape) * scale).astype(np.float32)
+
+    def ones(n):
+        return (1.0 + rng.uniform(-0.1, 0.1, size=(n,))).astype(np.float32)
+    t = {"model.embed_tokens.weight": w(TINY_VOCAB, hidden, scale=1.0), "model.norm.weight": ones(hidden),
+         "lm_head.weight": w(TINY_VOCAB, hidden)}
+    for i in range(layers):
+        p = "model.layers.%d." % i
+        t.update({p + "input_layernorm.weight": ones(hidden), p + "post_attention_layernorm.weight": ones(hidden),
+                  p + "self_attn.q_proj.weight": w(heads * hd, hidden), p + "self_attn.k_proj.weight": w(kv * hd, hidden),
+                  p + "self_attn.v_proj.weight": w(kv * hd, hidden), p + "self_attn.o_proj.weight": w(hidden, heads * hd),
+                  p + "mlp.gate_proj.weight": w(inter, hidden), p + "mlp.up_proj.weight": w(inter, hidden),
+                  p + "mlp.down_proj.weight": w(hidden, inter)})
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+    # A byte-level BPE trained to exactly the model's vocabulary size, with
+    # <unk>/<s>/</s> at 0/1/2 to match the config's bos/eos ids.
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # (no initial alphabet: only the corpus' characters, so it stays small)
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
+                                  show_progress=False)
+    tok.train_from_iterator([_CORPUS], trainer)
+    assert tok.get_vocab_size() <= TINY_VOCAB, tok.get_vocab_size()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+# -- running unchanged scripts ---------------------------------------------------
+
+def injected_env(agent, **extra):
+    """Exactly what the webhook injects, plus PYTHONPATH; nothing from this process."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root"),
+           "PYTHONPATH": str(PYTHON_DIR), "RM_INJECTED": "1", "RM_DEVICE": "cpu",
+           "RM_AGENT_SOCKET": str(agent.socket) if agent else "/nonexistent/agent.sock",
+           "RM_POD_NAME": "test-pod", "RM_POD_NAMESPACE": "default", "RM_POD_UID": "0000",
+           "HF_HUB_OFFLINE": "1"}  # the tests never need the network
+    env.update({k: v for k, v in extra.items() if v is not None})
+    for k in [k for k, v in extra.items() if v is None]:
+        env.pop(k, None)
+    return env
+
+
+def run_script(tmp_path, code, env, python=sys.executable, args=(), timeout=300):
+    script = Path(tmp_path) / "script.py"
+    script.write_text(code)
+    return subprocess.run([python, str(script), *map(str, args)], env=env, cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def rm_lines(stderr):
+    return [l for l in stderr.splitlines() if l.startswith("rm_abstract:")]
