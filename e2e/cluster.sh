@@ -255,6 +255,11 @@ cmd_up() {
     if pid_alive kube-apiserver && apiserver_ready; then
         log "already up; reusing it"
     else
+        # Nothing usable is running: start from a clean state, so that a
+        # control plane left by an earlier session brings none of its objects.
+        stop_processes
+        rm -rf "$STATE"
+        mkdir -p "$STATE"
         make_pki
         local pki="$STATE/pki"
         start etcd --name rm-e2e --data-dir "$STATE/etcd" \
@@ -304,7 +309,7 @@ cmd_up() {
     echo "$KUBECONFIG_PATH"
 }
 
-cmd_down() {
+stop_processes() {
     local name pid
     for name in kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
         [[ -f "$STATE/pids/$name.pid" ]] || continue
@@ -316,6 +321,10 @@ cmd_down() {
             kill -KILL "$pid" 2>/dev/null || true
         fi
     done
+}
+
+cmd_down() {
+    stop_processes
     rm -rf "$STATE" "$STATE.lock"
     log "down"
 }
