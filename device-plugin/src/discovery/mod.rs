@@ -53,6 +53,34 @@ pub struct Device {
 }
 
 impl Device {
+    /// A device on the PCI bus with one device node of its own, Healthy
+    /// unless that node is missing under `root`.
+    pub(crate) fn with_node(
+        root: &Path,
+        pci: &pci::PciDevice,
+        device_type: DeviceType,
+        index: u32,
+        id: String,
+        node: PathBuf,
+    ) -> Self {
+        let mut dev = Device {
+            id,
+            device_type,
+            index,
+            pci_address: Some(pci.address.clone()),
+            numa_node: pci.numa_node,
+            nodes: vec![node.clone()],
+            mounts: Vec::new(),
+            health: Health::Healthy,
+            reason: None,
+            heartbeat: None,
+        };
+        if !under(root, &node).exists() {
+            dev.mark_unhealthy(format!("{} is missing", node.display()));
+        }
+        dev
+    }
+
     pub(crate) fn mark_unhealthy(&mut self, reason: impl Into<String>) {
         if self.health == Health::Healthy {
             self.health = Health::Unhealthy;

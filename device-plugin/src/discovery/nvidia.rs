@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use rm_crds::device::DeviceType;
 
 use super::pci::PciDevice;
-use super::{Device, Health, VendorInventory, existing, under};
+use super::{Device, VendorInventory, existing, under};
 
 const CONTROL_NODES: [&str; 4] = [
     "/dev/nvidiactl",
@@ -65,21 +65,8 @@ pub(crate) fn discover(root: &Path, pci: &[PciDevice]) -> VendorInventory {
         };
         let uuid = field("GPU UUID").filter(|u| u.starts_with("GPU-") && u.len() <= 63);
         let node = PathBuf::from(format!("/dev/nvidia{minor}"));
-        let mut dev = Device {
-            id: uuid.unwrap_or_else(|| p.address.clone()),
-            device_type: DeviceType::Gpu,
-            index: minor,
-            pci_address: Some(p.address.clone()),
-            numa_node: p.numa_node,
-            nodes: vec![node.clone()],
-            mounts: Vec::new(),
-            health: Health::Healthy,
-            reason: None,
-            heartbeat: None,
-        };
-        if !under(root, &node).exists() {
-            dev.mark_unhealthy(format!("{} is missing", node.display()));
-        }
+        let id = uuid.unwrap_or_else(|| p.address.clone());
+        let mut dev = Device::with_node(root, p, DeviceType::Gpu, minor, id, node);
         if ctl_missing {
             dev.mark_unhealthy("/dev/nvidiactl is missing (driver not loaded?)");
         }

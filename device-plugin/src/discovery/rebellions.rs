@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use rm_crds::device::DeviceType;
 
 use super::pci::PciDevice;
-use super::{Device, Health, VendorInventory, list_dir, under};
+use super::{Device, VendorInventory, list_dir};
 
 /// PCI device ids per product card (Rebellions' `DeviceMapping`).
 pub const PRODUCT_IDS: [(u16, &str); 6] = [
@@ -63,21 +63,7 @@ pub(crate) fn discover(root: &Path, pci: &[PciDevice]) -> VendorInventory {
             continue;
         };
         let node = PathBuf::from(format!("/dev/rbln{index}"));
-        let mut dev = Device {
-            id: p.address.clone(),
-            device_type: DeviceType::Rbln,
-            index,
-            pci_address: Some(p.address.clone()),
-            numa_node: p.numa_node,
-            nodes: vec![node.clone()],
-            mounts: Vec::new(),
-            health: Health::Healthy,
-            reason: None,
-            heartbeat: None,
-        };
-        if !under(root, &node).exists() {
-            dev.mark_unhealthy(format!("{} is missing", node.display()));
-        }
+        let dev = Device::with_node(root, p, DeviceType::Rbln, index, p.address.clone(), node);
         inv.devices.push(dev);
     }
     inv
