@@ -1,31 +1,41 @@
-//! Device tokens: the device plugin writes one JSON file per allocation into
-//! `<state-dir>/tokens/`, named by the SHA-256 of the token (so the directory
-//! listing does not reveal tokens). A request for an accelerator must carry a
-//! token, and may use only that allocation's devices. The decision is the pure
-//! function [`authorize`]; [`TokenStore`] only reads files.
+//! Device tokens: the device plugin writes one record per allocation into
+//! `<state-dir>/tokens/` (`rm_crds::token`, named by the SHA-256 of the
+//! token). A request for an accelerator must carry a token, and may use only
+//! that allocation's devices. The decision is the pure function
+//! [`authorize`]; [`TokenStore`] only reads records.
 
 use std::path::{Path, PathBuf};
 
+use rm_crds::token::{self, ReadError, TokenRecord};
 use rm_crds::{DeviceRequest, DeviceType};
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::cache::key::hex;
-
-/// One token file, as the device plugin writes it (see agent/README.md).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// What the agent needs of a token record.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Allocation {
-    /// Format version; this agent reads version 1.
-    pub version: u32,
     pub device_type: DeviceType,
-    /// Host device ids of the allocation, in the order the container numbers
-    /// them (`rbln:0` is the first).
+    /// The devices as the vendor's runtime names them on the host, in the
+    /// order the container numbers them (`rbln:0` is the first).
     pub devices: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resource_name: Option<String>,
-    /// Unix seconds after which the token is refused.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expires_unix: Option<u64>,
+    /// Unix milliseconds after which the token is refused.
+    pub expires_unix_ms: Option<u64>,
+}
+
+impl TryFrom<&TokenRecord> for Allocation {
+    type Error = AuthError;
+
+    fn try_from(rec: &TokenRecord) -> Result<Self, AuthError> {
+        let device_type = rec.device_type().ok_or_else(|| {
+            AuthError::BadTokenFile(format!(
+                "the record of {} grants no devices",
+                rec.resource_name
+            ))
+        })?;
+        Ok(Allocation {
+            device_type,
+            devices: rec.visible_ids(),
+            expires_unix_ms: rec.expires_unix_ms,
+        })
+    }
 }
 
 /// Where a request may run.
@@ -78,10 +88,10 @@ impl AuthError {
 pub fn authorize(
     request: DeviceRequest,
     allocation: Option<&Allocation>,
-    now_unix: u64,
+    now_unix_ms: u64,
 ) -> Result<Target, AuthError> {
     if let Some(a) = allocation {
-        if a.expires_unix.is_some_and(|e| e <= now_unix) {
+        if a.expires_unix_ms.is_some_and(|e| e <= now_unix_ms) {
             return Err(AuthError::Expired);
         }
     }
@@ -128,12 +138,7 @@ pub fn authorize(
     })
 }
 
-/// SHA-256 hex of a token: the name of its file without `.json`.
-pub fn token_file_stem(token: &str) -> String {
-    hex(&Sha256::digest(token.as_bytes()))
-}
-
-/// Reads token files from `<state-dir>/tokens/` on every lookup, so the
+/// Reads token records from `<state-dir>/tokens/` on every lookup, so the
 /// device plugin may add and remove them at any time.
 #[derive(Clone, Debug)]
 pub struct TokenStore {
@@ -143,7 +148,7 @@ pub struct TokenStore {
 impl TokenStore {
     pub fn new(state_dir: Option<&Path>) -> Self {
         TokenStore {
-            dir: state_dir.map(|d| d.join("tokens")),
+            dir: state_dir.map(|d| d.join(token::TOKENS_DIR)),
         }
     }
 
@@ -154,24 +159,11 @@ impl TokenStore {
         if token.is_empty() || token.len() > 4096 {
             return Err(AuthError::UnknownToken);
         }
-        let path = dir.join(format!("{}.json", token_file_stem(token)));
-        let raw = match std::fs::read(&path) {
-            Ok(r) => r,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(AuthError::UnknownToken);
-            }
-            Err(e) => return Err(AuthError::BadTokenFile(e.to_string())),
-        };
-        let a: Allocation = serde_json::from_slice(&raw)
-            .map_err(|e| AuthError::BadTokenFile(format!("{}: {e}", path.display())))?;
-        if a.version != 1 {
-            return Err(AuthError::BadTokenFile(format!(
-                "{}: version {} is not supported (expected 1)",
-                path.display(),
-                a.version
-            )));
+        match token::read(dir, token) {
+            Ok(rec) => Allocation::try_from(&rec),
+            Err(ReadError::NotFound) => Err(AuthError::UnknownToken),
+            Err(e) => Err(AuthError::BadTokenFile(e.to_string())),
         }
-        Ok(a)
     }
 }
 
@@ -181,11 +173,9 @@ mod tests {
 
     fn alloc(t: DeviceType, n: usize) -> Allocation {
         Allocation {
-            version: 1,
             device_type: t,
             devices: (0..n).map(|i| format!("{}", i + 4)).collect(),
-            resource_name: None,
-            expires_unix: None,
+            expires_unix_ms: None,
         }
     }
 
@@ -248,23 +238,47 @@ mod tests {
     #[test]
     fn expired_token_is_refused() {
         let mut a = alloc(DeviceType::Gpu, 1);
-        a.expires_unix = Some(10);
+        a.expires_unix_ms = Some(10);
         assert_eq!(authorize(req("gpu"), Some(&a), 11), Err(AuthError::Expired));
     }
 
     #[test]
-    fn token_files_are_named_by_hash() {
+    fn records_are_found_by_the_hash_of_their_token() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let tokens = dir.path().join("tokens");
+        let tokens = dir.path().join(token::TOKENS_DIR);
         std::fs::create_dir_all(&tokens).expect("mkdir");
-        let a = alloc(DeviceType::Furiosa, 1);
-        std::fs::write(
-            tokens.join(format!("{}.json", token_file_stem("s3cret"))),
-            serde_json::to_vec(&a).expect("json"),
-        )
-        .expect("write");
+        let mut rec = TokenRecord {
+            version: token::RECORD_VERSION,
+            token_sha256: token::token_sha256("s3cret"),
+            resource_name: "furiosa.ai/rngd".into(),
+            device_ids: vec!["u-1".into()],
+            devices: vec![rm_crds::token::TokenDevice {
+                id: "u-1".into(),
+                device_type: DeviceType::Furiosa,
+                index: 1,
+                pci_address: None,
+                nodes: vec![],
+            }],
+            created_unix_ms: 0,
+            expires_unix_ms: None,
+        };
+        let path = token::record_path(&tokens, &rec.token_sha256);
+        std::fs::write(&path, serde_json::to_vec(&rec).expect("json")).expect("write");
         let store = TokenStore::new(Some(dir.path()));
-        assert_eq!(store.lookup("s3cret"), Ok(a));
+        assert_eq!(
+            store.lookup("s3cret"),
+            Ok(Allocation {
+                device_type: DeviceType::Furiosa,
+                devices: vec!["npu:1".into()],
+                expires_unix_ms: None,
+            })
+        );
         assert_eq!(store.lookup("other"), Err(AuthError::UnknownToken));
+        rec.devices.clear();
+        std::fs::write(&path, serde_json::to_vec(&rec).expect("json")).expect("write");
+        assert!(matches!(
+            store.lookup("s3cret"),
+            Err(AuthError::BadTokenFile(m)) if m.contains("grants no devices")
+        ));
     }
 }

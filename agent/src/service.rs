@@ -151,7 +151,7 @@ impl Agent {
             Some(t) => Some(self.tokens.lookup(t)?),
             None => None,
         };
-        let now = crate::cache::store::now_ms() / 1000;
+        let now = crate::cache::store::now_ms();
         auth::authorize(request, allocation.as_ref(), now).map_err(|e| {
             Metrics::inc(&self.metrics.refused_requests);
             AgentError::Auth(e)

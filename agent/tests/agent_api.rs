@@ -285,7 +285,7 @@ fn sixteen_concurrent_prepares_run_one_compile() {
     let model = dir.path().join("tiny");
     tiny_llama(&model, 1);
     let agent = Agent::start(dir.path(), Some(test_double_plugins(dir.path())), &[]);
-    agent.add_token("tok-gpu", "gpu", &["3"]);
+    agent.add_token("tok-gpu", "gpu", &[3]);
     let results: Vec<common::Reply> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..16)
             .map(|_| {
@@ -342,7 +342,7 @@ fn sigkill_during_compile_leaves_no_entry_and_retry_succeeds() {
     let model = dir.path().join("tiny");
     tiny_llama(&model, 2);
     let mut agent = Agent::start(dir.path(), Some(test_double_plugins(dir.path())), &[]);
-    agent.add_token("tok", "gpu", &["0"]);
+    agent.add_token("tok", "gpu", &[0]);
     let sock = agent.socket.clone();
     let m = model.clone();
     let pending = std::thread::spawn(move || {
@@ -414,8 +414,8 @@ fn accelerator_requests_need_a_token_for_their_devices() {
     let model = dir.path().join("tiny");
     tiny_llama(&model, 4);
     let agent = Agent::start(dir.path(), Some(test_double_plugins(dir.path())), &[]);
-    agent.add_token("good", "gpu", &["5", "6"]);
-    agent.add_token("rbln-token", "rbln", &["0"]);
+    agent.add_token("good", "gpu", &[5, 6]);
+    agent.add_token("rbln-token", "rbln", &[0]);
     let body = json!({"source": {"path": model}, "device": "gpu:0"});
 
     let r = agent.post("/v1/prepare", body.clone());
@@ -480,7 +480,7 @@ fn crashed_or_garbled_worker_is_restarted() {
     let model = dir.path().join("tiny");
     tiny_llama(&model, 6);
     let agent = Agent::start(dir.path(), Some(test_double_plugins(dir.path())), &[]);
-    agent.add_token("t", "gpu", &["0"]);
+    agent.add_token("t", "gpu", &[0]);
     let p = agent
         .post_auth(
             "/v1/prepare",
@@ -710,7 +710,7 @@ fn shipped_workers_are_discovered_and_report_missing_sdks() {
         }
     }
     // With no SDK, an rbln request with a valid token gets a clear 503.
-    agent.add_token("r", "rbln", &["0"]);
+    agent.add_token("r", "rbln", &[0]);
     let model = dir.path().join("tiny");
     tiny_llama(&model, 12);
     let r = agent.post_auth(

@@ -1,8 +1,10 @@
 //! Types shared by every rm-abstract component: the `InferenceWorkload`
 //! custom resource and the device table (types, aliases, resource names,
-//! priorities, device strings).
+//! priorities, device strings) and the allocation token records between the
+//! device plugin and the node agent.
 
 pub mod device;
+pub mod token;
 pub mod workload;
 
 pub use device::{DeviceRequest, DeviceStringError, DeviceType, Priority};

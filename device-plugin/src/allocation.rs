@@ -119,12 +119,7 @@ pub fn container_response(
 fn visible_value(t: DeviceType, devices: &[&Device]) -> String {
     let parts: Vec<String> = devices
         .iter()
-        .map(|d| match t {
-            // The NVIDIA container runtime accepts UUIDs and minor numbers.
-            DeviceType::Gpu if d.id.starts_with("GPU-") => d.id.clone(),
-            DeviceType::Furiosa => format!("npu:{}", d.index),
-            _ => d.index.to_string(),
-        })
+        .map(|d| rm_crds::token::visible_id(t, &d.id, d.index))
         .collect();
     parts.join(",")
 }

@@ -34,7 +34,7 @@ pub fn stale_tokens(
                 .iter()
                 .any(|id| live.contains(&(r.resource_name.clone(), id.clone())))
         })
-        .map(|r| r.token.clone())
+        .map(|r| r.token_sha256.clone())
         .collect()
 }
 
@@ -104,9 +104,8 @@ impl TokenCollector {
                 Ok(removed) => {
                     failing = false;
                     for t in removed {
-                        // Log a prefix only: the token is a credential.
                         tracing::info!(
-                            token_prefix = &t[..t.len().min(8)],
+                            token_sha256_prefix = &t[..t.len().min(12)],
                             "removed token of a vanished container"
                         );
                     }
@@ -129,11 +128,12 @@ mod tests {
     fn only_old_tokens_without_a_live_holder_are_stale() {
         let rec = |token: &str, id: &str, created| TokenRecord {
             version: 1,
-            token: token.into(),
+            token_sha256: token.into(),
             resource_name: "nvidia.com/gpu".into(),
             device_ids: vec![id.into()],
             devices: vec![],
             created_unix_ms: created,
+            expires_unix_ms: None,
         };
         let records = [
             rec("held", "GPU-a", 0),

@@ -15,7 +15,7 @@ use crate::api;
 use crate::api::device_plugin_server::DevicePlugin;
 use crate::discovery::{Device, Health};
 use crate::resource::ResourceManager;
-use crate::tokens::{RECORD_VERSION, TokenDevice, TokenRecord, TokenStore};
+use crate::tokens::{RECORD_VERSION, TokenRecord, TokenStore, token_device, token_sha256};
 
 pub struct DevicePluginService {
     pub manager: Arc<ResourceManager>,
@@ -129,11 +129,12 @@ impl DevicePlugin for DevicePluginService {
             let token = TokenStore::mint().map_err(|e| Status::internal(e.to_string()))?;
             let record = TokenRecord {
                 version: RECORD_VERSION,
-                token: token.clone(),
+                token_sha256: token_sha256(&token),
                 resource_name: self.manager.resource_name.clone(),
                 device_ids: req.devices_ids.clone(),
-                devices: physical.iter().map(|d| TokenDevice::from(*d)).collect(),
+                devices: physical.iter().map(|d| token_device(d)).collect(),
                 created_unix_ms: TokenStore::now_ms(),
+                expires_unix_ms: None,
             };
             self.tokens.record(&record).map_err(|e| {
                 tracing::error!(error = %e, "cannot record allocation token");

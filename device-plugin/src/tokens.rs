@@ -1,6 +1,7 @@
-//! Allocation tokens: for every Allocate a random token is minted and
-//! `<state dir>/tokens/<token>.json` records which devices it grants. The node
-//! agent reads these files and lets a pod use only its token's devices.
+//! Allocation tokens: for every Allocate a random token is minted and its
+//! record (`rm_crds::token`, the format the node agent reads) is written to
+//! `<state dir>/tokens/<sha256(token)>.json`. Records are keyed by the token's
+//! hash here too, so the token itself never touches the disk.
 //!
 //! Writes are atomic (temporary file, then rename in the same directory), so a
 //! reader sees a whole record or none. They are not fsynced: after a crash of
@@ -14,55 +15,27 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rm_crds::device::DeviceType;
-use serde::{Deserialize, Serialize};
+pub use rm_crds::token::{RECORD_VERSION, TOKENS_DIR, TokenDevice, TokenRecord, token_sha256};
 
 use crate::discovery::Device;
 use crate::error::{Error, Result};
 
-pub const TOKENS_DIR: &str = "tokens";
-pub const RECORD_VERSION: u32 = 1;
-
-/// One token's grant, as the node agent reads it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TokenRecord {
-    pub version: u32,
-    pub token: String,
-    pub resource_name: String,
-    /// The IDs the kubelet allocated (with `::N` replica suffixes if shared).
-    pub device_ids: Vec<String>,
-    pub devices: Vec<TokenDevice>,
-    pub created_unix_ms: u64,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TokenDevice {
-    pub id: String,
-    pub device_type: DeviceType,
-    pub index: u32,
-    pub pci_address: Option<String>,
-    pub nodes: Vec<String>,
-}
-
-impl From<&Device> for TokenDevice {
-    fn from(d: &Device) -> Self {
-        TokenDevice {
-            id: d.id.clone(),
-            device_type: d.device_type,
-            index: d.index,
-            pci_address: d.pci_address.clone(),
-            nodes: d
-                .nodes
-                .iter()
-                .map(|p| p.to_string_lossy().into_owned())
-                .collect(),
-        }
+/// The record of one allocation's physical devices.
+pub fn token_device(d: &Device) -> TokenDevice {
+    TokenDevice {
+        id: d.id.clone(),
+        device_type: d.device_type,
+        index: d.index,
+        pci_address: d.pci_address.clone(),
+        nodes: d
+            .nodes
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect(),
     }
 }
 
-/// token → (resource name, device IDs) of the records on disk.
+/// token hash → (resource name, device IDs) of the records on disk.
 type Index = HashMap<String, (String, Vec<String>)>;
 
 #[derive(Debug)]
@@ -93,7 +66,7 @@ impl TokenStore {
         let existing: Index = store
             .list()?
             .into_iter()
-            .map(|r| (r.token, (r.resource_name, r.device_ids)))
+            .map(|r| (r.token_sha256, (r.resource_name, r.device_ids)))
             .collect();
         *store.lock_index() = existing;
         Ok(store)
@@ -128,7 +101,7 @@ impl TokenStore {
         let superseded: Vec<String> = index
             .iter()
             .filter(|(token, (resource, ids))| {
-                **token != rec.token
+                **token != rec.token_sha256
                     && *resource == rec.resource_name
                     && ids.iter().any(|id| rec.device_ids.contains(id))
             })
@@ -136,7 +109,7 @@ impl TokenStore {
             .collect();
         self.write(rec)?;
         index.insert(
-            rec.token.clone(),
+            rec.token_sha256.clone(),
             (rec.resource_name.clone(), rec.device_ids.clone()),
         );
         for t in &superseded {
@@ -154,10 +127,10 @@ impl TokenStore {
 
     fn write(&self, rec: &TokenRecord) -> Result<()> {
         let json = serde_json::to_vec_pretty(rec).map_err(|source| Error::TokenRecord {
-            path: self.path_of(&rec.token),
+            path: self.path_of(&rec.token_sha256),
             source,
         })?;
-        let tmp = self.dir.join(format!(".{}.tmp", rec.token));
+        let tmp = self.dir.join(format!(".{}.tmp", rec.token_sha256));
         let state_err = |path: &Path| {
             let path = path.to_owned();
             move |source| Error::State { path, source }
@@ -171,12 +144,13 @@ impl TokenStore {
             .map_err(state_err(&tmp))?;
         f.write_all(&json).map_err(state_err(&tmp))?;
         drop(f);
-        let dest = self.path_of(&rec.token);
+        let dest = self.path_of(&rec.token_sha256);
         std::fs::rename(&tmp, &dest).map_err(state_err(&dest))
     }
 
-    pub fn path_of(&self, token: &str) -> PathBuf {
-        self.dir.join(format!("{token}.json"))
+    /// The record file of a token hash.
+    pub fn path_of(&self, token_sha256: &str) -> PathBuf {
+        rm_crds::token::record_path(&self.dir, token_sha256)
     }
 
     /// All readable records; malformed files are skipped with a warning.
@@ -208,10 +182,11 @@ impl TokenStore {
         Ok(out)
     }
 
-    pub fn remove(&self, token: &str) -> Result<()> {
+    /// Removes the record of a token hash.
+    pub fn remove(&self, token_sha256: &str) -> Result<()> {
         let mut index = self.lock_index();
-        remove_file(&self.path_of(token))?;
-        index.remove(token);
+        remove_file(&self.path_of(token_sha256))?;
+        index.remove(token_sha256);
         Ok(())
     }
 }
@@ -234,11 +209,12 @@ mod tests {
     fn rec(token: &str, ids: &[&str]) -> TokenRecord {
         TokenRecord {
             version: RECORD_VERSION,
-            token: token.into(),
+            token_sha256: token.into(),
             resource_name: "nvidia.com/gpu".into(),
             device_ids: ids.iter().map(|s| s.to_string()).collect(),
             devices: vec![],
             created_unix_ms: TokenStore::now_ms(),
+            expires_unix_ms: None,
         }
     }
 
@@ -257,7 +233,7 @@ mod tests {
             .list()
             .expect("list")
             .into_iter()
-            .map(|r| r.token)
+            .map(|r| r.token_sha256)
             .collect();
         assert_eq!(left.len(), 2);
         assert!(left.contains(&"t2".to_string()) && left.contains(&"t3".to_string()));

@@ -81,13 +81,22 @@ async fn gpu_node_registers_lists_with_numa_and_allocates_with_a_token() {
     assert_eq!(c.envs["RM_ALLOCATED_DEVICES"], "gpu:1");
     assert_eq!(c.mounts[0].host_path, "/run/rm-abstract");
     let token = &c.envs["RM_AGENT_TOKEN"];
-    let rec: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(dirs.tokens_dir().join(format!("{token}.json"))).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(rec["deviceIds"][0], GPU1);
-    assert_eq!(rec["devices"][0]["index"], 1);
-    assert_eq!(rec["devices"][0]["deviceType"], "gpu");
+    // Read back with the function the node agent uses: the two agree on the
+    // record format by construction.
+    let rec = rm_crds::token::read(&dirs.tokens_dir(), token).expect("token record");
+    assert_eq!(rec.device_ids, [GPU1]);
+    assert_eq!(rec.devices[0].index, 1);
+    assert_eq!(rec.device_type(), Some(rm_crds::DeviceType::Gpu));
+    assert_eq!(rec.visible_ids(), [GPU1]);
+    assert!(
+        !std::fs::read_to_string(rm_crds::token::record_path(
+            &dirs.tokens_dir(),
+            &rec.token_sha256
+        ))
+        .unwrap()
+        .contains(token.as_str()),
+        "the token itself is not on disk"
+    );
 
     let err = client.allocate(alloc_req(&["GPU-nope"])).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -470,7 +479,8 @@ async fn tokens_of_vanished_containers_are_collected() {
             .unwrap()
             .into_inner(),
     );
-    let file = |t: &str| dirs.tokens_dir().join(format!("{t}.json"));
+    let file =
+        |t: &str| rm_crds::token::record_path(&dirs.tokens_dir(), &rm_crds::token::token_sha256(t));
     assert!(file(&t0).exists() && file(&t1).exists());
 
     // The second container goes away.

@@ -181,13 +181,38 @@ impl Agent {
         )
     }
 
-    /// Writes a token file the way the device plugin does.
-    pub fn add_token(&self, token: &str, device_type: &str, devices: &[&str]) {
-        let name = rm_agent::auth::token_file_stem(token);
-        let body = json!({"version": 1, "device_type": device_type, "devices": devices});
+    /// Writes a token record the way the device plugin does; `devices` are
+    /// host device indices.
+    pub fn add_token(&self, token: &str, device_type: &str, devices: &[u32]) {
+        use rm_crds::token::{self, TokenDevice, TokenRecord};
+        let device_type: rm_crds::DeviceType = device_type.parse().unwrap();
+        let rec = TokenRecord {
+            version: token::RECORD_VERSION,
+            token_sha256: token::token_sha256(token),
+            resource_name: device_type
+                .info()
+                .default_resource_name
+                .unwrap_or("cpu")
+                .to_string(),
+            device_ids: devices.iter().map(|i| format!("dev-{i}")).collect(),
+            devices: devices
+                .iter()
+                .map(|&index| TokenDevice {
+                    id: format!("dev-{index}"),
+                    device_type,
+                    index,
+                    pci_address: None,
+                    nodes: vec![],
+                })
+                .collect(),
+            created_unix_ms: 0,
+            expires_unix_ms: None,
+        };
+        let dir = self.state.join(token::TOKENS_DIR);
+        std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
-            self.state.join("tokens").join(format!("{name}.json")),
-            body.to_string(),
+            token::record_path(&dir, &rec.token_sha256),
+            serde_json::to_vec(&rec).unwrap(),
         )
         .unwrap();
     }

@@ -59,7 +59,9 @@ state = os.path.join(tmp, "state")
 os.makedirs(os.path.join(state, "tokens"))
 token = "gpu-token-123"
 with open(os.path.join(state, "tokens", hashlib.sha256(token.encode()).hexdigest() + ".json"), "w") as f:
-    json.dump({"version": 1, "device_type": "gpu", "devices": ["0"], "resource_name": "nvidia.com/gpu"}, f)
+    json.dump({"version": 1, "tokenSha256": hashlib.sha256(token.encode()).hexdigest(),
+               "resourceName": "nvidia.com/gpu", "deviceIds": ["gpu-0"], "createdUnixMs": 0,
+               "devices": [{"id": "gpu-0", "deviceType": "gpu", "index": 0, "pciAddress": None, "nodes": []}]}, f)
 sock = os.path.join(tmp, "agent.sock")
 agent = subprocess.Popen([sys.argv[1], "--socket", sock, "--cache-dir", os.path.join(tmp, "cache"),
                           "--state-dir", state, "--plugin-dir", os.path.dirname(HERE)])
