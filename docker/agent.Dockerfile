@@ -4,6 +4,10 @@
 ARG RUST_VERSION=1.95
 
 FROM rust:${RUST_VERSION}-bookworm AS build
+# llama.cpp (the cpu engine for GGUF) builds with cmake; bindgen needs libclang.
+RUN apt-get update -qq \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cmake libclang-dev \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 # Cache mounts keep the registry and target directory between builds; the
@@ -13,7 +17,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked -p rm-agent \
  && install -D -m 0755 target/release/rm-agent /out/rm-agent
 
-# glibc + libgcc only (ldd: libgcc_s, libm, libc); no shell, no package manager.
+# glibc, libgcc, libstdc++ and libgomp (llama.cpp's C++ and OpenMP), all in
+# distroless/cc; no shell, no package manager.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/rm-agent /usr/local/bin/rm-agent
 # The external worker backends (Python programs driven over stdin/stdout) for

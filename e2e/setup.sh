@@ -8,9 +8,12 @@ E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 missing=()
-for tool in openssl curl setsid flock base64 ip; do
+for tool in openssl curl setsid flock base64 ip cmake g++; do
     command -v "$tool" >/dev/null || missing+=("$tool")
 done
+# libclang: bindgen in llama-cpp-sys-2 (the agent's llama.cpp engine).
+compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null || compgen -G '/usr/lib/*/libclang*.so*' >/dev/null ||
+    missing+=(libclang)
 if ((${#missing[@]})); then
     log "installing Debian packages for: ${missing[*]}"
     if [[ $(id -u) -ne 0 ]]; then
@@ -18,7 +21,8 @@ if ((${#missing[@]})); then
         exit 1
     fi
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl curl util-linux coreutils iproute2 >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl curl util-linux coreutils iproute2 \
+        cmake g++ libclang-dev >/dev/null
 fi
 
 command -v cargo >/dev/null || { echo "[setup] error: cargo not found; install Rust with rustup" >&2; exit 1; }

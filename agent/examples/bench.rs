@@ -133,7 +133,7 @@ fn main() {
         call(&socket, "POST", "/v1/generate", &gen_body); // load + warm
         let loaded_rss = rss_kib(child.id());
         let artifact = dir.path().join("cache/entries").join(&key);
-        let model = LoadedModel::load(&artifact).unwrap();
+        let model = LoadedModel::load(&artifact, &Default::default()).unwrap();
         let ids = model.encode(prompt).unwrap();
         let params = GenerationParams {
             max_new_tokens: n,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use clap::Parser;
 use rm_agent::api;
 use rm_agent::auth::TokenStore;
-use rm_agent::backend::cpu::CpuBackend;
+use rm_agent::backend::cpu::{CpuBackend, EngineOptions, GgufEngine};
 use rm_agent::backend::worker::{WorkerBackend, discover};
 use rm_agent::backend::{Backend, Registry};
 use rm_agent::cache::CacheStore;
@@ -50,6 +50,13 @@ struct Cli {
         value_delimiter = ','
     )]
     model_path_allow: Vec<PathBuf>,
+    /// Engine for GGUF artifacts on the cpu backend: llama.cpp when the file
+    /// carries a vocabulary (auto), or always one of the two.
+    #[arg(long, env = "RM_CPU_ENGINE", value_enum, default_value_t = GgufEngine::Auto)]
+    cpu_engine: GgufEngine,
+    /// Threads of one CPU generation. Default: the CPUs this process may use.
+    #[arg(long, env = "RM_CPU_THREADS")]
+    cpu_threads: Option<usize>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -93,7 +100,14 @@ async fn run(cli: Cli) -> Result<(), StartError> {
         ModelRegistry::new(&cli.cache_dir, cli.model_path_allow.clone())
             .map_err(io("cannot prepare model store in", &cli.cache_dir))?,
     );
-    let mut backends: Vec<Arc<dyn Backend>> = vec![Arc::new(CpuBackend::default())];
+    let mut engine = EngineOptions {
+        gguf_engine: cli.cpu_engine,
+        ..EngineOptions::default()
+    };
+    if let Some(t) = cli.cpu_threads.filter(|t| *t > 0) {
+        engine.threads = t;
+    }
+    let mut backends: Vec<Arc<dyn Backend>> = vec![Arc::new(CpuBackend::new(engine))];
     if let Some(dir) = &cli.plugin_dir {
         for (wdir, manifest) in discover(dir) {
             tracing::info!(backend = %manifest.name, dir = %wdir.display(), "worker plugin found");

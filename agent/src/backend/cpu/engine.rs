@@ -1,6 +1,8 @@
-//! The cpu engine: loads a compiled artifact (GGUF through candle's
-//! `quantized_llama`, safetensors through candle's `llama`) and generates
-//! with a KV cache. Blocking; the backend runs it on blocking threads.
+//! The cpu engine: loads a compiled artifact and generates with a KV cache.
+//! GGUF artifacts run on llama.cpp (`llama_cpp.rs`) when they carry a
+//! vocabulary, else on candle's `quantized_llama`; safetensors on candle's
+//! `llama`. Tokenizer, sampling, EOS and streaming are shared by all three.
+//! Blocking; the backend runs it on blocking threads.
 
 use std::fs;
 use std::path::Path;
@@ -14,10 +16,42 @@ use candle_transformers::models::{llama, quantized_llama};
 use tokenizers::Tokenizer;
 
 use super::compile::ArtifactManifest;
+use super::llama_cpp::{LlamaCppModel, LlamaCppSession};
 use super::tokenizer::{self, IncrementalDecoder};
 use crate::backend::{BackendError, FinishReason, GenerationParams};
 
+/// Which engine runs GGUF artifacts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum GgufEngine {
+    /// llama.cpp when the GGUF carries a vocabulary (llama.cpp needs one)
+    /// and the CPU has the features llama.cpp was built for, else candle.
+    #[default]
+    Auto,
+    LlamaCpp,
+    Candle,
+}
+
+/// How the cpu backend runs models.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineOptions {
+    pub gguf_engine: GgufEngine,
+    /// Threads of one generation (llama.cpp); candle uses its own pool.
+    pub threads: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            gguf_engine: GgufEngine::Auto,
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        }
+    }
+}
+
 enum Weights {
+    LlamaCpp(LlamaCppModel),
     Quantized(quantized_llama::ModelWeights),
     Full {
         model: Arc<llama::Llama>,
@@ -39,7 +73,8 @@ pub struct LoadedModel {
 }
 
 /// One sequence's state: weights plus its own KV cache.
-enum Session {
+enum Session<'m> {
+    LlamaCpp(LlamaCppSession<'m>),
     Quantized(quantized_llama::ModelWeights),
     Full {
         model: Arc<llama::Llama>,
@@ -47,14 +82,21 @@ enum Session {
     },
 }
 
-impl Session {
-    fn forward(&mut self, ids: &[u32], pos: usize) -> candle_core::Result<Tensor> {
-        let input = Tensor::new(ids, &Device::Cpu)?.unsqueeze(0)?;
+impl Session<'_> {
+    /// Logits (f32) after feeding `ids` at positions `pos..`.
+    fn forward(&mut self, ids: &[u32], pos: usize) -> Result<Tensor, BackendError> {
+        let candle = |r: candle_core::Result<Tensor>| r.map_err(engine_err("forward"));
+        if let Session::LlamaCpp(s) = self {
+            let logits = s.forward(ids, pos)?;
+            return candle(Tensor::from_slice(logits, logits.len(), &Device::Cpu));
+        }
+        let input = candle(Tensor::new(ids, &Device::Cpu).and_then(|t| t.unsqueeze(0)))?;
         let logits = match self {
-            Session::Quantized(w) => w.forward(&input, pos)?,
-            Session::Full { model, cache } => model.forward(&input, pos, cache)?,
+            Session::Quantized(w) => candle(w.forward(&input, pos))?,
+            Session::Full { model, cache } => candle(model.forward(&input, pos, cache))?,
+            Session::LlamaCpp(_) => unreachable!("answered above"),
         };
-        logits.squeeze(0)?.to_dtype(DType::F32)
+        candle(logits.squeeze(0).and_then(|l| l.to_dtype(DType::F32)))
     }
 }
 
@@ -131,7 +173,7 @@ pub fn read_llama_config(dir: &Path) -> Result<llama::LlamaConfig, BackendError>
 }
 
 impl LoadedModel {
-    pub fn load(dir: &Path) -> Result<LoadedModel, BackendError> {
+    pub fn load(dir: &Path, opts: &EngineOptions) -> Result<LoadedModel, BackendError> {
         let manifest = ArtifactManifest::read(dir)?;
         let bytes = crate::cache::store::list_files(dir)
             .map(|fs_| {
@@ -176,13 +218,26 @@ impl LoadedModel {
                 .and_then(|v| v.to_u32().ok())
                 .map(|v| v as usize)
                 .unwrap_or(quantized_llama::MAX_SEQ_LEN);
-            let w = quantized_llama::ModelWeights::from_gguf(content, &mut f, &Device::Cpu)
-                .map_err(|e| BackendError::Unsupported(format!("model.gguf: {e}")))?;
-            (
-                Weights::Quantized(w),
-                vocab,
-                cap(ctx.min(quantized_llama::MAX_SEQ_LEN)),
-            )
+            let has_vocab = content.metadata.contains_key("tokenizer.ggml.model");
+            let llama_cpp = match opts.gguf_engine {
+                GgufEngine::Auto => has_vocab && super::llama_cpp::cpu_supported(),
+                GgufEngine::LlamaCpp => true,
+                GgufEngine::Candle => false,
+            };
+            if llama_cpp {
+                drop(content);
+                let m = LlamaCppModel::load(&path, opts.threads)?;
+                let ctx = m.context_length();
+                (Weights::LlamaCpp(m), vocab, cap(ctx))
+            } else {
+                let w = quantized_llama::ModelWeights::from_gguf(content, &mut f, &Device::Cpu)
+                    .map_err(|e| BackendError::Unsupported(format!("model.gguf: {e}")))?;
+                (
+                    Weights::Quantized(w),
+                    vocab,
+                    cap(ctx.min(quantized_llama::MAX_SEQ_LEN)),
+                )
+            }
         } else {
             let cfg = read_llama_config(dir)?.into_config(false);
             let dtype = match manifest.dtype.as_str() {
@@ -234,8 +289,18 @@ impl LoadedModel {
         })
     }
 
-    fn session(&self) -> Result<Session, BackendError> {
+    /// Which engine runs this model: `llama.cpp` or `candle`.
+    pub fn engine(&self) -> &'static str {
+        match self.weights {
+            Weights::LlamaCpp(_) => "llama.cpp",
+            _ => "candle",
+        }
+    }
+
+    /// A fresh sequence with room for `n_ctx` tokens.
+    fn session(&self, n_ctx: usize) -> Result<Session<'_>, BackendError> {
         Ok(match &self.weights {
+            Weights::LlamaCpp(m) => Session::LlamaCpp(m.session(n_ctx)?),
             Weights::Quantized(w) => {
                 let mut w = w.clone();
                 w.clear_kv_cache();
@@ -313,13 +378,13 @@ impl LoadedModel {
         };
         let sampling = sampling_of(params);
         let mut lp = LogitsProcessor::from_sampling(params.seed, sampling);
-        let mut session = self.session()?;
+        let mut session = self.session(prompt.len() + params.max_new_tokens)?;
         let mut decoder = self.tokenizer.as_ref().map(IncrementalDecoder::new);
         let mut out = Vec::with_capacity(params.max_new_tokens);
         if params.max_new_tokens == 0 {
             return Ok((out, FinishReason::Length));
         }
-        let mut logits = session.forward(prompt, 0).map_err(engine_err("forward"))?;
+        let mut logits = session.forward(prompt, 0)?;
         loop {
             let next = lp.sample(&logits).map_err(engine_err("sampling"))?;
             out.push(next);
@@ -332,9 +397,7 @@ impl LoadedModel {
                 return Ok((out, FinishReason::Length));
             }
             let pos = prompt.len() + out.len() - 1;
-            logits = session
-                .forward(&[next], pos)
-                .map_err(engine_err("forward"))?;
+            logits = session.forward(&[next], pos)?;
         }
     }
 }

@@ -1,7 +1,9 @@
-//! The built-in `cpu` backend: candle's llama-family models, in-process.
+//! The built-in `cpu` backend: llama-family models in-process, on llama.cpp
+//! (GGUF) and candle (safetensors, and GGUF without a vocabulary).
 
 pub mod compile;
 pub mod engine;
+pub mod llama_cpp;
 pub mod tokenizer;
 
 use std::collections::HashMap;
@@ -17,7 +19,7 @@ use super::{
 };
 use crate::cache::CacheKey;
 use crate::source::ModelFormat;
-pub use engine::LoadedModel;
+pub use engine::{EngineOptions, GgufEngine, LoadedModel};
 
 /// candle's version, part of every cpu cache key.
 pub const CANDLE_VERSION: &str = "0.11.1";
@@ -28,16 +30,24 @@ type LoadedMap = Mutex<HashMap<CacheKey, (Arc<LoadedModel>, u64)>>;
 
 pub struct CpuBackend {
     loaded: Arc<LoadedMap>,
-    /// One generation at a time: candle uses every core for one sequence, so
-    /// running two at once only makes both slower.
+    /// One generation at a time: either engine uses every core for one
+    /// sequence, so running two at once only makes both slower.
     compute: Semaphore,
+    options: EngineOptions,
 }
 
 impl Default for CpuBackend {
     fn default() -> Self {
+        CpuBackend::new(EngineOptions::default())
+    }
+}
+
+impl CpuBackend {
+    pub fn new(options: EngineOptions) -> Self {
         CpuBackend {
             loaded: Arc::new(Mutex::new(HashMap::new())),
             compute: Semaphore::new(1),
+            options,
         }
     }
 }
@@ -53,6 +63,7 @@ fn loaded_model(
     loaded: &LoadedMap,
     key: &CacheKey,
     dir: &std::path::Path,
+    options: &EngineOptions,
 ) -> Result<Arc<LoadedModel>, BackendError> {
     {
         let tick = TICK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -64,8 +75,8 @@ fn loaded_model(
             }
         }
         let started = std::time::Instant::now();
-        let m = Arc::new(LoadedModel::load(dir)?);
-        tracing::info!(key = %key, ms = started.elapsed().as_millis() as u64, bytes = m.bytes, "model loaded");
+        let m = Arc::new(LoadedModel::load(dir, options)?);
+        tracing::info!(key = %key, engine = m.engine(), ms = started.elapsed().as_millis() as u64, bytes = m.bytes, "model loaded");
         let mut map = loaded.lock().unwrap_or_else(|p| p.into_inner());
         while map.len() >= MAX_LOADED {
             let oldest = map
@@ -86,7 +97,7 @@ impl Backend for CpuBackend {
     fn info(&self) -> BackendInfo {
         BackendInfo {
             name: "cpu".into(),
-            display_name: "CPU (candle, in-process)".into(),
+            display_name: "CPU (llama.cpp and candle, in-process)".into(),
             version: crate::VERSION.into(),
             vendor: "rm-abstract".into(),
             priority: Priority::LOWEST,
@@ -102,8 +113,12 @@ impl Backend for CpuBackend {
     fn status(&self) -> serde_json::Value {
         let map = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
         serde_json::json!({
-            "loaded_models": map.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
-            "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            "loaded_models": map
+                .iter()
+                .map(|(k, (m, _))| serde_json::json!({"key": k.as_str(), "engine": m.engine()}))
+                .collect::<Vec<_>>(),
+            "threads": self.options.threads,
+            "gguf_engine": format!("{:?}", self.options.gguf_engine),
         })
     }
 
@@ -135,8 +150,9 @@ impl Backend for CpuBackend {
                 .await
                 .map_err(|_| BackendError::Unavailable("the agent is shutting down".into()))?;
             let loaded = self.loaded.clone();
+            let options = self.options;
             tokio::task::spawn_blocking(move || {
-                let model = loaded_model(&loaded, &job.key, &job.artifact_dir)?;
+                let model = loaded_model(&loaded, &job.key, &job.artifact_dir, &options)?;
                 run_batch(&model, &job, on_token.as_ref())
             })
             .await

