@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of rm-abstract: the Rust unit and integration tests (the
-# latter against the local control plane, started or reused), the Python
+# latter against the local control plane, started or reused), the device
+# plugin against the kubelet's own device manager, the Python
 # init's tests against a real node agent, the Helm chart's tests, and the
 # full-stack demo as an end-to-end test. Does the set-up first, so it works
 # on a fresh machine.
@@ -13,6 +14,9 @@ e2e/cluster.sh up >/dev/null
 
 echo "=== Rust: cargo test --workspace"
 cargo test --workspace --locked
+
+echo "=== Device plugin against the kubelet's device manager: e2e/devicemanager.sh"
+e2e/devicemanager.sh "${CARGO_TARGET_DIR:-$ROOT/target}/debug/rm-device-plugin"
 
 echo "=== Python: python/run-tests.sh"
 RM_AGENT_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/rm-agent" python/run-tests.sh

@@ -32,7 +32,8 @@ pub fn init_logging(default_filter: &str) {
                 tracing_subscriber::fmt::layer()
                     .json()
                     .flatten_event(true)
-                    .with_current_span(false),
+                    .with_current_span(false)
+                    .with_writer(std::io::stderr),
             )
             .try_init()
     } else {
@@ -40,6 +41,9 @@ pub fn init_logging(default_filter: &str) {
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_target(true)
+                    // Colour only for a person at a terminal, not in files
+                    // and pipes (kubectl logs, CI).
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                     .with_writer(std::io::stderr),
             )
             .try_init()
