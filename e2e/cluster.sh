@@ -18,8 +18,17 @@ set -euo pipefail
 E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 TOOLS_DIR="$E2E_DIR/tools"
 
-K8S_VERSION=$(awk '$1=="require" && $2=="k8s.io/kubernetes" {print $3}' "$TOOLS_DIR/kubernetes/go.mod")
-ETCD_VERSION=$(awk '$1=="require" && $2=="go.etcd.io/etcd/server/v3" {print $3}' "$TOOLS_DIR/etcd/go.mod")
+# The version a go.mod requires of a module, in a one-line `require` or in a
+# `require ( ... )` block.
+required_version() {
+    awk -v m="$2" '$1=="require" && $2==m {print $3; exit} $1==m && $2 ~ /^v/ {print $2; exit}' "$1"
+}
+K8S_VERSION=$(required_version "$TOOLS_DIR/kubernetes/go.mod" k8s.io/kubernetes)
+ETCD_VERSION=$(required_version "$TOOLS_DIR/etcd/go.mod" go.etcd.io/etcd/server/v3)
+[[ -n "$K8S_VERSION" && -n "$ETCD_VERSION" ]] || {
+    echo "[cluster] error: cannot read the Kubernetes and etcd versions from e2e/tools/*/go.mod" >&2
+    exit 1
+}
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.22.0
 

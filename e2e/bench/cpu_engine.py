@@ -9,9 +9,11 @@ engine once, so a change in the machine's load hits all alike). Each engine
 runs in a process of its own so that peak memory (VmHWM) is its own; the
 agent compiles in a process of its own before.
 
-  agent      rm-agent (release) through its API, streaming: prompt tokens/s
+  agent      rm-agent (release) through its API. Streamed: prompt tokens/s
              from the time to the first token, generation tokens/s from the
-             tokens after it. Engine as configured (auto: llama.cpp for GGUF).
+             tokens after it. Whole answer (no streaming): prompt from a
+             request for 1 token, generation from the difference to a request
+             for all 128. Engine as configured (auto: llama.cpp for GGUF).
   candle     the same agent with RM_CPU_ENGINE=candle (the engine before).
   llama.cpp  llama-cpp-python: eval(prompt), then eval one token at a time
              with argmax, in-process (no API in between).
@@ -104,7 +106,8 @@ def stop(p):
 class AgentEngine:
     """rm-agent, measured through its API with streaming."""
 
-    def __init__(self, binary, work, engine, threads, gguf, options, prompt):
+    def __init__(self, binary, work, engine, threads, gguf, options, prompt, whole=True):
+        self.whole = whole
         prepare = {"source": {"path": gguf}, "device": "cpu", "options": options}
         work = os.path.join(work, engine)  # a cache of its own
         os.makedirs(work, exist_ok=True)
@@ -129,8 +132,20 @@ class AgentEngine:
 
     def run(self):
         first, rest, toks = stream_generate(self.sock, self.body)
-        return {"pp": self.prompt_len / first, "tg": (len(toks) - 1) / rest, "tokens": toks,
-                "hwm_mib": hwm_kib(self.proc.pid) / 1024}
+        r = {"pp": self.prompt_len / first, "tg": (len(toks) - 1) / rest, "tokens": toks}
+        if self.whole:
+            # Without streaming: one request for the first token, one for
+            # all; generation = the 127 tokens between.
+            t = time.perf_counter()
+            call(self.sock, "POST", "/v1/generate", dict(self.body, max_new_tokens=1))
+            one = time.perf_counter() - t
+            t = time.perf_counter()
+            out = call(self.sock, "POST", "/v1/generate", self.body)
+            all_ = time.perf_counter() - t
+            n = len(out["outputs"][0]["token_ids"])
+            r.update(pp_whole=self.prompt_len / one, tg_whole=(n - 1) / (all_ - one))
+        r["hwm_mib"] = hwm_kib(self.proc.pid) / 1024
+        return r
 
     def close(self):
         stop(self.proc)
@@ -165,8 +180,9 @@ def interleaved(engines):
             results[i].append(e.run())
     out = []
     for rs in results:
-        out.append({"pp": statistics.median(r["pp"] for r in rs), "tg": statistics.median(r["tg"] for r in rs),
-                    "hwm_mib": max(r["hwm_mib"] for r in rs), "tokens": rs[-1]["tokens"]})
+        m = {k: statistics.median(r[k] for r in rs) for k in ("pp", "tg", "pp_whole", "tg_whole") if k in rs[0]}
+        m.update(hwm_mib=max(r["hwm_mib"] for r in rs), tokens=rs[-1]["tokens"])
+        out.append(m)
     return out
 
 
@@ -226,7 +242,7 @@ def main():
         for label, options in (("Q4_1 (as shipped)", {}), ("Q8_0 (agent compile)", {"precision": "q8_0"})):
             run_dir = os.path.join(work, label.split()[0])
             agent = AgentEngine(agent_bin, run_dir, "auto", threads, gguf, options, prompt)
-            candle = AgentEngine(agent_bin, run_dir, "candle", threads, gguf, options, prompt)
+            candle = AgentEngine(agent_bin, run_dir, "candle", threads, gguf, options, prompt, whole=False)
             ref = ReferenceEngine(ref_python, agent.artifact, threads, prompt)
             try:
                 r_ref, r_agent, r_candle = interleaved([ref, agent, candle])
@@ -249,11 +265,15 @@ def main():
     print("|---|---|---|---|---|---|")
     for label, agent, candle, ref, same in rows:
         beyond = ref["hwm_mib"] - ref["base_mib"]
-        print(f"| {label} | llama.cpp (llama-cpp-python) | {ref['pp']:.0f} | {ref['tg']:.1f} | "
+        print(f"| {label} | llama.cpp (llama-cpp-python, in-process) | {ref['pp']:.0f} | {ref['tg']:.1f} | "
               f"{ref['hwm_mib']:.0f} ({beyond:.0f} beyond Python) | 1.00 / 1.00 |")
-        for name, r in ((f"rm-agent API ({agent['engine']})", agent), ("rm-agent API (candle)", candle)):
-            print(f"| {label} | {name} | {r['pp']:.0f} | {r['tg']:.1f} | {r['hwm_mib']:.0f} | "
-                  f"{r['pp'] / ref['pp']:.2f} / {r['tg'] / ref['tg']:.2f} |")
+        lines = [(f"rm-agent API, streamed ({agent['engine']})", agent["pp"], agent["tg"], agent["hwm_mib"]),
+                 (f"rm-agent API, whole answer ({agent['engine']})", agent["pp_whole"], agent["tg_whole"],
+                  agent["hwm_mib"]),
+                 ("rm-agent API, streamed (candle)", candle["pp"], candle["tg"], candle["hwm_mib"])]
+        for name, pp, tg, hwm in lines:
+            print(f"| {label} | {name} | {pp:.0f} | {tg:.1f} | {hwm:.0f} | "
+                  f"{pp / ref['pp']:.2f} / {tg / ref['tg']:.2f} |")
     print()
     for label, agent, _, ref, same in rows:
         print(f"{label}: the agent's greedy tokens equal llama-cpp-python's for the first {same} of {NEW_TOKENS}")
