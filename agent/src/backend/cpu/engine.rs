@@ -88,7 +88,8 @@ impl Session<'_> {
         let candle = |r: candle_core::Result<Tensor>| r.map_err(engine_err("forward"));
         if let Session::LlamaCpp(s) = self {
             let logits = s.forward(ids, pos)?;
-            return candle(Tensor::from_slice(logits, logits.len(), &Device::Cpu));
+            let n = logits.len();
+            return candle(Tensor::from_vec(logits, n, &Device::Cpu));
         }
         let input = candle(Tensor::new(ids, &Device::Cpu).and_then(|t| t.unsqueeze(0)))?;
         let logits = match self {

@@ -1,15 +1,22 @@
 //! llama.cpp as the forward pass for GGUF artifacts (issue 9: candle's Q4_1
-//! and Q8_0 paths run at about half of llama.cpp's speed on the same file).
+//! and Q8_0 paths run at a fraction of llama.cpp's speed on the same file).
 //!
 //! Only the forward pass moves here: tokenization, sampling, EOS handling and
 //! streaming stay in `engine.rs`, so both engines answer a request the same
 //! way and a seed samples the same on either. llama.cpp comes from the
 //! `llama-cpp-2` crate, which builds its vendored source with cmake; the CPU
 //! features it is compiled for are set in `.cargo/config.toml`.
+//!
+//! Each loaded model has one engine thread that owns the model and a context
+//! (KV cache and compute buffers) and keeps that context between requests:
+//! a context borrows its model, so owning both in one thread's frame needs no
+//! self-reference, and reusing it avoids allocating and freeing tens of MiB
+//! per request, which glibc's allocator answers with a growing heap.
 
 use std::num::NonZeroU32;
 use std::path::Path;
-use std::sync::{Mutex, OnceLock};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -26,6 +33,8 @@ pub const LLAMA_CPP_SYS_VERSION: &str = "0.1.161";
 
 /// Tokens per `llama_decode` call while reading a prompt.
 const PROMPT_CHUNK: usize = 512;
+/// Context sizes are rounded up to this, so nearby lengths share one.
+const CONTEXT_STEP: usize = 512;
 
 /// Whether this CPU has the features llama.cpp was compiled for (see
 /// `.cargo/config.toml`). Checked at run time, so an older CPU falls back to
@@ -57,12 +66,26 @@ fn backend() -> Result<&'static LlamaBackend, BackendError> {
         .map_err(|e| BackendError::Internal(format!("llama.cpp backend: {e}")))
 }
 
-/// A GGUF model loaded by llama.cpp (memory-mapped).
+type Reply<T> = SyncSender<Result<T, BackendError>>;
+
+enum Job {
+    /// Start a sequence of up to `n_ctx` tokens: an empty KV cache.
+    Begin { n_ctx: usize, reply: Reply<()> },
+    /// Feed `ids` at positions `pos..`; answer the logits after the last.
+    Forward {
+        ids: Vec<u32>,
+        pos: usize,
+        reply: Reply<Vec<f32>>,
+    },
+}
+
+/// A GGUF model loaded by llama.cpp (memory-mapped), served by its own
+/// engine thread.
 pub struct LlamaCppModel {
-    model: LlamaModel,
-    threads: i32,
-    // llama.cpp's context constructor mutates the model; one at a time.
-    new_context: Mutex<()>,
+    jobs: Sender<Job>,
+    context_length: usize,
+    // One sequence at a time: they share the engine thread's KV cache.
+    sequence: Mutex<()>,
 }
 
 impl LlamaCppModel {
@@ -80,87 +103,157 @@ impl LlamaCppModel {
                     path.display()
                 ))
             })?;
+        let context_length = model.n_ctx_train() as usize;
+        let threads = i32::try_from(threads.max(1)).unwrap_or(1);
+        let (jobs, rx) = channel();
+        std::thread::Builder::new()
+            .name("llama.cpp".into())
+            .spawn(move || engine_thread(backend, model, threads, rx))
+            .map_err(|e| {
+                BackendError::Internal(format!("cannot start the llama.cpp thread: {e}"))
+            })?;
         Ok(LlamaCppModel {
-            model,
-            threads: i32::try_from(threads.max(1)).unwrap_or(1),
-            new_context: Mutex::new(()),
+            jobs,
+            context_length,
+            sequence: Mutex::new(()),
         })
     }
 
     /// The model's training context length.
     pub fn context_length(&self) -> usize {
-        self.model.n_ctx_train() as usize
+        self.context_length
+    }
+
+    fn ask<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<T, BackendError> {
+        let (reply, answer) = sync_channel(1);
+        let gone = || BackendError::Internal("the llama.cpp thread has stopped".into());
+        self.jobs.send(job(reply)).map_err(|_| gone())?;
+        answer.recv().map_err(|_| gone())?
     }
 
     /// A fresh sequence with room for `n_ctx` tokens.
     pub fn session(&self, n_ctx: usize) -> Result<LlamaCppSession<'_>, BackendError> {
-        let backend = backend()?;
-        // Rounded up so that nearby lengths share llama.cpp's buffer sizes.
-        let n_ctx = n_ctx.max(1).div_ceil(256) * 256;
-        let n_ctx_u32 = u32::try_from(n_ctx).unwrap_or(u32::MAX);
-        let params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(n_ctx_u32))
-            .with_n_batch(PROMPT_CHUNK as u32)
-            .with_n_ubatch(PROMPT_CHUNK as u32)
-            .with_n_threads(self.threads)
-            .with_n_threads_batch(self.threads);
-        let ctx = {
-            let _one = self.new_context.lock().unwrap_or_else(|p| p.into_inner());
-            self.model.new_context(backend, params).map_err(|e| {
-                BackendError::Internal(format!(
-                    "llama.cpp context for {n_ctx} tokens: {e} (out of memory?)"
-                ))
-            })?
-        };
+        let guard = self.sequence.lock().unwrap_or_else(|p| p.into_inner());
+        self.ask(|reply| Job::Begin { n_ctx, reply })?;
         Ok(LlamaCppSession {
-            ctx,
-            batch: LlamaBatch::new(PROMPT_CHUNK, 1),
-            n_vocab: usize::try_from(self.model.n_vocab()).unwrap_or(0),
+            model: self,
+            _sequence: guard,
         })
     }
 }
 
-/// One sequence: a llama.cpp context (its KV cache) and a reusable batch.
+/// One sequence on a model's engine thread.
 pub struct LlamaCppSession<'m> {
-    ctx: LlamaContext<'m>,
-    batch: LlamaBatch<'static>,
-    n_vocab: usize,
+    model: &'m LlamaCppModel,
+    _sequence: MutexGuard<'m, ()>,
 }
 
 impl LlamaCppSession<'_> {
     /// Feeds `ids` at positions `pos..` and returns the logits after the
     /// last one.
-    pub fn forward(&mut self, ids: &[u32], pos: usize) -> Result<&[f32], BackendError> {
-        let err = |what: &str, e: &dyn std::fmt::Display| {
-            BackendError::Internal(format!("llama.cpp {what}: {e}"))
-        };
-        for (c, chunk) in ids.chunks(PROMPT_CHUNK).enumerate() {
-            self.batch.clear();
-            let last_chunk = (c + 1) * PROMPT_CHUNK >= ids.len();
-            for (i, &id) in chunk.iter().enumerate() {
-                let p = pos + c * PROMPT_CHUNK + i;
-                let logits = last_chunk && i + 1 == chunk.len();
-                self.batch
-                    .add(
-                        LlamaToken(id as i32),
-                        i32::try_from(p).unwrap_or(i32::MAX),
-                        &[0],
-                        logits,
-                    )
-                    .map_err(|e| err("batch", &e))?;
-            }
-            self.ctx
-                .decode(&mut self.batch)
-                .map_err(|e| err("decode", &e))?;
-        }
-        let logits = self.ctx.get_logits_ith(self.batch.n_tokens() - 1);
-        if logits.len() < self.n_vocab {
-            return Err(BackendError::Internal(format!(
-                "llama.cpp returned {} logits for a vocabulary of {}",
-                logits.len(),
-                self.n_vocab
-            )));
-        }
-        Ok(&logits[..self.n_vocab])
+    pub fn forward(&mut self, ids: &[u32], pos: usize) -> Result<Vec<f32>, BackendError> {
+        let ids = ids.to_vec();
+        self.model.ask(|reply| Job::Forward { ids, pos, reply })
     }
+}
+
+fn engine_thread(backend: &LlamaBackend, model: LlamaModel, threads: i32, jobs: Receiver<Job>) {
+    let n_vocab = usize::try_from(model.n_vocab()).unwrap_or(0);
+    let mut batch = LlamaBatch::new(PROMPT_CHUNK, 1);
+    // Declared after `model`, so it is dropped first.
+    let mut context: Option<(LlamaContext<'_>, usize)> = None;
+    for job in jobs {
+        match job {
+            Job::Begin { n_ctx, reply } => {
+                let want = n_ctx.max(1).div_ceil(CONTEXT_STEP) * CONTEXT_STEP;
+                // Keep the context if it is big enough and not far bigger
+                // (a long request once should not hold its buffers forever).
+                let keep = context
+                    .as_ref()
+                    .is_some_and(|(_, have)| *have >= want && *have <= want * 4);
+                let result = if keep {
+                    if let Some((ctx, _)) = context.as_mut() {
+                        ctx.clear_kv_cache();
+                    }
+                    Ok(())
+                } else {
+                    context = None;
+                    new_context(backend, &model, want, threads).map(|ctx| {
+                        context = Some((ctx, want));
+                    })
+                };
+                let _ = reply.send(result);
+            }
+            Job::Forward { ids, pos, reply } => {
+                let result = match context.as_mut() {
+                    Some((ctx, _)) => forward(ctx, &mut batch, &ids, pos, n_vocab),
+                    None => Err(BackendError::Internal(
+                        "llama.cpp: forward before a sequence began".into(),
+                    )),
+                };
+                let _ = reply.send(result);
+            }
+        }
+    }
+}
+
+fn new_context<'m>(
+    backend: &LlamaBackend,
+    model: &'m LlamaModel,
+    n_ctx: usize,
+    threads: i32,
+) -> Result<LlamaContext<'m>, BackendError> {
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(u32::try_from(n_ctx).unwrap_or(u32::MAX)))
+        .with_n_batch(PROMPT_CHUNK as u32)
+        .with_n_ubatch(PROMPT_CHUNK as u32)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
+    model.new_context(backend, params).map_err(|e| {
+        BackendError::Internal(format!(
+            "llama.cpp context for {n_ctx} tokens: {e} (out of memory?)"
+        ))
+    })
+}
+
+fn forward(
+    ctx: &mut LlamaContext<'_>,
+    batch: &mut LlamaBatch<'_>,
+    ids: &[u32],
+    pos: usize,
+    n_vocab: usize,
+) -> Result<Vec<f32>, BackendError> {
+    let err = |what: &str, e: &dyn std::fmt::Display| {
+        BackendError::Internal(format!("llama.cpp {what}: {e}"))
+    };
+    if ids.is_empty() {
+        return Err(BackendError::Internal(
+            "llama.cpp: no tokens to feed".into(),
+        ));
+    }
+    for (c, chunk) in ids.chunks(PROMPT_CHUNK).enumerate() {
+        batch.clear();
+        let last_chunk = (c + 1) * PROMPT_CHUNK >= ids.len();
+        for (i, &id) in chunk.iter().enumerate() {
+            let p = pos + c * PROMPT_CHUNK + i;
+            let logits = last_chunk && i + 1 == chunk.len();
+            batch
+                .add(
+                    LlamaToken(id as i32),
+                    i32::try_from(p).unwrap_or(i32::MAX),
+                    &[0],
+                    logits,
+                )
+                .map_err(|e| err("batch", &e))?;
+        }
+        ctx.decode(batch).map_err(|e| err("decode", &e))?;
+    }
+    let logits = ctx.get_logits_ith(batch.n_tokens() - 1);
+    if logits.len() < n_vocab {
+        return Err(BackendError::Internal(format!(
+            "llama.cpp returned {} logits for a vocabulary of {n_vocab}",
+            logits.len()
+        )));
+    }
+    Ok(logits[..n_vocab].to_vec())
 }

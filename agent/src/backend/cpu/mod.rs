@@ -119,6 +119,7 @@ impl Backend for CpuBackend {
                 .collect::<Vec<_>>(),
             "threads": self.options.threads,
             "gguf_engine": format!("{:?}", self.options.gguf_engine),
+            "llama_cpp": format!("llama-cpp-sys-2 {}", llama_cpp::LLAMA_CPP_SYS_VERSION),
         })
     }
 
