@@ -16,7 +16,11 @@ e2e/setup.sh
 steps_done+=("set-up")
 
 step "building rm-operator, rm-agent and kubectl-inference"
-cargo build -q --locked -p rm-operator -p rm-agent -p kubectl-inference
+# The same build as `cargo test --workspace` (features unify the same way), so
+# after e2e/test.sh's tests nothing is rebuilt: a narrower build would resolve
+# build-dependency features differently and compile llama.cpp a second time.
+cargo test -q --locked --workspace --no-run 2>/dev/null ||
+    cargo test --locked --workspace --no-run
 PATH="${CARGO_TARGET_DIR:-$ROOT/target}/debug:$PATH"
 steps_done+=("binaries built")
 
