@@ -86,16 +86,15 @@ impl Session<'_> {
     /// Logits (f32) after feeding `ids` at positions `pos..`.
     fn forward(&mut self, ids: &[u32], pos: usize) -> Result<Tensor, BackendError> {
         let candle = |r: candle_core::Result<Tensor>| r.map_err(engine_err("forward"));
-        if let Session::LlamaCpp(s) = self {
-            let logits = s.forward(ids, pos)?;
-            let n = logits.len();
-            return candle(Tensor::from_vec(logits, n, &Device::Cpu));
-        }
-        let input = candle(Tensor::new(ids, &Device::Cpu).and_then(|t| t.unsqueeze(0)))?;
+        let input = || candle(Tensor::new(ids, &Device::Cpu).and_then(|t| t.unsqueeze(0)));
         let logits = match self {
-            Session::Quantized(w) => candle(w.forward(&input, pos))?,
-            Session::Full { model, cache } => candle(model.forward(&input, pos, cache))?,
-            Session::LlamaCpp(_) => unreachable!("answered above"),
+            Session::LlamaCpp(s) => {
+                let logits = s.forward(ids, pos)?;
+                let n = logits.len();
+                return candle(Tensor::from_vec(logits, n, &Device::Cpu));
+            }
+            Session::Quantized(w) => candle(w.forward(&input()?, pos))?,
+            Session::Full { model, cache } => candle(model.forward(&input()?, pos, cache))?,
         };
         candle(logits.squeeze(0).and_then(|l| l.to_dtype(DType::F32)))
     }
