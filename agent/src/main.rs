@@ -171,7 +171,8 @@ async fn run(cli: Cli) -> Result<(), StartError> {
 }
 
 fn main() -> std::process::ExitCode {
-    rm_runtime::init_logging("info");
+    // llama.cpp logs every model load and context at info, tens of lines.
+    rm_runtime::init_logging("info,llama-cpp-2=warn");
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
