@@ -64,17 +64,24 @@ def stream_generate(sock, body):
     r = c.getresponse()
     if r.status != 200:
         raise SystemExit(f"generate: {r.status} {r.read()[:500]!r}")
+    # Only timestamps while the tokens arrive: the client shares the CPUs
+    # with the engine, so it parses the lines after the last one.
+    lines = []
+    while True:
+        line = r.readline()
+        if not line:
+            break
+        lines.append((time.perf_counter(), line))
     first = last = None
     toks = []
-    for line in r:
-        ev = json.loads(line)
-        if ev.get("event") == "token":
-            now = time.perf_counter()
-            first = first or now
-            last = now
-            toks.append(ev["token_id"])
-        elif ev.get("event") == "error":
-            raise SystemExit(f"generate: {ev}")
+    for now, line in lines:
+        if b'"event":"token"' not in line and b'"event": "token"' not in line:
+            if b'"event":"error"' in line:
+                raise SystemExit(f"generate: {line!r}")
+            continue
+        first = first or now
+        last = now
+        toks.append(json.loads(line)["token_id"])
     return first - t0, last - first, toks
 
 
