@@ -11,6 +11,11 @@ use std::str::FromStr;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// Extended resource of the node agent's socket, advertised by the device
+/// plugin: a container that requests no accelerator requests one of it, and
+/// its `Allocate` mounts the agent's socket directory.
+pub const AGENT_RESOURCE: &str = "rm-abstract.io/agent";
+
 /// Priority of a device type or backend. Higher wins. The named levels are the
 /// seed library's plugin priorities.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

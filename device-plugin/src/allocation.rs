@@ -84,16 +84,7 @@ pub fn container_response(
             });
         }
     }
-    if let Some(dir) = &opts.agent_socket_dir {
-        let p = dir.to_string_lossy().into_owned();
-        // Read-only is enough: connect(2) on a unix socket is not a write to
-        // the filesystem, and the pod must not plant files there.
-        mounts.push(api::Mount {
-            container_path: p.clone(),
-            host_path: p,
-            read_only: true,
-        });
-    }
+    mounts.extend(agent_socket_mount(opts));
 
     let cdi_devices = if opts.cdi_enabled {
         devices
@@ -113,6 +104,33 @@ pub fn container_response(
         annotations: HashMap::new(),
         cdi_devices,
     }
+}
+
+/// The response for one container of the agent resource: only the mount of
+/// the agent's socket directory. No env: the webhook already set
+/// `RM_AGENT_SOCKET`, and an accelerator's `RM_AGENT_TOKEN` must not be
+/// shadowed (the webhook never asks for both, but a user might).
+pub fn agent_socket_response(opts: &AllocateOptions) -> api::ContainerAllocateResponse {
+    api::ContainerAllocateResponse {
+        mounts: agent_socket_mount(opts).into_iter().collect(),
+        ..Default::default()
+    }
+}
+
+/// The agent's socket directory, mounted at the same path.
+fn agent_socket_mount(opts: &AllocateOptions) -> Option<api::Mount> {
+    let p = opts
+        .agent_socket_dir
+        .as_ref()?
+        .to_string_lossy()
+        .into_owned();
+    // Read-only is enough: connect(2) on a unix socket is not a write to the
+    // filesystem, and the pod must not plant files there.
+    Some(api::Mount {
+        container_path: p.clone(),
+        host_path: p,
+        read_only: true,
+    })
 }
 
 /// The value of the vendor's visible-devices variable.

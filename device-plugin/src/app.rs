@@ -16,11 +16,6 @@ use crate::registration::PluginEndpoint;
 use crate::resource::{ResourceManager, ResourceState};
 use crate::tokens::TokenStore;
 
-/// Socket file name for a device type, in the kubelet's directory.
-pub fn endpoint_name(device_type: rm_crds::device::DeviceType) -> String {
-    format!("rm-{device_type}.sock")
-}
-
 pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<()> {
     let tokens = Arc::new(TokenStore::open(&cfg.state_dir)?);
     let types: Vec<_> = cfg.enabled_vendors().map(|v| v.device_type).collect();
@@ -89,6 +84,27 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<()> {
             Ok(())
         });
     }
+    match (&cfg.agent_resource, &cfg.agent_socket_dir) {
+        (Some(agent), Some(dir)) => {
+            tracing::info!(
+                resource = %agent.resource_name,
+                slots = agent.slots,
+                socket_dir = %dir.display(),
+                "advertising the node agent's socket"
+            );
+            // Not handed to the health loop: nothing to discover; its slots
+            // are always healthy.
+            managers.push(Arc::new(ResourceManager::agent_socket(
+                agent.resource_name.clone(),
+                agent.slots,
+            )));
+        }
+        (Some(agent), None) => tracing::info!(
+            resource = %agent.resource_name,
+            "no agentSocketDir configured; not advertising the agent resource"
+        ),
+        (None, _) => {}
+    }
     for m in &managers {
         let ep = PluginEndpoint {
             manager: m.clone(),
@@ -99,7 +115,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<()> {
                 cdi_enabled: cfg.cdi_enabled,
             },
             kubelet_dir: cfg.kubelet_dir.clone(),
-            endpoint: endpoint_name(m.device_type),
+            endpoint: m.endpoint_name(),
             poll_interval: cfg.kubelet_poll_interval,
         };
         tasks.spawn(ep.run(shutdown.clone()));

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rm_crds::device::DeviceType;
+use rm_crds::device::{AGENT_RESOURCE, DeviceType};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -16,6 +16,14 @@ pub struct VendorConfig {
     pub enabled: bool,
     /// Extended resource advertised to the kubelet.
     pub resource_name: String,
+}
+
+/// The node agent's socket as a resource (see `ResourceKind::AgentSocket`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentResourceConfig {
+    pub resource_name: String,
+    /// How many containers of the node may hold it at once.
+    pub slots: u32,
 }
 
 /// The resolved configuration the plugin runs with.
@@ -40,6 +48,8 @@ pub struct Config {
     pub replicas: u32,
     /// Host directory of the node agent's socket, bind-mounted into containers.
     pub agent_socket_dir: Option<PathBuf>,
+    /// Advertised only together with `agent_socket_dir`; `None` when disabled.
+    pub agent_resource: Option<AgentResourceConfig>,
     /// Also return CDI device names (`<vendor kind>=<device id>`).
     pub cdi_enabled: bool,
     /// How often tokens of vanished containers are collected.
@@ -64,6 +74,9 @@ pub struct FileConfig {
     pub heartbeat_timeout_ms: Option<u64>,
     pub replicas: Option<u32>,
     pub agent_socket_dir: Option<PathBuf>,
+    pub agent_resource: Option<String>,
+    /// 0 disables the agent resource.
+    pub agent_slots: Option<u32>,
     pub cdi_enabled: Option<bool>,
     pub token_gc_interval_ms: Option<u64>,
     pub token_grace_ms: Option<u64>,
@@ -97,6 +110,12 @@ pub const ENV_VENDORS: &str = "RM_DP_VENDORS";
 pub const ENV_HEALTH_INTERVAL_MS: &str = "RM_DP_HEALTH_INTERVAL_MS";
 pub const ENV_REPLICAS: &str = "RM_DP_REPLICAS";
 pub const ENV_AGENT_SOCKET_DIR: &str = "RM_DP_AGENT_SOCKET_DIR";
+pub const ENV_AGENT_RESOURCE: &str = "RM_DP_AGENT_RESOURCE";
+/// Slots of the agent resource; 0 disables it.
+pub const ENV_AGENT_SLOTS: &str = "RM_DP_AGENT_SLOTS";
+/// Enough for every container a node can run (the kubelet's default is 110
+/// pods), so the agent resource never limits scheduling.
+const DEFAULT_AGENT_SLOTS: u32 = 1000;
 /// `<type>=<resource name>` pairs, comma-separated.
 pub const ENV_RESOURCE_NAMES: &str = "RM_DP_RESOURCE_NAMES";
 
@@ -217,6 +236,36 @@ impl Config {
         let agent_socket_dir = env(ENV_AGENT_SOCKET_DIR)
             .map(PathBuf::from)
             .or_else(|| file.agent_socket_dir.clone());
+        let agent_slots =
+            match env(ENV_AGENT_SLOTS) {
+                Some(v) => Some(u32::try_from(parse_env_u64(ENV_AGENT_SLOTS, &v)?).map_err(
+                    |_| Error::EnvInvalid {
+                        name: ENV_AGENT_SLOTS,
+                        value: v.clone(),
+                        reason: "more than 4294967295 slots".into(),
+                    },
+                )?),
+                None => file.agent_slots,
+            }
+            .unwrap_or(DEFAULT_AGENT_SLOTS);
+        let agent_resource = if agent_slots == 0 {
+            None
+        } else {
+            let resource_name = env(ENV_AGENT_RESOURCE)
+                .or_else(|| file.agent_resource.clone())
+                .unwrap_or_else(|| AGENT_RESOURCE.to_string());
+            validate_resource_name(&resource_name)?;
+            if vendors.iter().any(|v| v.resource_name == resource_name) {
+                return Err(Error::ConfigInvalid(format!(
+                    "agent resource {resource_name:?} is also a vendor's resource name; \
+                     give it its own (default {AGENT_RESOURCE})"
+                )));
+            }
+            Some(AgentResourceConfig {
+                resource_name,
+                slots: agent_slots,
+            })
+        };
 
         Ok(Config {
             host_root,
@@ -229,6 +278,7 @@ impl Config {
             kubelet_poll_interval: Duration::from_millis(100),
             replicas,
             agent_socket_dir,
+            agent_resource,
             cdi_enabled: file.cdi_enabled.unwrap_or(false),
             token_gc_interval: Duration::from_millis(file.token_gc_interval_ms.unwrap_or(30_000)),
             token_grace: Duration::from_millis(file.token_grace_ms.unwrap_or(120_000)),
@@ -429,5 +479,41 @@ mod tests {
         assert!(serde_yaml::from_str::<FileConfig>("unknownKey: 1").is_err());
         let file: FileConfig = serde_yaml::from_str("healthIntervalMs: 5000").expect("yaml");
         assert!(Config::resolve(&FlagConfig::default(), &env_of(&[]), &file).is_err());
+    }
+    #[test]
+    fn agent_resource_defaults_precedence_and_disabling() {
+        let none = FlagConfig::default();
+        let c = Config::resolve(&none, &env_of(&[]), &FileConfig::default()).expect("resolve");
+        assert_eq!(
+            c.agent_resource,
+            Some(AgentResourceConfig {
+                resource_name: AGENT_RESOURCE.into(),
+                slots: 1000
+            })
+        );
+        let file: FileConfig =
+            serde_yaml::from_str("agentResource: example.com/agent\nagentSlots: 50").expect("yaml");
+        let c = Config::resolve(&none, &env_of(&[(ENV_AGENT_SLOTS, "7")]), &file).expect("resolve");
+        let agent = c.agent_resource.expect("agent resource");
+        assert_eq!(
+            (agent.resource_name.as_str(), agent.slots),
+            ("example.com/agent", 7)
+        );
+        let c = Config::resolve(&none, &env_of(&[(ENV_AGENT_SLOTS, "0")]), &file).expect("resolve");
+        assert_eq!(c.agent_resource, None, "0 slots disables it");
+
+        let err = Config::resolve(&none, &env_of(&[(ENV_AGENT_RESOURCE, "agent")]), &file)
+            .expect_err("no domain");
+        assert!(err.to_string().contains("\"agent\""), "{err}");
+        let err = Config::resolve(
+            &none,
+            &env_of(&[(ENV_AGENT_RESOURCE, "nvidia.com/gpu")]),
+            &FileConfig::default(),
+        )
+        .expect_err("clash with a vendor");
+        assert!(err.to_string().contains("also a vendor"), "{err}");
+        let err = Config::resolve(&none, &env_of(&[(ENV_AGENT_SLOTS, "-1")]), &file)
+            .expect_err("negative");
+        assert!(err.to_string().contains(ENV_AGENT_SLOTS), "{err}");
     }
 }

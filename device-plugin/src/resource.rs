@@ -25,10 +25,27 @@ pub struct ResourceState {
     pub control_nodes: Vec<PathBuf>,
 }
 
+/// What a resource hands out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResourceKind {
+    /// Discovered accelerators, health-checked; `Allocate` gives device
+    /// nodes, the vendor's env and a token for the node agent.
+    Devices,
+    /// Shareable slots of the node agent: `Allocate` only mounts the agent's
+    /// socket directory, so that containers without an accelerator reach
+    /// the agent without a hostPath volume (which Pod Security "baseline"
+    /// refuses). No token: the agent serves CPU requests without one.
+    AgentSocket,
+}
+
+/// ID of the one virtual device behind the agent resource's slots.
+pub const AGENT_DEVICE_ID: &str = "agent";
+
 #[derive(Debug)]
 pub struct ResourceManager {
     pub resource_name: String,
     pub device_type: DeviceType,
+    pub kind: ResourceKind,
     /// Each device is advertised this many times.
     pub replicas: u32,
     state: watch::Sender<Arc<ResourceState>>,
@@ -45,8 +62,41 @@ impl ResourceManager {
         ResourceManager {
             resource_name: resource_name.into(),
             device_type,
+            kind: ResourceKind::Devices,
             replicas: replicas.max(1),
             state,
+        }
+    }
+
+    /// The agent resource: `slots` always-healthy slots of one virtual
+    /// device (`agent::0` ... `agent::<slots-1>`), without NUMA affinity.
+    pub fn agent_socket(resource_name: impl Into<String>, slots: u32) -> Self {
+        let agent = Device {
+            id: AGENT_DEVICE_ID.into(),
+            device_type: DeviceType::Cpu,
+            index: 0,
+            pci_address: None,
+            numa_node: None,
+            nodes: vec![],
+            mounts: vec![],
+            health: Health::Healthy,
+            reason: None,
+            heartbeat: None,
+        };
+        let initial = ResourceState {
+            devices: vec![agent],
+            control_nodes: vec![],
+        };
+        let mut m = ResourceManager::new(resource_name, DeviceType::Cpu, slots, initial);
+        m.kind = ResourceKind::AgentSocket;
+        m
+    }
+
+    /// The socket file name in the kubelet's device-plugin directory.
+    pub fn endpoint_name(&self) -> String {
+        match self.kind {
+            ResourceKind::Devices => format!("rm-{}.sock", self.device_type),
+            ResourceKind::AgentSocket => "rm-agent.sock".into(),
         }
     }
 

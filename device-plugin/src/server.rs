@@ -14,7 +14,7 @@ use crate::allocation::{self, AllocateOptions, Candidate};
 use crate::api;
 use crate::api::device_plugin_server::DevicePlugin;
 use crate::discovery::{Device, Health};
-use crate::resource::ResourceManager;
+use crate::resource::{ResourceKind, ResourceManager};
 use crate::tokens::{RECORD_VERSION, TokenRecord, TokenStore, token_device, token_sha256};
 
 pub struct DevicePluginService {
@@ -125,6 +125,10 @@ impl DevicePlugin for DevicePluginService {
                 if !physical.iter().any(|p| p.id == d.id) {
                     physical.push(d);
                 }
+            }
+            if self.manager.kind == ResourceKind::AgentSocket {
+                container_responses.push(allocation::agent_socket_response(&self.options));
+                continue;
             }
             let token = TokenStore::mint().map_err(|e| Status::internal(e.to_string()))?;
             let record = TokenRecord {

@@ -43,9 +43,9 @@ async fn gpu_node_registers_lists_with_numa_and_allocates_with_a_token() {
         },
     ));
 
-    let reg = kubelet.next_registration(2 * SEC).await;
+    // The agent resource registers beside it (see the CPU node's test).
+    let reg = kubelet.registration_of("nvidia.com/gpu", 2 * SEC).await;
     assert_eq!(reg.version, "v1beta1");
-    assert_eq!(reg.resource_name, "nvidia.com/gpu");
     assert_eq!(reg.endpoint, "rm-gpu.sock");
     assert!(reg.options.unwrap().get_preferred_allocation_available);
 
@@ -195,6 +195,61 @@ async fn mixed_node_registers_one_endpoint_per_vendor() {
         ]
     );
     plugin.stop().await;
+}
+
+#[tokio::test]
+async fn agent_socket_slots_mount_the_socket_dir_without_token_or_devices() {
+    // A CPU node: no accelerator, only the node agent.
+    let host = FakeHost::new();
+    let dirs = Dirs::new();
+    let mut kubelet = TestKubelet::start(dirs.kubelet.path());
+    let plugin = RunningPlugin::start(test_config(
+        &host,
+        &dirs,
+        FileConfig {
+            agent_socket_dir: Some("/var/run/rm-abstract".into()),
+            agent_slots: Some(5),
+            ..Default::default()
+        },
+    ));
+    let reg = kubelet.next_registration(2 * SEC).await;
+    assert_eq!(reg.resource_name, rm_crds::device::AGENT_RESOURCE);
+    assert_eq!(reg.endpoint, "rm-agent.sock");
+    let mut client = kubelet.client(&reg).await;
+    let devs = Watch::open(&mut client)
+        .await
+        .until(SEC, |d| d.len() == 5)
+        .await;
+    let ids: Vec<&str> = devs.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["agent::0", "agent::1", "agent::2", "agent::3", "agent::4"]
+    );
+    assert!(
+        devs.iter()
+            .all(|d| d.health == "Healthy" && d.topology.is_none())
+    );
+
+    let resp = client
+        .allocate(alloc_req(&["agent::3"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let c = &resp.container_responses[0];
+    assert_eq!(c.mounts.len(), 1);
+    assert_eq!(c.mounts[0].host_path, "/var/run/rm-abstract");
+    assert_eq!(c.mounts[0].container_path, "/var/run/rm-abstract");
+    assert!(c.mounts[0].read_only);
+    assert!(c.devices.is_empty(), "{:?}", c.devices);
+    assert!(c.envs.is_empty(), "no token, no device env: {:?}", c.envs);
+    let records = std::fs::read_dir(dirs.tokens_dir()).map_or(0, |d| d.count());
+    assert_eq!(records, 0, "no token record for the agent resource");
+
+    let err = client.allocate(alloc_req(&["agent::5"])).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("agent::5"), "{}", err.message());
+    plugin.stop().await;
+    assert!(!dirs.kubelet.path().join("rm-agent.sock").exists());
 }
 
 #[tokio::test]

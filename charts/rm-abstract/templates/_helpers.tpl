@@ -95,6 +95,12 @@ kubeletDir: /var/lib/kubelet/device-plugins
 stateDir: /var/lib/rm-abstract/device-plugin
 podResourcesSocket: /var/lib/kubelet/pod-resources/kubelet.sock
 agentSocketDir: {{ .Values.hostPaths.socketDir | quote }}
+{{- if .Values.webhook.agentResource }}
+agentResource: {{ .Values.webhook.agentResource | quote }}
+agentSlots: {{ int64 .Values.devicePlugin.agentSlots }}
+{{- else }}
+agentSlots: 0
+{{- end }}
 replicas: {{ int64 .Values.devicePlugin.replicas }}
 healthIntervalMs: {{ int64 .Values.devicePlugin.healthIntervalMs }}
 cdiEnabled: {{ .Values.devicePlugin.cdiEnabled }}

@@ -223,6 +223,23 @@ impl TestKubelet {
             .expect("channel open")
     }
 
+    /// The next registration of `resource`; others seen before it are dropped
+    /// (endpoints of one plugin register concurrently, in no fixed order).
+    pub async fn registration_of(
+        &mut self,
+        resource: &str,
+        within: Duration,
+    ) -> api::RegisterRequest {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let reg = self.next_registration(left).await;
+            if reg.resource_name == resource {
+                return reg;
+            }
+        }
+    }
+
     /// What the kubelet does on restart: stop serving and wipe the directory.
     pub async fn stop_and_wipe(self) {
         self.stop.send(true).unwrap();

@@ -35,9 +35,7 @@ pub use rm_crds::labels::COMPILE_OPTIONS;
 pub const INJECTED: &str = "rm-abstract.io/injected";
 /// Env set in every injected container; also a marker of a done injection.
 pub const INJECTED_ENV: &str = "RM_INJECTED";
-/// Extended resource of the device plugin that mounts the agent socket
-/// directory into containers that request no accelerator.
-pub const AGENT_RESOURCE: &str = "rm-abstract.io/agent";
+pub use rm_crds::device::AGENT_RESOURCE;
 
 /// Base names of what the webhook adds; a suffix is appended on a clash.
 const VOLUME_NAME: &str = "rm-abstract-inject";

@@ -3,7 +3,8 @@
 // runs) with rm-device-plugin registering to it, and checks what the kubelet
 // would see: capacity and allocatable per resource, an allocation through
 // the manager (GetPreferredAllocation + Allocate over the real gRPC), health
-// changes, and re-registration after the manager restarts.
+// changes, the node agent's socket resource for CPU containers, and
+// re-registration after the manager restarts.
 //
 // The device manager listens on the kubelet's fixed socket
 // (/var/lib/kubelet/device-plugins/kubelet.sock, as in the kubelet), so this
@@ -37,6 +38,7 @@ import (
 	"k8s.io/kubernetes/pkg/kubelet/cm/containermap"
 	"k8s.io/kubernetes/pkg/kubelet/cm/devicemanager"
 	"k8s.io/kubernetes/pkg/kubelet/cm/topologymanager"
+	kubecontainer "k8s.io/kubernetes/pkg/kubelet/container"
 	"k8s.io/kubernetes/pkg/kubelet/lifecycle"
 )
 
@@ -45,6 +47,10 @@ const (
 	rngd = "furiosa.ai/rngd"
 	gpu0 = "GPU-00000000-0000-0000-0000-00000000aaaa"
 	gpu1 = "GPU-00000000-0000-0000-0000-00000000bbbb"
+	// The node agent's socket as a resource, and the host directory its
+	// Allocate mounts (the agent need not run for this).
+	agent    = "rm-abstract.io/agent"
+	agentDir = "/var/run/rm-abstract"
 )
 
 type sourcesReady struct{}
@@ -102,6 +108,17 @@ func furiosaRNGD(root, addr string, index int, uuid string, numa int) {
 	write(root, m+"/device_state", "0\n")
 	write(root, m+"/heartbeat", "1\n")
 	write(root, m+"/platform_type", "FuriosaAI\n")
+}
+
+// mountsAgentDir reports whether the agent's socket directory is among the
+// container's mounts, read-only, at the same path.
+func mountsAgentDir(mounts []kubecontainer.Mount) bool {
+	for _, m := range mounts {
+		if m.HostPath == agentDir && m.ContainerPath == agentDir && m.ReadOnly {
+			return true
+		}
+	}
+	return false
 }
 
 func qty(l v1.ResourceList, name string) int64 {
@@ -172,6 +189,8 @@ func main() {
 		"--state-dir", state)
 	plugin.Env = append(os.Environ(),
 		"RM_DP_HEALTH_INTERVAL_MS=200",
+		"RM_DP_AGENT_SOCKET_DIR="+agentDir,
+		"RM_DP_AGENT_SLOTS=100",
 		"RM_DP_POD_RESOURCES_SOCKET="+filepath.Join(work, "no-pod-resources.sock"),
 		"RM_LOG=warn")
 	plugin.Stdout, plugin.Stderr = os.Stderr, os.Stderr
@@ -185,7 +204,8 @@ func main() {
 
 	took := waitCapacity(logger, m, gpu, 2, 2, 10*time.Second)
 	waitCapacity(logger, m, rngd, 1, 1, 2*time.Second)
-	fmt.Printf("ok  registered: %s capacity 2, %s capacity 1 (%v after the plugin started)\n", gpu, rngd, took.Round(time.Millisecond))
+	waitCapacity(logger, m, agent, 100, 100, 2*time.Second)
+	fmt.Printf("ok  registered: %s capacity 2, %s capacity 1, %s capacity 100 (%v after the plugin started)\n", gpu, rngd, agent, took.Round(time.Millisecond))
 
 	// One pod asking for one GPU, allocated through the manager: it asks
 	// our plugin for a preferred allocation, then calls Allocate.
@@ -248,7 +268,37 @@ func main() {
 	if _, ok := devs[gpu][visible]; !ok {
 		fail("the device manager does not record %s for the pod: %v", visible, devs)
 	}
-	fmt.Printf("ok  allocated through the device manager: %s, nodes %v, token record written\n", visible, nodes)
+	if !mountsAgentDir(opts.Mounts) {
+		fail("the GPU container does not get the agent socket directory %s: %v", agentDir, opts.Mounts)
+	}
+	fmt.Printf("ok  allocated through the device manager: %s, nodes %v, token record written, agent socket dir mounted\n", visible, nodes)
+
+	// A CPU container reaches the agent through the agent resource: only
+	// the socket directory is mounted (no hostPath volume in the pod spec).
+	cpuPod := &v1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "infer-cpu", Namespace: "default", UID: types.UID("pod-uid-2")},
+		Spec: v1.PodSpec{Containers: []v1.Container{{
+			Name: "app",
+			Resources: v1.ResourceRequirements{
+				Limits:   v1.ResourceList{agent: resource.MustParse("1")},
+				Requests: v1.ResourceList{agent: resource.MustParse("1")},
+			},
+		}}},
+	}
+	pods = append(pods, cpuPod)
+	if err := m.Allocate(ctx, cpuPod, &cpuPod.Spec.Containers[0], lifecycle.AddOperation); err != nil {
+		fail("Allocate %s through the device manager: %v", agent, err)
+	}
+	cpuOpts, err := m.GetDeviceRunContainerOptions(ctx, cpuPod, &cpuPod.Spec.Containers[0])
+	if err != nil || cpuOpts == nil {
+		fail("GetDeviceRunContainerOptions for the CPU pod: %v", err)
+	}
+	if !mountsAgentDir(cpuOpts.Mounts) || len(cpuOpts.Devices) != 0 || len(cpuOpts.Envs) != 0 {
+		fail("CPU container: want only the read-only mount of %s, got mounts %v devices %v envs %v",
+			agentDir, cpuOpts.Mounts, cpuOpts.Devices, cpuOpts.Envs)
+	}
+	waitCapacity(logger, m, agent, 100, 100, time.Second)
+	fmt.Printf("ok  %s allocated to a CPU container: mount of %s only, no devices, no env\n", agent, agentDir)
 
 	// Health: the other GPU's device node disappears; allocatable drops.
 	other, otherNode := gpu1, "dev/nvidia1"
