@@ -7,7 +7,10 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Agent, TINY_VOCAB, direct_greedy, ids, test_double_plugins, tiny_llama};
+use common::{
+    Agent, TINY_VOCAB, direct_greedy, direct_greedy_qwen2, ids, test_double_plugins, tiny_llama,
+    tiny_qwen2,
+};
 use rm_agent::backend::GenerationParams;
 use rm_agent::backend::cpu::{EngineOptions, GgufEngine, LoadedModel};
 use serde_json::{Value, json};
@@ -145,18 +148,73 @@ fn quantized_compiles_run_and_gguf_conversion_keeps_the_model() {
     let p = prepare(&agent, &model, json!({"precision": "q8_0"}));
     let q8 = generate_ids(&agent, p["key"].as_str().unwrap(), &prompt, 1);
     assert_eq!(q8[0], direct_greedy(&model, &prompt, 1)[0]);
-    // A GGUF made from safetensors has no vocabulary, which llama.cpp needs:
-    // it runs on candle.
+    // A GGUF made from safetensors says tokenizer.ggml.model = "none": it
+    // runs on llama.cpp, and the agent tokenizes.
+    assert_eq!(engine_of(&agent, &p["key"]), "llama.cpp");
+}
+
+/// Which engine the agent loaded a cache entry on.
+fn engine_of(agent: &Agent, key: &Value) -> String {
     let status = agent.get("/v1/backends").json();
     let loaded = status["backends"][0]["status"]["loaded_models"].clone();
-    assert!(
-        loaded
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| m["key"] == p["key"] && m["engine"] == "candle"),
-        "{status}"
+    loaded
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["key"] == *key)
+        .and_then(|m| m["engine"].as_str())
+        .unwrap_or_else(|| panic!("{key} is not loaded: {status}"))
+        .to_string()
+}
+
+#[test]
+fn tiny_qwen2_runs_from_safetensors_on_candle_and_converted_on_llama_cpp() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("qwen");
+    tiny_qwen2(&model, 5);
+    let agent = Agent::start(dir.path(), None, &[]);
+    let prompt = [1u32, 17, 42, 99, 3];
+    let want = direct_greedy_qwen2(&model, &prompt, 12);
+
+    // As it came: candle's qwen2 (biases, tied head) gives the same tokens
+    // as the reference forward pass.
+    let p = prepare(&agent, &model, json!({}));
+    assert_eq!(
+        generate_ids(&agent, p["key"].as_str().unwrap(), &prompt, 12),
+        want
     );
+    assert_eq!(engine_of(&agent, &p["key"]), "candle");
+    let p = prepare(&agent, &model, json!({"precision": "bf16"}));
+    let bf16 = generate_ids(&agent, p["key"].as_str().unwrap(), &prompt, 4);
+    assert!(bf16.iter().all(|t| (*t as usize) < TINY_VOCAB));
+
+    // Converted to GGUF without quantization: llama.cpp's qwen2 (NEOX rope,
+    // no permutation; biases) gives the same greedy tokens.
+    let gguf = dir.path().join("qwen-f32.gguf");
+    rm_agent::backend::cpu::compile::hf_to_gguf(
+        &model,
+        candle_core::quantized::GgmlDType::F32,
+        &gguf,
+        &|_, _| {},
+    )
+    .unwrap();
+    let r = agent.post(
+        "/v1/prepare",
+        json!({"source": {"path": gguf}, "device": "cpu"}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let key = r.json()["key"].clone();
+    assert_eq!(
+        generate_ids(&agent, key.as_str().unwrap(), &prompt, 12),
+        want
+    );
+    assert_eq!(engine_of(&agent, &key), "llama.cpp");
+
+    // The agent's q8_0 compile: on llama.cpp, close to f32.
+    let p = prepare(&agent, &model, json!({"precision": "q8_0"}));
+    let q8 = generate_ids(&agent, p["key"].as_str().unwrap(), &prompt, 1);
+    assert_eq!(q8[0], want[0]);
+    assert_eq!(engine_of(&agent, &p["key"]), "llama.cpp");
 }
 
 #[test]

@@ -2,8 +2,11 @@
 # Issue 9's benchmark: the agent's cpu backend side by side with llama.cpp
 # (llama-cpp-python, built natively once into a venv under
 # ~/.cache/rm-abstract), on SmolLM2-135M Q4_1 and the agent's Q8_0 compile of
-# it. Prints a markdown table. THREADS=2 by default.
-#   e2e/bench/cpu-engine.sh
+# it. Prints a markdown table. THREADS=2 by default. NATIVE=1 also builds
+# rm-agent for this very CPU (RUSTFLAGS=-C target-cpu=native, so llama.cpp
+# builds with GGML_NATIVE, as the reference is) into target/native and adds
+# its rows: the same engine, compiled like the reference.
+#   [NATIVE=1] e2e/bench/cpu-engine.sh
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
@@ -20,4 +23,11 @@ fi
 gguf=$(e2e/fetch-smollm2.sh | tail -n1)
 log "building rm-agent (release)"
 cargo build -q --release --locked -p rm-agent --bin rm-agent
-python3 e2e/bench/cpu_engine.py "$ROOT/target/release/rm-agent" "$VENV/bin/python" "$gguf"
+native=()
+if [[ ${NATIVE:-0} == 1 ]]; then
+    log "building rm-agent for this CPU (target-cpu=native) into target/native"
+    RUSTFLAGS="-C target-cpu=native" cargo build -q --release --locked -p rm-agent --bin rm-agent \
+        --target-dir "$ROOT/target/native"
+    native=("$ROOT/target/native/release/rm-agent")
+fi
+python3 e2e/bench/cpu_engine.py "$ROOT/target/release/rm-agent" "$VENV/bin/python" "$gguf" "${native[@]}"

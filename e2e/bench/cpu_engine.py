@@ -113,10 +113,10 @@ def stop(p):
 class AgentEngine:
     """rm-agent, measured through its API with streaming."""
 
-    def __init__(self, binary, work, engine, threads, gguf, options, prompt, whole=True):
+    def __init__(self, binary, work, engine, threads, gguf, options, prompt, whole=True, name=None):
         self.whole = whole
         prepare = {"source": {"path": gguf}, "device": "cpu", "options": options}
-        work = os.path.join(work, engine)  # a cache of its own
+        work = os.path.join(work, name or engine)  # a cache of its own
         os.makedirs(work, exist_ok=True)
         # Compile (if needed) in a process of its own, so that the peak
         # memory measured is the engine's, not the compile's.
@@ -241,6 +241,8 @@ def prompt_ids(python, gguf):
 
 def main():
     agent_bin, ref_python, gguf = sys.argv[1], sys.argv[2], sys.argv[3]
+    # Optional: a second rm-agent, built for this very CPU (target-cpu=native).
+    native_bin = sys.argv[4] if len(sys.argv) > 4 else None
     threads = int(os.environ.get("THREADS", "2"))
     prompt = prompt_ids(ref_python, gguf)
     assert len(prompt) == PROMPT_TOKENS, len(prompt)
@@ -251,10 +253,14 @@ def main():
             agent = AgentEngine(agent_bin, run_dir, "auto", threads, gguf, options, prompt)
             candle = AgentEngine(agent_bin, run_dir, "candle", threads, gguf, options, prompt, whole=False)
             ref = ReferenceEngine(ref_python, agent.artifact, threads, prompt)
+            engines = [ref, agent, candle]
+            if native_bin:
+                engines.append(AgentEngine(native_bin, run_dir, "auto", threads, gguf, options, prompt,
+                                           name="native"))
             try:
-                r_ref, r_agent, r_candle = interleaved([ref, agent, candle])
+                r_ref, r_agent, r_candle, *r_native = interleaved(engines)
             finally:
-                for e in (ref, agent, candle):
+                for e in engines:
                     e.close()
             r_ref.update(base_mib=ref.base_mib, version=ref.version)
             r_agent["engine"] = agent.engine
@@ -263,14 +269,14 @@ def main():
                 if a != b:
                     break
                 same += 1
-            rows.append((label, r_agent, r_candle, r_ref, same))
+            rows.append((label, r_agent, r_candle, r_ref, same, r_native[0] if r_native else None))
             print(f"# {label}: done", file=sys.stderr)
     print(f"threads {threads}, prompt {PROMPT_TOKENS} tokens, {NEW_TOKENS} new tokens, greedy, "
           f"median of {RUNS} warm runs; llama-cpp-python {rows[0][3]['version']}")
     print()
     print("| model | engine | prompt tok/s | gen tok/s | peak RSS MiB | vs llama.cpp (prompt / gen) |")
     print("|---|---|---|---|---|---|")
-    for label, agent, candle, ref, same in rows:
+    for label, agent, candle, ref, same, native in rows:
         beyond = ref["hwm_mib"] - ref["base_mib"]
         print(f"| {label} | llama.cpp (llama-cpp-python, in-process) | {ref['pp']:.0f} | {ref['tg']:.1f} | "
               f"{ref['hwm_mib']:.0f} ({beyond:.0f} beyond Python) | 1.00 / 1.00 |")
@@ -278,11 +284,15 @@ def main():
                  (f"rm-agent API, whole answer ({agent['engine']})", agent["pp_whole"], agent["tg_whole"],
                   agent["hwm_mib"]),
                  ("rm-agent API, streamed (candle)", candle["pp"], candle["tg"], candle["hwm_mib"])]
+        if native:
+            lines += [("rm-agent native build, streamed", native["pp"], native["tg"], native["hwm_mib"]),
+                      ("rm-agent native build, whole answer", native["pp_whole"], native["tg_whole"],
+                       native["hwm_mib"])]
         for name, pp, tg, hwm in lines:
             print(f"| {label} | {name} | {pp:.0f} | {tg:.1f} | {hwm:.0f} | "
                   f"{pp / ref['pp']:.2f} / {tg / ref['tg']:.2f} |")
     print()
-    for label, agent, _, ref, same in rows:
+    for label, agent, _, ref, same, _ in rows:
         print(f"{label}: the agent's greedy tokens equal llama-cpp-python's for the first {same} of {NEW_TOKENS}")
 
 

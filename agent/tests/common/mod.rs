@@ -255,16 +255,33 @@ pub const TINY_VOCAB: usize = 256;
 
 /// Writes a tiny random llama (config.json + model.safetensors) to `dir`.
 pub fn tiny_llama(dir: &Path, seed: u64) {
+    tiny_model(dir, seed, false)
+}
+
+/// Writes a tiny random Qwen2 to `dir`: llama's shapes plus q/k/v biases, the
+/// output head tied to the embedding, and no sliding-window fields in its
+/// config (as some exports have).
+pub fn tiny_qwen2(dir: &Path, seed: u64) {
+    tiny_model(dir, seed, true)
+}
+
+fn tiny_model(dir: &Path, seed: u64, qwen2: bool) {
     std::fs::create_dir_all(dir).unwrap();
     let (hidden, inter, layers, heads, kv) = (64usize, 128usize, 2usize, 4usize, 2usize);
     let head_dim = hidden / heads;
+    let (arch, model_type) = if qwen2 {
+        ("Qwen2ForCausalLM", "qwen2")
+    } else {
+        ("LlamaForCausalLM", "llama")
+    };
     let cfg = json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [arch],
+        "model_type": model_type,
         "hidden_size": hidden, "intermediate_size": inter, "vocab_size": TINY_VOCAB,
         "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
         "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
-        "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": false,
+        "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": qwen2,
+        "hidden_act": "silu",
     });
     std::fs::write(
         dir.join("config.json"),
@@ -290,7 +307,9 @@ pub fn tiny_llama(dir: &Path, seed: u64) {
         false,
     );
     add("model.norm.weight".into(), &[hidden], 0.0, true);
-    add("lm_head.weight".into(), &[TINY_VOCAB, hidden], 0.3, false);
+    if !qwen2 {
+        add("lm_head.weight".into(), &[TINY_VOCAB, hidden], 0.3, false);
+    }
     for i in 0..layers {
         let p = format!("model.layers.{i}");
         add(format!("{p}.input_layernorm.weight"), &[hidden], 0.0, true);
@@ -300,24 +319,26 @@ pub fn tiny_llama(dir: &Path, seed: u64) {
             0.0,
             true,
         );
-        add(
-            format!("{p}.self_attn.q_proj.weight"),
-            &[heads * head_dim, hidden],
-            0.3,
-            false,
-        );
-        add(
-            format!("{p}.self_attn.k_proj.weight"),
-            &[kv * head_dim, hidden],
-            0.3,
-            false,
-        );
-        add(
-            format!("{p}.self_attn.v_proj.weight"),
-            &[kv * head_dim, hidden],
-            0.3,
-            false,
-        );
+        for (proj, rows) in [
+            ("q", heads * head_dim),
+            ("k", kv * head_dim),
+            ("v", kv * head_dim),
+        ] {
+            add(
+                format!("{p}.self_attn.{proj}_proj.weight"),
+                &[rows, hidden],
+                0.3,
+                false,
+            );
+            if qwen2 {
+                add(
+                    format!("{p}.self_attn.{proj}_proj.bias"),
+                    &[rows],
+                    0.5,
+                    false,
+                );
+            }
+        }
         add(
             format!("{p}.self_attn.o_proj.weight"),
             &[hidden, heads * head_dim],
@@ -344,6 +365,51 @@ pub fn tiny_llama(dir: &Path, seed: u64) {
         );
     }
     candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+}
+
+/// Greedy decoding with candle's qwen2 directly, no agent involved. The
+/// config is built here from the test's own numbers, not by the agent's
+/// reader.
+pub fn direct_greedy_qwen2(dir: &Path, prompt: &[u32], n: usize) -> Vec<u32> {
+    use candle_transformers::models::qwen2;
+    let raw: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let get = |k: &str| raw[k].as_u64().unwrap() as usize;
+    let cfg = qwen2::Config {
+        vocab_size: get("vocab_size"),
+        hidden_size: get("hidden_size"),
+        intermediate_size: get("intermediate_size"),
+        num_hidden_layers: get("num_hidden_layers"),
+        num_attention_heads: get("num_attention_heads"),
+        num_key_value_heads: get("num_key_value_heads"),
+        max_position_embeddings: get("max_position_embeddings"),
+        sliding_window: get("max_position_embeddings"),
+        max_window_layers: get("num_hidden_layers"),
+        tie_word_embeddings: true,
+        rope_theta: raw["rope_theta"].as_f64().unwrap(),
+        rms_norm_eps: raw["rms_norm_eps"].as_f64().unwrap(),
+        use_sliding_window: false,
+        hidden_act: candle_nn::Activation::Silu,
+    };
+    let tensors =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let mut model = qwen2::ModelForCausalLM::new(&cfg, vb).unwrap();
+    let mut out = Vec::new();
+    let mut input = prompt.to_vec();
+    let mut pos = 0;
+    for _ in 0..n {
+        let x = Tensor::new(input.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = model.forward(&x, pos).unwrap().flatten_all().unwrap();
+        let next = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        pos += input.len();
+        out.push(next);
+        input = vec![next];
+    }
+    out
 }
 
 /// Greedy decoding with candle's llama directly, no agent involved.

@@ -9,8 +9,11 @@
 //! | safetensors | fp32, bf16, fp16 | one safetensors file in that dtype |
 //! | safetensors | q8_0, q4 | GGUF (llama.cpp tensor names and rope layout) |
 //!
-//! GGUF artifacts are what llama.cpp reads too, which keeps a faster engine
-//! (issue 9) a drop-in behind the same cache.
+//! Safetensors models are llama or qwen2 (`arch.rs`). GGUF artifacts are what
+//! llama.cpp reads, which keeps a faster engine (issue 9) a drop-in behind the
+//! same cache. The agent's own conversions say `tokenizer.ggml.model = "none"`:
+//! llama.cpp then runs them without a vocabulary of its own, and the agent
+//! tokenizes with the `tokenizer.json` kept beside the GGUF.
 
 use std::collections::HashMap;
 use std::fs;
@@ -22,6 +25,7 @@ use candle_core::{DType, Device, Tensor};
 use rm_crds::{CompileOptions, Precision};
 use serde::{Deserialize, Serialize};
 
+use super::arch::{self, Arch};
 use super::engine::{load_safetensors_dir, read_llama_config};
 use crate::backend::{BackendError, CompileJob, ProgressFn};
 use crate::source::ModelFormat;
@@ -155,9 +159,12 @@ pub fn compile(job: &CompileJob, progress: &ProgressFn) -> Result<(), BackendErr
                 .and_then(|v| v.to_string().ok())
                 .cloned()
                 .unwrap_or_default();
-            if arch != "llama" {
+            // candle runs llama; llama.cpp runs the rest, given the
+            // `tokenizer.ggml.model` it needs (llama and qwen2 are tested).
+            if arch != "llama" && !content.metadata.contains_key("tokenizer.ggml.model") {
                 return Err(BackendError::Unsupported(format!(
-                    "GGUF architecture {arch:?} is not supported by the cpu backend (llama family only)"
+                    "GGUF architecture {arch:?} without tokenizer.ggml.model cannot run on the cpu backend: \
+                     candle runs llama only, and llama.cpp needs the vocabulary; use a GGUF made by llama.cpp's converter"
                 )));
             }
             manifest.format = "gguf".into();
@@ -175,9 +182,9 @@ pub fn compile(job: &CompileJob, progress: &ProgressFn) -> Result<(), BackendErr
         }
         ModelFormat::Safetensors => {
             let src = &job.model_path;
-            let cfg = read_llama_config(src)?;
+            Arch::of_dir(src)?; // an unsupported model_type fails before any work
             manifest.eos_token_ids = eos_ids(src);
-            manifest.bos_token_id = cfg.bos_token_id;
+            manifest.bos_token_id = arch::bos_token_id(src)?;
             for name in ["config.json", "tokenizer.json", "generation_config.json"] {
                 let p = src.join(name);
                 if p.is_file() {
@@ -352,8 +359,9 @@ fn permute_for_rope(w: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
         .reshape((rows, cols))
 }
 
-/// Converts a llama-family safetensors directory to GGUF with `target`
-/// weights. Blocking. Public for the engine's conversion test.
+/// Converts a llama or qwen2 safetensors directory to GGUF with `target`
+/// weights, in llama.cpp's layout for that architecture. Blocking. Public for
+/// the engine's conversion test.
 pub fn hf_to_gguf(
     src: &Path,
     target: GgmlDType,
@@ -361,6 +369,8 @@ pub fn hf_to_gguf(
     progress: &dyn Fn(f32, &str),
 ) -> Result<(), BackendError> {
     use gguf_file::Value;
+    let arch = Arch::of_dir(src)?;
+    // Qwen2's config has the same field names for what is read here.
     let cfg = read_llama_config(src)?;
     if cfg.rope_scaling.is_some() {
         return Err(BackendError::Unsupported(
@@ -394,9 +404,9 @@ pub fn hf_to_gguf(
                 continue;
             }
         };
-        let t = if gguf_name.ends_with("attn_q.weight") {
+        let t = if arch.permutes_rope() && gguf_name.ends_with("attn_q.weight") {
             permute_for_rope(&t, n_head).map_err(cerr("permute q"))?
-        } else if gguf_name.ends_with("attn_k.weight") {
+        } else if arch.permutes_rope() && gguf_name.ends_with("attn_k.weight") {
             permute_for_rope(&t, n_kv).map_err(cerr("permute k"))?
         } else {
             t
@@ -412,28 +422,39 @@ pub fn hf_to_gguf(
         progress(0.05 + (i + 1) as f32 / n * 0.85, "quantize");
     }
     let u = |v: usize| Value::U32(v as u32);
-    let md: Vec<(&str, Value)> = vec![
-        ("general.architecture", Value::String("llama".into())),
-        ("general.name", Value::String("rm-agent cpu compile".into())),
-        ("llama.context_length", u(cfg.max_position_embeddings)),
-        ("llama.embedding_length", u(cfg.hidden_size)),
-        ("llama.block_count", u(cfg.num_hidden_layers)),
-        ("llama.feed_forward_length", u(cfg.intermediate_size)),
-        ("llama.attention.head_count", u(n_head)),
-        ("llama.attention.head_count_kv", u(n_kv)),
-        ("llama.rope.dimension_count", u(head_dim)),
+    let a = arch.gguf_name();
+    let md: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(a.into())),
         (
-            "llama.attention.layer_norm_rms_epsilon",
+            "general.name".into(),
+            Value::String("rm-agent cpu compile".into()),
+        ),
+        (
+            format!("{a}.context_length"),
+            u(cfg.max_position_embeddings),
+        ),
+        (format!("{a}.embedding_length"), u(cfg.hidden_size)),
+        (format!("{a}.block_count"), u(cfg.num_hidden_layers)),
+        (format!("{a}.feed_forward_length"), u(cfg.intermediate_size)),
+        (format!("{a}.attention.head_count"), u(n_head)),
+        (format!("{a}.attention.head_count_kv"), u(n_kv)),
+        (format!("{a}.rope.dimension_count"), u(head_dim)),
+        (
+            format!("{a}.attention.layer_norm_rms_epsilon"),
             Value::F32(cfg.rms_norm_eps as f32),
         ),
-        ("llama.rope.freq_base", Value::F32(cfg.rope_theta)),
+        (format!("{a}.rope.freq_base"), Value::F32(cfg.rope_theta)),
+        // No vocabulary: llama.cpp then makes `vocab_size` placeholder
+        // tokens and decodes token ids; the agent tokenizes.
+        ("tokenizer.ggml.model".into(), Value::String("none".into())),
+        (format!("{a}.vocab_size"), u(cfg.vocab_size)),
     ];
-    let refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    let refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     progress(0.92, "write");
     write_gguf(dest, &refs, &out)
 }
 
-/// HF llama tensor name → GGUF name.
+/// HF tensor name (llama or qwen2) → GGUF name.
 fn hf_tensor_name(name: &str) -> Option<String> {
     match name {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
@@ -444,19 +465,23 @@ fn hf_tensor_name(name: &str) -> Option<String> {
     let rest = name.strip_prefix("model.layers.")?;
     let (layer, tail) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let g = match tail {
-        "input_layernorm.weight" => "attn_norm",
-        "post_attention_layernorm.weight" => "ffn_norm",
-        "self_attn.q_proj.weight" => "attn_q",
-        "self_attn.k_proj.weight" => "attn_k",
-        "self_attn.v_proj.weight" => "attn_v",
-        "self_attn.o_proj.weight" => "attn_output",
-        "mlp.gate_proj.weight" => "ffn_gate",
-        "mlp.up_proj.weight" => "ffn_up",
-        "mlp.down_proj.weight" => "ffn_down",
+    let (module, kind) = tail.rsplit_once('.')?;
+    if kind != "weight" && kind != "bias" {
+        return None;
+    }
+    let g = match (module, kind) {
+        ("input_layernorm", "weight") => "attn_norm",
+        ("post_attention_layernorm", "weight") => "ffn_norm",
+        ("self_attn.q_proj", _) => "attn_q",
+        ("self_attn.k_proj", _) => "attn_k",
+        ("self_attn.v_proj", _) => "attn_v",
+        ("self_attn.o_proj", "weight") => "attn_output",
+        ("mlp.gate_proj", "weight") => "ffn_gate",
+        ("mlp.up_proj", "weight") => "ffn_up",
+        ("mlp.down_proj", "weight") => "ffn_down",
         _ => return None,
     };
-    Some(format!("blk.{layer}.{g}.weight"))
+    Some(format!("blk.{layer}.{g}.{kind}"))
 }
 
 #[cfg(test)]
@@ -492,6 +517,11 @@ mod tests {
             hf_tensor_name("model.embed_tokens.weight").as_deref(),
             Some("token_embd.weight")
         );
+        assert_eq!(
+            hf_tensor_name("model.layers.0.self_attn.k_proj.bias").as_deref(),
+            Some("blk.0.attn_k.bias")
+        );
+        assert_eq!(hf_tensor_name("model.layers.0.mlp.up_proj.bias"), None);
         assert_eq!(hf_tensor_name("model.layers.x.mlp.down_proj.weight"), None);
         assert_eq!(hf_tensor_name("model.rotary_emb.inv_freq"), None);
     }

@@ -1,8 +1,10 @@
 //! The cpu engine: loads a compiled artifact and generates with a KV cache.
-//! GGUF artifacts run on llama.cpp (`llama_cpp.rs`) when they carry a
-//! vocabulary, else on candle's `quantized_llama`; safetensors on candle's
-//! `llama`. Tokenizer, sampling, EOS and streaming are shared by all three.
-//! Blocking; the backend runs it on blocking threads.
+//! GGUF artifacts run on llama.cpp (`llama_cpp.rs`) when they carry
+//! `tokenizer.ggml.model` (a vocabulary, or "none" in the agent's own
+//! conversions, which are tokenized here), else on candle's
+//! `quantized_llama`; safetensors on candle's `llama` or `qwen2`. Tokenizer,
+//! sampling, EOS and streaming are shared by all of them. Blocking; the
+//! backend runs it on blocking threads.
 
 use std::fs;
 use std::path::Path;
@@ -12,9 +14,10 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
-use candle_transformers::models::{llama, quantized_llama};
+use candle_transformers::models::{llama, quantized_llama, qwen2};
 use tokenizers::Tokenizer;
 
+use super::arch::{self, Arch};
 use super::compile::ArtifactManifest;
 use super::llama_cpp::{LlamaCppModel, LlamaCppSession};
 use super::tokenizer::{self, IncrementalDecoder};
@@ -58,6 +61,9 @@ enum Weights {
         config: llama::Config,
         dtype: DType,
     },
+    /// Holds its KV cache inside; each session works on a clone (tensors
+    /// are shared, caches are not).
+    Qwen2(qwen2::ModelForCausalLM),
 }
 
 /// A model loaded in memory, shared by all requests for its cache entry.
@@ -80,6 +86,7 @@ enum Session<'m> {
         model: Arc<llama::Llama>,
         cache: llama::Cache,
     },
+    Qwen2(qwen2::ModelForCausalLM),
 }
 
 impl Session<'_> {
@@ -95,6 +102,8 @@ impl Session<'_> {
             }
             Session::Quantized(w) => candle(w.forward(&input()?, pos))?,
             Session::Full { model, cache } => candle(model.forward(&input()?, pos, cache))?,
+            // (batch, 1, vocab): the last position only.
+            Session::Qwen2(m) => candle(m.forward(&input()?, pos).and_then(|l| l.squeeze(0)))?,
         };
         candle(logits.squeeze(0).and_then(|l| l.to_dtype(DType::F32)))
     }
@@ -104,17 +113,22 @@ fn engine_err(what: &str) -> impl FnOnce(candle_core::Error) -> BackendError + '
     move |e| BackendError::Internal(format!("{what}: {e}"))
 }
 
-/// Tensor names candle's llama loader needs; checked up front because the
-/// loader panics on a missing one.
-fn required_llama_tensors(cfg: &llama::Config) -> Vec<String> {
+/// Tensor names candle's loaders need; checked up front because the llama
+/// loader panics on a missing one, and a name says more than a shape error.
+fn required_tensors(arch: Arch, layers: usize, tied: bool) -> Vec<String> {
     let mut v = vec![
         "model.embed_tokens.weight".to_string(),
         "model.norm.weight".to_string(),
     ];
-    if !cfg.tie_word_embeddings {
+    if !tied {
         v.push("lm_head.weight".into());
     }
-    for i in 0..cfg.num_hidden_layers {
+    for i in 0..layers {
+        if arch.has_qkv_bias() {
+            for n in ["q_proj", "k_proj", "v_proj"] {
+                v.push(format!("model.layers.{i}.self_attn.{n}.bias"));
+            }
+        }
         for n in [
             "self_attn.q_proj",
             "self_attn.k_proj",
@@ -160,6 +174,34 @@ pub fn load_safetensors_dir(
         all.extend(m);
     }
     Ok(all)
+}
+
+/// The safetensors of `dir` as a VarBuilder, after checking that every
+/// tensor in `required` is there.
+fn checked_weights(
+    dir: &Path,
+    required: Vec<String>,
+    dtype: DType,
+) -> Result<VarBuilder<'static>, BackendError> {
+    let tensors = load_safetensors_dir(dir)?;
+    if let Some(name) = required.iter().find(|n| !tensors.contains_key(*n)) {
+        return Err(BackendError::Unsupported(format!(
+            "the weights have no tensor {name}; does config.json's model_type match them?"
+        )));
+    }
+    Ok(VarBuilder::from_tensors(tensors, dtype, &Device::Cpu))
+}
+
+/// Runs a candle loader, turning its panics (some loaders index shapes
+/// without checking) and errors into one message.
+fn load_catching<M>(load: impl FnOnce() -> candle_core::Result<M>) -> Result<M, BackendError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(load))
+        .map_err(|_| {
+            BackendError::Unsupported("the weights do not match config.json (tensor shapes)".into())
+        })?
+        .map_err(|e| {
+            BackendError::Unsupported(format!("the weights do not match config.json: {e}"))
+        })
 }
 
 pub fn read_llama_config(dir: &Path) -> Result<llama::LlamaConfig, BackendError> {
@@ -218,12 +260,31 @@ impl LoadedModel {
                 .and_then(|v| v.to_u32().ok())
                 .map(|v| v as usize)
                 .unwrap_or(quantized_llama::MAX_SEQ_LEN);
+            // llama.cpp needs `tokenizer.ggml.model` (a vocabulary, or
+            // "none" in the agent's own conversions).
             let has_vocab = content.metadata.contains_key("tokenizer.ggml.model");
             let llama_cpp = match opts.gguf_engine {
                 GgufEngine::Auto => has_vocab && super::llama_cpp::cpu_supported(),
                 GgufEngine::LlamaCpp => true,
                 GgufEngine::Candle => false,
             };
+            let gguf_arch = content
+                .metadata
+                .get("general.architecture")
+                .and_then(|v| v.to_string().ok())
+                .map_or("llama", String::as_str);
+            if !llama_cpp && gguf_arch != "llama" {
+                let why = if !has_vocab {
+                    "the GGUF has no tokenizer.ggml.model, which llama.cpp needs"
+                } else if opts.gguf_engine == GgufEngine::Candle {
+                    "the agent runs with --cpu-engine candle"
+                } else {
+                    "this CPU lacks the features llama.cpp was built for (AVX2, FMA, F16C, BMI2)"
+                };
+                return Err(BackendError::Unsupported(format!(
+                    "GGUF architecture {gguf_arch:?} runs only on llama.cpp (candle runs llama only), and {why}"
+                )));
+            }
             if llama_cpp {
                 drop(content);
                 let m = LlamaCppModel::load(&path, opts.threads)?;
@@ -239,43 +300,52 @@ impl LoadedModel {
                 )
             }
         } else {
-            let cfg = read_llama_config(dir)?.into_config(false);
             let dtype = match manifest.dtype.as_str() {
                 "bf16" => DType::BF16,
                 "f16" => DType::F16,
                 _ => DType::F32,
             };
-            let tensors = load_safetensors_dir(dir)?;
-            for name in required_llama_tensors(&cfg) {
-                if !tensors.contains_key(&name) {
-                    return Err(BackendError::Unsupported(format!(
-                        "the weights have no tensor {name}; is this a llama-family model?"
-                    )));
+            match Arch::of_dir(dir)? {
+                Arch::Llama => {
+                    let cfg = read_llama_config(dir)?.into_config(false);
+                    let vb = checked_weights(
+                        dir,
+                        required_tensors(
+                            Arch::Llama,
+                            cfg.num_hidden_layers,
+                            cfg.tie_word_embeddings,
+                        ),
+                        dtype,
+                    )?;
+                    let model = load_catching(|| llama::Llama::load(vb, &cfg))?;
+                    let (vocab, ctx) = (cfg.vocab_size, cfg.max_position_embeddings);
+                    (
+                        Weights::Full {
+                            model: Arc::new(model),
+                            config: cfg,
+                            dtype,
+                        },
+                        vocab,
+                        cap(ctx),
+                    )
+                }
+                Arch::Qwen2 => {
+                    let cfg = arch::read_qwen2_config(dir)?;
+                    // candle's qwen2 takes lm_head when present, else the
+                    // embedding: only the shared tensors are required.
+                    let vb = checked_weights(
+                        dir,
+                        required_tensors(Arch::Qwen2, cfg.num_hidden_layers, true),
+                        dtype,
+                    )?;
+                    let model = load_catching(|| qwen2::ModelForCausalLM::new(&cfg, vb))?;
+                    (
+                        Weights::Qwen2(model),
+                        cfg.vocab_size,
+                        cap(cfg.max_position_embeddings),
+                    )
                 }
             }
-            let vb = VarBuilder::from_tensors(tensors, dtype, &Device::Cpu);
-            let model = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                llama::Llama::load(vb, &cfg)
-            }))
-            .map_err(|_| {
-                BackendError::Unsupported(
-                    "the weights do not match config.json (tensor shapes)".into(),
-                )
-            })?
-            .map_err(|e| {
-                BackendError::Unsupported(format!("the weights do not match config.json: {e}"))
-            })?;
-            let vocab = cfg.vocab_size;
-            let ctx = cfg.max_position_embeddings;
-            (
-                Weights::Full {
-                    model: Arc::new(model),
-                    config: cfg,
-                    dtype,
-                },
-                vocab,
-                cap(ctx),
-            )
         };
         Ok(LoadedModel {
             weights,
@@ -315,6 +385,11 @@ impl LoadedModel {
                 cache: llama::Cache::new(true, *dtype, config, &Device::Cpu)
                     .map_err(engine_err("KV cache"))?,
             },
+            Weights::Qwen2(m) => {
+                let mut m = m.clone();
+                m.clear_kv_cache();
+                Session::Qwen2(m)
+            }
         })
     }
 

@@ -1,6 +1,7 @@
 //! The built-in `cpu` backend: llama-family models in-process, on llama.cpp
 //! (GGUF) and candle (safetensors, and GGUF without a vocabulary).
 
+pub mod arch;
 pub mod compile;
 pub mod engine;
 pub mod llama_cpp;
