@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The main job: brings up the local control plane, adds kwok nodes with GPU,
-# ATOM and RNGD capacity, installs the InferenceWorkload CRD, runs the
+# The main job: brings up the local control plane, registers rm-device-plugin
+# on fake device trees with the kubelet's device manager and gives kwok nodes
+# the GPU, ATOM and RNGD capacity it advertised, installs the
+# InferenceWorkload CRD, runs the
 # operator, applies the examples and shows where each runs and why (kubectl
 # inference), then generates text with SmolLM2 through the node agent.
 # Exits non-zero when any step fails.
@@ -30,12 +32,40 @@ export KUBECONFIG=$kubeconfig
 PATH="$(e2e/cluster.sh bin-dir):$PATH"
 steps_done+=("control plane up")
 
-step "kwok nodes with accelerators"
-# rm-abstract.io/agent: the node agent's socket, a resource every node with
-# an agent offers (CPU pods request it instead of mounting a hostPath).
-e2e/cluster.sh node demo-npu rebellions.ai/ATOM=4 furiosa.ai/rngd=2 rm-abstract.io/agent=100
-e2e/cluster.sh node demo-gpu nvidia.com/gpu=8 rm-abstract.io/agent=100
-e2e/cluster.sh node demo-cpu rm-abstract.io/agent=100
+step "rm-device-plugin on fake device trees, registered with the kubelet's device manager"
+# What a kubelet would report for each node: rm-device-plugin discovers the
+# TEST DOUBLE sysfs/dev trees (no accelerator here) and registers with the
+# kubelet's own device manager (k8s.io/kubernetes, e2e/devicemanager.sh),
+# whose allocatable resources become the kwok nodes' status below. Beside
+# the accelerators, rm-abstract.io/agent: the node agent's socket, which CPU
+# pods request instead of mounting a hostPath.
+declare -A node_resources=(
+    [demo-npu]="-atoms 4 -rngds 2"
+    [demo-gpu]="-gpus 8"
+    [demo-cpu]=""
+)
+declare -A reported=()
+for node in demo-npu demo-gpu demo-cpu; do
+    # shellcheck disable=SC2086 # the flags are words
+    reported[$node]=$(e2e/devicemanager.sh "$(command -v rm-device-plugin)" -report ${node_resources[$node]} | tr '\n' ' ')
+done
+if [[ -z "${reported[demo-gpu]// /}" ]]; then
+    # Not root, or a kubelet owns the device-plugin directory: the numbers
+    # the fake trees would have given.
+    echo "(the kubelet's device manager cannot run here; using the fake trees' counts)"
+    reported=([demo-npu]="rebellions.ai/ATOM=4 furiosa.ai/rngd=2 rm-abstract.io/agent=100"
+        [demo-gpu]="nvidia.com/gpu=8 rm-abstract.io/agent=100" [demo-cpu]="rm-abstract.io/agent=100")
+    steps_done+=("device counts from the fake trees (no device manager here)")
+else
+    for node in demo-npu demo-gpu demo-cpu; do echo "$node: ${reported[$node]}"; done
+    steps_done+=("device plugin registered with the kubelet's device manager")
+fi
+
+step "kwok nodes with what the device plugin advertised"
+for node in demo-npu demo-gpu demo-cpu; do
+    # shellcheck disable=SC2086
+    e2e/cluster.sh node "$node" ${reported[$node]}
+done
 kubectl get nodes -o custom-columns='NODE:.metadata.name,ATOM:.status.allocatable.rebellions\.ai/ATOM,RNGD:.status.allocatable.furiosa\.ai/rngd,GPU:.status.allocatable.nvidia\.com/gpu,READY:.status.conditions[?(@.type=="Ready")].status'
 steps_done+=("3 nodes")
 

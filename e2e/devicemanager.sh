@@ -5,10 +5,11 @@
 # kubelet's fixed socket /var/lib/kubelet/device-plugins/kubelet.sock, so this
 # needs root and no kubelet running on the machine; otherwise it says why and
 # skips.
-#   e2e/devicemanager.sh [path/to/rm-device-plugin]
+#   e2e/devicemanager.sh [path/to/rm-device-plugin [harness flags, e.g. -report -gpus 8]]
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PLUGIN=${1:-"$ROOT/target/debug/rm-device-plugin"}
+shift || true
 log() { printf '[devicemanager] %s\n' "$*" >&2; }
 
 if [[ $(id -u) -ne 0 ]]; then
@@ -31,4 +32,4 @@ if [[ ! -x "$bin" ]]; then
     mv "$bin.tmp" "$bin"
 fi
 mkdir -p /var/lib/kubelet/device-plugins
-"$bin" -plugin "$PLUGIN" 2> >(grep -v '^[IE][0-9]\{4\} ' >&2)
+"$bin" -plugin "$PLUGIN" "$@" 2> >(grep -v '^[IE][0-9]\{4\} ' >&2)

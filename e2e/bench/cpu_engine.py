@@ -285,8 +285,9 @@ def main():
                   agent["hwm_mib"]),
                  ("rm-agent API, streamed (candle)", candle["pp"], candle["tg"], candle["hwm_mib"])]
         if native:
-            lines += [("rm-agent native build, streamed", native["pp"], native["tg"], native["hwm_mib"]),
-                      ("rm-agent native build, whole answer", native["pp_whole"], native["tg_whole"],
+            extra = os.environ.get("RM_BENCH_EXTRA_LABEL", "native build")
+            lines += [(f"rm-agent {extra}, streamed", native["pp"], native["tg"], native["hwm_mib"]),
+                      (f"rm-agent {extra}, whole answer", native["pp_whole"], native["tg_whole"],
                        native["hwm_mib"])]
         for name, pp, tg, hwm in lines:
             print(f"| {label} | {name} | {pp:.0f} | {tg:.1f} | {hwm:.0f} | "

@@ -31,6 +31,9 @@ use crate::backend::BackendError;
 /// llama.cpp's version, as vendored by `llama-cpp-sys-2`.
 pub const LLAMA_CPP_SYS_VERSION: &str = "0.1.161";
 
+/// `LLAMA_FLASH_ATTN_TYPE_DISABLED` of llama.h.
+const FLASH_ATTENTION_DISABLED: i32 = 0;
+
 /// Tokens per `llama_decode` call while reading a prompt.
 const PROMPT_CHUNK: usize = 512;
 /// Context sizes are rounded up to this, so nearby lengths share one.
@@ -208,7 +211,11 @@ fn new_context<'m>(
         .with_n_batch(PROMPT_CHUNK as u32)
         .with_n_ubatch(PROMPT_CHUNK as u32)
         .with_n_threads(threads)
-        .with_n_threads_batch(threads);
+        .with_n_threads_batch(threads)
+        // Flash attention off, as llama-cpp-python has it: llama.cpp's
+        // default ("auto") turns it on for CPU, which measured 4-14 % slower
+        // per generated token on SmolLM2 (e2e/bench/cpu-engine.sh, 2 threads).
+        .with_flash_attention_policy(FLASH_ATTENTION_DISABLED);
     model.new_context(backend, params).map_err(|e| {
         BackendError::Internal(format!(
             "llama.cpp context for {n_ctx} tokens: {e} (out of memory?)"

@@ -12,6 +12,11 @@
 // DOUBLE sysfs/dev tree (two NVIDIA GPUs on NUMA nodes 0 and 1, one RNGD).
 //
 //	go run ./devicemanager-harness -plugin target/debug/rm-device-plugin
+//
+// With -report, it instead lays out -gpus/-atoms/-rngds fake devices, waits
+// until the device manager holds all of them, and prints what a kubelet would
+// put in its node's status: one RESOURCE=COUNT per resource (allocatable).
+// The demo gives its kwok nodes these numbers.
 package main
 
 import (
@@ -24,6 +29,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"time"
 
@@ -45,6 +51,7 @@ import (
 const (
 	gpu  = "nvidia.com/gpu"
 	rngd = "furiosa.ai/rngd"
+	atom = "rebellions.ai/ATOM"
 	gpu0 = "GPU-00000000-0000-0000-0000-00000000aaaa"
 	gpu1 = "GPU-00000000-0000-0000-0000-00000000bbbb"
 	// The node agent's socket as a resource, and the host directory its
@@ -58,8 +65,13 @@ type sourcesReady struct{}
 func (sourcesReady) AddSource(string) {}
 func (sourcesReady) AllReady() bool   { return true }
 
+// stopPluginOnFail stops the plugin process when fail exits (os.Exit skips
+// deferred calls).
+var stopPluginOnFail = func() {}
+
 func fail(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "FAIL: "+format+"\n", args...)
+	stopPluginOnFail()
 	os.Exit(1)
 }
 
@@ -92,6 +104,21 @@ func nvidiaGPU(root, addr string, minor int, uuid string, numa int) {
 	write(root, "dev/nvidiactl", "")
 	write(root, "dev/nvidia-uvm", "")
 	write(root, "dev/nvidia-uvm-tools", "")
+}
+
+// rblnATOM lays out what the Rebellions driver exposes for one ATOM
+// (RBLN-CA22) bound as rbln<index>.
+func rblnATOM(root, addr string, index int, numa int) {
+	pci(root, addr, "0x1eff", "0x1220", "0x120000", numa)
+	class := filepath.Join(root, fmt.Sprintf("sys/class/rebellions/rbln%d", index))
+	if err := os.MkdirAll(class, 0o755); err != nil {
+		fail("%v", err)
+	}
+	if err := os.Symlink("../../../bus/pci/devices/"+addr, filepath.Join(class, "device")); err != nil {
+		fail("%v", err)
+	}
+	write(root, fmt.Sprintf("dev/rbln%d", index), "")
+	write(root, "dev/rsd0", "")
 }
 
 // furiosaRNGD lays out what the FuriosaAI driver exposes for one RNGD.
@@ -159,31 +186,10 @@ func startManager(logger klog.Logger, pods *[]*v1.Pod) *devicemanager.ManagerImp
 	return m
 }
 
-func main() {
-	pluginBin := flag.String("plugin", "target/debug/rm-device-plugin", "rm-device-plugin binary")
-	flag.Parse()
-	logger := klog.Background()
-
-	work, err := os.MkdirTemp("", "rm-devicemanager-harness-")
-	if err != nil {
-		fail("%v", err)
-	}
-	defer os.RemoveAll(work)
-	host := filepath.Join(work, "host")
-	nvidiaGPU(host, "0000:3b:00.0", 0, gpu0, 0)
-	nvidiaGPU(host, "0000:af:00.0", 1, gpu1, 1)
-	furiosaRNGD(host, "0000:5e:00.0", 0, "RNGD-UUID-0001", 0)
-	state := filepath.Join(work, "state")
-
-	// A checkpoint of an earlier run would hand its allocations to this one.
-	checkpoint := filepath.Join(pluginapi.DevicePluginPath, "kubelet_internal_checkpoint")
-	_ = os.Remove(checkpoint)
-	defer os.Remove(checkpoint)
-
-	var pods []*v1.Pod
-	m := startManager(logger, &pods)
-
-	plugin := exec.Command(*pluginBin,
+// startPlugin runs rm-device-plugin on the fake host; stop it with the
+// returned function.
+func startPlugin(bin, host, state, work, logLevel string) func() {
+	plugin := exec.Command(bin,
 		"--host-root", host,
 		"--kubelet-dir", pluginapi.DevicePluginPath,
 		"--state-dir", state)
@@ -192,15 +198,93 @@ func main() {
 		"RM_DP_AGENT_SOCKET_DIR="+agentDir,
 		"RM_DP_AGENT_SLOTS=100",
 		"RM_DP_POD_RESOURCES_SOCKET="+filepath.Join(work, "no-pod-resources.sock"),
-		"RM_LOG=warn")
+		"RM_LOG="+logLevel)
 	plugin.Stdout, plugin.Stderr = os.Stderr, os.Stderr
 	if err := plugin.Start(); err != nil {
-		fail("start %s: %v", *pluginBin, err)
+		fail("start %s: %v", bin, err)
 	}
-	defer func() {
+	stop := func() {
 		_ = plugin.Process.Signal(os.Interrupt)
 		_, _ = plugin.Process.Wait()
-	}()
+	}
+	stopPluginOnFail = stop
+	return stop
+}
+
+// report prints the allocatable resources the device manager holds once the
+// plugin registered the fake devices asked for.
+func report(logger klog.Logger, pluginBin, work string, gpus, atoms, rngds int) {
+	host := filepath.Join(work, "host")
+	for i := 0; i < gpus; i++ {
+		nvidiaGPU(host, fmt.Sprintf("0000:%02x:00.0", 0x10+i), i, fmt.Sprintf("GPU-00000000-0000-0000-0000-%012d", i), i*2/max(gpus, 1))
+	}
+	for i := 0; i < atoms; i++ {
+		rblnATOM(host, fmt.Sprintf("0000:%02x:00.0", 0x40+i), i, i*2/max(atoms, 1))
+	}
+	for i := 0; i < rngds; i++ {
+		furiosaRNGD(host, fmt.Sprintf("0000:%02x:00.0", 0x70+i), i, fmt.Sprintf("RNGD-UUID-%04d", i), i*2/max(rngds, 1))
+	}
+	var pods []*v1.Pod
+	m := startManager(logger, &pods)
+	defer m.Stop(logger)
+	stop := startPlugin(pluginBin, host, filepath.Join(work, "state"), work, "error")
+	defer stop()
+	want := map[string]int64{agent: 100}
+	if gpus > 0 {
+		want[gpu] = int64(gpus)
+	}
+	if atoms > 0 {
+		want[atom] = int64(atoms)
+	}
+	if rngds > 0 {
+		want[rngd] = int64(rngds)
+	}
+	names := make([]string, 0, len(want))
+	for name, n := range want {
+		waitCapacity(logger, m, name, n, n, 10*time.Second)
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	_, allocatable, _ := m.GetCapacity(logger)
+	for _, name := range names {
+		fmt.Printf("%s=%d\n", name, qty(allocatable, name))
+	}
+}
+
+func main() {
+	pluginBin := flag.String("plugin", "target/debug/rm-device-plugin", "rm-device-plugin binary")
+	reportMode := flag.Bool("report", false, "print the node's allocatable resources for -gpus/-atoms/-rngds fake devices and exit")
+	gpus := flag.Int("gpus", 0, "fake NVIDIA GPUs (with -report)")
+	atoms := flag.Int("atoms", 0, "fake Rebellions ATOMs (with -report)")
+	rngds := flag.Int("rngds", 0, "fake FuriosaAI RNGDs (with -report)")
+	flag.Parse()
+	logger := klog.Background()
+
+	work, err := os.MkdirTemp("", "rm-devicemanager-harness-")
+	if err != nil {
+		fail("%v", err)
+	}
+	defer os.RemoveAll(work)
+
+	// A checkpoint of an earlier run would hand its allocations to this one.
+	checkpoint := filepath.Join(pluginapi.DevicePluginPath, "kubelet_internal_checkpoint")
+	_ = os.Remove(checkpoint)
+	defer os.Remove(checkpoint)
+
+	if *reportMode {
+		report(logger, *pluginBin, work, *gpus, *atoms, *rngds)
+		return
+	}
+	host := filepath.Join(work, "host")
+	nvidiaGPU(host, "0000:3b:00.0", 0, gpu0, 0)
+	nvidiaGPU(host, "0000:af:00.0", 1, gpu1, 1)
+	furiosaRNGD(host, "0000:5e:00.0", 0, "RNGD-UUID-0001", 0)
+	state := filepath.Join(work, "state")
+
+	var pods []*v1.Pod
+	m := startManager(logger, &pods)
+	stop := startPlugin(*pluginBin, host, state, work, "warn")
+	defer stop()
 
 	took := waitCapacity(logger, m, gpu, 2, 2, 10*time.Second)
 	waitCapacity(logger, m, rngd, 1, 1, 2*time.Second)
