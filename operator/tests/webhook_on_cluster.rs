@@ -74,7 +74,13 @@ async fn start_webhook(cluster: &Cluster, test: &str, ops_ns: &str, extra: &[&st
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_rm-operator"))
         .env("KUBECONFIG", &cluster.kubeconfig)
-        .env("RM_LOG", "info,rm_operator::webhook=debug")
+        // The benchmark sets RM_WEBHOOK_TEST_LOG=info: a debug line per
+        // admission is not what a deployment runs with.
+        .env(
+            "RM_LOG",
+            std::env::var("RM_WEBHOOK_TEST_LOG")
+                .unwrap_or_else(|_| "info,rm_operator::webhook=debug".into()),
+        )
         .arg(format!("--namespace={ops_ns}"))
         .arg(format!("--lease-namespace={ops_ns}"))
         .arg(format!("--lease-name=wh-{scope}"))
