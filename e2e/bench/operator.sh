@@ -22,9 +22,10 @@ e2e/cluster.sh node "bench-$run_id" "$res=5000" 2>/dev/null
 kubectl apply --server-side -f crds/inferenceworkload.yaml >/dev/null
 kubectl wait --for=condition=Established crd/inferenceworkloads.rm-abstract.io >/dev/null
 work=$(mktemp -d)
-trap 'kill $op_pid 2>/dev/null || true; rm -rf "$work"; kubectl delete ns "bd-$run_id" "bw-$run_id" --wait=false >/dev/null 2>&1 || true; kubectl delete node "bench-$run_id" >/dev/null 2>&1 || true' EXIT
+trap 'kill $op_pid 2>/dev/null || true; rm -rf "$work"; kubectl delete ns "bd-$run_id" "bw-$run_id" "bc-$run_id" --wait=false >/dev/null 2>&1 || true; kubectl delete node "bench-$run_id" >/dev/null 2>&1 || true' EXIT
 kubectl create ns "bd-$run_id" >/dev/null
 kubectl create ns "bw-$run_id" >/dev/null
+kubectl create ns "bc-$run_id" >/dev/null
 
 now() { date +%s.%N; }
 elapsed() { python3 -c "print(f'{$2 - $1:.2f}')"; }
@@ -77,6 +78,14 @@ kubectl apply --server-side -n "bd-$run_id" -f "$work/deployments.yaml" >/dev/nu
 t1=$(now)
 baseline=$(elapsed "$t0" "$t1")
 echo "kubectl apply --server-side of 200 Deployments: ${baseline}s"
+
+# The custom resources alone, before any operator runs: what the apiserver
+# takes to store them, the floor under the operator's figure.
+t0=$(now)
+kubectl apply --server-side -n "bc-$run_id" -f "$work/workloads.yaml" >/dev/null
+t1=$(now)
+crs_only=$(elapsed "$t0" "$t1")
+echo "kubectl apply --server-side of 200 InferenceWorkloads, no operator running: ${crs_only}s"
 
 metrics_port=18$((run_id % 1000 + 100))
 "$OPERATOR" --namespace "bw-$run_id" --metrics-addr "127.0.0.1:$metrics_port" \
