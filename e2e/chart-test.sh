@@ -198,18 +198,12 @@ expect "operator Deployment wants 2 replicas" \
 
 # ---------------------------------------------------------------- 5. RBAC for real
 step "the chart's ServiceAccount: token and kubeconfig"
-TOKEN=$(kubectl -n "$NS" create token "$SA" --duration 1h)
-SERVER=$(kubectl config view --minify --raw -o jsonpath='{.clusters[0].cluster.server}')
-kubectl config view --minify --raw -o jsonpath='{.clusters[0].cluster.certificate-authority-data}' | base64 -d >"$WORK/ca.crt"
 SAKC=$WORK/sa.kubeconfig
-KUBECONFIG=$SAKC kubectl config set-cluster c --server="$SERVER" --certificate-authority="$WORK/ca.crt" --embed-certs >/dev/null
-KUBECONFIG=$SAKC kubectl config set-credentials sa --token="$TOKEN" >/dev/null
-KUBECONFIG=$SAKC kubectl config set-context c --cluster=c --user=sa >/dev/null
-KUBECONFIG=$SAKC kubectl config use-context c >/dev/null
+e2e/chart-operator.sh kubeconfig "$NS" "$SA" "$SAKC"
 who=$(KUBECONFIG=$SAKC kubectl auth whoami -o jsonpath='{.status.userInfo.username}' 2>&1 || true)
 expect "token authenticates as system:serviceaccount:$NS:$SA ($who)" test "$who" = "system:serviceaccount:$NS:$SA"
 
-can() { KUBECONFIG=$SAKC kubectl --token="$TOKEN" auth can-i "$@"; }
+can() { KUBECONFIG=$SAKC kubectl auth can-i "$@"; }
 step "kubectl auth can-i --token: what the operator may do"
 expect "may watch inferenceworkloads in all namespaces" can watch inferenceworkloads.rm-abstract.io -A
 expect "may patch inferenceworkloads/status" can patch inferenceworkloads.rm-abstract.io --subresource=status -n "$WNS"
@@ -236,24 +230,10 @@ expect_not "cannot delete inferenceworkloads" can delete inferenceworkloads.rm-a
 expect_not "GET a Secret in $OTHER is forbidden" env KUBECONFIG="$SAKC" kubectl -n "$OTHER" get secret not-yours
 
 step "rm-operator as the chart's ServiceAccount (flags of the installed Deployment)"
-kubectl -n "$NS" get configmap "$F-operator" -o jsonpath='{.data.config\.yaml}' >"$WORK/operator-config.yaml"
-mapfile -t ARGS < <(kubectl -n "$NS" get deploy "$F-operator" -o json | python3 -c '
-import json, sys
-for a in json.load(sys.stdin)["spec"]["template"]["spec"]["containers"][0]["args"]:
-    print(a)')
-RUN_ARGS=()
-for a in "${ARGS[@]}"; do
-    case $a in
-        --config=*) RUN_ARGS+=("--config=$WORK/operator-config.yaml") ;;
-        --metrics-addr=*) RUN_ARGS+=("--metrics-addr=127.0.0.1:$MET_PORT") ;;
-        --webhook-addr=*) RUN_ARGS+=("--webhook-addr=127.0.0.1:$WH_PORT") ;;
-        *) RUN_ARGS+=("$a") ;;
-    esac
-done
-echo "[chart] rm-operator ${RUN_ARGS[*]}"
 e2e/cluster.sh node "$NODE" nvidia.com/gpu=2 >/dev/null 2>&1 && ok "kwok node $NODE with nvidia.com/gpu=2" || bad "kwok node"
-KUBECONFIG=$SAKC POD_NAME=chart-test-$ID POD_NAMESPACE=$NS RM_LOG=info \
-    "$BIN/rm-operator" "${RUN_ARGS[@]}" >"$WORK/operator.log" 2>&1 &
+INSTALLER_KUBECONFIG=$KUBECONFIG KUBECONFIG=$SAKC POD_NAME=chart-test-$ID POD_NAMESPACE=$NS RM_LOG=info \
+    PATH="$BIN:$PATH" e2e/chart-operator.sh run "$NS" "$F" "$WORK" "127.0.0.1:$MET_PORT" "127.0.0.1:$WH_PORT" \
+    >"$WORK/operator.log" 2>&1 &
 OP_PID=$!
 
 wait_for() { # wait_for SECONDS WHAT COMMAND...

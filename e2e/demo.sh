@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The main job: brings up the local control plane, registers rm-device-plugin
 # on fake device trees with the kubelet's device manager and gives kwok nodes
-# the GPU, ATOM and RNGD capacity it advertised, installs the
-# InferenceWorkload CRD, runs the
-# operator, applies the examples and shows where each runs and why (kubectl
-# inference), then generates text with SmolLM2 through the node agent.
-# Exits non-zero when any step fails.
+# the GPU, ATOM and RNGD capacity it advertised, installs the Helm chart, runs
+# the operator as the chart's ServiceAccount, applies the examples and shows
+# where each runs and why (kubectl inference), then runs an unchanged user
+# script with the env the webhook injected, generating text with SmolLM2
+# through the node agent. Exits non-zero when any step fails.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -69,14 +69,31 @@ done
 kubectl get nodes -o custom-columns='NODE:.metadata.name,ATOM:.status.allocatable.rebellions\.ai/ATOM,RNGD:.status.allocatable.furiosa\.ai/rngd,GPU:.status.allocatable.nvidia\.com/gpu,READY:.status.conditions[?(@.type=="Ready")].status'
 steps_done+=("3 nodes")
 
-step "InferenceWorkload CRD"
-kubectl apply --server-side -f crds/inferenceworkload.yaml
-kubectl wait --for=condition=Established crd/inferenceworkloads.rm-abstract.io --timeout=60s
-steps_done+=("CRD established")
-
-step "rm-operator: controller (leader election) and admission webhook on https://127.0.0.1:18443"
 state=$(dirname "$kubeconfig")/demo
 mkdir -p "$state"
+step "helm install charts/rm-abstract: CRD, RBAC, webhook configuration (its pods pinned to no node: kwok runs no containers)"
+chart_ns=rm-system
+# Release "rm-abstract": the chart's objects are rm-abstract-operator, ...
+cat >"$state/values.yaml" <<EOF
+operator:
+  watchNamespace: rm-demo
+  nodeSelector: {rm-abstract.io/demo-no-node: "true"}
+devicePlugin:
+  nodeSelector: {rm-abstract.io/demo-no-node: "true"}
+agent:
+  nodeSelector: {rm-abstract.io/demo-no-node: "true"}
+webhook:
+  url: https://127.0.0.1:18443
+  extraDnsNames: [127.0.0.1, localhost]
+  namespaceSelector: {rm-abstract.io/demo: "true"}
+EOF
+helm upgrade --install rm-abstract charts/rm-abstract -n "$chart_ns" --create-namespace \
+    -f "$state/values.yaml" >"$state/helm.log"
+tail -n 3 "$state/helm.log"
+kubectl wait --for=condition=Established crd/inferenceworkloads.rm-abstract.io --timeout=60s
+steps_done+=("chart installed")
+
+step "rm-operator as the chart's ServiceAccount, with the installed Deployment's flags: controller and webhook on https://127.0.0.1:18443"
 for p in operator agent; do
     [[ -f "$state/$p.pid" ]] && kill "$(cat "$state/$p.pid")" 2>/dev/null || true
 done
@@ -85,14 +102,19 @@ trap 'for p in operator agent; do [[ -f "$state/$p.pid" ]] && kill "$(cat "$stat
 kubectl delete namespace rm-demo --ignore-not-found --timeout=120s >/dev/null
 kubectl create namespace rm-demo >/dev/null
 kubectl label namespace rm-demo rm-abstract.io/demo=true --overwrite >/dev/null
-rm-operator --namespace rm-demo --metrics-addr 127.0.0.1:18080 --lease-namespace default \
-    --webhook-addr 127.0.0.1:18443 --webhook-url https://127.0.0.1:18443 --webhook-dns-names 127.0.0.1,localhost \
-    --webhook-secret-namespace default --webhook-secret-name rm-abstract-demo-webhook-tls --webhook-config-name rm-abstract-demo \
-    --webhook-namespace-selector rm-abstract.io/demo=true >"$state/operator.log" 2>&1 &
+e2e/chart-operator.sh kubeconfig "$chart_ns" rm-abstract-operator "$state/operator-sa.kubeconfig"
+echo "as $(KUBECONFIG=$state/operator-sa.kubeconfig kubectl auth whoami -o jsonpath='{.status.userInfo.username}')"
+INSTALLER_KUBECONFIG=$KUBECONFIG KUBECONFIG=$state/operator-sa.kubeconfig POD_NAME=rm-abstract-demo \
+    POD_NAMESPACE=$chart_ns e2e/chart-operator.sh run "$chart_ns" rm-abstract "$state" \
+    127.0.0.1:18080 127.0.0.1:18443 >"$state/operator.log" 2>&1 &
 echo $! >"$state/operator.pid"
-until curl -fsS http://127.0.0.1:18080/readyz >/dev/null 2>&1; do sleep 0.3; done
-until kubectl get mutatingwebhookconfiguration rm-abstract-demo >/dev/null 2>&1; do sleep 0.3; done
-steps_done+=("operator leading, webhook registered")
+deadline=$((SECONDS + 120))
+until curl -fsS http://127.0.0.1:18080/readyz >/dev/null 2>&1 &&
+    [[ -n $(kubectl get mutatingwebhookconfiguration rm-abstract-webhook -o jsonpath='{.webhooks[0].clientConfig.caBundle}' 2>/dev/null) ]]; do
+    ((SECONDS < deadline)) || { echo "the operator did not lead and serve the webhook; log:" >&2; tail -n 20 "$state/operator.log" >&2; exit 1; }
+    sleep 0.3
+done
+steps_done+=("operator leading as the chart's ServiceAccount, webhook registered")
 
 step "example workloads"
 kubectl apply -n rm-demo -f examples/
