@@ -29,6 +29,18 @@ fn prepare(agent: &Agent, model: &Path, options: Value) -> Value {
     r.json()
 }
 
+/// The agent's HF -> GGUF conversion of `model` without quantization.
+fn f32_gguf(model: &Path, dest: &Path) -> std::path::PathBuf {
+    rm_agent::backend::cpu::compile::hf_to_gguf(
+        model,
+        candle_core::quantized::GgmlDType::F32,
+        dest,
+        &|_, _| {},
+    )
+    .unwrap();
+    dest.to_owned()
+}
+
 fn generate_ids(agent: &Agent, key: &str, prompt: &[u32], n: usize) -> Vec<u32> {
     let r = agent.post(
         "/v1/generate",
@@ -120,22 +132,11 @@ fn quantized_compiles_run_and_gguf_conversion_keeps_the_model() {
     tiny_llama(&model, 11);
     // The HF -> GGUF conversion (names, rope permutation) without
     // quantization gives the same greedy tokens as the safetensors model.
-    let gguf = dir.path().join("f32.gguf");
-    rm_agent::backend::cpu::compile::hf_to_gguf(
-        &model,
-        candle_core::quantized::GgmlDType::F32,
-        &gguf,
-        &|_, _| {},
-    )
-    .unwrap();
+    let gguf = f32_gguf(&model, &dir.path().join("f32.gguf"));
     let agent = Agent::start(dir.path(), None, &[]);
-    let r = agent.post(
-        "/v1/prepare",
-        json!({"source": {"path": gguf}, "device": "cpu"}),
-    );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let p = prepare(&agent, &gguf, json!({}));
     let prompt = [3u32, 9, 27, 81];
-    let got = generate_ids(&agent, r.json()["key"].as_str().unwrap(), &prompt, 12);
+    let got = generate_ids(&agent, p["key"].as_str().unwrap(), &prompt, 12);
     assert_eq!(got, direct_greedy(&model, &prompt, 12));
 
     for precision in ["q8_0", "q4", "bf16"] {
@@ -190,20 +191,8 @@ fn tiny_qwen2_runs_from_safetensors_on_candle_and_converted_on_llama_cpp() {
 
     // Converted to GGUF without quantization: llama.cpp's qwen2 (NEOX rope,
     // no permutation; biases) gives the same greedy tokens.
-    let gguf = dir.path().join("qwen-f32.gguf");
-    rm_agent::backend::cpu::compile::hf_to_gguf(
-        &model,
-        candle_core::quantized::GgmlDType::F32,
-        &gguf,
-        &|_, _| {},
-    )
-    .unwrap();
-    let r = agent.post(
-        "/v1/prepare",
-        json!({"source": {"path": gguf}, "device": "cpu"}),
-    );
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let key = r.json()["key"].clone();
+    let gguf = f32_gguf(&model, &dir.path().join("qwen-f32.gguf"));
+    let key = prepare(&agent, &gguf, json!({}))["key"].clone();
     assert_eq!(
         generate_ids(&agent, key.as_str().unwrap(), &prompt, 12),
         want

@@ -395,6 +395,12 @@ pub fn direct_greedy_qwen2(dir: &Path, prompt: &[u32], n: usize) -> Vec<u32> {
         candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
     let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
     let mut model = qwen2::ModelForCausalLM::new(&cfg, vb).unwrap();
+    greedy(prompt, n, |x, pos| model.forward(x, pos).unwrap())
+}
+
+/// Greedy decoding around `forward(input (1, len), position) -> logits of
+/// the last position` (any leading unit dimensions).
+fn greedy(prompt: &[u32], n: usize, mut forward: impl FnMut(&Tensor, usize) -> Tensor) -> Vec<u32> {
     let mut out = Vec::new();
     let mut input = prompt.to_vec();
     let mut pos = 0;
@@ -403,7 +409,7 @@ pub fn direct_greedy_qwen2(dir: &Path, prompt: &[u32], n: usize) -> Vec<u32> {
             .unwrap()
             .unsqueeze(0)
             .unwrap();
-        let logits = model.forward(&x, pos).unwrap().flatten_all().unwrap();
+        let logits = forward(&x, pos).flatten_all().unwrap();
         let next = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
         pos += input.len();
         out.push(next);
@@ -423,25 +429,9 @@ pub fn direct_greedy(dir: &Path, prompt: &[u32], n: usize) -> Vec<u32> {
     let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
     let model = llama::Llama::load(vb, &cfg).unwrap();
     let mut cache = llama::Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
-    let mut out = Vec::new();
-    let mut input = prompt.to_vec();
-    let mut pos = 0;
-    for _ in 0..n {
-        let x = Tensor::new(input.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let logits = model
-            .forward(&x, pos, &mut cache)
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
-        let next = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
-        pos += input.len();
-        out.push(next);
-        input = vec![next];
-    }
-    out
+    greedy(prompt, n, |x, pos| {
+        model.forward(x, pos, &mut cache).unwrap()
+    })
 }
 
 pub fn ids(v: &Value) -> Vec<u32> {

@@ -137,6 +137,31 @@ func furiosaRNGD(root, addr string, index int, uuid string, numa int) {
 	write(root, m+"/platform_type", "FuriosaAI\n")
 }
 
+// allocate admits a pod whose one container asks for one of `res` and
+// allocates it through the manager (which asks our plugin for a preferred
+// allocation, then calls Allocate); returns the pod and the container's run
+// options.
+func allocate(m *devicemanager.ManagerImpl, pods *[]*v1.Pod, name, uid, res string) (*v1.Pod, *devicemanager.DeviceRunContainerOptions) {
+	one := v1.ResourceList{v1.ResourceName(res): resource.MustParse("1")}
+	pod := &v1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default", UID: types.UID(uid)},
+		Spec: v1.PodSpec{Containers: []v1.Container{{
+			Name:      "app",
+			Resources: v1.ResourceRequirements{Limits: one, Requests: one},
+		}}},
+	}
+	*pods = append(*pods, pod)
+	ctx := context.Background()
+	if err := m.Allocate(ctx, pod, &pod.Spec.Containers[0], lifecycle.AddOperation); err != nil {
+		fail("Allocate %s for pod %s through the device manager: %v", res, name, err)
+	}
+	opts, err := m.GetDeviceRunContainerOptions(ctx, pod, &pod.Spec.Containers[0])
+	if err != nil || opts == nil {
+		fail("GetDeviceRunContainerOptions for pod %s: %v", name, err)
+	}
+	return pod, opts
+}
+
 // mountsAgentDir reports whether the agent's socket directory is among the
 // container's mounts, read-only, at the same path.
 func mountsAgentDir(mounts []kubecontainer.Mount) bool {
@@ -293,25 +318,7 @@ func main() {
 
 	// One pod asking for one GPU, allocated through the manager: it asks
 	// our plugin for a preferred allocation, then calls Allocate.
-	pod := &v1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: "infer", Namespace: "default", UID: types.UID("pod-uid-1")},
-		Spec: v1.PodSpec{Containers: []v1.Container{{
-			Name: "app",
-			Resources: v1.ResourceRequirements{
-				Limits:   v1.ResourceList{gpu: resource.MustParse("1")},
-				Requests: v1.ResourceList{gpu: resource.MustParse("1")},
-			},
-		}}},
-	}
-	pods = append(pods, pod)
-	ctx := context.Background()
-	if err := m.Allocate(ctx, pod, &pod.Spec.Containers[0], lifecycle.AddOperation); err != nil {
-		fail("Allocate through the device manager: %v", err)
-	}
-	opts, err := m.GetDeviceRunContainerOptions(ctx, pod, &pod.Spec.Containers[0])
-	if err != nil || opts == nil {
-		fail("GetDeviceRunContainerOptions: %v", err)
-	}
+	pod, opts := allocate(m, &pods, "infer", "pod-uid-1", gpu)
 	env := map[string]string{}
 	for _, e := range opts.Envs {
 		env[e.Name] = e.Value
@@ -359,24 +366,7 @@ func main() {
 
 	// A CPU container reaches the agent through the agent resource: only
 	// the socket directory is mounted (no hostPath volume in the pod spec).
-	cpuPod := &v1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: "infer-cpu", Namespace: "default", UID: types.UID("pod-uid-2")},
-		Spec: v1.PodSpec{Containers: []v1.Container{{
-			Name: "app",
-			Resources: v1.ResourceRequirements{
-				Limits:   v1.ResourceList{agent: resource.MustParse("1")},
-				Requests: v1.ResourceList{agent: resource.MustParse("1")},
-			},
-		}}},
-	}
-	pods = append(pods, cpuPod)
-	if err := m.Allocate(ctx, cpuPod, &cpuPod.Spec.Containers[0], lifecycle.AddOperation); err != nil {
-		fail("Allocate %s through the device manager: %v", agent, err)
-	}
-	cpuOpts, err := m.GetDeviceRunContainerOptions(ctx, cpuPod, &cpuPod.Spec.Containers[0])
-	if err != nil || cpuOpts == nil {
-		fail("GetDeviceRunContainerOptions for the CPU pod: %v", err)
-	}
+	_, cpuOpts := allocate(m, &pods, "infer-cpu", "pod-uid-2", agent)
 	if !mountsAgentDir(cpuOpts.Mounts) || len(cpuOpts.Devices) != 0 || len(cpuOpts.Envs) != 0 {
 		fail("CPU container: want only the read-only mount of %s, got mounts %v devices %v envs %v",
 			agentDir, cpuOpts.Mounts, cpuOpts.Devices, cpuOpts.Envs)
