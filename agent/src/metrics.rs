@@ -13,6 +13,8 @@ pub struct Metrics {
     pub generate_requests: AtomicU64,
     pub generate_errors: AtomicU64,
     pub generated_tokens: AtomicU64,
+    pub forward_requests: AtomicU64,
+    pub forward_errors: AtomicU64,
     pub refused_requests: AtomicU64,
 }
 
@@ -41,13 +43,14 @@ impl Metrics {
             "compiles_failed": g(&self.compiles_failed),
             "generate_requests": g(&self.generate_requests),
             "generated_tokens": g(&self.generated_tokens),
+            "forward_requests": g(&self.forward_requests),
             "refused_requests": g(&self.refused_requests),
         })
     }
 
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut s = String::new();
-        let counters: [(&str, &str, &AtomicU64); 9] = [
+        let counters: [(&str, &str, &AtomicU64); 11] = [
             (
                 "rm_agent_prepare_requests_total",
                 "prepare requests",
@@ -87,6 +90,16 @@ impl Metrics {
                 "rm_agent_generated_tokens_total",
                 "tokens generated",
                 &self.generated_tokens,
+            ),
+            (
+                "rm_agent_forward_requests_total",
+                "forward (logits) requests",
+                &self.forward_requests,
+            ),
+            (
+                "rm_agent_forward_errors_total",
+                "forward (logits) requests that failed",
+                &self.forward_errors,
             ),
             (
                 "rm_agent_refused_requests_total",

@@ -11,8 +11,8 @@ use tokio::sync::watch;
 
 use crate::auth::{self, AuthError, Target, TokenStore};
 use crate::backend::{
-    Backend, BackendError, CompileJob, GenerateJob, GenerationParams, Prompt, Registry,
-    SelectError, SequenceOutput, TokenFn,
+    Backend, BackendError, CompileJob, ForwardJob, ForwardOutput, GenerateJob, GenerationParams,
+    Prompt, Registry, SelectError, SequenceOutput, TokenFn,
 };
 use crate::cache::{CacheKey, CacheStore, CompileState, InFlight, KeyInputs, Role, StoreError};
 use crate::metrics::Metrics;
@@ -108,6 +108,21 @@ pub struct GenerateRequest {
     pub device: String,
     pub prompts: Vec<Prompt>,
     pub params: GenerationParams,
+}
+
+pub struct ForwardRequest {
+    pub key: CacheKey,
+    pub device: String,
+    pub input_ids: Vec<Vec<u32>>,
+    pub logits_to_keep: usize,
+}
+
+/// A cache entry ready to run (see [`Agent::runnable`]).
+struct Runnable {
+    backend: Arc<dyn Backend>,
+    artifact_dir: std::path::PathBuf,
+    devices: Vec<String>,
+    _pin: crate::cache::Pin,
 }
 
 pub struct Agent {
@@ -306,55 +321,101 @@ impl Agent {
         token: Option<&str>,
         on_token: Option<TokenFn>,
     ) -> Result<Vec<SequenceOutput>, AgentError> {
-        let target = self.target(&req.device, token)?;
+        let run = self.runnable(&req.key, &req.device, token).await?;
+        let job = GenerateJob {
+            key: req.key,
+            artifact_dir: run.artifact_dir.clone(),
+            devices: run.devices.clone(),
+            prompts: req.prompts,
+            params: req.params,
+        };
+        Ok(run.backend.generate(job, on_token).await?)
+    }
+
+    /// Logits for whole sequences, on the entry's backend.
+    pub async fn forward(
+        &self,
+        req: ForwardRequest,
+        token: Option<&str>,
+    ) -> Result<Vec<ForwardOutput>, AgentError> {
+        Metrics::inc(&self.metrics.forward_requests);
+        let run = self.runnable(&req.key, &req.device, token).await;
+        let result = match run {
+            Ok(run) => {
+                let job = ForwardJob {
+                    key: req.key,
+                    artifact_dir: run.artifact_dir.clone(),
+                    devices: run.devices.clone(),
+                    input_ids: req.input_ids,
+                    logits_to_keep: req.logits_to_keep,
+                };
+                run.backend.forward(job).await.map_err(AgentError::from)
+            }
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            Metrics::inc(&self.metrics.forward_errors);
+        }
+        result
+    }
+
+    /// What running a cache entry needs: the caller may use the device, the
+    /// entry was compiled for it, its files are verified (first use), and it
+    /// is pinned against eviction while the returned value lives.
+    async fn runnable(
+        &self,
+        key: &CacheKey,
+        device: &str,
+        token: Option<&str>,
+    ) -> Result<Runnable, AgentError> {
+        let target = self.target(device, token)?;
         let entry = self
             .store
-            .lookup(&req.key)
-            .ok_or_else(|| AgentError::Store(StoreError::NotFound(req.key.clone())))?;
+            .lookup(key)
+            .ok_or_else(|| AgentError::Store(StoreError::NotFound(key.clone())))?;
         if entry.device_type != target.device_type {
             Metrics::inc(&self.metrics.refused_requests);
             return Err(AgentError::Forbidden(format!(
                 "cache entry {} was compiled for {}, but this request runs on {}; prepare the model for this device",
-                req.key, entry.device_type, target.device_type
+                key, entry.device_type, target.device_type
             )));
         }
         let backend: Arc<dyn Backend> = self.backends.by_name(&entry.backend).ok_or_else(|| {
             AgentError::Select(SelectError::UnknownBackend(entry.backend.clone()))
         })?;
-        let _pin = self.store.pin(&req.key)?;
+        let pin = self.store.pin(key)?;
         let first_use = !self
             .verified
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(&req.key);
+            .contains(key);
         if first_use {
             let store = self.store.clone();
-            let key = req.key.clone();
-            let verdict = tokio::task::spawn_blocking(move || store.verify(&key))
+            let k = key.clone();
+            let verdict = tokio::task::spawn_blocking(move || store.verify(&k))
                 .await
                 .map_err(join_err)?;
             if let Err(e) = verdict {
-                tracing::error!(key = %req.key, error = %e, "cache entry failed verification; removed");
-                self.store.quarantine(&req.key);
-                backend.cleanup(&req.key);
+                tracing::error!(key = %key, error = %e, "cache entry failed verification; removed");
+                drop(pin);
+                self.store.quarantine(key);
+                backend.cleanup(key);
                 return Err(AgentError::Store(StoreError::Corrupt {
-                    key: req.key.clone(),
+                    key: key.clone(),
                     reason: format!("{e}; it was removed, prepare the model again"),
                 }));
             }
             self.verified
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(req.key.clone());
+                .insert(key.clone());
         }
-        let job = GenerateJob {
-            key: req.key.clone(),
+        Ok(Runnable {
+            backend,
             artifact_dir: entry.dir.clone(),
             devices: target.devices,
-            prompts: req.prompts,
-            params: req.params,
-        };
-        Ok(backend.generate(job, on_token).await?)
+            _pin: pin,
+        })
     }
 
     /// Deletes an entry and lets its backend free what it holds.

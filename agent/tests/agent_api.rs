@@ -8,11 +8,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{
-    Agent, TINY_VOCAB, direct_greedy, direct_greedy_qwen2, ids, test_double_plugins, tiny_llama,
-    tiny_qwen2,
+    Agent, TINY_VOCAB, direct_greedy, direct_greedy_qwen2, direct_last_logits, ids,
+    test_double_plugins, tiny_llama, tiny_qwen2,
 };
-use rm_agent::backend::GenerationParams;
 use rm_agent::backend::cpu::{EngineOptions, GgufEngine, LoadedModel};
+use rm_agent::backend::{ForwardOutput, GenerationParams};
 use serde_json::{Value, json};
 
 fn prepare(agent: &Agent, model: &Path, options: Value) -> Value {
@@ -123,6 +123,129 @@ fn tiny_llama_greedy_output_equals_direct_candle() {
     let out = &r.json()["outputs"][0];
     assert_eq!(out["finish_reason"], "eos");
     assert_eq!(*ids(&out["token_ids"]).last().unwrap(), stop);
+}
+
+/// `POST /v1/forward`, decoded.
+fn forward(agent: &Agent, key: &str, input_ids: Value, keep: usize) -> Vec<ForwardOutput> {
+    let r = agent.post(
+        "/v1/forward",
+        json!({"key": key, "device": "cpu", "input_ids": input_ids, "logits_to_keep": keep}),
+    );
+    assert_eq!(
+        r.status,
+        200,
+        "forward: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let body = r.json();
+    assert_eq!(body["logits_dtype"], "float32-le-base64");
+    serde_json::from_value(body["outputs"].clone()).unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[test]
+fn forward_logits_equal_candle_run_afresh_on_each_prefix_on_both_engines() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    tiny_llama(&model, 23);
+    let agent = Agent::start(dir.path(), None, &[]);
+    let ids = [1u32, 17, 42, 99, 3];
+    // Row i is the logits after ids[..=i], computed here independently: the
+    // whole prefix in one pass, where the agent reuses its KV cache.
+    let want: Vec<Vec<f32>> = (0..ids.len())
+        .map(|i| direct_last_logits(&model, &ids[..=i]))
+        .collect();
+    let safetensors = prepare(&agent, &model, json!({}));
+    let gguf = prepare(
+        &agent,
+        &f32_gguf(&model, &dir.path().join("f32.gguf")),
+        json!({}),
+    );
+    // llama.cpp keeps its KV cache in f16 and rounds activations on the way:
+    // about 1e-3 against logits of magnitude 5 on this model.
+    for (p, engine, tolerance) in [(&safetensors, "candle", 1e-4), (&gguf, "llama.cpp", 1e-2)] {
+        let key = p["key"].as_str().unwrap();
+        let out = forward(&agent, key, json!(ids), 0);
+        assert_eq!(engine_of(&agent, &p["key"]), engine);
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (out[0].positions, out[0].vocab_size),
+            (ids.len(), TINY_VOCAB)
+        );
+        for (i, row) in out[0].logits.chunks(TINY_VOCAB).enumerate() {
+            let d = max_abs_diff(row, &want[i]);
+            let scale = want[i].iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!(
+                d < tolerance,
+                "{engine}: row {i} differs by {d} (largest logit {scale})"
+            );
+            assert_eq!(argmax(row), argmax(&want[i]), "{engine}: row {i}");
+        }
+        // logits_to_keep = 1 is the last row; its argmax is what generate
+        // picks first.
+        let last = forward(&agent, key, json!(ids), 1);
+        assert_eq!(last[0].positions, 1);
+        let d = max_abs_diff(&last[0].logits, &out[0].logits[4 * TINY_VOCAB..]);
+        assert!(d < tolerance, "{engine}: last row differs by {d}");
+        assert_eq!(
+            argmax(&last[0].logits),
+            generate_ids(&agent, key, &ids, 1)[0]
+        );
+        // A batch: one output per sequence, each of its own length.
+        let batch = forward(&agent, key, json!([[5, 6, 7], [200, 1]]), 0);
+        assert_eq!(
+            batch.iter().map(|o| o.positions).collect::<Vec<_>>(),
+            [3, 2]
+        );
+        let d = max_abs_diff(
+            &batch[1].logits[TINY_VOCAB..],
+            &direct_last_logits(&model, &[200, 1]),
+        );
+        assert!(d < tolerance, "{engine}: batch row differs by {d}");
+    }
+
+    // Bad requests say what to change.
+    let key = safetensors["key"].as_str().unwrap();
+    let long: Vec<u32> = (0..600).map(|i| i % 200).collect();
+    let r = agent.post("/v1/forward", json!({"key": key, "input_ids": long}));
+    assert_eq!(r.status, 400);
+    assert!(r.message().contains("logits_to_keep"), "{}", r.message());
+    let r = agent.post(
+        "/v1/forward",
+        json!({"key": key, "input_ids": [TINY_VOCAB + 5]}),
+    );
+    assert_eq!(r.status, 400);
+    assert!(
+        r.message().contains("outside the vocabulary"),
+        "{}",
+        r.message()
+    );
+    let metrics = String::from_utf8_lossy(&agent.get("/metrics").body).to_string();
+    assert!(
+        metrics.contains("rm_agent_forward_requests_total 7"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("rm_agent_forward_errors_total 1"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -521,6 +644,21 @@ fn accelerator_requests_need_a_token_for_their_devices() {
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["outputs"][0]["text"], "6");
+    // Forward goes through the worker protocol too (logits as base64 f32).
+    let r = agent.post_auth(
+        "/v1/forward",
+        "good",
+        json!({"key": key, "device": "gpu:1", "input_ids": [[7, 8, 9]], "logits_to_keep": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let out: Vec<ForwardOutput> = serde_json::from_value(r.json()["outputs"].clone()).unwrap();
+    assert_eq!((out[0].positions, out[0].vocab_size), (2, 4));
+    assert_eq!(out[0].logits, [8.0, 9.0, 10.0, 11.0, 9.0, 10.0, 11.0, 12.0]);
+    let r = agent.post(
+        "/v1/forward",
+        json!({"key": key, "device": "gpu:1", "input_ids": [1]}),
+    );
+    assert_eq!(r.status, 401);
     // Generating on the GPU entry without the token is refused too.
     let r = agent.post(
         "/v1/generate",
@@ -784,6 +922,15 @@ fn smollm2_says_paris_on_llama_cpp_as_shipped_and_as_q8_0_and_candle_agrees() {
         .unwrap();
         assert_eq!(candle.engine(), "candle");
         let ids = candle.encode(prompt).unwrap();
+        // Logits of every prompt position from llama.cpp: the last row's
+        // argmax is the first generated token (" Paris").
+        let rows = forward(&agent, &key, json!(ids), 0);
+        assert_eq!(rows[0].positions, ids.len());
+        let vocab = rows[0].vocab_size;
+        assert_eq!(
+            argmax(&rows[0].logits[(ids.len() - 1) * vocab..]),
+            common::ids(&out["token_ids"])[0]
+        );
         let (want, _) = candle.generate(&ids, &greedy(12), |_, _| {}).unwrap();
         assert_eq!(
             common::ids(&out["token_ids"])[..12],

@@ -24,8 +24,8 @@ use tokio::sync::mpsc;
 use crate::backend::TokenFn;
 use crate::cache::{CacheKey, CompileState};
 use crate::metrics::Gauges;
-use crate::service::{Agent, AgentError, GenerateRequest, PrepareRequest};
-use types::{GenerateBody, PrepareBody, RegisterBody, parse_options};
+use crate::service::{Agent, AgentError, ForwardRequest, GenerateRequest, PrepareRequest};
+use types::{ForwardBody, GenerateBody, PrepareBody, RegisterBody, parse_options};
 
 /// Largest JSON request body.
 pub const MAX_JSON_BODY: usize = 8 << 20;
@@ -137,6 +137,7 @@ pub fn socket_router(agent: Arc<Agent>) -> Router {
         .route("/v1/models", post(register_model))
         .route("/v1/prepare", post(prepare))
         .route("/v1/generate", post(generate))
+        .route("/v1/forward", post(forward))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .merge(blobs)
@@ -423,6 +424,31 @@ async fn generate(
         let _ = tx.send(line);
     });
     Ok(ndjson_response(rx))
+}
+
+/// `model(input_ids).logits`: base64 f32 rows per sequence (see
+/// [`crate::backend::ForwardOutput`]).
+async fn forward(
+    State(agent): State<Arc<Agent>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let b: ForwardBody = parse_json(&body)?;
+    let req = ForwardRequest {
+        key: parse_key(&b.key)?,
+        device: b.device.clone(),
+        input_ids: b.sequences().map_err(ApiError::bad_request)?,
+        logits_to_keep: b.logits_to_keep,
+    };
+    let key = req.key.clone();
+    let started = std::time::Instant::now();
+    let outputs = agent.forward(req, token(&headers).as_deref()).await?;
+    Ok(Json(json!({
+        "key": key,
+        "logits_dtype": "float32-le-base64",
+        "elapsed_ms": started.elapsed().as_secs_f64() * 1000.0,
+        "outputs": outputs,
+    })))
 }
 
 async fn metrics(State(agent): State<Arc<Agent>>) -> Response {

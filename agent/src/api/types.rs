@@ -73,6 +73,61 @@ pub struct GenerateBody {
     pub stream: bool,
 }
 
+/// Most rows of logits (positions, over the whole batch) one forward
+/// request may ask for: SmolLM2's 49 152-word vocabulary makes 100 MB of
+/// f32 at this limit. Longer inputs keep fewer positions per request.
+pub const MAX_LOGITS_ROWS: usize = 512;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardBody {
+    pub key: String,
+    #[serde(default = "auto")]
+    pub device: String,
+    /// `[1, 2, 3]` (one sequence) or `[[1, 2], [3]]` (a batch).
+    pub input_ids: Value,
+    /// transformers' meaning: 0 keeps every position, k the last k.
+    #[serde(default)]
+    pub logits_to_keep: usize,
+}
+
+impl ForwardBody {
+    /// The sequences, checked against the size limits.
+    pub fn sequences(&self) -> Result<Vec<Vec<u32>>, String> {
+        let seqs = input_ids(&self.input_ids)?;
+        if seqs.is_empty() || seqs.len() > MAX_PROMPTS {
+            return Err(format!(
+                "a request carries 1 to {MAX_PROMPTS} sequences, not {}",
+                seqs.len()
+            ));
+        }
+        if seqs.iter().any(Vec::is_empty) {
+            return Err("every sequence in \"input_ids\" needs at least one token".into());
+        }
+        let rows: usize = seqs
+            .iter()
+            .map(|s| crate::backend::kept_positions(s.len(), self.logits_to_keep))
+            .sum();
+        if rows > MAX_LOGITS_ROWS {
+            return Err(format!(
+                "this request asks for {rows} rows of logits; at most {MAX_LOGITS_ROWS} per request: set logits_to_keep (1 scores the next token) or send fewer positions per request"
+            ));
+        }
+        Ok(seqs)
+    }
+}
+
+/// `input_ids`: a list of token ids (one sequence) or a list of such lists.
+fn input_ids(v: &Value) -> Result<Vec<Vec<u32>>, String> {
+    let bad = || "\"input_ids\" must be a list of token ids or a list of such lists".to_string();
+    let arr = v.as_array().ok_or_else(bad)?;
+    if arr.first().is_some_and(|x| x.is_array()) {
+        arr.iter().map(|row| ids_of(row).ok_or_else(bad)).collect()
+    } else {
+        Ok(vec![ids_of(v).ok_or_else(bad)?])
+    }
+}
+
 const OPTION_KEYS: [(&str, &str); 6] = [
     ("optimization_level", "optimizationLevel"),
     ("precision", "precision"),
@@ -159,16 +214,7 @@ impl GenerateBody {
             return Err("give exactly one of \"input_ids\", \"prompt\" or \"prompts\"".into());
         }
         let prompts = if let Some(v) = &self.input_ids {
-            let bad =
-                || "\"input_ids\" must be a list of token ids or a list of such lists".to_string();
-            let arr = v.as_array().ok_or_else(bad)?;
-            if arr.first().is_some_and(|x| x.is_array()) {
-                arr.iter()
-                    .map(|row| ids_of(row).map(Prompt::Ids).ok_or_else(bad))
-                    .collect::<Result<Vec<_>, _>>()?
-            } else {
-                vec![Prompt::Ids(ids_of(v).ok_or_else(bad)?)]
-            }
+            input_ids(v)?.into_iter().map(Prompt::Ids).collect()
         } else if let Some(p) = &self.prompt {
             vec![Prompt::Text(p.clone())]
         } else {
@@ -272,6 +318,43 @@ mod tests {
             body(json!({"key": "k", "prompt": "a", "prompts": ["b"]}))
                 .prompts()
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn forward_bodies_are_checked() {
+        let fwd = |v: Value| serde_json::from_value::<ForwardBody>(v).expect("body parses");
+        let b = fwd(json!({"key": "k", "input_ids": [1, 2, 3]}));
+        assert_eq!(b.sequences(), Ok(vec![vec![1, 2, 3]]));
+        assert_eq!(b.logits_to_keep, 0);
+        let long: Vec<u32> = (0..600).collect();
+        let err = fwd(json!({"key": "k", "input_ids": long.clone()}))
+            .sequences()
+            .expect_err("too many rows");
+        assert!(
+            err.contains("600 rows") && err.contains("logits_to_keep"),
+            "{err}"
+        );
+        assert!(
+            fwd(json!({"key": "k", "input_ids": long, "logits_to_keep": 1}))
+                .sequences()
+                .is_ok()
+        );
+        assert!(
+            fwd(json!({"key": "k", "input_ids": []}))
+                .sequences()
+                .is_err()
+        );
+        assert!(
+            fwd(json!({"key": "k", "input_ids": "hi"}))
+                .sequences()
+                .is_err()
+        );
+        assert!(
+            serde_json::from_value::<ForwardBody>(
+                json!({"key": "k", "input_ids": [1], "labels": [1]})
+            )
+            .is_err()
         );
     }
 

@@ -1,5 +1,5 @@
 //! Backends: the plugin interface (metadata, availability probe, compile,
-//! generate, cleanup), the registry, and selection by priority.
+//! generate, forward, cleanup), the registry, and selection by priority.
 //!
 //! The built-in `cpu` backend runs models in-process; external backends are
 //! worker programs (see `worker`). Both look the same to the rest of the agent.
@@ -102,6 +102,84 @@ pub struct GenerateJob {
     pub params: GenerationParams,
 }
 
+/// One forward pass: the logits after each position of each sequence,
+/// transformers' `model(input_ids).logits`.
+#[derive(Clone, Debug)]
+pub struct ForwardJob {
+    pub key: CacheKey,
+    pub artifact_dir: PathBuf,
+    pub devices: Vec<String>,
+    pub input_ids: Vec<Vec<u32>>,
+    /// transformers' `logits_to_keep`: 0 keeps every position, k the last k.
+    pub logits_to_keep: usize,
+}
+
+/// The logits of one sequence: `positions` rows of `vocab_size`, row-major.
+/// On the wire (API and worker protocol) `logits` is base64 of little-endian
+/// f32: a 49 152-word vocabulary makes 262 KB per position, not the ~1 MB of
+/// JSON numbers, and numpy reads it without parsing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ForwardOutput {
+    pub positions: usize,
+    pub vocab_size: usize,
+    #[serde(with = "f32le_base64")]
+    pub logits: Vec<f32>,
+}
+
+mod f32le_base64 {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+        let text = String::deserialize(d)?;
+        let bytes = STANDARD
+            .decode(text.as_bytes())
+            .map_err(|e| D::Error::custom(format!("logits are not base64: {e}")))?;
+        if bytes.len() % 4 != 0 {
+            return Err(D::Error::custom(
+                "logits are not a whole number of f32 values",
+            ));
+        }
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+}
+
+impl ForwardOutput {
+    /// Checks the shape a backend answered against what was asked.
+    pub fn checked(self, want_positions: usize) -> Result<Self, BackendError> {
+        if self.positions != want_positions
+            || self.vocab_size == 0
+            || self.logits.len() != self.positions * self.vocab_size
+        {
+            return Err(BackendError::Internal(format!(
+                "forward answered {} values for {} positions x {} vocabulary, expected {want_positions} positions",
+                self.logits.len(),
+                self.positions,
+                self.vocab_size
+            )));
+        }
+        Ok(self)
+    }
+}
+
+/// How many positions a forward keeps: transformers' rule (0 = all).
+pub fn kept_positions(len: usize, logits_to_keep: usize) -> usize {
+    if logits_to_keep == 0 {
+        len
+    } else {
+        logits_to_keep.min(len)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
@@ -171,6 +249,17 @@ pub trait Backend: Send + Sync {
         job: GenerateJob,
         on_token: Option<TokenFn>,
     ) -> BoxFuture<'_, Result<Vec<SequenceOutput>, BackendError>>;
+    /// Logits for whole sequences (`POST /v1/forward`). Optional: a backend
+    /// whose device SDK only generates says so with a 422.
+    fn forward(&self, job: ForwardJob) -> BoxFuture<'_, Result<Vec<ForwardOutput>, BackendError>> {
+        let name = self.info().name;
+        drop(job);
+        Box::pin(async move {
+            Err(BackendError::Unsupported(format!(
+                "backend {name} does not return logits; use generate"
+            )))
+        })
+    }
     /// Frees what the backend holds for an entry (deleted or evicted).
     fn cleanup(&self, key: &CacheKey);
     /// Stops worker processes; called at shutdown.
@@ -329,6 +418,26 @@ mod tests {
                 Availability::no("no SDK")
             },
         }
+    }
+
+    #[test]
+    fn logits_travel_as_base64_f32_and_shapes_are_checked() {
+        let out = ForwardOutput {
+            positions: 2,
+            vocab_size: 3,
+            logits: vec![0.5, -1.25, 3.0, f32::MIN, 0.0, 1e-7],
+        };
+        let wire = serde_json::to_value(&out).expect("serializes");
+        assert!(wire["logits"].is_string());
+        let back: ForwardOutput = serde_json::from_value(wire).expect("parses");
+        assert_eq!(back, out);
+        assert!(back.clone().checked(2).is_ok());
+        assert!(back.checked(1).is_err());
+        let bad = serde_json::json!({"positions": 1, "vocab_size": 1, "logits": "AAA="});
+        assert!(serde_json::from_value::<ForwardOutput>(bad).is_err());
+        assert_eq!(kept_positions(5, 0), 5);
+        assert_eq!(kept_positions(5, 1), 1);
+        assert_eq!(kept_positions(5, 9), 5);
     }
 
     #[test]

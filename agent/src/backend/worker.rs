@@ -20,8 +20,8 @@ use tokio::process::{Child, Command};
 use tokio::sync::{Notify, mpsc};
 
 use super::{
-    Availability, Backend, BackendError, BackendInfo, CompileJob, GenerateJob, ProgressFn,
-    SequenceOutput, TokenFn,
+    Availability, Backend, BackendError, BackendInfo, CompileJob, ForwardJob, ForwardOutput,
+    GenerateJob, ProgressFn, SequenceOutput, TokenFn, kept_positions,
 };
 use crate::cache::CacheKey;
 use crate::source::ModelFormat;
@@ -639,6 +639,45 @@ impl Backend for WorkerBackend {
                     "protocol error: generate result without valid \"outputs\": {e}"
                 ))
             })
+        })
+    }
+
+    fn forward(&self, job: ForwardJob) -> BoxFuture<'_, Result<Vec<ForwardOutput>, BackendError>> {
+        Box::pin(async move {
+            let device_type = self.manifest.device_types.first().copied();
+            let inst = self.instance(device_type, &job.devices);
+            let params = json!({
+                "key": job.key,
+                "artifact_dir": job.artifact_dir,
+                "devices": job.devices,
+                "input_ids": job.input_ids,
+                "logits_to_keep": job.logits_to_keep,
+            });
+            let timeout = Duration::from_secs(self.manifest.request_timeout_s);
+            let v = self
+                .call(&inst, "forward", params, timeout, None, None)
+                .await?;
+            let outputs = v.get("outputs").cloned().unwrap_or(Value::Null);
+            let outputs: Vec<ForwardOutput> = serde_json::from_value(outputs).map_err(|e| {
+                BackendError::Worker(format!(
+                    "protocol error: forward result without valid \"outputs\": {e}"
+                ))
+            })?;
+            if outputs.len() != job.input_ids.len() {
+                return Err(BackendError::Worker(format!(
+                    "protocol error: forward answered {} outputs for {} sequences",
+                    outputs.len(),
+                    job.input_ids.len()
+                )));
+            }
+            outputs
+                .into_iter()
+                .zip(&job.input_ids)
+                .map(|(o, ids)| {
+                    o.checked(kept_positions(ids.len(), job.logits_to_keep))
+                        .map_err(|e| BackendError::Worker(format!("protocol error: {e}")))
+                })
+                .collect()
         })
     }
 

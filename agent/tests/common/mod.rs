@@ -418,8 +418,12 @@ fn greedy(prompt: &[u32], n: usize, mut forward: impl FnMut(&Tensor, usize) -> T
     out
 }
 
-/// Greedy decoding with candle's llama directly, no agent involved.
-pub fn direct_greedy(dir: &Path, prompt: &[u32], n: usize) -> Vec<u32> {
+fn direct_llama(
+    dir: &Path,
+) -> (
+    candle_transformers::models::llama::Llama,
+    candle_transformers::models::llama::Config,
+) {
     use candle_transformers::models::llama;
     let cfg: llama::LlamaConfig =
         serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
@@ -427,11 +431,36 @@ pub fn direct_greedy(dir: &Path, prompt: &[u32], n: usize) -> Vec<u32> {
     let tensors =
         candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
     let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
-    let model = llama::Llama::load(vb, &cfg).unwrap();
+    (llama::Llama::load(vb, &cfg).unwrap(), cfg)
+}
+
+/// Greedy decoding with candle's llama directly, no agent involved.
+pub fn direct_greedy(dir: &Path, prompt: &[u32], n: usize) -> Vec<u32> {
+    use candle_transformers::models::llama;
+    let (model, cfg) = direct_llama(dir);
     let mut cache = llama::Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
     greedy(prompt, n, |x, pos| {
         model.forward(x, pos, &mut cache).unwrap()
     })
+}
+
+/// The logits after the last of `ids`, with candle's llama directly: the
+/// whole sequence in one pass from a fresh cache.
+pub fn direct_last_logits(dir: &Path, ids: &[u32]) -> Vec<f32> {
+    use candle_transformers::models::llama;
+    let (model, cfg) = direct_llama(dir);
+    let mut cache = llama::Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
+    let x = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    model
+        .forward(&x, 0, &mut cache)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
 }
 
 pub fn ids(v: &Value) -> Vec<u32> {

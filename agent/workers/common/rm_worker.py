@@ -59,8 +59,28 @@ class Worker:
     def generate(self, params, emit_token):
         raise WorkerError("generate is not implemented", "unsupported")
 
+    def forward(self, params):
+        """Logits per sequence: [{"positions", "vocab_size", "logits": f32le_base64(...)}].
+        Optional: a device SDK that only generates answers 'unsupported' (422)."""
+        raise WorkerError("this backend does not return logits; use generate", "unsupported")
+
     def cleanup(self, key):
         pass
+
+
+def kept_rows(n, logits_to_keep):
+    """transformers' logits_to_keep: 0 keeps all n positions, k the last k."""
+    return n if not logits_to_keep else min(int(logits_to_keep), n)
+
+
+def f32le_base64(values):
+    """Floats as base64 of little-endian float32, the protocol's logits encoding."""
+    import array
+    import base64
+    a = array.array("f", values)
+    if sys.byteorder != "little":
+        a.byteswap()
+    return base64.b64encode(a.tobytes()).decode("ascii")
 
 
 def serve(worker):
@@ -88,6 +108,8 @@ def serve(worker):
                     send({"id": rid, "token": {"index": index, "token_id": int(token_id), "text": text}})
                 outputs = worker.generate(params, emit)
                 send({"id": rid, "result": {"outputs": outputs}})
+            elif method == "forward":
+                send({"id": rid, "result": {"outputs": worker.forward(params)}})
             elif method == "cleanup":
                 worker.cleanup(params.get("key"))
                 send({"id": rid, "result": {}})

@@ -148,6 +148,24 @@ class GpuWorker(rm_worker.Worker):
                             "finish_reason": rm_worker.finish_reason(toks, eos, p["max_new_tokens"])})
         return outputs
 
+    def forward(self, params):
+        kind, obj = self._load(params["key"], params["artifact_dir"])
+        if kind != "transformers":
+            raise WorkerError("this worker runs the model on vLLM, which serves generation only; logits "
+                              "need the transformers engine (a worker image without vLLM)", "unsupported")
+        import torch
+        model, _ = obj
+        outputs = []
+        for x in params["input_ids"]:
+            keep = rm_worker.kept_rows(len(x), params.get("logits_to_keep"))
+            ids = torch.tensor([x], device="cuda")
+            with torch.no_grad():
+                logits = model(ids, attention_mask=torch.ones_like(ids)).logits[0, -keep:]
+            rows = logits.float().cpu()
+            outputs.append({"positions": keep, "vocab_size": rows.shape[-1],
+                            "logits": rm_worker.f32le_base64(rows.flatten().tolist())})
+        return outputs
+
     def cleanup(self, key):
         self.loaded.pop(key, None)
 

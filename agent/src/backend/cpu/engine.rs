@@ -21,7 +21,7 @@ use super::arch::{self, Arch};
 use super::compile::ArtifactManifest;
 use super::llama_cpp::{LlamaCppModel, LlamaCppSession};
 use super::tokenizer::{self, IncrementalDecoder};
-use crate::backend::{BackendError, FinishReason, GenerationParams};
+use crate::backend::{BackendError, FinishReason, ForwardOutput, GenerationParams, kept_positions};
 
 /// Which engine runs GGUF artifacts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -96,7 +96,7 @@ impl Session<'_> {
         let input = || candle(Tensor::new(ids, &Device::Cpu).and_then(|t| t.unsqueeze(0)));
         let logits = match self {
             Session::LlamaCpp(s) => {
-                let logits = s.forward(ids, pos)?;
+                let logits = s.forward(ids, pos, 1)?;
                 let n = logits.len();
                 return candle(Tensor::from_vec(logits, n, &Device::Cpu));
             }
@@ -106,6 +106,33 @@ impl Session<'_> {
             Session::Qwen2(m) => candle(m.forward(&input()?, pos).and_then(|l| l.squeeze(0)))?,
         };
         candle(logits.squeeze(0).and_then(|l| l.to_dtype(DType::F32)))
+    }
+
+    /// The logits after each of the last `keep` tokens of `ids` (fed from
+    /// position 0), row after row, and the row length.
+    fn logits_rows(&mut self, ids: &[u32], keep: usize) -> Result<(Vec<f32>, usize), BackendError> {
+        if let Session::LlamaCpp(s) = self {
+            let rows = s.forward(ids, 0, keep)?;
+            let vocab = rows.len() / keep.max(1);
+            return Ok((rows, vocab));
+        }
+        // candle's models answer the last position only: the kept positions
+        // are fed one at a time after the rest, through the KV cache.
+        let first = ids.len().saturating_sub(keep);
+        if first > 0 {
+            self.forward(&ids[..first], 0)?;
+        }
+        let mut rows = Vec::new();
+        let mut vocab = 0;
+        for (i, &id) in ids[first..].iter().enumerate() {
+            let row = self
+                .forward(&[id], first + i)?
+                .to_vec1::<f32>()
+                .map_err(engine_err("logits"))?;
+            vocab = row.len();
+            rows.extend_from_slice(&row);
+        }
+        Ok((rows, vocab))
     }
 }
 
@@ -435,6 +462,21 @@ impl LoadedModel {
             )));
         }
         Ok(())
+    }
+
+    /// transformers' `model(ids).logits` for one sequence: the rows of the
+    /// last `keep` positions (0 keeps all).
+    pub fn forward(&self, ids: &[u32], keep: usize) -> Result<ForwardOutput, BackendError> {
+        self.check_prompt(ids, 0)?;
+        let keep = kept_positions(ids.len(), keep);
+        let mut session = self.session(ids.len())?;
+        let (logits, vocab_size) = session.logits_rows(ids, keep)?;
+        ForwardOutput {
+            positions: keep,
+            vocab_size,
+            logits,
+        }
+        .checked(keep)
     }
 
     /// Generates for one prompt. `on_token` gets each new token and, when a

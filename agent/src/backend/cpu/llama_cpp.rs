@@ -74,10 +74,12 @@ type Reply<T> = SyncSender<Result<T, BackendError>>;
 enum Job {
     /// Start a sequence of up to `n_ctx` tokens: an empty KV cache.
     Begin { n_ctx: usize, reply: Reply<()> },
-    /// Feed `ids` at positions `pos..`; answer the logits after the last.
+    /// Feed `ids` at positions `pos..`; answer the logits after each of the
+    /// last `keep` of them, row after row.
     Forward {
         ids: Vec<u32>,
         pos: usize,
+        keep: usize,
         reply: Reply<Vec<f32>>,
     },
 }
@@ -152,11 +154,21 @@ pub struct LlamaCppSession<'m> {
 }
 
 impl LlamaCppSession<'_> {
-    /// Feeds `ids` at positions `pos..` and returns the logits after the
-    /// last one.
-    pub fn forward(&mut self, ids: &[u32], pos: usize) -> Result<Vec<f32>, BackendError> {
+    /// Feeds `ids` at positions `pos..` and returns the logits after each
+    /// of the last `keep` (1 ≤ keep ≤ ids.len()), row after row.
+    pub fn forward(
+        &mut self,
+        ids: &[u32],
+        pos: usize,
+        keep: usize,
+    ) -> Result<Vec<f32>, BackendError> {
         let ids = ids.to_vec();
-        self.model.ask(|reply| Job::Forward { ids, pos, reply })
+        self.model.ask(|reply| Job::Forward {
+            ids,
+            pos,
+            keep,
+            reply,
+        })
     }
 }
 
@@ -187,9 +199,14 @@ fn engine_thread(backend: &LlamaBackend, model: LlamaModel, threads: i32, jobs: 
                 };
                 let _ = reply.send(result);
             }
-            Job::Forward { ids, pos, reply } => {
+            Job::Forward {
+                ids,
+                pos,
+                keep,
+                reply,
+            } => {
                 let result = match context.as_mut() {
-                    Some((ctx, _)) => forward(ctx, &mut batch, &ids, pos, n_vocab),
+                    Some((ctx, _)) => forward(ctx, &mut batch, &ids, pos, keep, n_vocab),
                     None => Err(BackendError::Internal(
                         "llama.cpp: forward before a sequence began".into(),
                     )),
@@ -228,39 +245,51 @@ fn forward(
     batch: &mut LlamaBatch<'_>,
     ids: &[u32],
     pos: usize,
+    keep: usize,
     n_vocab: usize,
 ) -> Result<Vec<f32>, BackendError> {
     let err = |what: &str, e: &dyn std::fmt::Display| {
         BackendError::Internal(format!("llama.cpp {what}: {e}"))
     };
-    if ids.is_empty() {
-        return Err(BackendError::Internal(
-            "llama.cpp: no tokens to feed".into(),
-        ));
+    if ids.is_empty() || keep == 0 || keep > ids.len() {
+        return Err(BackendError::Internal(format!(
+            "llama.cpp: {keep} logits rows asked for {} tokens",
+            ids.len()
+        )));
     }
+    // Only the kept positions ask llama.cpp for logits: for generation that
+    // is the last one, and the output buffer stays one row.
+    let first_kept = ids.len() - keep;
+    let mut out = Vec::with_capacity(keep * n_vocab);
     for (c, chunk) in ids.chunks(PROMPT_CHUNK).enumerate() {
         batch.clear();
-        let last_chunk = (c + 1) * PROMPT_CHUNK >= ids.len();
+        let mut rows = Vec::new();
         for (i, &id) in chunk.iter().enumerate() {
-            let p = pos + c * PROMPT_CHUNK + i;
-            let logits = last_chunk && i + 1 == chunk.len();
+            let at = c * PROMPT_CHUNK + i;
+            let logits = at >= first_kept;
+            if logits {
+                rows.push(i32::try_from(i).unwrap_or(i32::MAX));
+            }
             batch
                 .add(
                     LlamaToken(id as i32),
-                    i32::try_from(p).unwrap_or(i32::MAX),
+                    i32::try_from(pos + at).unwrap_or(i32::MAX),
                     &[0],
                     logits,
                 )
                 .map_err(|e| err("batch", &e))?;
         }
         ctx.decode(batch).map_err(|e| err("decode", &e))?;
+        for row in rows {
+            let logits = ctx.get_logits_ith(row);
+            if logits.len() < n_vocab {
+                return Err(BackendError::Internal(format!(
+                    "llama.cpp returned {} logits for a vocabulary of {n_vocab}",
+                    logits.len()
+                )));
+            }
+            out.extend_from_slice(&logits[..n_vocab]);
+        }
     }
-    let logits = ctx.get_logits_ith(batch.n_tokens() - 1);
-    if logits.len() < n_vocab {
-        return Err(BackendError::Internal(format!(
-            "llama.cpp returned {} logits for a vocabulary of {n_vocab}",
-            logits.len()
-        )));
-    }
-    Ok(logits[..n_vocab].to_vec())
+    Ok(out)
 }

@@ -8,6 +8,7 @@ pub mod llama_cpp;
 pub mod tokenizer;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
@@ -15,8 +16,8 @@ use rm_crds::{CompileOptions, DeviceType, Priority};
 use tokio::sync::Semaphore;
 
 use super::{
-    Availability, Backend, BackendError, BackendInfo, CompileJob, GenerateJob, ProgressFn, Prompt,
-    SequenceOutput, TokenFn,
+    Availability, Backend, BackendError, BackendInfo, CompileJob, ForwardJob, ForwardOutput,
+    GenerateJob, ProgressFn, Prompt, SequenceOutput, TokenFn,
 };
 use crate::cache::CacheKey;
 use crate::source::ModelFormat;
@@ -50,6 +51,35 @@ impl CpuBackend {
             compute: Semaphore::new(1),
             options,
         }
+    }
+}
+
+impl CpuBackend {
+    /// Runs `work` on the entry's model (loaded on first use) on a blocking
+    /// thread, one request at a time.
+    async fn with_model<T, F>(
+        &self,
+        key: CacheKey,
+        dir: PathBuf,
+        work: F,
+    ) -> Result<T, BackendError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&LoadedModel) -> Result<T, BackendError> + Send + 'static,
+    {
+        let _permit = self
+            .compute
+            .acquire()
+            .await
+            .map_err(|_| BackendError::Unavailable("the agent is shutting down".into()))?;
+        let loaded = self.loaded.clone();
+        let options = self.options;
+        tokio::task::spawn_blocking(move || {
+            let model = loaded_model(&loaded, &key, &dir, &options)?;
+            work(&model)
+        })
+        .await
+        .map_err(join_err)?
     }
 }
 
@@ -145,21 +175,20 @@ impl Backend for CpuBackend {
         job: GenerateJob,
         on_token: Option<TokenFn>,
     ) -> BoxFuture<'_, Result<Vec<SequenceOutput>, BackendError>> {
-        Box::pin(async move {
-            let _permit = self
-                .compute
-                .acquire()
-                .await
-                .map_err(|_| BackendError::Unavailable("the agent is shutting down".into()))?;
-            let loaded = self.loaded.clone();
-            let options = self.options;
-            tokio::task::spawn_blocking(move || {
-                let model = loaded_model(&loaded, &job.key, &job.artifact_dir, &options)?;
-                run_batch(&model, &job, on_token.as_ref())
-            })
-            .await
-            .map_err(join_err)?
-        })
+        let (key, dir) = (job.key.clone(), job.artifact_dir.clone());
+        Box::pin(self.with_model(key, dir, move |model| {
+            run_batch(model, &job, on_token.as_ref())
+        }))
+    }
+
+    fn forward(&self, job: ForwardJob) -> BoxFuture<'_, Result<Vec<ForwardOutput>, BackendError>> {
+        let (key, dir) = (job.key.clone(), job.artifact_dir.clone());
+        Box::pin(self.with_model(key, dir, move |model| {
+            job.input_ids
+                .iter()
+                .map(|ids| model.forward(ids, job.logits_to_keep))
+                .collect()
+        }))
     }
 
     fn cleanup(&self, key: &CacheKey) {

@@ -3,7 +3,8 @@
 
 It speaks the rm-agent worker protocol (JSON lines on stdin/stdout) exactly
 like the real workers in agent/workers/, but runs no model: "compile" writes a
-small artifact, "generate" answers deterministic tokens. Special inputs make
+small artifact, "generate" answers deterministic tokens, "forward" deterministic logits
+(vocabulary 4: row j of a sequence is ids[j] + k for k in 0..3). Special inputs make
 it misbehave on purpose so the tests can check supervision:
 
 - compile option extra["test.compile_seconds"]: sleep that long while
@@ -13,6 +14,8 @@ it misbehave on purpose so the tests can check supervision:
 - prompt text "garbage": print a line that is not JSON;
 - prompt text "hang": never answer.
 """
+import array
+import base64
 import json
 import os
 import sys
@@ -78,6 +81,19 @@ def generate(rid, p):
     send({"id": rid, "result": {"outputs": outputs}})
 
 
+def forward(rid, p):
+    outputs = []
+    keep = p.get("logits_to_keep") or 0
+    for ids in p["input_ids"]:
+        rows = ids[-keep:] if keep else ids
+        values = array.array("f", [float(t + k) for t in rows for k in range(4)])
+        if sys.byteorder != "little":
+            values.byteswap()
+        outputs.append({"positions": len(rows), "vocab_size": 4,
+                        "logits": base64.b64encode(values.tobytes()).decode("ascii")})
+    send({"id": rid, "result": {"outputs": outputs}})
+
+
 def main():
     for line in sys.stdin:
         msg = json.loads(line)
@@ -88,6 +104,8 @@ def main():
             compile_(rid, params)
         elif method == "generate":
             generate(rid, params)
+        elif method == "forward":
+            forward(rid, params)
         elif method == "cleanup":
             send({"id": rid, "result": {}})
         elif method == "shutdown":
