@@ -6,11 +6,13 @@
    against a plain `python -c pass`; interleaved runs, medians;
 2. per-generate overhead of the proxy (tensor conversion, kwargs, the HTTP
    client) over a bare HTTP request to the agent with the same body,
-   interleaved pairs, median of the differences.
+   interleaved pairs, median of the differences; the same for forward()
+   (logits of every prompt position), whose answer the proxy also decodes.
 
-Usage: python3 bench.py [--agent-socket PATH --model DIR] [--runs N]
-Without --agent-socket it starts target/debug/rm-agent and a tiny random
-llama (needs the test requirements: numpy, safetensors, tokenizers, transformers).
+Usage: python3 bench.py [--agent-socket PATH] [--model DIR] [--runs N]
+Without --agent-socket it starts target/debug/rm-agent (RM_AGENT_BIN picks
+another); without --model it writes a tiny random llama (needs the test
+requirements: numpy, safetensors, tokenizers, transformers).
 """
 import argparse
 import json
@@ -73,7 +75,10 @@ def overhead(socket_path, model_dir, runs, new_tokens):
     raw = AgentClient(socket_path)
     prompt = [[5, 6, 7, 8, 9, 10, 11, 12]]
     body = {"key": model.rm_key, "device": "cpu", "input_ids": prompt, "max_new_tokens": new_tokens,
-            "do_sample": False, "eos_token_id": [model.generation_config.eos_token_id]}
+            "do_sample": False}
+    eos = getattr(model.generation_config, "eos_token_id", None)  # a GGUF directory has no generation_config
+    if eos is not None:
+        body["eos_token_id"] = [eos]
     ids, mask = np.array(prompt), np.ones((1, 8), dtype=np.int64)
     for _ in range(3):  # warm: first generate re-verifies the entry's files
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens)
@@ -91,6 +96,28 @@ def overhead(socket_path, model_dir, runs, new_tokens):
     print("  proxy model.generate(numpy in/out)     %7.3f ms" % statistics.median(proxy))
     print("  overhead per call                      %7.3f ms" % statistics.median(diffs))
 
+    # forward: the same prompt's logits at every position
+    import base64
+    fbody = {"key": model.rm_key, "device": "cpu", "input_ids": prompt}
+    model(ids)  # warm
+    direct, decoded, proxy = [], [], []
+    for _ in range(runs):
+        t = time.perf_counter()
+        r = raw.request("POST", "/v1/forward", fbody)
+        direct.append((time.perf_counter() - t) * 1000)
+        o = r["outputs"][0]
+        np.frombuffer(base64.b64decode(o["logits"]), "<f4").reshape(o["positions"], o["vocab_size"])
+        decoded.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        model(ids, attention_mask=mask).logits
+        proxy.append((time.perf_counter() - t) * 1000)
+    vocab = o["vocab_size"]
+    print("forward, %d positions x %d vocabulary, %d interleaved pairs (median):" % (len(prompt[0]), vocab, runs))
+    print("  agent API directly (one HTTP request)  %7.3f ms" % statistics.median(direct))
+    print("  ... plus numpy decode of the logits    %7.3f ms" % statistics.median(decoded))
+    print("  proxy model(ids).logits (numpy)        %7.3f ms" % statistics.median(proxy))
+    print("  overhead per call (vs request alone)   %7.3f ms" % statistics.median([p - d for p, d in zip(proxy, direct)]))
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -106,7 +133,8 @@ def main():
         from conftest import Agent, _agent_binary, make_tiny_llama
         tmp = Path(tempfile.mkdtemp(prefix="rmbench-"))
         agent = Agent(_agent_binary(), tmp)
-        a.agent_socket, a.model = str(agent.socket), str(make_tiny_llama(tmp / "tiny"))
+        a.agent_socket = str(agent.socket)
+        a.model = a.model or str(make_tiny_llama(tmp / "tiny"))
     try:
         overhead(a.agent_socket, a.model, a.runs * 3, a.new_tokens)
     finally:

@@ -14,6 +14,7 @@ import sys
 import types
 
 from . import _log
+from . import logits as _logits
 from .client import AgentClient, AgentError, AgentUnavailable
 
 # Weight formats the agent does not read; the agent leaves them out of the
@@ -178,6 +179,21 @@ def _ids(v):
     return [int(t) for t in v] if isinstance(v, (list, tuple)) else [int(v)]
 
 
+def _history(past, batch):
+    """The tokens a past_key_values stands for: ours, or an empty cache."""
+    if past is None:
+        return [[] for _ in range(batch)]
+    if isinstance(past, _logits.RemoteCache):
+        if len(past.rows) != batch:
+            raise ValueError("past_key_values holds %d rows, input_ids %d" % (len(past.rows), batch))
+        return past.rows
+    seq_len = getattr(past, "get_seq_length", None)
+    if callable(seq_len) and seq_len() == 0:
+        return [[] for _ in range(batch)]  # an empty DynamicCache made by the script
+    raise NotImplementedError("rm_abstract: past_key_values must come from this model's previous forward(); "
+                              "the key/value tensors live in the node agent")
+
+
 def _gc(gen_config, name, default=None):
     v = getattr(gen_config, name, None) if gen_config is not None else None
     return default if v is None else v
@@ -224,9 +240,68 @@ class RemoteModel:
     def can_generate(self):
         return True
 
-    def forward(self, *args, **kwargs):
-        # The agent API returns tokens, not logits (see python/README.md).
-        raise NotImplementedError("rm_abstract: forward()/__call__ need logits, which the node agent does not return; use generate()")
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, inputs_embeds=None,
+                labels=None, use_cache=None, return_dict=None, logits_to_keep=0, **kwargs):
+        """transformers' forward: logits (batch, positions, vocab) as float32
+        of the input's kind, `loss` with `labels`, `past_key_values` for the
+        next call. Runs on the agent (POST /v1/forward)."""
+        if inputs_embeds is not None:
+            raise NotImplementedError("rm_abstract: inputs_embeds is not supported: the embeddings live in the node agent; pass input_ids")
+        if input_ids is None:
+            raise ValueError("forward() needs input_ids")
+        if kwargs.get("num_logits_to_keep") is not None:  # transformers < 4.50 spelling
+            logits_to_keep = kwargs.pop("num_logits_to_keep")
+        for k in ("position_ids", "cache_position", "token_type_ids", "output_attentions",
+                  "output_hidden_states", "num_logits_to_keep"):
+            kwargs.pop(k, None)
+        if kwargs:
+            _log.warn("forward(): ignoring arguments the agent does not support: %s" % ", ".join(sorted(kwargs)))
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise NotImplementedError("rm_abstract: logits_to_keep must be a count (0 keeps every position)")
+        kind = _kind(input_ids)
+        rows = _rows(input_ids)[0]  # 1-D input is one row, as a batch of 1
+        width = len(rows[0]) if rows else 0
+        masks = _rows(attention_mask)[0] if attention_mask is not None else [[1] * len(r) for r in rows]
+        history = _history(past_key_values, len(rows))
+
+        # Each row runs without its pads; with a loss, every position is
+        # needed whatever logits_to_keep says.
+        out_width = width if logits_to_keep == 0 else min(logits_to_keep, width)
+        need_from = 0 if labels is not None else width - out_width
+        reals, sequences, keeps = [], [], []
+        for r, (row, mk) in enumerate(zip(rows, masks)):
+            real = [c for c, m in enumerate(mk) if m]  # the columns that are not padding
+            reals.append(real)
+            sequences.append(history[r] + [int(row[c]) for c in real])
+            keeps.append(sum(1 for c in real if c >= need_from))
+
+        placed, vocab = {}, None
+        for keep, pieces in _logits.plan(sequences, keeps):
+            result = self._client.request("POST", "/v1/forward", {
+                "key": self.rm_key, "device": self.rm_device,
+                "input_ids": [ids for _, ids in pieces], "logits_to_keep": keep})
+            for (r, ids), out in zip(pieces, result["outputs"]):
+                vocab = out["vocab_size"]
+                # the rows are positions len(ids) - keep .. len(ids) of the
+                # sequence, which starts with the history
+                first = len(ids) - keep - len(history[r])
+                for j, row in enumerate(_logits.decode_rows(out["logits"], vocab)):
+                    placed[(r, reals[r][first + j])] = row
+        if vocab is None:
+            vocab = int(getattr(self.config, "vocab_size", 0) or 0)
+
+        loss = None
+        if labels is not None:
+            loss = _logits.causal_lm_loss(kind, placed, _rows(labels)[0], vocab)
+        shift = width - out_width
+        shown = {(r, c - shift): row for (r, c), row in placed.items() if c >= shift}
+        logits = _logits.assemble(kind, len(rows), out_width, vocab, shown)
+        past = None
+        if use_cache is not False:
+            past = _logits.RemoteCache(sequences)
+        if return_dict is False:
+            return tuple(v for v in (loss, logits, past) if v is not None)
+        return _logits.output(kind, loss, logits, past)
 
     __call__ = forward
 

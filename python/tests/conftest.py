@@ -91,6 +91,20 @@ class Agent:
         assert st == 200, out
         return [o["token_ids"] for o in out["outputs"]]
 
+    def direct_forward(self, source_path, input_ids, logits_to_keep=0):
+        """The agent's logits without rm_abstract, as numpy arrays per sequence."""
+        import base64
+        import numpy as np
+        st, reg = self.call("POST", "/v1/models", {"source": {"path": str(source_path)}})
+        assert st == 200, reg
+        st, prep = self.call("POST", "/v1/prepare", {"model": reg["model"], "device": "cpu"})
+        assert st == 200, prep
+        st, out = self.call("POST", "/v1/forward", {"key": prep["key"], "device": "cpu", "input_ids": input_ids,
+                                                    "logits_to_keep": logits_to_keep})
+        assert st == 200, out
+        return [np.frombuffer(base64.b64decode(o["logits"]), "<f4").reshape(o["positions"], o["vocab_size"])
+                for o in out["outputs"]]
+
     def stop(self):
         self.proc.terminate()
         try:
@@ -165,6 +179,47 @@ def make_tiny_llama(d, seed=7):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.save_pretrained(str(d))
     return d
+
+
+def numpy_llama_logits(d, ids):
+    """The tiny llama's logits for every position of `ids`, computed here in
+    float64 numpy from the safetensors (HF layout and rope): a reference that
+    shares no code with the agent."""
+    import numpy as np
+    from safetensors.numpy import load_file
+    cfg = json.loads((Path(d) / "config.json").read_text())
+    t = {k: v.astype(np.float64) for k, v in load_file(str(Path(d) / "model.safetensors")).items()}
+    hidden, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd, eps, n = hidden // heads, cfg["rms_norm_eps"], len(ids)
+    inv = 1.0 / cfg["rope_theta"] ** (np.arange(0, hd, 2) / hd)
+    ang = np.outer(np.arange(n), inv)
+    cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+
+    def rope(x):  # (heads, n, hd), rotate_half as in transformers
+        return x * cos + np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1) * sin
+
+    def rms(x, w):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+    x = t["model.embed_tokens.weight"][ids]
+    causal = np.triu(np.full((n, n), -np.inf), 1)
+    for i in range(cfg["num_hidden_layers"]):
+        p = "model.layers.%d." % i
+        h = rms(x, t[p + "input_layernorm.weight"])
+        q = (h @ t[p + "self_attn.q_proj.weight"].T).reshape(n, heads, hd).transpose(1, 0, 2)
+        k = (h @ t[p + "self_attn.k_proj.weight"].T).reshape(n, kv, hd).transpose(1, 0, 2)
+        v = (h @ t[p + "self_attn.v_proj.weight"].T).reshape(n, kv, hd).transpose(1, 0, 2)
+        q, k = rope(q), rope(k)
+        k, v = np.repeat(k, heads // kv, axis=0), np.repeat(v, heads // kv, axis=0)
+        a = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + causal
+        a = np.exp(a - a.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        o = (a @ v).transpose(1, 0, 2).reshape(n, hidden)
+        x = x + o @ t[p + "self_attn.o_proj.weight"].T
+        h = rms(x, t[p + "post_attention_layernorm.weight"])
+        g = h @ t[p + "mlp.gate_proj.weight"].T
+        x = x + ((g / (1 + np.exp(-g))) * (h @ t[p + "mlp.up_proj.weight"].T)) @ t[p + "mlp.down_proj.weight"].T
+    return rms(x, t["model.norm.weight"]) @ t["lm_head.weight"].T
 
 
 @pytest.fixture(scope="session")

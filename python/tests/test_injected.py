@@ -42,6 +42,27 @@ def test_unchanged_script_gives_the_agents_tokens(agent, tiny_model, tmp_path):
     assert any("via backend cpu" in l for l in rm_lines(r.stderr)), r.stderr
 
 
+# A script that scores and decodes by hand: model(**inputs).logits.
+LOGITS_SCRIPT = """
+import json, sys
+from transformers import AutoTokenizer, AutoModelForCausalLM
+d = sys.argv[1]
+tok = AutoTokenizer.from_pretrained(d)
+model = AutoModelForCausalLM.from_pretrained(d)
+inputs = tok("Hello", return_tensors="np")
+logits = model(**inputs).logits
+print(json.dumps({"shape": list(logits.shape), "next": int(logits[0, -1].argmax()),
+                  "prompt": inputs["input_ids"].tolist()}))
+"""
+
+
+def test_unchanged_script_reads_logits(agent, tiny_model, tmp_path):
+    got = _result(run_script(tmp_path, LOGITS_SCRIPT, injected_env(agent), args=[tiny_model]))
+    prompt = got["prompt"][0]
+    assert got["shape"] == [1, len(prompt), 256]
+    assert got["next"] == agent.direct_generate(tiny_model, [prompt], 1)[0][0]
+
+
 def test_second_run_uses_the_cache_and_uploads_nothing(agent, tiny_model, tmp_path):
     run_script(tmp_path, USER_SCRIPT, injected_env(agent), args=[tiny_model])
     r = run_script(tmp_path, USER_SCRIPT, injected_env(agent), args=[tiny_model])
@@ -67,10 +88,18 @@ def test_quiet_when_not_verbose(agent, tiny_model, tmp_path):
 
 def test_not_injected_means_not_active(agent, tiny_model, tmp_path):
     # PYTHONPATH carries our sitecustomize, but RM_INJECTED is unset: transformers
-    # behaves exactly as without us (here: its own "requires PyTorch" error).
+    # behaves exactly as without us. (Without torch that is its own "requires
+    # PyTorch" error; with torch, its generate() refusing numpy input.)
     r = run_script(tmp_path, USER_SCRIPT, injected_env(agent, RM_INJECTED=None), args=[tiny_model])
-    assert r.returncode != 0
-    assert "PyTorch" in r.stderr and rm_lines(r.stderr) == []
+    plain = run_script(tmp_path, USER_SCRIPT, injected_env(agent, RM_INJECTED=None, PYTHONPATH=None),
+                       args=[tiny_model])
+    assert r.returncode == plain.returncode != 0
+    assert r.stderr.strip().splitlines()[-1] == plain.stderr.strip().splitlines()[-1]
+    assert rm_lines(r.stderr) == []
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        assert "PyTorch" in r.stderr
 
 
 # -- failure modes: one clear line, behaviour as documented ----------------------
@@ -102,9 +131,27 @@ def test_agent_missing_fallback_warns_once_and_runs_transformers(tiny_model, tmp
     r = run_script(tmp_path, USER_SCRIPT, injected_env(None, RM_ON_UNAVAILABLE="fallback"), args=[tiny_model])
     lines = rm_lines(r.stderr)
     assert len(lines) == 1 and "falling back to transformers in this process" in lines[0], r.stderr
-    # no torch here, so transformers' own loader then says so: exactly what
-    # the program would have done without rm_abstract
-    assert r.returncode != 0 and "PyTorch" in r.stderr
+    # then exactly what the program does without rm_abstract (without torch,
+    # transformers' "requires PyTorch"; with it, its generate() refusing numpy)
+    plain = run_script(tmp_path, USER_SCRIPT, injected_env(None, PYTHONPATH=None), args=[tiny_model])
+    assert r.returncode == plain.returncode != 0
+    assert r.stderr.strip().splitlines()[-1] == plain.stderr.strip().splitlines()[-1]
+
+
+def test_agent_equals_transformers_itself_when_torch_is_there(agent, tiny_model):
+    """transformers' own LlamaForCausalLM (torch, not in CI) on the tiny
+    model: the agent's greedy tokens and logits are the same."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+    from transformers import LlamaForCausalLM
+    model = LlamaForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    ids = [1, 17, 42, 99, 3]
+    with torch.no_grad():
+        want_logits = model(torch.tensor([ids])).logits[0].numpy()
+        want = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                              min_new_tokens=12)[0, len(ids):].tolist()
+    assert agent.direct_generate(tiny_model, [ids], 12, ignore_eos=True)[0] == want
+    np.testing.assert_allclose(agent.direct_forward(tiny_model, [ids])[0], want_logits, atol=1e-4)
 
 
 def test_stale_socket_is_reported(tiny_model, tmp_path):
