@@ -6,7 +6,7 @@
 # rm-agent for this very CPU (RUSTFLAGS=-C target-cpu=native, so llama.cpp
 # builds with GGML_NATIVE, as the reference is) into target/native and adds
 # its rows: the same engine, compiled like the reference.
-#   [NATIVE=1] e2e/bench/cpu-engine.sh
+#   [NATIVE=1] [RUNS=5] [CANDLE=0] e2e/bench/cpu-engine.sh
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"

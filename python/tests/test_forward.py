@@ -66,7 +66,10 @@ def test_hand_written_greedy_loop_with_past_key_values_equals_generate(model):
     for _ in range(6):
         nxt = int(out.logits[0, -1].argmax())
         got.append(nxt)
-        out = model(input_ids=np.array([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+        seen = out.past_key_values.get_seq_length() + 1
+        # transformers' loops pass a mask over past + new tokens
+        out = model(input_ids=np.array([[nxt]]), attention_mask=np.ones((1, seen), dtype=np.int64),
+                    past_key_values=out.past_key_values, use_cache=True)
         assert out.logits.shape == (1, 1, 256)  # only the new position, like a real KV cache
     assert got == model.generate(ids, max_new_tokens=6, eos_token_id=[]).tolist()[0][3:]
     assert out.past_key_values.get_seq_length() == 3 + 6
