@@ -87,12 +87,15 @@ t1=$(now)
 crs_only=$(elapsed "$t0" "$t1")
 echo "kubectl apply --server-side of 200 InferenceWorkloads, no operator running: ${crs_only}s"
 
-metrics_port=18$((run_id % 1000 + 100))
+metrics_port=$((18100 + run_id % 800))
 "$OPERATOR" --namespace "bw-$run_id" --metrics-addr "127.0.0.1:$metrics_port" \
     --resource-name "gpu=$res" --resource-name "rbln=none-$run_id.e2e.rm-abstract.io/atom" \
     --resource-name "furiosa=none-$run_id.e2e.rm-abstract.io/rngd" 2>"$work/operator.log" &
 op_pid=$!
-until curl -fsS "http://127.0.0.1:$metrics_port/readyz" >/dev/null 2>&1; do sleep 0.2; done
+until curl -fsS "http://127.0.0.1:$metrics_port/readyz" >/dev/null 2>&1; do
+    kill -0 "$op_pid" 2>/dev/null || { cat "$work/operator.log" >&2; echo "rm-operator exited" >&2; exit 1; }
+    sleep 0.2
+done
 
 selected() {
     kubectl get iw -n "bw-$run_id" -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="DeviceSelected")].status}{"\n"}{end}' | grep -c True || true
@@ -116,18 +119,24 @@ grep -E 'VmRSS|VmHWM' /proc/$op_pid/status | tr -s ' ' | sed 's/^/operator /'
 
 echo "== 3. API writes per reconcile at steady state (1000 workloads)"
 counter() { curl -fsS "http://127.0.0.1:$metrics_port/metrics" | awk -v m="$1" '$1 ~ "^"m {s+=$2} END {print s+0}'; }
-# Let the rollouts settle (pods Running, Deployments ready).
+# Let the rollouts settle (pods Running, Deployments ready): no write for
+# two 5 s periods in a row.
 prev=-1
-while true; do
+quiet=0
+while (( quiet < 2 )); do
     w=$(counter rm_operator_api_writes_total)
-    [[ "$w" == "$prev" ]] && break
+    if [[ "$w" == "$prev" ]]; then quiet=$((quiet + 1)); else quiet=0; fi
     prev=$w
     sleep 5
 done
+by_kind() { curl -fsS "http://127.0.0.1:$metrics_port/metrics" | grep '^rm_operator_api_writes_total{' | tr '\n' ' '; }
+k0=$(by_kind)
 w0=$(counter rm_operator_api_writes_total)
 r0=$(counter rm_operator_reconciles_total)
 kubectl annotate iw --all -n "bw-$run_id" bench/touch="$(date +%s)" --overwrite >/dev/null
 sleep 10
 w1=$(counter rm_operator_api_writes_total)
 r1=$(counter rm_operator_reconciles_total)
+k1=$(by_kind)
 python3 -c "r=$r1-$r0; w=$w1-$w0; print(f'reconciles: {r:.0f}, writes: {w:.0f}, writes per reconcile: {w/max(r,1):.3f} (goal: 0)')"
+[[ "$k0" == "$k1" ]] || printf 'writes by kind, before: %s\n                after:  %s\n' "$k0" "$k1"
