@@ -493,6 +493,30 @@ impl WorkerBackend {
         }
     }
 
+    /// A request that runs a model (`generate`, `forward`) on the process of
+    /// the allocation's device set, which sees only those devices; answers
+    /// the result's `"outputs"`.
+    async fn run_outputs<T: serde::de::DeserializeOwned>(
+        &self,
+        method: &'static str,
+        devices: &[String],
+        params: Value,
+        on_token: Option<TokenFn>,
+    ) -> Result<Vec<T>, BackendError> {
+        let device_type = self.manifest.device_types.first().copied();
+        let inst = self.instance(device_type, devices);
+        let timeout = Duration::from_secs(self.manifest.request_timeout_s);
+        let v = self
+            .call(&inst, method, params, timeout, None, on_token)
+            .await?;
+        let outputs = v.get("outputs").cloned().unwrap_or(Value::Null);
+        serde_json::from_value(outputs).map_err(|e| {
+            BackendError::Worker(format!(
+                "protocol error: {method} result without valid \"outputs\": {e}"
+            ))
+        })
+    }
+
     /// Starts a device-less instance, asks `hello`, records the answer and
     /// stops the instance again.
     pub async fn probe_now(&self) {
@@ -617,10 +641,6 @@ impl Backend for WorkerBackend {
         on_token: Option<TokenFn>,
     ) -> BoxFuture<'_, Result<Vec<SequenceOutput>, BackendError>> {
         Box::pin(async move {
-            // The generate request names the allocation's devices; the
-            // process for that device set sees only them.
-            let device_type = self.manifest.device_types.first().copied();
-            let inst = self.instance(device_type, &job.devices);
             let params = json!({
                 "key": job.key,
                 "artifact_dir": job.artifact_dir,
@@ -629,23 +649,13 @@ impl Backend for WorkerBackend {
                 "params": job.params,
                 "stream": on_token.is_some(),
             });
-            let timeout = Duration::from_secs(self.manifest.request_timeout_s);
-            let v = self
-                .call(&inst, "generate", params, timeout, None, on_token)
-                .await?;
-            let outputs = v.get("outputs").cloned().unwrap_or(Value::Null);
-            serde_json::from_value::<Vec<SequenceOutput>>(outputs).map_err(|e| {
-                BackendError::Worker(format!(
-                    "protocol error: generate result without valid \"outputs\": {e}"
-                ))
-            })
+            self.run_outputs("generate", &job.devices, params, on_token)
+                .await
         })
     }
 
     fn forward(&self, job: ForwardJob) -> BoxFuture<'_, Result<Vec<ForwardOutput>, BackendError>> {
         Box::pin(async move {
-            let device_type = self.manifest.device_types.first().copied();
-            let inst = self.instance(device_type, &job.devices);
             let params = json!({
                 "key": job.key,
                 "artifact_dir": job.artifact_dir,
@@ -653,16 +663,9 @@ impl Backend for WorkerBackend {
                 "input_ids": job.input_ids,
                 "logits_to_keep": job.logits_to_keep,
             });
-            let timeout = Duration::from_secs(self.manifest.request_timeout_s);
-            let v = self
-                .call(&inst, "forward", params, timeout, None, None)
+            let outputs: Vec<ForwardOutput> = self
+                .run_outputs("forward", &job.devices, params, None)
                 .await?;
-            let outputs = v.get("outputs").cloned().unwrap_or(Value::Null);
-            let outputs: Vec<ForwardOutput> = serde_json::from_value(outputs).map_err(|e| {
-                BackendError::Worker(format!(
-                    "protocol error: forward result without valid \"outputs\": {e}"
-                ))
-            })?;
             if outputs.len() != job.input_ids.len() {
                 return Err(BackendError::Worker(format!(
                     "protocol error: forward answered {} outputs for {} sequences",
