@@ -372,8 +372,6 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
         }
     }
 
-    publish_decision_events(&iw, &selection, deployment_error.as_deref(), &ctx).await;
-
     let observed = Observed {
         deployment: deployment.as_ref(),
         deployment_error,
@@ -396,6 +394,16 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
                 &ctx.config,
             ));
         }
+        // A decision that changes shows in the status, so Events are decided
+        // here, against the stored status: the cache may not hold our last
+        // write yet, and deciding against it announced some decisions twice.
+        publish_decision_events(
+            &fresh,
+            &selection,
+            observed.deployment_error.as_deref(),
+            &ctx,
+        )
+        .await;
         let patch = json!({
             "apiVersion": "rm-abstract.io/v1alpha1",
             "kind": "InferenceWorkload",

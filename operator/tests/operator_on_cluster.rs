@@ -481,6 +481,14 @@ async fn running_workloads_do_not_flap_and_steady_state_writes_nothing() {
         device_of(&api.get("steady").await.unwrap()),
         Some(DeviceType::Gpu)
     );
+    // One decision, one Event: reconciles that ran before our own status
+    // write reached the cache must not announce it again.
+    assert_eq!(
+        op.counter("rm_operator_api_writes_total{kind=\"event\"}"),
+        1.0,
+        "{}",
+        op.metrics()
+    );
     for n in ["gpu", "atom"] {
         cluster.remove_node(&node_name(test, n)).await;
     }
