@@ -262,6 +262,9 @@ class RemoteModel:
         rows = _rows(input_ids)[0]  # 1-D input is one row, as a batch of 1
         width = len(rows[0]) if rows else 0
         masks = _rows(attention_mask)[0] if attention_mask is not None else [[1] * len(r) for r in rows]
+        if any(len(mk) < width for mk in masks):
+            raise ValueError("attention_mask is shorter than input_ids (%d columns): it needs one entry per token"
+                             % width)
         # with past_key_values, transformers' mask also covers the past tokens
         masks = [mk[len(mk) - width:] for mk in masks]
         history = _history(past_key_values, len(rows))

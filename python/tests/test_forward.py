@@ -107,6 +107,8 @@ def test_what_cannot_work_says_so(model):
         model(inputs_embeds=np.zeros((1, 2, 64)))
     with pytest.raises(NotImplementedError, match="past_key_values"):
         model(np.array([[1]]), past_key_values=((np.zeros(1), np.zeros(1)),))
+    with pytest.raises(ValueError, match="attention_mask is shorter"):
+        model(np.array([[1, 2, 3]]), attention_mask=np.array([[1, 1]]))
     with pytest.raises(AgentError, match="outside the vocabulary"):
         model(np.array([[300]]))
 
