@@ -339,21 +339,28 @@ cmd_down() {
 }
 
 # node NAME [RESOURCE=COUNT ...]: a kwok node with those extended resources.
+# cpu, memory and pods default to 32, 256Gi and 110 (the kubelet's pod
+# limit); RESOURCE=COUNT overrides them too, e.g. pods=3000.
 cmd_node() {
     local name=${1:?usage: cluster.sh node NAME [RESOURCE=COUNT ...]}
     shift
     [[ -f "$KUBECONFIG_PATH" ]] || die "the cluster is not up; run: e2e/cluster.sh up"
-    local resources="      cpu: \"32\"
-      memory: 256Gi
-      pods: \"110\""
     local kv key value
+    local -a keys=(cpu memory pods)
+    local -A counts=([cpu]=32 [memory]=256Gi [pods]=110)
     for kv in "$@"; do
         [[ "$kv" == *=* ]] || die "resource '$kv' is not RESOURCE=COUNT (e.g. rebellions.ai/ATOM=4)"
         key=${kv%%=*}
         value=${kv#*=}
         [[ "$value" =~ ^[0-9]+$ ]] || die "count of $key must be a whole number, got '$value'"
+        [[ -v "counts[$key]" ]] || keys+=("$key")
+        counts[$key]=$value
+    done
+    local resources="" items=""
+    for key in "${keys[@]}"; do
         resources+="
-      $key: \"$value\""
+    $key: \"${counts[$key]}\""
+        items+="${items:+,}\"$key\":\"${counts[$key]}\""
     done
     kubectl_ apply -f - >/dev/null <<EOF
 apiVersion: v1
@@ -370,25 +377,18 @@ metadata:
     type: kwok
 spec: {}
 status:
-  capacity:
-$(sed 's/^  //' <<<"$resources")
-  allocatable:
-$(sed 's/^  //' <<<"$resources")
+  capacity:$resources
+  allocatable:$resources
 EOF
     # Apply ignores status on update: make sure it holds the resources asked for.
-    kubectl_ patch node "$name" --subresource status --type merge -p "$(node_status_patch "$@")" >/dev/null
+    kubectl_ patch node "$name" --subresource status --type merge \
+        -p "{\"status\":{\"capacity\":{$items},\"allocatable\":{$items}}}" >/dev/null
     local deadline=$((SECONDS + 30))
     until [[ "$(kubectl_ get node "$name" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" == True ]]; do
         ((SECONDS < deadline)) || die "node $name did not become Ready (is kwok running? log: $STATE/logs/kwok.log)"
         sleep 0.3
     done
     log "node $name: Ready ${*:-(no extended resources)}"
-}
-
-node_status_patch() {
-    local kv items="\"cpu\":\"32\",\"memory\":\"256Gi\",\"pods\":\"110\""
-    for kv in "$@"; do items+=",\"${kv%%=*}\":\"${kv#*=}\""; done
-    echo "{\"status\":{\"capacity\":{$items},\"allocatable\":{$items}}}"
 }
 
 cmd_status() {

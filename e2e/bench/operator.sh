@@ -18,11 +18,20 @@ export KUBECONFIG=$(e2e/cluster.sh up 2>/dev/null | tail -n 1)
 PATH="$(e2e/cluster.sh bin-dir):$PATH"
 run_id=$$
 res="bench-$run_id.e2e.rm-abstract.io/gpu"
-e2e/cluster.sh node "bench-$run_id" "$res=5000" 2>/dev/null
+# Room for every pod of the run: a kubelet takes 110 by default.
+e2e/cluster.sh node "bench-$run_id" "$res=5000" pods=3000 2>/dev/null
 kubectl apply --server-side -f crds/inferenceworkload.yaml >/dev/null
 kubectl wait --for=condition=Established crd/inferenceworkloads.rm-abstract.io >/dev/null
 work=$(mktemp -d)
-trap 'kill $op_pid 2>/dev/null || true; rm -rf "$work"; kubectl delete ns "bd-$run_id" "bw-$run_id" "bc-$run_id" --wait=false >/dev/null 2>&1 || true; kubectl delete node "bench-$run_id" >/dev/null 2>&1 || true' EXIT
+op_pid=
+# The node goes last: pods bound to a node that is gone wait minutes for the
+# pod garbage collector, and a run that overlaps that deletion measures it.
+trap 'kill $op_pid 2>/dev/null || true; rm -rf "$work"; kubectl delete ns "bd-$run_id" "bw-$run_id" "bc-$run_id" --timeout=300s >/dev/null 2>&1 || true; kubectl delete node "bench-$run_id" >/dev/null 2>&1 || true' EXIT
+leftovers() { kubectl get ns --no-headers 2>/dev/null | grep -cE '^b[dwc]-[0-9]+ ' || true; }
+if [[ $(leftovers) -gt 0 ]]; then
+    echo "waiting for an earlier run's namespaces to be deleted..."
+    for _ in $(seq 60); do [[ $(leftovers) -eq 0 ]] && break; sleep 5; done
+fi
 kubectl create ns "bd-$run_id" >/dev/null
 kubectl create ns "bw-$run_id" >/dev/null
 kubectl create ns "bc-$run_id" >/dev/null
@@ -78,6 +87,8 @@ kubectl apply --server-side -n "bd-$run_id" -f "$work/deployments.yaml" >/dev/nu
 t1=$(now)
 baseline=$(elapsed "$t0" "$t1")
 echo "kubectl apply --server-side of 200 Deployments: ${baseline}s"
+# Their rollouts settle before the next step, so that it is measured alone.
+kubectl wait --for=condition=Available deploy --all -n "bd-$run_id" --timeout=300s >/dev/null
 
 # The custom resources alone, before any operator runs: what the apiserver
 # takes to store them, the floor under the operator's figure.
