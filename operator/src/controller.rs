@@ -9,9 +9,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -25,6 +26,7 @@ use serde_json::json;
 use crate::capacity::pod_device_requests;
 use crate::config::OperatorConfig;
 use crate::metrics::Metrics;
+use crate::own_writes::OwnStatusWrites;
 use crate::placement::{Unschedulable, capacity_for, current_placement};
 use crate::render::{is_current, render_deployment};
 use crate::selection::{Decision, Selection, select_device};
@@ -42,6 +44,7 @@ pub struct Context {
     pub deployments: Store<Deployment>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    pub own_writes: Arc<OwnStatusWrites>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,9 +115,10 @@ pub async fn run(
     // Finished pods hold no devices; leave them out of the cache.
     let pod_config =
         watcher::Config::default().fields("status.phase!=Succeeded,status.phase!=Failed");
+    let device_resources: Vec<String> = config.resource_names.values().cloned().collect();
     let pod_stream = watcher(pods_api, pod_config)
         .default_backoff()
-        .modify(slim_pod)
+        .modify(move |p| slim_pod(p, &device_resources))
         .reflect(pod_writer)
         .touched_objects();
     let (deployments, deployment_writer) = reflector::store();
@@ -132,6 +136,8 @@ pub async fn run(
     .reflect(deployment_writer)
     .touched_objects();
 
+    let own_writes = Arc::new(OwnStatusWrites::default());
+    let seen = own_writes.clone();
     let (workload_store, workload_writer) = reflector::store();
     let workload_stream = watcher(workloads, watcher::Config::default())
         .default_backoff()
@@ -141,7 +147,8 @@ pub async fn run(
                 .remove("kubectl.kubernetes.io/last-applied-configuration");
         })
         .reflect(workload_writer)
-        .applied_objects();
+        .applied_objects()
+        .inspect_ok(move |iw| seen.seen(iw));
     let controller = Controller::for_stream(workload_stream, workload_store.clone());
 
     // The caches are driven by tasks of their own, so that they fill
@@ -182,6 +189,7 @@ pub async fn run(
         pods,
         deployments,
         metrics: metrics.clone(),
+        own_writes,
     });
     let phase_store = workload_store.clone();
     // Ready to reconcile: the controller itself holds reconciles until its
@@ -248,12 +256,32 @@ fn owner_workload(d: &Deployment) -> Option<ObjectRef<InferenceWorkload>> {
 }
 
 /// Keeps only what capacity, placement and triggers read of a pod: the
-/// cache holds every pod of the cluster, so the rest is dropped.
-fn slim_pod(p: &mut Pod) {
-    use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus};
+/// cache holds every pod of the cluster, and every reconcile walks it, so
+/// the rest is dropped, down to the containers' non-device resources.
+fn slim_pod(p: &mut Pod, device_resources: &[String]) {
+    use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus, ResourceRequirements};
+    use std::collections::BTreeMap;
+    let devices_only = |m: &Option<BTreeMap<String, Quantity>>| {
+        m.as_ref()
+            .map(|m| {
+                m.iter()
+                    .filter(|(k, _)| device_resources.contains(k))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<BTreeMap<_, _>>()
+            })
+            .filter(|m| !m.is_empty())
+    };
     let slim_container = |c: &Container| Container {
         name: c.name.clone(),
-        resources: c.resources.clone(),
+        resources: c
+            .resources
+            .as_ref()
+            .map(|r| ResourceRequirements {
+                requests: devices_only(&r.requests),
+                limits: devices_only(&r.limits),
+                ..Default::default()
+            })
+            .filter(|r| r.requests.is_some() || r.limits.is_some()),
         ..Default::default()
     };
     let spec = p.spec.as_ref().map(|s| PodSpec {
@@ -377,33 +405,27 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
         deployment_error,
         unschedulable: unschedulable.as_ref().map(|u| (u.count, u.message.clone())),
     };
-    let mut status = desired_status(&iw, &selection, &observed, &ctx.config, &Time(now));
-    if iw.status.as_ref() != Some(&status) {
-        let api: Api<InferenceWorkload> = Api::namespaced(ctx.client.clone(), &ns);
-        // The cache may lag behind our own last status write; recompute
-        // against the stored object so that carried-over reasons and
-        // timestamps are not lost, and skip the write if it is current.
-        let Some(fresh) = api.get_opt(&name).await? else {
-            return Ok(Action::await_change());
-        };
-        status = desired_status(&fresh, &selection, &observed, &ctx.config, &Time(now));
-        if fresh.status.as_ref() == Some(&status) {
-            return Ok(requeue_after(
-                &selection,
-                unschedulable.as_ref(),
-                &ctx.config,
-            ));
-        }
+    // The cache may lag behind our own last status write: decide against
+    // that write, so that carried-over reasons and timestamps are kept and
+    // nothing is written or announced twice.
+    let stored = ctx.own_writes.newer_than_cache(&iw).map(|status| {
+        let mut stored = (*iw).clone();
+        stored.status = Some(status);
+        stored
+    });
+    let stored = stored.as_ref().unwrap_or(&iw);
+    let status = desired_status(stored, &selection, &observed, &ctx.config, &Time(now));
+    if stored.status.as_ref() != Some(&status) {
         // A decision that changes shows in the status, so Events are decided
-        // here, against the stored status: the cache may not hold our last
-        // write yet, and deciding against it announced some decisions twice.
+        // here, against the stored status.
         publish_decision_events(
-            &fresh,
+            stored,
             &selection,
             observed.deployment_error.as_deref(),
             &ctx,
         )
         .await;
+        let api: Api<InferenceWorkload> = Api::namespaced(ctx.client.clone(), &ns);
         let patch = json!({
             "apiVersion": "rm-abstract.io/v1alpha1",
             "kind": "InferenceWorkload",
@@ -418,9 +440,13 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
             )
             .await
         {
-            Ok(_) => {}
+            Ok(written) => ctx.own_writes.record(&written),
             // Deleted meanwhile: nothing left to report on.
-            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(Action::await_change()),
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                ctx.own_writes.forget(&iw);
+                return Ok(Action::await_change());
+            }
+            // The stored status is unknown; what was recorded before stands.
             Err(e) => return Err(e.into()),
         }
     }
@@ -523,4 +549,96 @@ fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}…", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capacity::pod_device_requests;
+    use crate::placement::is_own_pod;
+
+    fn workload(ns: &str, name: &str) -> InferenceWorkload {
+        serde_json::from_value(json!({
+            "apiVersion": "rm-abstract.io/v1alpha1",
+            "kind": "InferenceWorkload",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {
+                "model": {"source": "org/model"},
+                "template": {"spec": {"containers": [{"name": "app", "image": "x"}]}}
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_slim_pod_keeps_what_decisions_read() {
+        let config = OperatorConfig::default();
+        let gpu = config.resource_name(rm_crds::DeviceType::Gpu).unwrap();
+        let mut pod: Pod = serde_json::from_value(json!({
+            "metadata": {
+                "name": "p", "namespace": "ns",
+                "labels": {labels::WORKLOAD: "w", "app": "x"},
+                "annotations": {crate::render::DEVICE_TYPE: "gpu", "other": "dropped"}
+            },
+            "spec": {
+                "nodeName": "n1",
+                "initContainers": [{"name": "i", "image": "x", "resources": {"limits": {"cpu": "1"}}}],
+                "containers": [
+                    {"name": "a", "image": "x", "env": [{"name": "E", "value": "v"}],
+                     "resources": {"requests": {"cpu": "2", gpu: "2"}, "limits": {"memory": "1Gi", gpu: "2"}}},
+                    {"name": "b", "image": "x", "resources": {"limits": {"memory": "1Gi"}}}
+                ]
+            },
+            "status": {"phase": "Pending", "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes"},
+                {"type": "Ready", "status": "False"}
+            ]}
+        }))
+        .unwrap();
+        let before = pod_device_requests(&pod, &config);
+        let devices: Vec<String> = config.resource_names.values().cloned().collect();
+        slim_pod(&mut pod, &devices);
+
+        assert_eq!(pod_device_requests(&pod, &config), before);
+        assert_eq!(before[&rm_crds::DeviceType::Gpu], 2);
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.node_name.as_deref(), Some("n1"));
+        let a = &spec.containers[0];
+        assert!(a.env.is_none() && a.image.is_none());
+        let res = a.resources.as_ref().unwrap();
+        assert_eq!(
+            res.requests.as_ref().unwrap().keys().collect::<Vec<_>>(),
+            [gpu]
+        );
+        assert_eq!(
+            res.limits.as_ref().unwrap().keys().collect::<Vec<_>>(),
+            [gpu]
+        );
+        assert!(
+            spec.containers[1].resources.is_none(),
+            "no device, no resources"
+        );
+        assert!(
+            spec.init_containers.as_ref().unwrap()[0]
+                .resources
+                .is_none()
+        );
+        let conditions = pod.status.as_ref().unwrap().conditions.as_ref().unwrap();
+        assert_eq!(conditions.len(), 1);
+        assert_eq!(conditions[0].type_, "PodScheduled");
+        assert_eq!(pod.annotations().len(), 1);
+        assert!(is_own_pod(&pod, &workload("ns", "w")));
+        assert!(!is_own_pod(&pod, &workload("other", "w")));
+        assert!(!is_own_pod(&pod, &workload("ns", "w2")));
+    }
+
+    #[test]
+    fn a_pod_without_the_label_is_no_workloads_own() {
+        let pod: Pod =
+            serde_json::from_value(json!({"metadata": {"name": "p", "namespace": "ns"}})).unwrap();
+        let mut nameless = workload("ns", "w");
+        nameless.metadata.name = None;
+        assert!(!is_own_pod(&pod, &nameless));
+        assert!(!is_own_pod(&pod, &workload("ns", "w")));
+    }
 }

@@ -10,6 +10,7 @@ pub mod config;
 pub mod controller;
 pub mod leader;
 pub mod metrics;
+pub mod own_writes;
 pub mod placement;
 pub mod render;
 pub mod selection;

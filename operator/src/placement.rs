@@ -15,8 +15,16 @@ use crate::render::{DEVICE_TYPE, SELECTION_BASIS};
 use crate::selection::{Current, selection_basis};
 
 /// Whether the pod belongs to the workload (its namespace and label).
+/// Called for every cached pod on every reconcile, so it compares in place.
 pub fn is_own_pod(pod: &Pod, iw: &InferenceWorkload) -> bool {
-    pod.namespace() == iw.namespace() && pod.labels().get(labels::WORKLOAD) == Some(&iw.name_any())
+    let label = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(labels::WORKLOAD));
+    label.is_some()
+        && label.map(String::as_str) == iw.metadata.name.as_deref()
+        && pod.metadata.namespace == iw.metadata.namespace
 }
 
 /// Free capacity as the workload sees it: its own pods' devices count as
