@@ -26,8 +26,8 @@ work=$(mktemp -d)
 op_pid=
 # The node goes last: pods bound to a node that is gone wait minutes for the
 # pod garbage collector, and a run that overlaps that deletion measures it.
-trap 'kill $op_pid 2>/dev/null || true; rm -rf "$work"; kubectl delete ns "bd-$run_id" "bw-$run_id" "bc-$run_id" --timeout=300s >/dev/null 2>&1 || true; kubectl delete node "bench-$run_id" >/dev/null 2>&1 || true' EXIT
-leftovers() { kubectl get ns --no-headers 2>/dev/null | grep -cE '^b[dwc]-[0-9]+ ' || true; }
+trap 'kill $op_pid 2>/dev/null || true; rm -rf "$work"; kubectl delete ns "bd-$run_id" "bw-$run_id" "bc-$run_id" "bx-$run_id" --ignore-not-found --timeout=300s >/dev/null 2>&1 || true; kubectl delete node "bench-$run_id" >/dev/null 2>&1 || true' EXIT
+leftovers() { kubectl get ns --no-headers 2>/dev/null | grep -cE '^b[dwcx]-[0-9]+ ' || true; }
 if [[ $(leftovers) -gt 0 ]]; then
     echo "waiting for an earlier run's namespaces to be deleted..."
     for _ in $(seq 60); do [[ $(leftovers) -eq 0 ]] && break; sleep 5; done
@@ -190,3 +190,6 @@ if [[ "$k0" == "$k1" ]]; then
 else
     printf 'writes by kind, before: %s\n                after:  %s\n' "$k0" "$k1"
 fi
+
+echo "== 4. apiserver and etcd CPU per request, by kind (200 each, one at a time)"
+python3 e2e/bench/request_cost.py "$KUBECONFIG" "${RM_E2E_STATE:-/tmp/rm-abstract-e2e}" "bx-$run_id" 200

@@ -306,6 +306,8 @@ fn slim_pod(p: &mut Pod, device_resources: &[String]) {
     p.managed_fields_mut().clear();
     p.annotations_mut()
         .retain(|k, _| k == crate::render::DEVICE_TYPE);
+    // Only the workload label is read, by every reconcile, for every pod.
+    p.labels_mut().retain(|k, _| k == labels::WORKLOAD);
     p.metadata.owner_references = None;
     p.spec = spec;
     p.status = status;
@@ -627,6 +629,7 @@ mod tests {
         assert_eq!(conditions.len(), 1);
         assert_eq!(conditions[0].type_, "PodScheduled");
         assert_eq!(pod.annotations().len(), 1);
+        assert_eq!(pod.labels().len(), 1);
         assert!(is_own_pod(&pod, &workload("ns", "w")));
         assert!(!is_own_pod(&pod, &workload("other", "w")));
         assert!(!is_own_pod(&pod, &workload("ns", "w2")));
