@@ -101,7 +101,7 @@ impl OwnStatusWrites {
         }
     }
 
-    /// Forgets a workload (deleted, or its write failed).
+    /// Forgets a workload that was deleted meanwhile.
     pub fn forget(&self, iw: &InferenceWorkload) {
         self.lock().remove(&ObjectRef::from_obj(iw));
     }
