@@ -115,10 +115,10 @@ pub async fn run(
     // Finished pods hold no devices; leave them out of the cache.
     let pod_config =
         watcher::Config::default().fields("status.phase!=Succeeded,status.phase!=Failed");
-    let device_resources: Vec<String> = config.resource_names.values().cloned().collect();
+    let slim_config = config.clone();
     let pod_stream = watcher(pods_api, pod_config)
         .default_backoff()
-        .modify(move |p| slim_pod(p, &device_resources))
+        .modify(move |p| slim_pod(p, &slim_config))
         .reflect(pod_writer)
         .touched_objects();
     let (deployments, deployment_writer) = reflector::store();
@@ -258,14 +258,14 @@ fn owner_workload(d: &Deployment) -> Option<ObjectRef<InferenceWorkload>> {
 /// Keeps only what capacity, placement and triggers read of a pod: the
 /// cache holds every pod of the cluster, and every reconcile walks it, so
 /// the rest is dropped, down to the containers' non-device resources.
-fn slim_pod(p: &mut Pod, device_resources: &[String]) {
+fn slim_pod(p: &mut Pod, config: &OperatorConfig) {
     use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus, ResourceRequirements};
     use std::collections::BTreeMap;
     let devices_only = |m: &Option<BTreeMap<String, Quantity>>| {
         m.as_ref()
             .map(|m| {
                 m.iter()
-                    .filter(|(k, _)| device_resources.contains(k))
+                    .filter(|(k, _)| config.resource_names.values().any(|r| r == *k))
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect::<BTreeMap<_, _>>()
             })
@@ -598,8 +598,7 @@ mod tests {
         }))
         .unwrap();
         let before = pod_device_requests(&pod, &config);
-        let devices: Vec<String> = config.resource_names.values().cloned().collect();
-        slim_pod(&mut pod, &devices);
+        slim_pod(&mut pod, &config);
 
         assert_eq!(pod_device_requests(&pod, &config), before);
         assert_eq!(before[&rm_crds::DeviceType::Gpu], 2);
