@@ -7,22 +7,24 @@ E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
+# Debian packages, decided by asking dpkg (a file glob once matched a different
+# library than the one needed, and a fresh machine failed where CI passed).
+#   libclang-dev: bindgen in llama-cpp-sys-2 (the agent's llama.cpp engine)
+#   cmake, g++: llama.cpp itself
+DEB_PACKAGES=(openssl curl util-linux coreutils iproute2 cmake g++ libclang-dev)
+deb_installed() { [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == "install ok installed" ]]; }
 missing=()
-for tool in openssl curl setsid flock base64 ip cmake g++; do
-    command -v "$tool" >/dev/null || missing+=("$tool")
+for pkg in "${DEB_PACKAGES[@]}"; do
+    deb_installed "$pkg" || missing+=("$pkg")
 done
-# libclang: bindgen in llama-cpp-sys-2 (the agent's llama.cpp engine).
-compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null || compgen -G '/usr/lib/*/libclang*.so*' >/dev/null ||
-    missing+=(libclang)
 if ((${#missing[@]})); then
-    log "installing Debian packages for: ${missing[*]}"
+    log "installing Debian packages: ${missing[*]}"
     if [[ $(id -u) -ne 0 ]]; then
-        echo "[setup] error: need root for apt-get (missing: ${missing[*]})" >&2
+        echo "[setup] error: need root for apt-get (missing Debian packages: ${missing[*]})" >&2
         exit 1
     fi
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl curl util-linux coreutils iproute2 \
-        cmake g++ libclang-dev >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 command -v cargo >/dev/null || { echo "[setup] error: cargo not found; install Rust with rustup" >&2; exit 1; }
