@@ -1,6 +1,7 @@
 //! The health loop: re-discovers devices every interval, folds in what
 //! vanished, checks that heartbeats advance, and hands the result to each
-//! resource manager (which pushes changes to ListAndWatch).
+//! resource manager (which pushes to ListAndWatch only what changes the
+//! kubelet's view: IDs, health, topology; not the heartbeat itself).
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;

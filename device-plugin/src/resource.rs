@@ -48,7 +48,15 @@ pub struct ResourceManager {
     pub kind: ResourceKind,
     /// Each device is advertised this many times.
     pub replicas: u32,
+    /// Everything known about the devices, for Allocate and the health loop.
     state: watch::Sender<Arc<ResourceState>>,
+    /// What ListAndWatch sends: the kubelet's projection of `state` (IDs,
+    /// health, topology). A channel of its own because `state` also changes
+    /// in ways the kubelet cannot see (a Furiosa heartbeat advances on every
+    /// health pass, an Unhealthy reason's wording, device nodes), and every
+    /// list we send makes the kubelet's device manager rewrite its
+    /// checkpoint.
+    advertised: watch::Sender<Arc<Vec<api::Device>>>,
 }
 
 impl ResourceManager {
@@ -58,13 +66,16 @@ impl ResourceManager {
         replicas: u32,
         initial: ResourceState,
     ) -> Self {
+        let replicas = replicas.max(1);
+        let (advertised, _) = watch::channel(Arc::new(advertise(&initial, replicas)));
         let (state, _) = watch::channel(Arc::new(initial));
         ResourceManager {
             resource_name: resource_name.into(),
             device_type,
             kind: ResourceKind::Devices,
-            replicas: replicas.max(1),
+            replicas,
             state,
+            advertised,
         }
     }
 
@@ -100,13 +111,26 @@ impl ResourceManager {
         }
     }
 
-    /// Publishes a new state if it differs; returns whether it did.
+    /// Stores a new state, and publishes the kubelet's view of it to
+    /// ListAndWatch only if that view differs from the last one published.
+    /// Returns whether it did.
     pub fn update(&self, new: ResourceState) -> bool {
+        let wire = advertise(&new, self.replicas);
+        // State first: a kubelet that sees a new device in ListAndWatch may
+        // call Allocate for it at once, and Allocate reads the state.
         self.state.send_if_modified(|cur| {
             if **cur == new {
                 false
             } else {
                 *cur = Arc::new(new);
+                true
+            }
+        });
+        self.advertised.send_if_modified(|cur| {
+            if **cur == wire {
+                false
+            } else {
+                *cur = Arc::new(wire);
                 true
             }
         })
@@ -116,33 +140,19 @@ impl ResourceManager {
         self.state.borrow().clone()
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<Arc<ResourceState>> {
-        self.state.subscribe()
+    /// The device list as ListAndWatch sends it; changes only when the
+    /// kubelet's view does.
+    pub fn watch_advertised(&self) -> watch::Receiver<Arc<Vec<api::Device>>> {
+        self.advertised.subscribe()
     }
 
     /// The kubelet's view: every device (times replicas) with health and NUMA.
     pub fn advertised(&self, state: &ResourceState) -> Vec<api::Device> {
-        let mut out = Vec::with_capacity(state.devices.len() * self.replicas as usize);
-        for d in &state.devices {
-            for r in 0..self.replicas {
-                out.push(api::Device {
-                    id: self.advertised_id(&d.id, r),
-                    health: d.health.as_str().to_string(),
-                    topology: d.numa_node.map(|n| api::TopologyInfo {
-                        nodes: vec![api::NumaNode { id: n }],
-                    }),
-                });
-            }
-        }
-        out
+        advertise(state, self.replicas)
     }
 
     pub fn advertised_id(&self, device_id: &str, replica: u32) -> String {
-        if self.replicas > 1 {
-            format!("{device_id}{REPLICA_SEPARATOR}{replica}")
-        } else {
-            device_id.to_string()
-        }
+        advertised_id(self.replicas, device_id, replica)
     }
 
     /// The physical device behind an advertised ID, if the ID is well-formed
@@ -159,6 +169,32 @@ impl ResourceManager {
             advertised
         };
         state.devices.iter().find(|d| d.id == physical)
+    }
+}
+
+/// Every device of `state`, `replicas` times, with only what the kubelet
+/// reads: ID, health and NUMA node.
+fn advertise(state: &ResourceState, replicas: u32) -> Vec<api::Device> {
+    let mut out = Vec::with_capacity(state.devices.len() * replicas as usize);
+    for d in &state.devices {
+        for r in 0..replicas {
+            out.push(api::Device {
+                id: advertised_id(replicas, &d.id, r),
+                health: d.health.as_str().to_string(),
+                topology: d.numa_node.map(|n| api::TopologyInfo {
+                    nodes: vec![api::NumaNode { id: n }],
+                }),
+            });
+        }
+    }
+    out
+}
+
+fn advertised_id(replicas: u32, device_id: &str, replica: u32) -> String {
+    if replicas > 1 {
+        format!("{device_id}{REPLICA_SEPARATOR}{replica}")
+    } else {
+        device_id.to_string()
     }
 }
 
@@ -228,11 +264,48 @@ mod tests {
             control_nodes: vec![],
         };
         let m = ResourceManager::new("nvidia.com/gpu", DeviceType::Gpu, 1, state.clone());
+        let mut lw = m.watch_advertised();
         assert!(!m.update(state.clone()));
         let mut sick = state;
         sick.devices[0].health = Health::Unhealthy;
         assert!(m.update(sick));
+        assert!(lw.has_changed().unwrap());
+        lw.mark_unchanged();
         assert_eq!(m.snapshot().devices[0].health, Health::Unhealthy);
+        assert_eq!(lw.borrow()[0].health, "Unhealthy");
+    }
+
+    #[test]
+    fn changes_the_kubelet_cannot_see_are_stored_but_not_advertised() {
+        let mut rngd = dev("A0000000-0000-0000-0000-000000000000", 0);
+        rngd.device_type = DeviceType::Furiosa;
+        rngd.heartbeat = Some(1);
+        let state = ResourceState {
+            devices: vec![rngd],
+            control_nodes: vec![],
+        };
+        let m = ResourceManager::new("furiosa.ai/rngd", DeviceType::Furiosa, 1, state.clone());
+        let mut lw = m.watch_advertised();
+        let mut next = state.clone();
+        next.devices[0].heartbeat = Some(2);
+        next.devices[0].nodes = vec![PathBuf::from("/dev/rngd/npu0pe0")];
+        next.control_nodes = vec![PathBuf::from("/dev/rngd/mgmt")];
+        assert!(!m.update(next), "heartbeat and nodes are not on the wire");
+        assert!(!lw.has_changed().unwrap());
+        // Allocate and the health loop still see the new state.
+        assert_eq!(m.snapshot().devices[0].heartbeat, Some(2));
+        assert_eq!(m.snapshot().control_nodes.len(), 1);
+
+        let mut sick = (*m.snapshot()).clone();
+        sick.devices[0].mark_unhealthy("heartbeat stuck at 2 for 5s");
+        assert!(m.update(sick.clone()));
+        assert!(lw.has_changed().unwrap());
+        // Only the reason's wording moves while it stays stuck.
+        let mut later = sick;
+        later.devices[0].reason = Some("heartbeat stuck at 2 for 6s".into());
+        lw.mark_unchanged();
+        assert!(!m.update(later));
+        assert!(!lw.has_changed().unwrap());
     }
 
     #[test]

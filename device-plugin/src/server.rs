@@ -43,16 +43,23 @@ impl DevicePlugin for DevicePluginService {
         &self,
         _request: Request<api::Empty>,
     ) -> Result<Response<Self::ListAndWatchStream>, Status> {
-        let manager = self.manager.clone();
+        let resource = self.manager.resource_name.clone();
         let mut stop = self.stop.clone();
         let stopped = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        // WatchStream yields the current list first, then every change.
-        let stream = WatchStream::new(self.manager.subscribe())
-            .map(move |state| {
+        // WatchStream yields the current list first, then every change of
+        // the advertised list only: the kubelet rewrites its checkpoint on
+        // each message, so internal state changes must not reach it.
+        let stream = WatchStream::new(self.manager.watch_advertised())
+            .map(move |devices| {
+                tracing::debug!(
+                    resource = %resource,
+                    devices = devices.len(),
+                    "sending the device list"
+                );
                 Ok(api::ListAndWatchResponse {
-                    devices: manager.advertised(&state),
+                    devices: devices.as_ref().clone(),
                 })
             })
             .take_until(Box::pin(stopped));

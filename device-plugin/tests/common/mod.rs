@@ -42,6 +42,17 @@ impl FakeHost {
         std::fs::write(p, content).unwrap();
     }
 
+    /// Replaces a file by renaming a complete copy over it, as sysfs
+    /// attributes behave: a reader never sees it truncated. A plain `write`
+    /// truncates first, and a health pass reading in between would see an
+    /// empty heartbeat (Unhealthy) that real hardware never shows.
+    pub fn write_atomic(&self, rel: &str, content: &str) {
+        let p = self.root().join(rel);
+        let tmp = p.with_file_name(format!(".{}.tmp", p.file_name().unwrap().to_str().unwrap()));
+        std::fs::write(&tmp, content).unwrap();
+        std::fs::rename(tmp, p).unwrap();
+    }
+
     pub fn remove(&self, rel: &str) {
         std::fs::remove_file(self.root().join(rel)).unwrap();
     }
