@@ -26,6 +26,12 @@ struct Cli {
     /// Unix socket for the pods' API (created with mode 0660).
     #[arg(long, env = "RM_AGENT_SOCKET")]
     socket: PathBuf,
+    /// Group (GID) given the socket, so that non-root pods holding it as a
+    /// supplemental group (the webhook adds it) can connect. Unset: the
+    /// agent's own group. Connecting grants nothing by itself: every request
+    /// is still checked against the device plugin's tokens.
+    #[arg(long, env = "RM_AGENT_SOCKET_GROUP", value_parser = parse_gid)]
+    socket_group: Option<u32>,
     /// Compile cache directory.
     #[arg(long, env = "RM_CACHE_DIR")]
     cache_dir: PathBuf,
@@ -74,6 +80,16 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("{s:?} is not a size; write e.g. 500M or 100G"))
 }
 
+/// A GID other than 0: root's group is what the socket already has when the
+/// agent runs as root, so 0 is most likely a value meant as "off".
+fn parse_gid(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(0) => Err("0 (root) is not a socket group; leave --socket-group unset instead".into()),
+        Ok(g) => Ok(g),
+        Err(_) => Err(format!("{s:?} is not a numeric group id (GID)")),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 enum StartError {
     #[error("cannot open the cache: {0}")]
@@ -81,6 +97,17 @@ enum StartError {
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot give socket {path} the group {gid} (--socket-group): {source}; \
+         the agent must be a member of that group (the chart adds it to the \
+         agent's supplementalGroups) or hold CAP_CHOWN"
+    )]
+    SocketGroup {
+        gid: u32,
         path: String,
         #[source]
         source: std::io::Error,
@@ -131,6 +158,19 @@ async fn run(cli: Cli) -> Result<(), StartError> {
     }
     let listener = tokio::net::UnixListener::bind(&cli.socket)
         .map_err(io("cannot bind socket", &cli.socket))?;
+    if let Some(gid) = cli.socket_group {
+        // The owner stays the agent's user (root in the chart); only the group
+        // changes. The chart's agent has no capabilities, so the kernel allows
+        // this only because the agent is a member of the group
+        // (supplementalGroups).
+        std::os::unix::fs::chown(&cli.socket, None, Some(gid)).map_err(|source| {
+            StartError::SocketGroup {
+                gid,
+                path: cli.socket.display().to_string(),
+                source,
+            }
+        })?;
+    }
     std::fs::set_permissions(&cli.socket, std::fs::Permissions::from_mode(0o660))
         .map_err(io("cannot set mode of", &cli.socket))?;
 

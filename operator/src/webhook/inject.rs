@@ -14,6 +14,10 @@
 //!   accelerator, one `rm-abstract.io/agent` so that the device plugin's
 //!   `Allocate` mounts the agent's socket directory (no hostPath volume, which
 //!   Pod Security "baseline" refuses);
+//! - with a socket group configured, that GID in the pod's
+//!   `securityContext.supplementalGroups`, so that containers running as a
+//!   non-root user may connect to the agent's socket (mode 0660, group =
+//!   the socket group); "restricted" allows supplemental groups;
 //! - the annotation `rm-abstract.io/injected`, which makes a second pass (or
 //!   a copy of an injected pod) change nothing.
 
@@ -21,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, Pod,
-    ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
+    PodSecurityContext, ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use rm_crds::labels;
@@ -67,6 +71,10 @@ pub struct InjectConfig {
     /// Resource that carries the agent socket for CPU containers; `None`
     /// disables the request (e.g. clusters without the device plugin).
     pub agent_resource: Option<String>,
+    /// GID that owns the agent's socket (rm-agent `--socket-group`); added to
+    /// the pod's supplemental groups so that non-root users may connect.
+    /// `None`: nothing added (the socket is then reachable as root only).
+    pub agent_socket_group: Option<i64>,
     /// UID the init container runs as.
     pub init_uid: i64,
 }
@@ -86,6 +94,7 @@ impl Default for InjectConfig {
                 .filter_map(|t| t.info().default_resource_name.map(String::from))
                 .collect(),
             agent_resource: Some(AGENT_RESOURCE.into()),
+            agent_socket_group: None,
             init_uid: 65532,
         }
     }
@@ -234,6 +243,9 @@ pub fn plan(
         .init_containers
         .get_or_insert_with(Vec::new)
         .push(init_container(&init_name, &volume, cfg));
+    if let Some(gid) = cfg.agent_socket_group {
+        add_supplemental_group(new_spec, gid);
+    }
     mutated
         .metadata
         .annotations
@@ -409,6 +421,21 @@ fn request_agent(c: &mut Container, agent: &str, accelerators: &BTreeSet<String>
         .insert(agent.into(), one);
 }
 
+/// `gid` in the pod's `securityContext.supplementalGroups` (created when
+/// missing), after the user's own groups, at most once. Pod-level, because
+/// every container of the pod that reaches the socket needs it and the
+/// container securityContext has no such field.
+fn add_supplemental_group(spec: &mut k8s_openapi::api::core::v1::PodSpec, gid: i64) {
+    let groups = spec
+        .security_context
+        .get_or_insert_with(PodSecurityContext::default)
+        .supplemental_groups
+        .get_or_insert_with(Vec::new);
+    if !groups.contains(&gid) {
+        groups.push(gid);
+    }
+}
+
 fn init_container(name: &str, volume: &str, cfg: &InjectConfig) -> Container {
     let target = format!("{}/", cfg.mount_path.trim_end_matches('/'));
     Container {
@@ -507,8 +534,12 @@ mod tests {
     /// Applies the decision's patch to the pod's JSON (the apiserver's view)
     /// and returns the result, with the warnings.
     fn apply(raw: &Value) -> (Value, Vec<String>) {
+        apply_with(raw, &InjectConfig::default())
+    }
+
+    fn apply_with(raw: &Value, cfg: &InjectConfig) -> (Value, Vec<String>) {
         let p = pod(raw.clone());
-        match plan(&p, false, &InjectConfig::default()).unwrap() {
+        match plan(&p, false, cfg).unwrap() {
             Decision::Inject {
                 patch, warnings, ..
             } => {
@@ -872,6 +903,87 @@ mod tests {
             out["spec"]["containers"][0]["resources"]
                 .get("limits")
                 .is_none_or(|l| l.get("rm-abstract.io/agent").is_none())
+        );
+    }
+
+    fn with_socket_group(gid: i64) -> InjectConfig {
+        InjectConfig {
+            agent_socket_group: Some(gid),
+            ..InjectConfig::default()
+        }
+    }
+
+    #[test]
+    fn socket_group_is_added_to_a_pod_without_security_context() {
+        let (out, _) = apply_with(
+            &injectable(json!({"containers": [{"name": "app"}]})),
+            &with_socket_group(2026),
+        );
+        assert_eq!(
+            out["spec"]["securityContext"],
+            json!({"supplementalGroups": [2026]})
+        );
+    }
+
+    #[test]
+    fn socket_group_keeps_the_users_groups_and_is_never_added_twice() {
+        let cfg = with_socket_group(2026);
+        let (out, _) = apply_with(
+            &injectable(json!({"containers": [{"name": "app"}],
+                "securityContext": {"runAsNonRoot": true, "runAsUser": 1000, "supplementalGroups": [10, 20]}})),
+            &cfg,
+        );
+        let sc = &out["spec"]["securityContext"];
+        assert_eq!(sc["supplementalGroups"], json!([10, 20, 2026]));
+        assert_eq!(sc["runAsUser"], 1000);
+        assert_eq!(sc["runAsNonRoot"], true);
+
+        let already = injectable(json!({"containers": [{"name": "app"}],
+            "securityContext": {"supplementalGroups": [2026, 30]}}));
+        let Decision::Inject { patch, .. } = plan(&pod(already.clone()), false, &cfg).unwrap()
+        else {
+            panic!("not injected")
+        };
+        let ops = serde_json::to_string(&patch).unwrap();
+        assert!(
+            !ops.contains("\"/spec/securityContext"),
+            "the pod's groups are left alone: {ops}"
+        );
+        let (out, _) = apply_with(&already, &cfg);
+        assert_eq!(
+            out["spec"]["securityContext"]["supplementalGroups"],
+            json!([2026, 30])
+        );
+    }
+
+    #[test]
+    fn no_socket_group_adds_no_security_context() {
+        let (out, _) = apply(&injectable(json!({"containers": [{"name": "app"}]})));
+        assert!(out["spec"].get("securityContext").is_none());
+        let (out, _) = apply(&injectable(json!({"containers": [{"name": "app"}],
+            "securityContext": {"supplementalGroups": [10]}})));
+        assert_eq!(
+            out["spec"]["securityContext"],
+            json!({"supplementalGroups": [10]})
+        );
+    }
+
+    #[test]
+    fn a_second_pass_with_a_socket_group_changes_nothing() {
+        let cfg = with_socket_group(2026);
+        let (out, _) = apply_with(&injectable(json!({"containers": [{"name": "app"}]})), &cfg);
+        assert_eq!(
+            plan(&pod(out.clone()), false, &cfg).unwrap(),
+            Decision::Skip("already injected")
+        );
+        let mut copy = out;
+        copy["metadata"]["annotations"]
+            .as_object_mut()
+            .unwrap()
+            .remove("rm-abstract.io/injected");
+        assert_eq!(
+            plan(&pod(copy), false, &cfg).unwrap(),
+            Decision::Skip("already injected")
         );
     }
 }
