@@ -1,9 +1,16 @@
 # syntax=docker/dockerfile:1
 # rm-agent image. Build from the repository root:
 #   docker build -f docker/agent.Dockerfile -t ghcr.io/rm-abstract/agent:0.1.0 .
+# Bases are build arguments, so that a machine without a registry can build
+# from local ones (e2e/images.sh); the defaults are the public images.
 ARG RUST_VERSION=1.95
+ARG BUILD_IMAGE=rust:${RUST_VERSION}-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+# source: compile in the rust stage. prebuilt: take dist/rm-agent, built
+# with `cargo build --release --locked` by the same toolchain outside.
+ARG BINARIES=source
 
-FROM rust:${RUST_VERSION}-bookworm AS build
+FROM ${BUILD_IMAGE} AS binaries-source
 # llama.cpp (the cpu engine for GGUF) builds with cmake; bindgen needs libclang.
 RUN apt-get update -qq \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cmake libclang-dev \
@@ -17,10 +24,15 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked -p rm-agent \
  && install -D -m 0755 target/release/rm-agent /out/rm-agent
 
+FROM scratch AS binaries-prebuilt
+COPY dist/rm-agent /out/rm-agent
+
+FROM binaries-${BINARIES} AS binaries
+
 # glibc, libgcc, libstdc++ and libgomp (llama.cpp's C++ and OpenMP), all in
 # distroless/cc; no shell, no package manager.
-FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /out/rm-agent /usr/local/bin/rm-agent
+FROM ${RUNTIME_IMAGE}
+COPY --from=binaries /out/rm-agent /usr/local/bin/rm-agent
 # The external worker backends (Python programs driven over stdin/stdout) for
 # images that add a vendor SDK on top of this one: --plugin-dir /opt/rm-abstract/workers.
 # This image itself carries no Python and no SDK: it runs the built-in cpu backend.

@@ -227,7 +227,8 @@ def dockerfiles(root):
             if ln.upper().startswith("COPY ") and "--from=" not in ln:
                 parts = [p for p in ln.split()[1:] if not p.startswith("--")]
                 for src in parts[:-1]:
-                    ok = src == "." or os.path.exists(os.path.join(root, src))
+                    # dist/BIN: the prebuilt binary that e2e/images.sh puts in the context.
+                    ok = src == "." or os.path.exists(os.path.join(root, src)) or src == f"dist/{binary}"
                     check(ok, f"{comp}: COPY source {src} exists")
                     check(not any(src.rstrip("/") == i.rstrip("/") for i in ignore), f"{comp}: {src} not excluded by .dockerignore")
         if binary:
@@ -242,7 +243,17 @@ def dockerfiles(root):
             check("/rm-abstract/rm_abstract" in text and "/rm-abstract/sitecustomize.py" in text,
                   "python-init: /rm-abstract/rm_abstract and /rm-abstract/sitecustomize.py")
             check(os.path.isfile(os.path.join(root, "python/rm_abstract/__init__.py")), "python/rm_abstract is a package")
-            check(re.search(r"FROM busybox", text) is not None, "python-init: final image has cp (busybox)")
+            check(re.search(r"^ARG BUSYBOX_IMAGE=busybox:", text, re.M) is not None
+                  and froms[-1].split()[1] == "${BUSYBOX_IMAGE}", "python-init: final image has cp (busybox)")
+        # Bases are build arguments (e2e/images.sh passes local ones) whose
+        # defaults are the public images.
+        for ln in froms:
+            base = ln.split()[1]
+            m = re.fullmatch(r"\$\{(\w+)\}", base)
+            if m and not base.startswith("${BINARIES"):
+                default = re.search(rf"^ARG {m.group(1)}=(\S+)", text, re.M)
+                check(default is not None and ("/" in default.group(1) or ":" in default.group(1)),
+                      f"{comp}: base {base} defaults to a public image ({default.group(1) if default else None})")
     # The image paths the chart and the webhook rely on.
     inject = open(os.path.join(root, "operator/src/webhook/inject.rs")).read()
     check('"/rm-abstract"' in inject, "webhook copies /rm-abstract/. (same path as the init image)")
