@@ -27,7 +27,9 @@ use crate::capacity::pod_device_requests;
 use crate::config::OperatorConfig;
 use crate::metrics::Metrics;
 use crate::own_writes::OwnStatusWrites;
-use crate::placement::{Unschedulable, capacity_for, current_placement};
+use crate::placement::{
+    Unschedulable, capacity_for, current_placement, failing_pods, is_for_device_type, is_own_pod,
+};
 use crate::render::{is_current, render_deployment};
 use crate::selection::{Decision, Selection, select_device};
 use crate::status::{Observed, desired_status};
@@ -293,8 +295,21 @@ fn slim_pod(p: &mut Pod, config: &OperatorConfig) {
             .map(|cs| cs.iter().map(slim_container).collect()),
         ..Default::default()
     });
+    // Why a workload's own containers fail goes into its status; other
+    // pods are only counted.
+    let own = p.labels().contains_key(labels::WORKLOAD);
     let status = p.status.as_ref().map(|s| PodStatus {
         phase: s.phase.clone(),
+        container_statuses: s
+            .container_statuses
+            .as_ref()
+            .filter(|_| own)
+            .map(|cs| slim_container_statuses(cs)),
+        init_container_statuses: s
+            .init_container_statuses
+            .as_ref()
+            .filter(|_| own)
+            .map(|cs| slim_container_statuses(cs)),
         conditions: s.conditions.as_ref().map(|cs| {
             cs.iter()
                 .filter(|c| c.type_ == "PodScheduled")
@@ -311,6 +326,47 @@ fn slim_pod(p: &mut Pod, config: &OperatorConfig) {
     p.metadata.owner_references = None;
     p.spec = spec;
     p.status = status;
+}
+
+/// What `placement::failing_pods` reads: name, state and the last
+/// termination, its message cut to what a status shows.
+fn slim_container_statuses(
+    cs: &[k8s_openapi::api::core::v1::ContainerStatus],
+) -> Vec<k8s_openapi::api::core::v1::ContainerStatus> {
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus,
+    };
+    let terminated = |t: &ContainerStateTerminated| ContainerStateTerminated {
+        exit_code: t.exit_code,
+        reason: t.reason.clone(),
+        // The last lines are the ones read.
+        message: t.message.as_deref().map(|m| {
+            let mut start = m.len().saturating_sub(1024);
+            while !m.is_char_boundary(start) {
+                start += 1;
+            }
+            m[start..].to_string()
+        }),
+        ..Default::default()
+    };
+    let state = |s: &ContainerState| ContainerState {
+        running: s.running.clone(),
+        terminated: s.terminated.as_ref().map(terminated),
+        waiting: s.waiting.as_ref().map(|w| ContainerStateWaiting {
+            reason: w.reason.clone(),
+            message: w.message.clone(),
+        }),
+    };
+    cs.iter()
+        .map(|c| ContainerStatus {
+            name: c.name.clone(),
+            ready: c.ready,
+            restart_count: c.restart_count,
+            state: c.state.as_ref().map(state),
+            last_state: c.last_state.as_ref().map(state),
+            ..Default::default()
+        })
+        .collect()
 }
 
 /// Workloads whose state can change with free capacity: no device yet, or
@@ -370,6 +426,15 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
         None => (None, None),
     };
     let selection = select_device(&iw.spec, &ctx.config, &capacity, current.as_ref());
+    let failing = failing_pods(
+        pods.iter().map(AsRef::as_ref).filter(|p| {
+            is_own_pod(p, &iw)
+                && selection
+                    .chosen()
+                    .is_some_and(|c| is_for_device_type(p, c.device_type))
+        }),
+        now,
+    );
 
     let mut deployment_error = None;
     let mut deployment = existing.as_deref().cloned();
@@ -406,6 +471,7 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
         deployment: deployment.as_ref(),
         deployment_error,
         unschedulable: unschedulable.as_ref().map(|u| (u.count, u.message.clone())),
+        failing: failing.map(|f| (f.count, f.message)),
     };
     // The cache may lag behind our own last status write: decide against
     // that write, so that carried-over reasons and timestamps are kept and
@@ -424,6 +490,7 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
             stored,
             &selection,
             observed.deployment_error.as_deref(),
+            observed.failing.as_ref().map(|(_, m)| m.as_str()),
             &ctx,
         )
         .await;
@@ -487,6 +554,7 @@ async fn publish_decision_events(
     iw: &InferenceWorkload,
     selection: &Selection,
     deployment_error: Option<&str>,
+    failing: Option<&str>,
     ctx: &Context,
 ) {
     let previous = iw.status.as_ref();
@@ -518,15 +586,32 @@ async fn publish_decision_events(
         )),
         _ => None,
     };
-    let rejected =
-        deployment_error.filter(|_| previous.and_then(|s| s.phase) != Some(Phase::Failed));
-    let events = event.into_iter().chain(rejected.map(|e| {
-        (
-            EventType::Warning,
-            "DeploymentRejected",
-            format!("the workload's Deployment was rejected: {e}"),
-        )
-    }));
+    // Once per episode: while the Available condition already says so, not again.
+    let previous_available = previous
+        .and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == rm_crds::workload::condition::AVAILABLE)
+        })
+        .map(|c| c.reason.as_str());
+    let rejected = deployment_error.filter(|_| previous_available != Some("DeploymentRejected"));
+    let failing = failing.filter(|_| previous_available != Some("ContainersFailing"));
+    let events = event
+        .into_iter()
+        .chain(rejected.map(|e| {
+            (
+                EventType::Warning,
+                "DeploymentRejected",
+                format!("the workload's Deployment was rejected: {e}"),
+            )
+        }))
+        .chain(failing.map(|f| {
+            (
+                EventType::Warning,
+                "ContainersFailing",
+                format!("the workload's pods fail: {f}"),
+            )
+        }));
     for (type_, reason, note) in events {
         ctx.metrics.write("event");
         let ev = Event {

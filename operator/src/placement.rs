@@ -128,3 +128,246 @@ pub fn unschedulable_pods<'a>(
         message,
     })
 }
+
+/// Pods whose containers cannot run: crash-looping, exited with an error, or
+/// never started (image or configuration errors).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Failing {
+    pub count: usize,
+    /// What the first one says: the container, why, and the last line it
+    /// logged (its termination message, which the webhook makes the log
+    /// tail: rm_abstract's one-line error).
+    pub message: String,
+}
+
+/// Waiting reasons of a container that will not run without a change.
+const STUCK_REASONS: &[&str] = &[
+    "CrashLoopBackOff",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "ErrImageNeverPull",
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "RunContainerError",
+];
+
+/// Longest message kept in a status (a termination message may be 4 KiB).
+const MESSAGE_LIMIT: usize = 300;
+
+/// A container that runs again after failing counts as failing while it
+/// keeps crashing: restarted at least this often, its current run younger
+/// than `RECOVERED_AFTER`. Kubernetes counts it ready between crashes
+/// (without a readiness probe), which would flip the workload's phase with
+/// every restart.
+const CRASH_LOOP_RESTARTS: i32 = 2;
+const RECOVERED_AFTER: Duration = Duration::from_secs(600);
+
+pub fn failing_pods<'a>(
+    pods: impl IntoIterator<Item = &'a Pod>,
+    now: jiff::Timestamp,
+) -> Option<Failing> {
+    let messages: Vec<String> = pods
+        .into_iter()
+        .filter_map(|p| {
+            let status = p.status.as_ref()?;
+            status
+                .init_container_statuses
+                .iter()
+                .chain(status.container_statuses.iter())
+                .flatten()
+                .find_map(|c| container_failure(c, now))
+        })
+        .collect();
+    let message = messages.first()?.clone();
+    Some(Failing {
+        count: messages.len(),
+        message,
+    })
+}
+
+fn container_failure(
+    c: &k8s_openapi::api::core::v1::ContainerStatus,
+    now: jiff::Timestamp,
+) -> Option<String> {
+    let waiting = c.state.as_ref().and_then(|s| s.waiting.as_ref());
+    let last_run = c
+        .state
+        .as_ref()
+        .and_then(|s| s.terminated.as_ref())
+        .or_else(|| c.last_state.as_ref()?.terminated.as_ref());
+    let terminated = last_run.filter(|t| t.exit_code != 0);
+    let stuck = waiting
+        .and_then(|w| w.reason.as_deref())
+        .filter(|r| STUCK_REASONS.contains(r));
+    let running = c.state.as_ref().and_then(|s| s.running.as_ref());
+    let crash_looping = running.is_some_and(|r| {
+        let young = r.started_at.as_ref().is_none_or(|t| {
+            now.as_second().saturating_sub(t.0.as_second()) < RECOVERED_AFTER.as_secs() as i64
+        });
+        young && c.restart_count >= CRASH_LOOP_RESTARTS
+    });
+    if stuck.is_none() && (terminated.is_none() || (running.is_some() && !crash_looping)) {
+        return None;
+    }
+    let mut out = format!("container {}", c.name);
+    if let Some(reason) = stuck {
+        out.push_str(&format!(": {reason}"));
+    } else if running.is_some() {
+        out.push_str(&format!(": crash-looping ({} restarts)", c.restart_count));
+    }
+    match terminated {
+        Some(t) => {
+            out.push_str(&format!(", exit code {}", t.exit_code));
+            let last_line = t
+                .message
+                .as_deref()
+                .and_then(|m| m.lines().rev().map(str::trim).find(|l| !l.is_empty()));
+            if let Some(line) = last_line {
+                out.push_str(&format!(": {line}"));
+            }
+        }
+        // A script that finishes is restarted by its Deployment.
+        None if last_run.is_some() => {
+            out.push_str(", its last run exited 0 (finished; a Deployment restarts what ends)")
+        }
+        None => {
+            if let Some(m) = waiting.and_then(|w| w.message.as_deref()) {
+                out.push_str(&format!(": {m}"));
+            }
+        }
+    }
+    Some(truncate(out, MESSAGE_LIMIT))
+}
+
+fn truncate(mut s: String, limit: usize) -> String {
+    if s.len() > limit {
+        let mut end = limit;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn now() -> jiff::Timestamp {
+        "2026-12-01T12:00:00Z".parse().unwrap()
+    }
+
+    fn pod(statuses: serde_json::Value) -> Pod {
+        serde_json::from_value(
+            json!({"metadata": {"name": "p"}, "status": {"containerStatuses": statuses}}),
+        )
+        .unwrap()
+    }
+
+    fn status(state: serde_json::Value, last: serde_json::Value) -> serde_json::Value {
+        json!({"name": "app", "image": "i", "imageID": "", "ready": false, "restartCount": 2,
+               "state": state, "lastState": last})
+    }
+
+    #[test]
+    fn crash_loop_reports_the_last_logged_line() {
+        let p = pod(json!([status(
+            json!({"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 20s"}}),
+            json!({"terminated": {"exitCode": 1, "reason": "Error",
+                   "message": "Traceback (most recent call last):\n  ...\nrm_abstract.errors.RMUnavailableError: cannot run m on rbln:0: no RBLN SDK\n\n"}}),
+        )]));
+        let f = failing_pods([&p], now()).unwrap();
+        assert_eq!(f.count, 1);
+        assert_eq!(
+            f.message,
+            "container app: CrashLoopBackOff, exit code 1: rm_abstract.errors.RMUnavailableError: cannot run m on rbln:0: no RBLN SDK"
+        );
+    }
+
+    #[test]
+    fn a_container_running_again_between_crashes_fails_until_it_stays_up() {
+        let crashed =
+            json!({"terminated": {"exitCode": 1, "message": "RMUnavailableError: no SDK"}});
+        let running = |since: &str, restarts: i32| {
+            let mut s = status(json!({"running": {"startedAt": since}}), crashed.clone());
+            s["restartCount"] = json!(restarts);
+            pod(json!([s]))
+        };
+        let f = failing_pods([&running("2026-12-01T11:59:50Z", 3)], now()).unwrap();
+        assert_eq!(
+            f.message,
+            "container app: crash-looping (3 restarts), exit code 1: RMUnavailableError: no SDK"
+        );
+        // One restart, or ten minutes up since: recovered.
+        assert_eq!(
+            failing_pods([&running("2026-12-01T11:59:50Z", 1)], now()),
+            None
+        );
+        assert_eq!(
+            failing_pods([&running("2026-12-01T11:49:00Z", 3)], now()),
+            None
+        );
+    }
+
+    #[test]
+    fn image_errors_report_the_kubelets_message_and_long_ones_are_cut() {
+        let long = "x".repeat(1000);
+        let p = pod(json!([status(
+            json!({"waiting": {"reason": "ErrImageNeverPull", "message": long}}),
+            json!({}),
+        )]));
+        let f = failing_pods([&p], now()).unwrap();
+        assert!(
+            f.message
+                .starts_with("container app: ErrImageNeverPull: xxx")
+        );
+        assert!(f.message.len() <= MESSAGE_LIMIT + '…'.len_utf8());
+    }
+
+    #[test]
+    fn running_starting_and_recovered_containers_are_not_failing() {
+        let running_after_a_crash = pod(json!([status(
+            json!({"running": {"startedAt": "2026-12-01T10:00:00Z"}}),
+            json!({"terminated": {"exitCode": 137, "reason": "OOMKilled"}}),
+        )]));
+        let creating = pod(json!([status(
+            json!({"waiting": {"reason": "ContainerCreating"}}),
+            json!({}),
+        )]));
+        let completed = pod(json!([status(
+            json!({"terminated": {"exitCode": 0, "reason": "Completed"}}),
+            json!({}),
+        )]));
+        let no_status = pod(json!(null));
+        let finished_and_restarted = pod(json!([status(
+            json!({"waiting": {"reason": "CrashLoopBackOff"}}),
+            json!({"terminated": {"exitCode": 0, "reason": "Completed"}}),
+        )]));
+        assert_eq!(
+            failing_pods([&finished_and_restarted], now())
+                .unwrap()
+                .message,
+            "container app: CrashLoopBackOff, its last run exited 0 (finished; a Deployment restarts what ends)"
+        );
+        assert_eq!(
+            failing_pods(
+                [&running_after_a_crash, &creating, &completed, &no_status],
+                now()
+            ),
+            None
+        );
+        let exited = pod(json!([status(
+            json!({"terminated": {"exitCode": 2, "message": "bad flag"}}),
+            json!({}),
+        )]));
+        let f = failing_pods([&creating, &exited, &exited], now()).unwrap();
+        assert_eq!(
+            (f.count, f.message.as_str()),
+            (2, "container app, exit code 2: bad flag")
+        );
+    }
+}

@@ -20,6 +20,8 @@ pub struct Observed<'a> {
     pub deployment_error: Option<String>,
     /// Pods of the workload the scheduler cannot place, with its message.
     pub unschedulable: Option<(usize, String)>,
+    /// Pods of the workload whose containers fail, with what the first says.
+    pub failing: Option<(usize, String)>,
 }
 
 pub fn desired_status(
@@ -65,6 +67,13 @@ pub fn desired_status(
         Phase::Failed
     } else if chosen.is_none() {
         Phase::Pending
+    } else if let Some((failing, _)) = &observed.failing {
+        // Its containers fail on the chosen device: no waiting fixes that.
+        if ready == 0 || i32::try_from(*failing).unwrap_or(i32::MAX) >= wanted {
+            Phase::Failed
+        } else {
+            Phase::Degraded
+        }
     } else if ready >= wanted && observed.deployment.is_some() {
         Phase::Running
     } else if ready > 0 {
@@ -116,6 +125,13 @@ pub fn desired_status(
             "False",
             "NoDevice",
             "no device type chosen yet; see the DeviceSelected condition".into(),
+        )
+    } else if let Some((n, msg)) = &observed.failing {
+        cond(
+            condition::AVAILABLE,
+            "False",
+            "ContainersFailing",
+            format!("{ready}/{wanted} replicas ready; {n} pod(s) failing: {msg}"),
         )
     } else if ready >= wanted {
         cond(
@@ -174,5 +190,60 @@ fn make_condition(
         message,
         observed_generation: generation,
         last_transition_time,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capacity::CapacitySnapshot;
+    use crate::selection::select_device;
+
+    #[test]
+    fn failing_containers_fail_the_workload_and_say_why() {
+        let config = OperatorConfig::default();
+        let iw: InferenceWorkload = serde_json::from_value(serde_json::json!({
+            "apiVersion": "rm-abstract.io/v1alpha1", "kind": "InferenceWorkload",
+            "metadata": {"name": "w", "namespace": "n", "generation": 1},
+            "spec": {"model": {"source": "m"}, "device": "cpu", "replicas": 1,
+                     "template": {"spec": {"containers": [{"name": "app"}]}}}
+        }))
+        .unwrap();
+        let capacity = CapacitySnapshot::from_cluster([], [], &config);
+        let selection = select_device(&iw.spec, &config, &capacity, None);
+        assert!(selection.chosen().is_some());
+        let deployment = Deployment::default();
+        let now = Time(jiff::Timestamp::now());
+        let available = |s: &InferenceWorkloadStatus| {
+            let c = s
+                .conditions
+                .iter()
+                .find(|c| c.type_ == condition::AVAILABLE)
+                .unwrap();
+            (c.reason.clone(), c.message.clone())
+        };
+
+        let mut observed = Observed {
+            deployment: Some(&deployment),
+            failing: Some((
+                1,
+                "container app, exit code 1: RMUnavailableError: no SDK".into(),
+            )),
+            ..Default::default()
+        };
+        let failed = desired_status(&iw, &selection, &observed, &config, &now);
+        assert_eq!(failed.phase, Some(Phase::Failed));
+        assert_eq!(
+            available(&failed),
+            (
+                "ContainersFailing".into(),
+                "0/1 replicas ready; 1 pod(s) failing: container app, exit code 1: RMUnavailableError: no SDK".into()
+            )
+        );
+
+        observed.failing = None;
+        let progressing = desired_status(&iw, &selection, &observed, &config, &now);
+        assert_eq!(progressing.phase, Some(Phase::Progressing));
+        assert_eq!(available(&progressing).0, "ReplicasNotReady");
     }
 }

@@ -377,7 +377,19 @@ fn inject_container(
     if let Some(agent) = &cfg.agent_resource {
         request_agent(c, agent, &cfg.accelerator_resources);
     }
+
+    // A script that fails (an accelerator it may not silently leave, an agent
+    // it cannot reach) ends with rm_abstract's one-line error in its log:
+    // with FallbackToLogsOnError the kubelet puts that log tail in the
+    // container's termination message, where the operator reads it for the
+    // workload's status. It applies only when the container failed and wrote
+    // no termination message itself, so the default `File` loses nothing.
+    if c.termination_message_policy.as_deref() != Some(FALLBACK_TO_LOGS) {
+        c.termination_message_policy = Some(FALLBACK_TO_LOGS.into());
+    }
 }
+
+const FALLBACK_TO_LOGS: &str = "FallbackToLogsOnError";
 
 /// `RM_COMPILE_OPTIONS` from the pod annotation (camelCase keys like the
 /// CRD's `compile`), normalised to compact JSON; anything but an object is
@@ -612,6 +624,22 @@ mod tests {
             out["metadata"]["annotations"]["rm-abstract.io/injected"],
             "app"
         );
+    }
+
+    #[test]
+    fn failing_containers_report_their_log_tail_as_termination_message() {
+        for policy in [None, Some("File"), Some("FallbackToLogsOnError")] {
+            let mut spec = json!({"containers": [{"name": "app", "image": "py"}]});
+            if let Some(p) = policy {
+                spec["containers"][0]["terminationMessagePolicy"] = json!(p);
+            }
+            let (out, _) = apply(&injectable(spec));
+            let app = &out["spec"]["containers"][0];
+            assert_eq!(
+                app["terminationMessagePolicy"], "FallbackToLogsOnError",
+                "{policy:?}"
+            );
+        }
     }
 
     #[test]
