@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# A real local Kubernetes control plane for rm-abstract's tests and demo:
-# etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok
-# (simulated nodes that run pods), all built from their Go modules and started
-# on loopback. No container runtime is needed.
+# A real local Kubernetes cluster for rm-abstract's tests and demo: etcd,
+# kube-apiserver, kube-controller-manager, kube-scheduler and kwok (simulated
+# nodes, for many-node scenarios), and a real node (kubelet, containerd, runc,
+# CNI, kube-proxy) that runs real containers; all built from their Go modules
+# and cached.
 #
 #   e2e/cluster.sh up                     build (cached) and start; last line: kubeconfig path
 #   e2e/cluster.sh node NAME [RES=N ...]  add a kwok node, e.g. rebellions.ai/ATOM=4 nvidia.com/gpu=8
-#   e2e/cluster.sh down                   stop what `up` started (by pid) and remove its state
+#   e2e/cluster.sh realnode [NAME]        add a real node: kubelet, containerd, runc, CNI, kube-proxy (root; e2e/realnode.sh)
+#   e2e/cluster.sh import-image ARCHIVE   load an image archive into the real node's containerd
+#   e2e/cluster.sh realnode-down          stop the real node and remove what it made
+#   e2e/cluster.sh down                   stop what `up` and `realnode` started (by pid) and remove its state
 #   e2e/cluster.sh build                  only build the binaries
 #   e2e/cluster.sh status | env | kubeconfig | bin-dir
 #
@@ -31,9 +35,18 @@ ETCD_VERSION=$(required_version "$TOOLS_DIR/etcd/go.mod" go.etcd.io/etcd/server/
 }
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.22.0
+# The real node (e2e/realnode.sh): containerd 2 (Kubernetes past 1.35 needs
+# it), the CNI plugins and crictl of the same minor release as the kubelet.
+CONTAINERD_VERSION=v2.4.2
+CNI_PLUGINS_VERSION=v1.10.0
+CRICTL_VERSION=v1.37.0
 
 CACHE=${RM_E2E_CACHE:-$HOME/.cache/rm-abstract}
 BIN_DIR="$CACHE/bin-k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION"
+# The real node's binaries: kubelet and kube-proxy beside the control plane's
+# (same release), containerd, crictl and the CNI plugins in their own folder.
+NODE_BIN_DIR="$CACHE/bin-node-k8s-$K8S_VERSION-containerd-$CONTAINERD_VERSION-cni-$CNI_PLUGINS_VERSION-crictl-$CRICTL_VERSION"
+CNI_BIN_DIR="$NODE_BIN_DIR/cni"
 STATE=${RM_E2E_STATE:-/tmp/rm-abstract-e2e}
 PORT_BASE=${RM_E2E_PORT_BASE:-16400}
 ETCD_PORT=$((PORT_BASE + 0))
@@ -44,6 +57,11 @@ SCHEDULER_PORT=$((PORT_BASE + 59))
 KWOK_PORT=$((PORT_BASE + 47))
 KUBECONFIG_PATH="$STATE/admin.kubeconfig"
 SERVICE_CIDR=10.96.0.0/16
+# The apiserver listens on every address: pods of the real node reach it
+# through the `kubernetes` Service, whose endpoint is the machine's own
+# address (node_ip). RM_E2E_APISERVER_BIND=127.0.0.1 keeps it on loopback
+# (then no real node).
+APISERVER_BIND=${RM_E2E_APISERVER_BIND:-0.0.0.0}
 
 export GOFLAGS=${GOFLAGS:--mod=mod}
 
@@ -56,28 +74,30 @@ die() {
 # ---------------------------------------------------------------- build
 
 # build_one NAME MODULE_DIR PACKAGE: go build PACKAGE inside MODULE_DIR into BIN_DIR/NAME.
+# OUT (default BIN_DIR) is the folder it goes to.
 build_one() {
-    local name=$1 dir=$2 pkg=$3
-    if [[ -x "$BIN_DIR/$name" ]]; then
-        log "$name: cached ($BIN_DIR/$name)"
+    local name=$1 dir=$2 pkg=$3 out=${OUT:-$BIN_DIR}
+    if [[ -x "$out/$name" ]]; then
+        log "$name: cached ($out/$name)"
         return
     fi
     local blog="$CACHE/build-$name.log" start=$SECONDS
     log "$name: building from $pkg (first time only; log: $blog)"
-    mkdir -p "$BIN_DIR"
-    if ! (cd "$dir" && go build -trimpath -ldflags='-s -w' -o "$BIN_DIR/$name.tmp" "$pkg") >"$blog" 2>&1; then
+    mkdir -p "$out"
+    if ! (cd "$dir" && go build -trimpath -ldflags='-s -w' -o "$out/$name.tmp" "$pkg") >"$blog" 2>&1; then
         tail -n 20 "$blog" >&2
         die "building $name failed; full log: $blog"
     fi
-    mv "$BIN_DIR/$name.tmp" "$BIN_DIR/$name"
+    mv "$out/$name.tmp" "$out/$name"
     log "$name: built in $((SECONDS - start))s"
 }
 
-# install_one NAME PACKAGE@VERSION: go install a module without replace directives.
+# install_one NAME PACKAGE@VERSION: go install a module without replace
+# directives. OUT (default BIN_DIR) is the folder it goes to.
 install_one() {
-    local name=$1 pkg=$2
-    if [[ -x "$BIN_DIR/$name" ]]; then
-        log "$name: cached ($BIN_DIR/$name)"
+    local name=$1 pkg=$2 out=${OUT:-$BIN_DIR}
+    if [[ -x "$out/$name" ]]; then
+        log "$name: cached ($out/$name)"
         return
     fi
     local blog="$CACHE/build-$name.log" start=$SECONDS tmp
@@ -87,8 +107,8 @@ install_one() {
         tail -n 20 "$blog" >&2
         die "building $name failed; full log: $blog"
     fi
-    mkdir -p "$BIN_DIR"
-    mv "$tmp/$name" "$BIN_DIR/$name"
+    mkdir -p "$out"
+    mv "$tmp/$name" "$out/$name"
     rm -rf "$tmp"
     log "$name: built in $((SECONDS - start))s"
 }
@@ -105,6 +125,38 @@ cmd_build() {
     build_one kubectl "$k8s" k8s.io/kubernetes/cmd/kubectl
     install_one kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
     install_one helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+    cmd_build_node
+}
+
+# The real node's binaries. containerd is built without cgo (no btrfs or
+# devmapper snapshotters: overlayfs is the one used); runc is Debian's
+# (e2e/setup.sh), since runc's go.mod has replace directives that `go install`
+# refuses.
+cmd_build_node() {
+    local k8s="$TOOLS_DIR/kubernetes" start=$SECONDS plugin
+    OUT=$NODE_BIN_DIR build_one kubelet "$k8s" k8s.io/kubernetes/cmd/kubelet
+    OUT=$NODE_BIN_DIR build_one kube-proxy "$k8s" k8s.io/kubernetes/cmd/kube-proxy
+    local ctrd=github.com/containerd/containerd/v2/cmd
+    CGO_ENABLED=0 OUT=$NODE_BIN_DIR install_one containerd "$ctrd/containerd@$CONTAINERD_VERSION"
+    CGO_ENABLED=0 OUT=$NODE_BIN_DIR install_one containerd-shim-runc-v2 "$ctrd/containerd-shim-runc-v2@$CONTAINERD_VERSION"
+    CGO_ENABLED=0 OUT=$NODE_BIN_DIR install_one ctr "$ctrd/ctr@$CONTAINERD_VERSION"
+    OUT=$NODE_BIN_DIR install_one crictl "sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
+    for plugin in main/bridge main/loopback ipam/host-local meta/portmap; do
+        CGO_ENABLED=0 OUT=$CNI_BIN_DIR install_one "${plugin#*/}" \
+            "github.com/containernetworking/plugins/plugins/$plugin@$CNI_PLUGINS_VERSION"
+    done
+    # The sandbox ("pause") image's program, from the kubelet's own source:
+    # no registry is reachable to pull registry.k8s.io/pause.
+    if [[ ! -x "$NODE_BIN_DIR/pause" ]]; then
+        local src
+        src=$(cd "$k8s" && go list -m -f '{{.Dir}}' k8s.io/kubernetes)/build/pause/linux/pause.c
+        [[ -f "$src" ]] || die "pause.c not found in the k8s.io/kubernetes module ($src)"
+        gcc -Os -static -Wall -Werror -DVERSION="$K8S_VERSION" -o "$NODE_BIN_DIR/pause.tmp" "$src" ||
+            die "compiling pause.c failed (needs gcc and libc6-dev)"
+        strip "$NODE_BIN_DIR/pause.tmp"
+        mv "$NODE_BIN_DIR/pause.tmp" "$NODE_BIN_DIR/pause"
+    fi
+    log "real-node binaries ready in $((SECONDS - start))s ($NODE_BIN_DIR)"
 }
 
 # ---------------------------------------------------------------- certificates
@@ -166,7 +218,7 @@ make_pki() {
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \
         -keyout "$pki/ca.key" -out "$pki/ca.crt" -subj "/CN=rm-abstract-e2e-ca" 2>/dev/null
     issue_cert apiserver kube-apiserver "" \
-        "DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:127.0.0.1,IP:10.96.0.1"
+        "DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:127.0.0.1,IP:10.96.0.1,IP:$(node_ip)"
     issue_cert admin admin system:masters
     issue_cert controller-manager system:kube-controller-manager ""
     issue_cert scheduler system:kube-scheduler ""
@@ -197,7 +249,9 @@ start() {
     log "$name: starting (log: $STATE/logs/$name.log)"
     # setsid: its own process group, so a test runner's signals do not reach it.
     # 9>&-: the daemon must not inherit (and so hold) the lock of `up`.
-    setsid "$BIN_DIR/$name" "$@" >"$STATE/logs/$name.log" 2>&1 </dev/null 9>&- &
+    local bin="$BIN_DIR/$name"
+    [[ -x "$bin" ]] || bin="$NODE_BIN_DIR/$name"
+    setsid "$bin" "$@" >"$STATE/logs/$name.log" 2>&1 </dev/null 9>&- &
     echo $! >"$STATE/pids/$name.pid"
 }
 
@@ -279,7 +333,7 @@ cmd_up() {
         wait_for etcd 60 curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
 
         start kube-apiserver --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-            --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
+            --bind-address "$APISERVER_BIND" --advertise-address "$(node_ip)" --secure-port "$APISERVER_PORT" \
             --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
             --client-ca-file "$pki/ca.crt" \
             --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
@@ -287,7 +341,9 @@ cmd_up() {
             --api-audiences https://kubernetes.default.svc.cluster.local \
             --service-cluster-ip-range "$SERVICE_CIDR" \
             --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction \
-            --allow-privileged=true --profiling=false --endpoint-reconciler-type none
+            --allow-privileged=true --profiling=false --endpoint-reconciler-type lease \
+            --kubelet-preferred-address-types InternalIP \
+            --kubelet-client-certificate "$pki/admin.crt" --kubelet-client-key "$pki/admin.key"
         wait_for kube-apiserver 120 apiserver_ready
 
         start kube-controller-manager --kubeconfig "$STATE/controller-manager.kubeconfig" \
@@ -318,21 +374,29 @@ cmd_up() {
     echo "$KUBECONFIG_PATH"
 }
 
+# stop_named NAME: SIGTERM the process `start` started, SIGKILL after 10 s.
+stop_named() {
+    local name=$1 pid
+    [[ -f "$STATE/pids/$name.pid" ]] || return 0
+    pid=$(cat "$STATE/pids/$name.pid")
+    if kill -0 "$pid" 2>/dev/null; then
+        log "$name: stopping (pid $pid)"
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$STATE/pids/$name.pid"
+}
+
 stop_processes() {
-    local name pid
-    for name in kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
-        [[ -f "$STATE/pids/$name.pid" ]] || continue
-        pid=$(cat "$STATE/pids/$name.pid")
-        if kill -0 "$pid" 2>/dev/null; then
-            log "$name: stopping (pid $pid)"
-            kill -TERM "$pid" 2>/dev/null || true
-            for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
+    local name
+    for name in kubelet kube-proxy containerd kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
+        stop_named "$name"
     done
 }
 
 cmd_down() {
+    realnode_down
     stop_processes
     rm -rf "$STATE" "$STATE.lock"
     log "down"
@@ -393,13 +457,23 @@ EOF
 
 cmd_status() {
     local name
-    for name in etcd kube-apiserver kube-controller-manager kube-scheduler kwok; do
+    for name in etcd kube-apiserver kube-controller-manager kube-scheduler kwok containerd kubelet kube-proxy; do
         if pid_alive "$name"; then echo "$name: running (pid $(cat "$STATE/pids/$name.pid"))"; else echo "$name: stopped"; fi
     done
 }
 
+# shellcheck source=e2e/realnode.sh
+source "$E2E_DIR/realnode.sh"
+
 case "${1:-}" in
     up) cmd_up ;;
+    realnode) shift; cmd_realnode "$@" ;;
+    realnode-down) realnode_down ;;
+    import-image) shift; cmd_import_image "$@" ;;
+    realnode-fake-devices) shift; cmd_fake_devices "$@" ;;
+    realnode-dir) echo "$REALNODE_STATE" ;;
+    realnode-restart-kubelet) cmd_restart_kubelet ;;
+    realnode-crictl) shift; crictl_ "$@" ;;
     down) cmd_down ;;
     build) cmd_build ;;
     node) shift; cmd_node "$@" ;;
@@ -408,7 +482,7 @@ case "${1:-}" in
     bin-dir) echo "$BIN_DIR" ;;
     env) echo "export PATH=\"$BIN_DIR:\$PATH\" KUBECONFIG=\"$KUBECONFIG_PATH\"" ;;
     *)
-        sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The main job: brings up the local control plane, registers rm-device-plugin
 # on fake device trees with the kubelet's device manager and gives kwok nodes
-# the GPU, ATOM and RNGD capacity it advertised, installs the Helm chart, runs
-# the operator as the chart's ServiceAccount, applies the examples and shows
-# where each runs and why (kubectl inference), then runs an unchanged user
-# script with the env the webhook injected, generating text with SmolLM2
-# through the node agent. Exits non-zero when any step fails.
+# the GPU, ATOM and RNGD capacity it advertised; adds a real node (kubelet,
+# containerd, runc, CNI, kube-proxy), builds the images and installs the Helm
+# chart with them, so the operator, device plugin and agent run as real pods;
+# applies the examples on the kwok nodes and shows where each runs and why
+# (kubectl inference); then runs the unchanged user image on the real node,
+# non-root under Pod Security restricted, generating with SmolLM2 through the
+# agent pod. Exits non-zero when any step fails.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -71,52 +73,80 @@ steps_done+=("3 nodes")
 
 state=$(dirname "$kubeconfig")/demo
 mkdir -p "$state"
-step "helm install charts/rm-abstract: CRD, RBAC, webhook configuration (its pods pinned to no node: kwok runs no containers)"
+
+step "a real node: kubelet, containerd, runc, CNI and kube-proxy of the control plane's release"
+e2e/cluster.sh realnode rm-real-node
+# Only what is meant for it lands there: the chart's pods and the real
+# workloads tolerate this taint; the kwok examples do not.
+kubectl taint node rm-real-node rm-abstract.io/real-node=true:NoSchedule --overwrite >/dev/null
+steps_done+=("real node Ready")
+
+step "images: built with buildah from local Debian bases, imported into the node's containerd"
+e2e/images.sh import
+declare -A image=()
+while IFS='=' read -r name ref; do image[$name]=$ref; done < <(e2e/images.sh refs)
+steps_done+=("5 images built and imported")
+
+step "TEST DOUBLE accelerators on the real node: a fake sysfs tree, device nodes made with mknod"
+# No accelerator exists here. The device plugin reads a fake sysfs tree
+# (e2e/devicemanager.sh -layout) and the real /dev, where the fake tree's
+# device nodes are made as character devices with /dev/null's numbers, so
+# that a container given /dev/rbln0 gets a harmless node.
+fake=$(e2e/cluster.sh realnode-dir)/fake-host
+e2e/devicemanager.sh - -layout "$fake" -atoms 2 -rngds 1 -gpus 1
+e2e/cluster.sh realnode-fake-devices "$fake"
+steps_done+=("fake devices laid out")
+
+step "helm install charts/rm-abstract with the built images: operator, device plugin and agent as pods on the real node"
 chart_ns=rm-system
-# Release "rm-abstract": the chart's objects are rm-abstract-operator, ...
+ref_repo() { echo "${1%:*}"; }
+ref_tag() { echo "${1##*:}"; }
+on_real_node='nodeSelector: {rm-abstract.io/real-node: "true"}'
 cat >"$state/values.yaml" <<EOF
 operator:
-  watchNamespace: rm-demo
-  nodeSelector: {rm-abstract.io/demo-no-node: "true"}
+  image: {repository: $(ref_repo "${image[operator]}"), tag: $(ref_tag "${image[operator]}"), pullPolicy: Never}
+  $on_real_node
+  tolerations: [{key: rm-abstract.io/real-node, operator: Exists}]
 devicePlugin:
-  nodeSelector: {rm-abstract.io/demo-no-node: "true"}
+  image: {repository: $(ref_repo "${image[device-plugin]}"), tag: $(ref_tag "${image[device-plugin]}"), pullPolicy: Never}
+  $on_real_node
+  hostPaths: {sys: $fake/sys, procDriver: $fake/proc/driver}
 agent:
-  nodeSelector: {rm-abstract.io/demo-no-node: "true"}
+  image: {repository: $(ref_repo "${image[agent]}"), tag: $(ref_tag "${image[agent]}"), pullPolicy: Never}
+  $on_real_node
 webhook:
-  url: https://127.0.0.1:18443
-  extraDnsNames: [127.0.0.1, localhost]
+  initImage: {repository: $(ref_repo "${image[python-init]}"), tag: $(ref_tag "${image[python-init]}"), pullPolicy: Never}
   namespaceSelector: {rm-abstract.io/demo: "true"}
+  failurePolicy: Fail
 EOF
+t0=$SECONDS
 helm upgrade --install rm-abstract charts/rm-abstract -n "$chart_ns" --create-namespace \
-    -f "$state/values.yaml" >"$state/helm.log"
-tail -n 3 "$state/helm.log"
-kubectl wait --for=condition=Established crd/inferenceworkloads.rm-abstract.io --timeout=60s
-steps_done+=("chart installed")
-
-step "rm-operator as the chart's ServiceAccount, with the installed Deployment's flags: controller and webhook on https://127.0.0.1:18443"
-for p in operator agent; do
-    [[ -f "$state/$p.pid" ]] && kill "$(cat "$state/$p.pid")" 2>/dev/null || true
+    -f "$state/values.yaml" --wait --timeout 5m >"$state/helm.log" ||
+    { tail -n 5 "$state/helm.log"; kubectl get pods -n "$chart_ns" -o wide; exit 1; }
+kubectl get pods -n "$chart_ns" -o wide
+echo "the chart's pods Running and Ready $((SECONDS - t0))s after helm install"
+deadline=$((SECONDS + 120))
+allocatable='{.status.allocatable.rebellions\.ai/ATOM} {.status.allocatable.furiosa\.ai/rngd} {.status.allocatable.nvidia\.com/gpu} {.status.allocatable.rm-abstract\.io/agent}'
+until [[ -n $(kubectl get mutatingwebhookconfiguration rm-abstract-webhook -o jsonpath='{.webhooks[0].clientConfig.caBundle}' 2>/dev/null) &&
+    $(kubectl get node rm-real-node -o jsonpath="$allocatable") =~ ^2\ 1\ 1\ [1-9] ]]; do
+    ((SECONDS < deadline)) || {
+        echo "the webhook's CA or the node's devices did not appear (ATOM RNGD GPU agent: $(kubectl get node rm-real-node -o jsonpath="$allocatable"))" >&2
+        kubectl logs -n "$chart_ns" -l app.kubernetes.io/name=rm-device-plugin --tail 20 >&2 || true
+        exit 1
+    }
+    sleep 1
 done
-trap 'for p in operator agent; do [[ -f "$state/$p.pid" ]] && kill "$(cat "$state/$p.pid")" 2>/dev/null || true; done' EXIT
-# A fresh namespace each run, so that every pod shown went through the webhook.
+echo "rm-real-node allocatable, as the kubelet took it from rm-device-plugin:"
+kubectl get node rm-real-node -o json | python3 -c '
+import json, sys
+for k, v in sorted(json.load(sys.stdin)["status"]["allocatable"].items()):
+    if "/" in k: print(f"  {k}: {v}")'
+steps_done+=("chart running on the real node, device plugin registered with the kubelet")
+
+step "kwok examples: the operator pod places them, the webhook (through its Service) injects them"
 kubectl delete namespace rm-demo --ignore-not-found --timeout=120s >/dev/null
 kubectl create namespace rm-demo >/dev/null
 kubectl label namespace rm-demo rm-abstract.io/demo=true --overwrite >/dev/null
-e2e/chart-operator.sh kubeconfig "$chart_ns" rm-abstract-operator "$state/operator-sa.kubeconfig"
-echo "as $(KUBECONFIG=$state/operator-sa.kubeconfig kubectl auth whoami -o jsonpath='{.status.userInfo.username}')"
-INSTALLER_KUBECONFIG=$KUBECONFIG KUBECONFIG=$state/operator-sa.kubeconfig POD_NAME=rm-abstract-demo \
-    POD_NAMESPACE=$chart_ns e2e/chart-operator.sh run "$chart_ns" rm-abstract "$state" \
-    127.0.0.1:18080 127.0.0.1:18443 >"$state/operator.log" 2>&1 &
-echo $! >"$state/operator.pid"
-deadline=$((SECONDS + 120))
-until curl -fsS http://127.0.0.1:18080/readyz >/dev/null 2>&1 &&
-    [[ -n $(kubectl get mutatingwebhookconfiguration rm-abstract-webhook -o jsonpath='{.webhooks[0].clientConfig.caBundle}' 2>/dev/null) ]]; do
-    ((SECONDS < deadline)) || { echo "the operator did not lead and serve the webhook; log:" >&2; tail -n 20 "$state/operator.log" >&2; exit 1; }
-    sleep 0.3
-done
-steps_done+=("operator leading as the chart's ServiceAccount, webhook registered")
-
-step "example workloads"
 kubectl apply -n rm-demo -f examples/
 kubectl wait -n rm-demo iw --all --for=condition=DeviceSelected --timeout=60s >/dev/null
 kubectl wait -n rm-demo iw/smollm2-auto iw/smollm2-cpu --for=condition=Available --timeout=90s >/dev/null
@@ -129,48 +159,53 @@ kubectl inference devices
 kubectl inference explain smollm2-auto -n rm-demo
 steps_done+=("kubectl inference shown")
 
-step "node agent (CPU backend) and the unchanged user script with the env the webhook injected"
+step "the unchanged user image on the real node, non-root under Pod Security restricted"
 gguf=$(e2e/fetch-smollm2.sh)
-rm -f "$state/agent.sock"
-rm-agent --socket "$state/agent.sock" --cache-dir "$state/cache" >"$state/agent.log" 2>&1 &
-echo $! >"$state/agent.pid"
-until curl -fsS --unix-socket "$state/agent.sock" http://agent/healthz >/dev/null 2>&1; do sleep 0.2; done
-pod=$(kubectl get pod -n rm-demo -l rm-abstract.io/workload=smollm2-cpu -o json | python3 -c '
-import json, sys
-pods = [p for p in json.load(sys.stdin)["items"]
-        if any(c["name"].startswith("rm-abstract") for c in p["spec"].get("initContainers", []))]
-print(pods[0]["metadata"]["name"] if pods else "")')
-[[ -n "$pod" ]] || { echo "no pod of smollm2-cpu carries the injected init container" >&2; exit 1; }
-echo "pod $pod as the webhook admitted it:"
-kubectl get pod -n rm-demo "$pod" -o jsonpath='{range .spec.initContainers[*]}  init container {.name}: {.image} {.command}{"\n"}{end}{range .spec.containers[0].env[*]}  env {.name}={.value}{.valueFrom.fieldRef.fieldPath}{"\n"}{end}'
-# The pod's env, with the two mounts mapped to this machine: the injected
-# package directory is python/ of this repository, the agent socket
-# directory is the demo agent's.
-injected=$(kubectl get pod -n rm-demo "$pod" -o json | python3 -c '
-import json, sys
-pod = json.load(sys.stdin)
-for e in pod["spec"]["containers"][0].get("env", []):
-    if "value" in e:
-        print(e["name"] + "=" + e["value"])
-    elif e.get("valueFrom", {}).get("fieldRef"):
-        path = e["valueFrom"]["fieldRef"]["fieldPath"].split(".")
-        v = pod
-        for p in path:
-            v = v.get(p, {})
-        print(e["name"] + "=" + (v if isinstance(v, str) else ""))
-')
-mapped=()
-while IFS= read -r kv; do
-    kv=${kv//\/rm-abstract-inject/$ROOT\/python}
-    kv=${kv//\/var\/run\/rm-abstract\/agent.sock/$state\/agent.sock}
-    mapped+=("$kv")
-done <<<"$injected"
-python3 e2e/smollm2-hf-dir.py "$gguf" "$state/smollm2"
-echo "running: python3 examples/generate.py (unchanged; transformers + the injected init)"
-out=$(env -i PATH="$PATH" HOME="$HOME" "${mapped[@]}" python3 examples/generate.py "$state/smollm2")
-echo "$out"
-[[ "$out" == *Paris* ]] || { echo "expected Paris in the answer" >&2; exit 1; }
-steps_done+=("unchanged script answered through the agent: Paris")
+models=$(e2e/cluster.sh realnode-dir)/models
+python3 e2e/smollm2-hf-dir.py "$gguf" "$models/smollm2" >/dev/null
+# A real copy, not the link the helper makes: the pod sees only the volume.
+cp --remove-destination "$(readlink -f "$models/smollm2/$(basename "$gguf")")" "$models/smollm2/$(basename "$gguf")"
+chmod -R a+rX "$models"
+e2e/real-workload.sh apply rm-real smollm2-real cpu "${image[demo-app]}" "$models"
+t0=$SECONDS
+pod=$(e2e/real-workload.sh wait-log rm-real smollm2-real Paris 600)
+echo "pod $pod, as the webhook admitted it:"
+kubectl get pod -n rm-real "$pod" -o jsonpath='{range .spec.initContainers[*]}  init container {.name}: {.image}{"\n"}{end}  pod securityContext: {.spec.securityContext}{"\n"}{range .spec.containers[0].env[*]}  env {.name}={.value}{.valueFrom.fieldRef.fieldPath}{"\n"}{end}'
+echo "kubectl logs, the run that answered ($((SECONDS - t0))s after the workload was applied):"
+{ kubectl logs -n rm-real "$pod" --previous 2>/dev/null | grep -q Paris && kubectl logs -n rm-real "$pod" --previous ||
+    kubectl logs -n rm-real "$pod"; } | tail -n 3
+echo "pod start: $(e2e/real-workload.sh timings rm-real "$pod" Paris)"
+echo "what the runtime gave its container:"
+e2e/real-workload.sh runtime rm-real "$pod"
+steps_done+=("unchanged image on the real node answered: Paris")
+
+step "the same image on a (TEST DOUBLE) ATOM: devices and token for real, then the clear no-SDK error"
+# The kubelet allocates a fake ATOM through rm-device-plugin; the container
+# gets its device node, RBLN_DEVICES and its token. No RBLN SDK exists here,
+# so the agent cannot compile for it, and rm_abstract refuses to fall back to
+# the pod's CPU while it holds an accelerator: the script fails with one
+# clear line, which the operator puts in the workload's status.
+e2e/real-workload.sh apply rm-real smollm2-atom rbln "${image[demo-app]}" "$models"
+deadline=$((SECONDS + 300))
+until [[ $(kubectl get iw -n rm-real smollm2-atom -o jsonpath='{.status.phase}') == Failed ]]; do
+    ((SECONDS < deadline)) || { kubectl get iw,pods -n rm-real -o wide; echo "smollm2-atom did not report its failure" >&2; exit 1; }
+    sleep 2
+done
+atom_pod=$(kubectl get pods -n rm-real -l rm-abstract.io/workload=smollm2-atom -o jsonpath='{.items[0].metadata.name}')
+echo "what the runtime gave pod $atom_pod:"
+e2e/real-workload.sh runtime rm-real "$atom_pod"
+echo "kubectl logs (its last line; the container restarts, so this run's or the previous one's):"
+for previous in false true; do
+    last=$(kubectl logs -n rm-real "$atom_pod" --previous=$previous 2>/dev/null | tail -n 1)
+    [[ "$last" == *RMUnavailableError* ]] && break
+done
+echo "$last"
+[[ "$last" == *RMUnavailableError* ]] || { echo "the pod's log does not end with rm_abstract's error" >&2; exit 1; }
+echo "the workload's status:"
+kubectl get iw -n rm-real smollm2-atom
+kubectl get iw -n rm-real smollm2-atom -o jsonpath='  Available: {.status.conditions[?(@.type=="Available")].message}{"\n"}'
+kubectl delete iw -n rm-real smollm2-atom --wait=false >/dev/null
+steps_done+=("ATOM workload failed clearly (no RBLN SDK here)")
 
 printf '\n\033[1mdemo summary:\033[0m'
 printf ' %s;' "${steps_done[@]}"

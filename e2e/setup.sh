@@ -10,8 +10,11 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 # Debian packages, decided by asking dpkg (a file glob once matched a different
 # library than the one needed, and a fresh machine failed where CI passed).
 #   libclang-dev: bindgen in llama-cpp-sys-2 (the agent's llama.cpp engine)
-#   cmake, g++: llama.cpp itself
-DEB_PACKAGES=(openssl curl util-linux coreutils iproute2 cmake g++ libclang-dev)
+#   cmake, g++: llama.cpp itself; libc6-dev: the static pause program
+#   runc, iptables, conntrack: the real node (containerd's runtime, kube-proxy)
+#   buildah, debootstrap, busybox-static: the images, built without a daemon
+DEB_PACKAGES=(openssl curl util-linux coreutils iproute2 cmake g++ libc6-dev libclang-dev
+    runc iptables conntrack buildah debootstrap busybox-static)
 deb_installed() { [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == "install ok installed" ]]; }
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do

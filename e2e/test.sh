@@ -3,7 +3,8 @@
 # latter against the local control plane, started or reused), the device
 # plugin against the kubelet's own device manager, the Python
 # init's tests against a real node agent, the Helm chart's tests, and the
-# full-stack demo as an end-to-end test. Does the set-up first, so it works
+# full-stack demo as an end-to-end test (real pods on a real kubelet node),
+# then faults on that node. Does the set-up first, so it works
 # on a fresh machine.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -11,6 +12,9 @@ cd "$ROOT"
 
 e2e/setup.sh
 e2e/cluster.sh up >/dev/null
+# A real node left by an earlier run would own the kubelet's device-plugin
+# directory that the device manager tests need; the demo starts it again.
+e2e/cluster.sh realnode-down
 
 echo "=== Rust: cargo test --workspace"
 cargo test --workspace --locked
@@ -26,3 +30,6 @@ e2e/chart-test.sh
 
 echo "=== end to end: e2e/demo.sh"
 e2e/demo.sh
+
+echo "=== real node faults: e2e/realnode-test.sh (after the demo's real path)"
+e2e/realnode-test.sh

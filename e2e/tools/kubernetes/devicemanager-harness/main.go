@@ -16,7 +16,8 @@
 // With -report, it instead lays out -gpus/-atoms/-rngds fake devices, waits
 // until the device manager holds all of them, and prints what a kubelet would
 // put in its node's status: one RESOURCE=COUNT per resource (allocatable).
-// The demo gives its kwok nodes these numbers.
+// The demo gives its kwok nodes these numbers. With -layout DIR, it only
+// writes that tree under DIR (the real node's test double; no device manager).
 package main
 
 import (
@@ -236,10 +237,9 @@ func startPlugin(bin, host, state, work, logLevel string) func() {
 	return stop
 }
 
-// report prints the allocatable resources the device manager holds once the
-// plugin registered the fake devices asked for.
-func report(logger klog.Logger, pluginBin, work string, gpus, atoms, rngds int) {
-	host := filepath.Join(work, "host")
+// layout writes the TEST DOUBLE sysfs/dev tree of gpus, atoms and rngds
+// devices under host.
+func layout(host string, gpus, atoms, rngds int) {
 	for i := 0; i < gpus; i++ {
 		nvidiaGPU(host, fmt.Sprintf("0000:%02x:00.0", 0x10+i), i, fmt.Sprintf("GPU-00000000-0000-0000-0000-%012d", i), i*2/max(gpus, 1))
 	}
@@ -249,6 +249,13 @@ func report(logger klog.Logger, pluginBin, work string, gpus, atoms, rngds int) 
 	for i := 0; i < rngds; i++ {
 		furiosaRNGD(host, fmt.Sprintf("0000:%02x:00.0", 0x70+i), i, fmt.Sprintf("RNGD-UUID-%04d", i), i*2/max(rngds, 1))
 	}
+}
+
+// report prints the allocatable resources the device manager holds once the
+// plugin registered the fake devices asked for.
+func report(logger klog.Logger, pluginBin, work string, gpus, atoms, rngds int) {
+	host := filepath.Join(work, "host")
+	layout(host, gpus, atoms, rngds)
 	var pods []*v1.Pod
 	m := startManager(logger, &pods)
 	defer m.Stop(logger)
@@ -282,8 +289,13 @@ func main() {
 	gpus := flag.Int("gpus", 0, "fake NVIDIA GPUs (with -report)")
 	atoms := flag.Int("atoms", 0, "fake Rebellions ATOMs (with -report)")
 	rngds := flag.Int("rngds", 0, "fake FuriosaAI RNGDs (with -report)")
+	layoutDir := flag.String("layout", "", "only write the fake sysfs/dev tree of -gpus/-atoms/-rngds under this directory and exit (a real node's test double)")
 	flag.Parse()
 	logger := klog.Background()
+	if *layoutDir != "" {
+		layout(*layoutDir, *gpus, *atoms, *rngds)
+		return
+	}
 
 	work, err := os.MkdirTemp("", "rm-devicemanager-harness-")
 	if err != nil {
