@@ -365,32 +365,43 @@ impl ModelRegistry {
         Ok(self.blob_path(sha256)?.is_file())
     }
 
-    /// A temporary file for an upload; `finish_blob` verifies and renames it.
-    pub fn blob_temp(&self, sha256: &str) -> Result<(PathBuf, fs::File), SourceError> {
-        let dest = self.blob_path(sha256)?;
-        let tmp = dest.with_extension(format!("part.{}", std::process::id()));
-        let f = fs::File::create(&tmp).map_err(|e| SourceError::Upload(e.to_string()))?;
+    /// A temporary file for one upload, a name no other upload shares
+    /// (created exclusively), removed when dropped unless `finish_blob`
+    /// renamed it: an upload that fails or whose client goes away leaves
+    /// nothing, and two uploads of one blob never write into one file.
+    pub fn blob_temp(&self, sha256: &str) -> Result<(TempPath, fs::File), SourceError> {
+        let tmp = TempPath::unique(&self.blob_path(sha256)?, "part");
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(tmp.path())
+            .map_err(|e| SourceError::Upload(e.to_string()))?;
         Ok((tmp, f))
     }
 
+    /// Stores an upload under its SHA-256 if `got`, the digest of what was
+    /// written, is that SHA-256: only verified bytes ever appear under a
+    /// blob's name.
     pub fn finish_blob(
         &self,
         sha256: &str,
-        tmp: &Path,
+        tmp: TempPath,
         mut file: fs::File,
         got: &str,
     ) -> Result<(), SourceError> {
         let dest = self.blob_path(sha256)?;
+        let upload = |e: std::io::Error| SourceError::Upload(e.to_string());
         if got != sha256 {
-            let _ = fs::remove_file(tmp);
             return Err(SourceError::Upload(format!(
                 "the body's SHA-256 is {got}, not {sha256}: the upload was corrupted or the URL names the wrong blob"
             )));
         }
-        file.flush()
-            .and_then(|_| file.sync_all())
-            .and_then(|_| fs::rename(tmp, &dest))
-            .map_err(|e| SourceError::Upload(e.to_string()))
+        // `got` is the digest of every byte written into a file that only
+        // this upload opened: it is the file's content.
+        file.flush().and_then(|_| file.sync_all()).map_err(upload)?;
+        fs::rename(tmp.path(), &dest).map_err(upload)?;
+        tmp.keep();
+        Ok(())
     }
 
     fn assemble(&self, files: &[BlobFile]) -> Result<ResolvedModel, SourceError> {
@@ -415,12 +426,14 @@ impl ModelRegistry {
         let digest = digest_of(&sums);
         let dir = self.models_dir.join(digest.trim_start_matches("sha256:"));
         if !dir.is_dir() {
-            let tmp = dir.with_extension(format!("tmp.{}", std::process::id()));
-            let _ = fs::remove_dir_all(&tmp);
+            // A directory of this assembly's own: concurrent assemblies of
+            // one model never share one, and the first rename wins.
+            let tmp = TempPath::unique(&dir, "tmp");
             let io = |e: std::io::Error| SourceError::Upload(e.to_string());
+            fs::create_dir(tmp.path()).map_err(io)?;
             for f in files {
                 let rel = safe_relative(&f.path).unwrap_or_default();
-                let dest = tmp.join(&rel);
+                let dest = tmp.path().join(&rel);
                 if let Some(parent) = dest.parent() {
                     fs::create_dir_all(parent).map_err(io)?;
                 }
@@ -429,7 +442,12 @@ impl ModelRegistry {
                     fs::copy(&blob, &dest).map_err(io)?;
                 }
             }
-            fs::rename(&tmp, &dir).map_err(io)?;
+            match fs::rename(tmp.path(), &dir) {
+                Ok(()) => tmp.keep(),
+                // Another assembly of the same files finished first.
+                Err(_) if dir.is_dir() => {}
+                Err(e) => return Err(io(e)),
+            }
         }
         let m = self.resolve_path(&dir)?;
         if m.digest != digest {
@@ -504,6 +522,45 @@ impl ModelRegistry {
     }
 }
 
+/// A temporary file or directory beside its final path, named uniquely
+/// (process id and a per-process sequence number) and removed on drop unless
+/// kept: what a failed, cancelled or concurrent request leaves is nothing.
+#[derive(Debug)]
+pub struct TempPath {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl TempPath {
+    fn unique(dest: &Path, kind: &str) -> Self {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut name = dest.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".{kind}.{}.{n}", std::process::id()));
+        TempPath {
+            path: dest.with_file_name(name),
+            keep: false,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// It was renamed into place: nothing to remove.
+    fn keep(mut self) {
+        self.keep = true;
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = fs::remove_file(&self.path).or_else(|_| fs::remove_dir_all(&self.path));
+        }
+    }
+}
+
 fn which(cmd: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -551,9 +608,12 @@ mod tests {
             let (h, _) = file_sha256(&model.join(name)).expect("hash");
             let (tmpf, f) = reg.blob_temp(&h).expect("temp");
             drop(f);
-            fs::copy(model.join(name), &tmpf).expect("copy");
-            let f = fs::File::options().write(true).open(&tmpf).expect("open");
-            reg.finish_blob(&h, &tmpf, f, &h).expect("finish");
+            fs::copy(model.join(name), tmpf.path()).expect("copy");
+            let f = fs::File::options()
+                .write(true)
+                .open(tmpf.path())
+                .expect("open");
+            reg.finish_blob(&h, tmpf, f, &h).expect("finish");
             files.push(BlobFile {
                 path: name.into(),
                 sha256: h,

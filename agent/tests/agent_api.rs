@@ -986,3 +986,105 @@ fn shipped_workers_are_discovered_and_report_missing_sdks() {
         assert!(r.message().contains("rbln"), "{}", r.message());
     }
 }
+
+/// An upload on its own connection: headers and the first `first` bytes
+/// now, the rest when `finish` is called; dropping it aborts the upload.
+struct SlowUpload {
+    stream: std::os::unix::net::UnixStream,
+    body: Vec<u8>,
+    sent: usize,
+}
+
+impl SlowUpload {
+    fn start(socket: &Path, sha: &str, body: &[u8], first: usize) -> SlowUpload {
+        use std::io::Write;
+        let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+        let head = format!(
+            "PUT /v1/blobs/{sha} HTTP/1.1\r\nHost: rm-agent\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(&body[..first]).unwrap();
+        stream.flush().unwrap();
+        SlowUpload {
+            stream,
+            body: body.to_vec(),
+            sent: first,
+        }
+    }
+
+    fn finish(mut self) -> u16 {
+        use std::io::{Read, Write};
+        self.stream.write_all(&self.body[self.sent..]).unwrap();
+        let mut reply = String::new();
+        self.stream.read_to_string(&mut reply).unwrap();
+        reply
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+#[test]
+fn concurrent_and_aborted_uploads_leave_only_verified_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), None, &[]);
+    let blobs = agent.cache.join("blobs");
+    let body: Vec<u8> = (0..4u32 << 20).map(|i| (i * 7 + i / 251) as u8).collect();
+    let sha = rm_agent::cache::key::hex(&<sha2::Sha256 as sha2::Digest>::digest(&body));
+    let head = |sha: &str| {
+        common::request(&agent.socket, "HEAD", &format!("/v1/blobs/{sha}"), &[], b"").status
+    };
+    let settle = || std::thread::sleep(Duration::from_millis(300));
+
+    // A has written half when B starts the same blob; A completes, then B's
+    // client goes away. Sharing one temp file, B's start would have cut A's
+    // half, and A's rename would have stored that under the right name.
+    let a = SlowUpload::start(&agent.socket, &sha, &body, body.len() / 2);
+    settle();
+    let b = SlowUpload::start(&agent.socket, &sha, &body, 4096);
+    settle();
+    assert_eq!(a.finish(), 200);
+    drop(b);
+    settle();
+    assert_eq!(head(&sha), 200);
+    let stored = std::fs::read(blobs.join(&sha)).unwrap();
+    assert_eq!(stored.len(), body.len());
+    assert!(stored == body, "the stored blob differs from the upload");
+
+    // An upload whose client goes away stores nothing.
+    let other: Vec<u8> = body.iter().rev().copied().collect();
+    let other_sha = rm_agent::cache::key::hex(&<sha2::Sha256 as sha2::Digest>::digest(&other));
+    drop(SlowUpload::start(
+        &agent.socket,
+        &other_sha,
+        &other,
+        other.len() / 3,
+    ));
+    settle();
+    assert_eq!(head(&other_sha), 404);
+
+    // Four at once: each answers 200 (stored, or already present).
+    let uploads: Vec<SlowUpload> = (0..4)
+        .map(|_| SlowUpload::start(&agent.socket, &other_sha, &other, 1000))
+        .collect();
+    settle();
+    let codes: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = uploads
+            .into_iter()
+            .map(|u| s.spawn(move || u.finish()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(codes, vec![200; 4]);
+    assert!(std::fs::read(blobs.join(&other_sha)).unwrap() == other);
+
+    // No temporary file is left behind.
+    let leftovers: Vec<String> = std::fs::read_dir(&blobs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".part"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

@@ -274,18 +274,16 @@ async fn put_blob(
     let mut stream = body.into_data_stream();
     let mut n = 0u64;
     while let Some(chunk) = stream.next().await {
+        // `tmp` removes the partial file when this returns early or the
+        // client goes away (the future is dropped).
         let chunk = match chunk {
             Ok(c) => c,
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(ApiError::bad_request(format!("upload interrupted: {e}")));
-            }
+            Err(e) => return Err(ApiError::bad_request(format!("upload interrupted: {e}"))),
         };
         hasher.update(&chunk);
         n += chunk.len() as u64;
         // Small synchronous writes; uploads are rare and sequential.
         if let Err(e) = file.write_all(&chunk) {
-            let _ = std::fs::remove_file(&tmp);
             return Err(
                 AgentError::Source(crate::source::SourceError::Upload(e.to_string())).into(),
             );
@@ -294,7 +292,7 @@ async fn put_blob(
     let got = crate::cache::key::hex(&hasher.finalize());
     agent
         .models
-        .finish_blob(&sha, &tmp, file, &got)
+        .finish_blob(&sha, tmp, file, &got)
         .map_err(AgentError::from)?;
     Ok(Json(json!({"sha256": sha, "stored": true, "bytes": n})))
 }
