@@ -167,13 +167,24 @@ pub enum Precision {
     Q4,
 }
 
+/// Bounds of the compile options: the CRD's schema and the node agent
+/// (which also takes options from pods, not only from the apiserver) both
+/// check these, so neither accepts what the other refuses.
+pub mod compile_limits {
+    pub const OPTIMIZATION_LEVEL_MAX: u8 = 3;
+    pub const TENSOR_PARALLEL_SIZE_MAX: u32 = 64;
+    pub const MAX_SEQ_LEN_MAX: u32 = 1_048_576;
+    pub const BATCH_SIZE_MAX: u32 = 4096;
+    pub const EXTRA_MAX_KEYS: usize = 64;
+}
+
 /// Compile options; their canonical form is part of the compile-cache key.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct CompileOptions {
     /// 0 (none) to 3 (most aggressive).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0, max = 3))]
+    #[schemars(range(min = 0, max = compile_limits::OPTIMIZATION_LEVEL_MAX))]
     pub optimization_level: Option<u8>,
 
     /// Target precision; the model's own precision when unset.
@@ -182,23 +193,57 @@ pub struct CompileOptions {
 
     /// Devices the model is sharded over (at most devicesPerReplica).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 64))]
+    #[schemars(range(min = 1, max = compile_limits::TENSOR_PARALLEL_SIZE_MAX))]
     pub tensor_parallel_size: Option<u32>,
 
     /// Longest sequence (prompt + generation) the compiled model accepts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 1048576))]
+    #[schemars(range(min = 1, max = compile_limits::MAX_SEQ_LEN_MAX))]
     pub max_seq_len: Option<u32>,
 
     /// Batch size the compiled model is built for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 4096))]
+    #[schemars(range(min = 1, max = compile_limits::BATCH_SIZE_MAX))]
     pub batch_size: Option<u32>,
 
     /// Vendor-specific options passed to the backend as they are.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 64))]
+    #[schemars(extend("maxProperties" = compile_limits::EXTRA_MAX_KEYS))]
     pub extra: BTreeMap<String, String>,
+}
+
+impl CompileOptions {
+    /// The schema's bounds, for options that did not come through the
+    /// apiserver. The message names the field in the CRD's spelling.
+    pub fn validate(&self) -> Result<(), String> {
+        use compile_limits::*;
+        let range = |name: &str, v: Option<u32>, max: u32| match v {
+            Some(n) if n < 1 || n > max => Err(format!("{name} must be 1 to {max}, got {n}")),
+            _ => Ok(()),
+        };
+        if let Some(l) = self
+            .optimization_level
+            .filter(|l| *l > OPTIMIZATION_LEVEL_MAX)
+        {
+            return Err(format!(
+                "optimizationLevel must be 0 to {OPTIMIZATION_LEVEL_MAX}, got {l}"
+            ));
+        }
+        range(
+            "tensorParallelSize",
+            self.tensor_parallel_size,
+            TENSOR_PARALLEL_SIZE_MAX,
+        )?;
+        range("maxSeqLen", self.max_seq_len, MAX_SEQ_LEN_MAX)?;
+        range("batchSize", self.batch_size, BATCH_SIZE_MAX)?;
+        if self.extra.len() > EXTRA_MAX_KEYS {
+            return Err(format!(
+                "extra has {} keys; at most {EXTRA_MAX_KEYS}",
+                self.extra.len()
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Lifecycle phase of a workload.

@@ -179,15 +179,9 @@ pub fn parse_options(v: Option<Value>) -> Result<CompileOptions, String> {
     }
     let opts: CompileOptions = serde_json::from_value(Value::Object(norm))
         .map_err(|e| format!("bad compile options: {e}"))?;
-    if opts.optimization_level.is_some_and(|l| l > 3) {
-        return Err("optimizationLevel must be 0 to 3".into());
-    }
-    if opts.batch_size == Some(0)
-        || opts.max_seq_len == Some(0)
-        || opts.tensor_parallel_size == Some(0)
-    {
-        return Err("batchSize, maxSeqLen and tensorParallelSize must be at least 1".into());
-    }
+    // The CRD's bounds: a pod's options must not compile what the
+    // apiserver would have refused.
+    opts.validate()?;
     Ok(opts)
 }
 
@@ -298,6 +292,32 @@ mod tests {
 
     fn body(v: Value) -> GenerateBody {
         serde_json::from_value(v).expect("body parses")
+    }
+
+    #[test]
+    fn options_beyond_the_crds_bounds_are_refused_with_the_bound() {
+        use rm_crds::workload::compile_limits::*;
+        let refused = |v: Value| parse_options(Some(v)).expect_err("refused");
+        let e = refused(json!({"maxSeqLen": MAX_SEQ_LEN_MAX + 1}));
+        assert!(e.contains("maxSeqLen must be 1 to 1048576"), "{e}");
+        let e = refused(json!({"batch_size": u32::MAX}));
+        assert!(
+            e.contains("batchSize must be 1 to 4096, got 4294967295"),
+            "{e}"
+        );
+        assert!(refused(json!({"tensorParallelSize": 0})).contains("tensorParallelSize"));
+        assert!(refused(json!({"optimizationLevel": 4})).contains("0 to 3"));
+        let many: serde_json::Map<String, Value> = (0..=EXTRA_MAX_KEYS)
+            .map(|i| (format!("k{i}"), json!("v")))
+            .collect();
+        assert!(refused(json!({"extra": many})).contains("at most 64"));
+        // The bounds themselves are accepted.
+        let ok = parse_options(Some(json!({
+            "maxSeqLen": MAX_SEQ_LEN_MAX, "batchSize": BATCH_SIZE_MAX,
+            "tensorParallelSize": TENSOR_PARALLEL_SIZE_MAX, "optimizationLevel": OPTIMIZATION_LEVEL_MAX
+        })))
+        .expect("accepted");
+        assert_eq!(ok.max_seq_len, Some(MAX_SEQ_LEN_MAX));
     }
 
     #[test]
