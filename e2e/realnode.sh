@@ -213,7 +213,7 @@ cmd_realnode() {
     # Host directories the node and the chart's hostPath volumes make:
     # removed by realnode-down if they did not exist before.
     local d
-    for d in "$KUBELET_ROOT" /var/run/rm-abstract /var/lib/rm-abstract; do
+    for d in "$KUBELET_ROOT" /var/run/rm-abstract /var/lib/rm-abstract /var/cache/rm-abstract; do
         [[ -e "$d" ]] || echo "$d" >>"$REALNODE_STATE/made-dirs"
     done
     if [[ ! -f "$REALNODE_STATE/kubelet.kubeconfig" ]]; then
@@ -266,6 +266,24 @@ cmd_fake_devices() {
         fi
     done < <(find "$dir/dev" -type f)
     log "fake device nodes (test doubles, /dev/null's numbers): $(wc -l <"$REALNODE_STATE/fake-device-nodes" 2>/dev/null || echo 0)"
+    # A live RNGD's firmware advances its heartbeat; the device plugin marks
+    # a device whose heartbeat stands still Unhealthy. The TEST DOUBLE of
+    # that firmware: a loop that advances every fake heartbeat once a second
+    # (written by rename, as sysfs would show a whole value). Stopped by
+    # realnode-down.
+    local beats=()
+    mapfile -t beats < <(find "$dir/sys" -name heartbeat 2>/dev/null)
+    if ((${#beats[@]})) && ! { [[ -f "$REALNODE_STATE/fake-heartbeat.pid" ]] &&
+        kill -0 "$(cat "$REALNODE_STATE/fake-heartbeat.pid")" 2>/dev/null; }; then
+        # shellcheck disable=SC2016 # expanded by the loop's own shell
+        # It writes its own pid ($0 is the pid file): setsid may fork.
+        setsid bash -c 'echo $$ >"$0"; n=1; while :; do n=$((n + 1)); for f in "$@"; do
+            echo "$n" >"$f.next" && mv -f "$f.next" "$f"; done; sleep 1; done' \
+            "$REALNODE_STATE/fake-heartbeat.pid" "${beats[@]}" </dev/null >/dev/null 2>&1 9>&- &
+        local deadline=$((SECONDS + 5))
+        until [[ -s "$REALNODE_STATE/fake-heartbeat.pid" ]] || ((SECONDS > deadline)); do sleep 0.1; done
+        log "fake RNGD heartbeats advancing (test double of the firmware): ${#beats[@]}"
+    fi
 }
 
 # import_image ARCHIVE: a docker-archive or OCI archive into containerd's k8s.io namespace.
@@ -328,6 +346,9 @@ realnode_down() {
             umount -l "$m" 2>/dev/null || true
         done
     done
+    if [[ -f "$REALNODE_STATE/fake-heartbeat.pid" ]]; then
+        kill "$(cat "$REALNODE_STATE/fake-heartbeat.pid")" 2>/dev/null || true
+    fi
     if [[ -f "$REALNODE_STATE/fake-device-nodes" ]]; then
         while read -r m; do [[ -c "$m" ]] && rm -f "$m"; done <"$REALNODE_STATE/fake-device-nodes"
         rmdir /dev/rngd 2>/dev/null || true
