@@ -148,8 +148,15 @@ kubectl delete namespace rm-demo --ignore-not-found --timeout=120s >/dev/null
 kubectl create namespace rm-demo >/dev/null
 kubectl label namespace rm-demo rm-abstract.io/demo=true --overwrite >/dev/null
 kubectl apply -n rm-demo -f examples/
-kubectl wait -n rm-demo iw --all --for=condition=DeviceSelected --timeout=60s >/dev/null
-kubectl wait -n rm-demo iw/smollm2-auto iw/smollm2-cpu --for=condition=Available --timeout=90s >/dev/null
+demo_state() {
+    kubectl get iw,pods -n rm-demo -o wide
+    kubectl get nodes -o wide
+    kubectl get events -n rm-demo --sort-by=.lastTimestamp | tail -n 20
+    kubectl get iw -n rm-demo -o jsonpath='{range .items[*]}{.metadata.name}: {.status.conditions[?(@.type=="Available")].message}{"\n"}{end}'
+}
+kubectl wait -n rm-demo iw --all --for=condition=DeviceSelected --timeout=60s >/dev/null || { demo_state; exit 1; }
+kubectl wait -n rm-demo iw/smollm2-auto iw/smollm2-cpu --for=condition=Available --timeout=180s >/dev/null ||
+    { demo_state; exit 1; }
 kubectl get iw -n rm-demo -o wide
 steps_done+=("$(ls examples/*.yaml | wc -l) workloads placed")
 
