@@ -64,6 +64,14 @@ else
 fi
 
 step "kwok nodes with what the device plugin advertised"
+# Workloads that tests left on this cluster (their namespaces carry
+# rm-abstract.io/e2e=true) keep Deployments whose pods wait for devices: they
+# would take the demo nodes' ATOMs and GPUs the moment the nodes appear.
+if [[ -n $(kubectl get namespace -l rm-abstract.io/e2e=true -o name) ]]; then
+    echo "deleting namespaces that tests left (label rm-abstract.io/e2e=true)"
+    kubectl delete namespace -l rm-abstract.io/e2e=true --timeout=180s >/dev/null ||
+        echo "warning: some test namespaces are still terminating" >&2
+fi
 for node in demo-npu demo-gpu demo-cpu; do
     # shellcheck disable=SC2086
     e2e/cluster.sh node "$node" ${reported[$node]}
