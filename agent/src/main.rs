@@ -30,7 +30,7 @@ struct Cli {
     /// supplemental group (the webhook adds it) can connect. Unset: the
     /// agent's own group. Connecting grants nothing by itself: every request
     /// is still checked against the device plugin's tokens.
-    #[arg(long, env = "RM_AGENT_SOCKET_GROUP", value_parser = parse_gid)]
+    #[arg(long, env = "RM_AGENT_SOCKET_GROUP", value_parser = rm_runtime::parse_socket_group)]
     socket_group: Option<u32>,
     /// Compile cache directory.
     #[arg(long, env = "RM_CACHE_DIR")]
@@ -78,16 +78,6 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .parse::<u64>()
         .map(|n| n.saturating_mul(mult))
         .map_err(|_| format!("{s:?} is not a size; write e.g. 500M or 100G"))
-}
-
-/// A GID other than 0: root's group is what the socket already has when the
-/// agent runs as root, so 0 is most likely a value meant as "off".
-fn parse_gid(s: &str) -> Result<u32, String> {
-    match s.trim().parse::<u32>() {
-        Ok(0) => Err("0 (root) is not a socket group; leave --socket-group unset instead".into()),
-        Ok(g) => Ok(g),
-        Err(_) => Err(format!("{s:?} is not a numeric group id (GID)")),
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -146,11 +146,6 @@ impl ResourceManager {
         self.advertised.subscribe()
     }
 
-    /// The kubelet's view: every device (times replicas) with health and NUMA.
-    pub fn advertised(&self, state: &ResourceState) -> Vec<api::Device> {
-        advertise(state, self.replicas)
-    }
-
     pub fn advertised_id(&self, device_id: &str, replica: u32) -> String {
         advertised_id(self.replicas, device_id, replica)
     }
@@ -241,7 +236,7 @@ mod tests {
             control_nodes: vec![],
         };
         let m = ResourceManager::new("nvidia.com/gpu", DeviceType::Gpu, 2, state.clone());
-        let ads = m.advertised(&state);
+        let ads = m.watch_advertised().borrow().clone();
         let ids: Vec<&str> = ads.iter().map(|d| d.id.as_str()).collect();
         assert_eq!(ids, ["GPU-a::0", "GPU-a::1", "GPU-b::0", "GPU-b::1"]);
         assert_eq!(ads[0].topology.as_ref().map(|t| t.nodes[0].id), Some(1));

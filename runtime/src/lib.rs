@@ -77,3 +77,30 @@ pub async fn shutdown_signal() {
         _ = term => tracing::info!(signal = "SIGTERM", "shutting down"),
     }
 }
+
+/// Parses the agent socket's group, as `rm-agent --socket-group` and the
+/// webhook's `--webhook-agent-socket-group` both take it (the two must name
+/// the same GID). 0 is refused: root's group is what the socket has anyway,
+/// and handing it to every injected pod would widen what its processes may
+/// open; leaving the flag unset is the way to say "none".
+pub fn parse_socket_group(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(0) => Err("0 (root) is not a socket group; leave the flag unset instead".into()),
+        Ok(g) => Ok(g),
+        Err(_) => Err(format!("{s:?} is not a group id (1 to 4294967295)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_socket_group;
+
+    #[test]
+    fn socket_group_is_a_nonzero_gid() {
+        assert_eq!(parse_socket_group(" 2026 "), Ok(2026));
+        assert_eq!(parse_socket_group("4294967295"), Ok(u32::MAX));
+        for bad in ["0", "-1", "staff", "4294967296", ""] {
+            assert!(parse_socket_group(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -69,16 +69,6 @@ fn duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
 }
 
-/// A Linux GID other than 0: handing every injected pod root's group would
-/// widen what its processes may open on shared volumes.
-fn socket_group_arg(s: &str) -> Result<i64, String> {
-    match s.trim().parse::<u32>() {
-        Ok(0) => Err("0 (root) is not a socket group; leave the flag unset instead".into()),
-        Ok(g) => Ok(i64::from(g)),
-        Err(_) => Err(format!("{s:?} is not a group id (1 to 4294967295)")),
-    }
-}
-
 fn label_arg(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
@@ -179,8 +169,8 @@ pub struct WebhookArgs {
     /// GID owning the agent's socket (rm-agent --socket-group), added to the
     /// injected pods' supplementalGroups so that non-root users may connect.
     /// Unset: no group added.
-    #[arg(long, env = "RM_WEBHOOK_AGENT_SOCKET_GROUP", value_parser = socket_group_arg)]
-    pub webhook_agent_socket_group: Option<i64>,
+    #[arg(long, env = "RM_WEBHOOK_AGENT_SOCKET_GROUP", value_parser = rm_runtime::parse_socket_group)]
+    pub webhook_agent_socket_group: Option<u32>,
     /// Lifetime of the self-managed serving certificate.
     #[arg(long, default_value = "8760h", value_parser = duration_arg)]
     pub webhook_cert_validity: Duration,
@@ -204,7 +194,7 @@ impl WebhookArgs {
             agent_socket: self.webhook_agent_socket.clone(),
             cache_dir: self.webhook_cache_dir.clone(),
             agent_resource: Some(self.webhook_agent_resource.clone()).filter(|r| !r.is_empty()),
-            agent_socket_group: self.webhook_agent_socket_group,
+            agent_socket_group: self.webhook_agent_socket_group.map(i64::from),
             ..InjectConfig::default()
         };
         cfg.accelerator_resources.extend(accelerators);
