@@ -183,13 +183,12 @@ cp --remove-destination "$(readlink -f "$models/smollm2/$(basename "$gguf")")" "
 chmod -R a+rX "$models"
 e2e/real-workload.sh apply rm-real smollm2-real cpu "${image[demo-app]}" "$models"
 t0=$SECONDS
-pod=$(e2e/real-workload.sh wait-log rm-real smollm2-real Paris 600)
+pod=$(e2e/real-workload.sh wait-log rm-real smollm2-real Paris 600 "$state/answer.log")
 echo "pod $pod, as the webhook admitted it:"
 kubectl get pod -n rm-real "$pod" -o jsonpath='{range .spec.initContainers[*]}  init container {.name}: {.image}{"\n"}{end}  pod securityContext: {.spec.securityContext}{"\n"}{range .spec.containers[0].env[*]}  env {.name}={.value}{.valueFrom.fieldRef.fieldPath}{"\n"}{end}'
 echo "kubectl logs, the run that answered ($((SECONDS - t0))s after the workload was applied):"
-{ kubectl logs -n rm-real "$pod" --previous 2>/dev/null | grep -q Paris && kubectl logs -n rm-real "$pod" --previous ||
-    kubectl logs -n rm-real "$pod"; } | tail -n 3
-echo "pod start: $(e2e/real-workload.sh timings rm-real "$pod" Paris)"
+cut -d' ' -f2- "$state/answer.log" | tail -n 3
+echo "pod start: $(e2e/real-workload.sh timings rm-real "$pod" "$state/answer.log" Paris)"
 echo "what the runtime gave its container:"
 e2e/real-workload.sh runtime rm-real "$pod"
 steps_done+=("unchanged image on the real node answered: Paris")
@@ -210,10 +209,8 @@ atom_pod=$(kubectl get pods -n rm-real -l rm-abstract.io/workload=smollm2-atom -
 echo "what the runtime gave pod $atom_pod:"
 e2e/real-workload.sh runtime rm-real "$atom_pod"
 echo "kubectl logs (its last line; the container restarts, so this run's or the previous one's):"
-for previous in false true; do
-    last=$(kubectl logs -n rm-real "$atom_pod" --previous=$previous 2>/dev/null | tail -n 1)
-    [[ "$last" == *RMUnavailableError* ]] && break
-done
+e2e/real-workload.sh wait-log rm-real smollm2-atom RMUnavailableError 120 "$state/atom.log" >/dev/null
+last=$(tail -n 1 "$state/atom.log" | cut -d' ' -f2-)
 echo "$last"
 [[ "$last" == *RMUnavailableError* ]] || { echo "the pod's log does not end with rm_abstract's error" >&2; exit 1; }
 echo "the workload's status:"

@@ -5,11 +5,12 @@
 # directory reaches the pod through a PersistentVolumeClaim (restricted
 # forbids hostPath volumes in pods), bound to a hostPath PersistentVolume.
 #   e2e/real-workload.sh apply NAMESPACE NAME DEVICE IMAGE MODELS_DIR [SCRIPT_ARGS...]
-#   e2e/real-workload.sh wait-log NAMESPACE NAME PATTERN TIMEOUT_S
-#       waits until a pod of the workload logged PATTERN; prints its name
-#   e2e/real-workload.sh timings NAMESPACE POD PATTERN
+#   e2e/real-workload.sh wait-log NAMESPACE NAME PATTERN TIMEOUT_S [LOG_COPY]
+#       waits until a pod of the workload logged PATTERN; prints its name and
+#       writes the log that had it (with timestamps) to LOG_COPY
+#   e2e/real-workload.sh timings NAMESPACE POD LOG_COPY PATTERN
 #       seconds from the pod's admission (creation) to its init container's
-#       end, its first container start, and its first log line with PATTERN
+#       end, its first container start, and the line of LOG_COPY with PATTERN
 #   e2e/real-workload.sh runtime NAMESPACE POD
 #       what the runtime gave the pod's (last) container, from its OCI spec
 #       (crictl inspect): device nodes and the RM_/RBLN_ variables
@@ -81,14 +82,18 @@ spec:
 EOF
     ;;
 wait-log)
-    ns=$2 name=$3 pattern=$4 timeout=$5
+    ns=$2 name=$3 pattern=$4 timeout=$5 copy=${6:-/dev/null}
     deadline=$((SECONDS + timeout))
     while ((SECONDS < deadline)); do
         for pod in $(kubectl get pods -n "$ns" -l "rm-abstract.io/workload=$name" -o name 2>/dev/null); do
             # The script exits after its answer and the Deployment restarts
-            # it: the answer may be in the previous container's log.
+            # it: the answer may be in the previous container's log. The log
+            # is kept as read here: the kubelet may remove that container
+            # before anyone asks again.
             for prev in false true; do
-                if kubectl logs -n "$ns" "$pod" --previous=$prev 2>/dev/null | grep -q -- "$pattern"; then
+                log=$(kubectl logs -n "$ns" "$pod" --previous=$prev --timestamps 2>/dev/null || true)
+                if grep -q -- "$pattern" <<<"$log"; then
+                    printf '%s\n' "$log" >"$copy"
                     echo "${pod#pod/}"
                     exit 0
                 fi
@@ -105,12 +110,9 @@ wait-log)
     exit 1
     ;;
 timings)
-    ns=$2 pod=$3 pattern=$4
-    answered=""
-    for prev in true false; do
-        line=$(kubectl logs -n "$ns" "$pod" --previous=$prev --timestamps 2>/dev/null | grep -m1 -- "$pattern" || true)
-        [[ -n "$line" ]] && answered=${line%% *} && break
-    done
+    ns=$2 pod=$3 copy=$4 pattern=$5
+    line=$(grep -m1 -- "$pattern" "$copy" || true)
+    answered=${line%% *}
     kubectl get pod -n "$ns" "$pod" -o json | ANSWERED="$answered" python3 -c '
 import json, os, sys
 from datetime import datetime
@@ -149,7 +151,7 @@ m = [x["destination"] for x in spec["mounts"] if "rm-abstract" in x["destination
 print("  mounts: " + ", ".join(m))'
     ;;
 *)
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

@@ -37,7 +37,7 @@ wait_until() {
     done
 }
 registrations() { kubectl logs -n "$NS" "$(pod_of rm-device-plugin)" | grep -c 'registered with the kubelet' || true; }
-cache_entries() { curl -fsS --unix-socket "$SOCKET" http://agent/v1/cache | python3 -c 'import json,sys; d=json.load(sys.stdin); print(len(d if isinstance(d, list) else d.get("entries", [])))'; }
+cache_entries() { curl -fsS --unix-socket "$SOCKET" http://agent/v1/cache | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["entries"]))'; }
 
 pgrep -x kubelet >/dev/null || fail "no kubelet runs: start the real node with e2e/demo.sh first"
 [[ $(allocatable rebellions.ai/ATOM) == 2 ]] || fail "rm-real-node does not advertise its 2 fake ATOMs"

@@ -171,13 +171,14 @@ build_sandbox_image() {
     local archive="$CACHE/images/pause-$K8S_VERSION.tar"
     if [[ ! -f "$archive" ]]; then
         mkdir -p "$CACHE/images"
+        # The store e2e/images.sh uses (vfs: no overlay mounts in a container).
+        buildah_() { STORAGE_DRIVER=vfs buildah "$@"; }
         local c
-        c=$(STORAGE_DRIVER=vfs buildah from scratch)
-        STORAGE_DRIVER=vfs buildah copy --chmod 0755 "$c" "$NODE_BIN_DIR/pause" /pause >/dev/null
-        STORAGE_DRIVER=vfs buildah config --entrypoint '["/pause"]' --user 65535:65535 "$c"
-        STORAGE_DRIVER=vfs buildah commit -q "$c" "$SANDBOX_IMAGE" >/dev/null
-        STORAGE_DRIVER=vfs buildah rm "$c" >/dev/null
-        STORAGE_DRIVER=vfs buildah push -q "$SANDBOX_IMAGE" "docker-archive:$archive.tmp:$SANDBOX_IMAGE"
+        c=$(buildah_ from scratch)
+        buildah_ copy --chmod 0755 "$c" "$NODE_BIN_DIR/pause" /pause >/dev/null
+        buildah_ config --entrypoint '["/pause"]' --user 65535:65535 "$c"
+        buildah_ commit -q --rm "$c" "$SANDBOX_IMAGE" >/dev/null
+        buildah_ push -q "$SANDBOX_IMAGE" "docker-archive:$archive.tmp:$SANDBOX_IMAGE"
         mv "$archive.tmp" "$archive"
     fi
     ctr_ images import --no-unpack=false "$archive" >/dev/null
