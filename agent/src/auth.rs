@@ -261,6 +261,8 @@ mod tests {
             }],
             created_unix_ms: 0,
             expires_unix_ms: None,
+            owner: None,
+            agent_slot: false,
         };
         let path = token::record_path(&tokens, &rec.token_sha256);
         std::fs::write(&path, serde_json::to_vec(&rec).expect("json")).expect("write");

@@ -33,9 +33,28 @@ pub struct TokenRecord {
     /// them (`rbln:0` is the first).
     pub devices: Vec<TokenDevice>,
     pub created_unix_ms: u64,
-    /// After this instant the agent refuses the token.
+    /// After this instant the agent refuses the token. The device plugin
+    /// writes a lease and renews it while the kubelet reports the holder
+    /// alive, so a token lapses even when PodResources cannot be asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_unix_ms: Option<u64>,
+    /// The pod that holds the allocation, as the kubelet's PodResources API
+    /// reports it: the identity the agent scopes models and cache entries
+    /// by. `None` until the device plugin has seen the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<TokenOwner>,
+    /// A slot of the agent resource (`rm-abstract.io/agent`): use of the
+    /// agent on the CPU, no devices.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub agent_slot: bool,
+}
+
+/// Who holds an allocation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenOwner {
+    pub namespace: String,
+    pub pod: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,9 +90,14 @@ pub fn visible_id(device_type: DeviceType, id: &str, index: u32) -> String {
 }
 
 impl TokenRecord {
-    /// The device type of the grant; `None` for a record without devices.
+    /// The device type of the grant: the devices' type, or the CPU for a
+    /// slot of the agent resource. `None` for a record that grants nothing.
     pub fn device_type(&self) -> Option<DeviceType> {
-        self.devices.first().map(|d| d.device_type)
+        match self.devices.first() {
+            Some(d) => Some(d.device_type),
+            None if self.agent_slot => Some(DeviceType::Cpu),
+            None => None,
+        }
     }
 
     /// The devices as the vendor's runtime names them on the host.
@@ -158,6 +182,8 @@ mod tests {
             }],
             created_unix_ms: 1,
             expires_unix_ms: None,
+            owner: None,
+            agent_slot: false,
         };
         let path = record_path(&dir, &rec.token_sha256);
         std::fs::write(&path, serde_json::to_vec(&rec).expect("json")).expect("write");

@@ -17,6 +17,9 @@ pub const ENV_ALLOCATED_DEVICES: &str = "RM_ALLOCATED_DEVICES";
 /// Env var carrying the token that lets the pod use its devices through the
 /// node agent.
 pub const ENV_AGENT_TOKEN: &str = "RM_AGENT_TOKEN";
+/// Env var carrying the token of an `rm-abstract.io/agent` slot: the pod's
+/// identity at the node agent when it holds no accelerator.
+pub const ENV_AGENT_SLOT_TOKEN: &str = "RM_AGENT_SLOT_TOKEN";
 /// Also set for Furiosa: Ray and some Furiosa tools read this spelling with
 /// plain indices, while furiosa-llm reads `FURIOSA_DEVICES` as `npu:N`.
 pub const ENV_FURIOSA_VISIBLE: &str = "FURIOSA_VISIBLE_DEVICES";
@@ -106,13 +109,18 @@ pub fn container_response(
     }
 }
 
-/// The response for one container of the agent resource: only the mount of
-/// the agent's socket directory. No env: the webhook already set
-/// `RM_AGENT_SOCKET`, and an accelerator's `RM_AGENT_TOKEN` must not be
-/// shadowed (the webhook never asks for both, but a user might).
-pub fn agent_socket_response(opts: &AllocateOptions) -> api::ContainerAllocateResponse {
+/// The response for one container of the agent resource: the mount of the
+/// agent's socket directory and the slot's token in its own variable
+/// (`RM_AGENT_SLOT_TOKEN`): an accelerator's `RM_AGENT_TOKEN` must not be
+/// shadowed (the webhook never asks for both, but a user might), and the
+/// in-pod client prefers it when both are set.
+pub fn agent_socket_response(
+    opts: &AllocateOptions,
+    token: &str,
+) -> api::ContainerAllocateResponse {
     api::ContainerAllocateResponse {
         mounts: agent_socket_mount(opts).into_iter().collect(),
+        envs: HashMap::from([(ENV_AGENT_SLOT_TOKEN.to_string(), token.to_string())]),
         ..Default::default()
     }
 }

@@ -60,6 +60,20 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<()> {
     }
 
     let mut tasks = tokio::task::JoinSet::new();
+    let collector = Arc::new(TokenCollector {
+        store: tokens.clone(),
+        socket: cfg.pod_resources_socket.clone(),
+        interval: cfg.token_gc_interval,
+        grace: cfg.token_grace,
+        lease: cfg.token_lease,
+    });
+    {
+        let (c, sd) = (collector.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            c.run(sd).await;
+            Ok(())
+        });
+    }
     if !managers.is_empty() {
         let health = HealthLoop {
             host_root: cfg.host_root.clone(),
@@ -70,17 +84,6 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<()> {
         let sd = shutdown.clone();
         tasks.spawn(async move {
             health.run(sd).await;
-            Ok(())
-        });
-        let collector = TokenCollector {
-            store: tokens.clone(),
-            socket: cfg.pod_resources_socket.clone(),
-            interval: cfg.token_gc_interval,
-            grace: cfg.token_grace,
-        };
-        let sd = shutdown.clone();
-        tasks.spawn(async move {
-            collector.run(sd).await;
             Ok(())
         });
     }
@@ -108,7 +111,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<()> {
     for m in &managers {
         let ep = PluginEndpoint {
             manager: m.clone(),
-            tokens: tokens.clone(),
+            tokens: collector.clone(),
             options: AllocateOptions {
                 resource_name: m.resource_name.clone(),
                 agent_socket_dir: cfg.agent_socket_dir.clone(),

@@ -57,6 +57,10 @@ pub struct Config {
     /// A token younger than this is kept even if no container holds it yet
     /// (kubelet calls Allocate before the container shows in PodResources).
     pub token_grace: Duration,
+    /// How long a token stays valid without a renewal; the collector renews
+    /// the tokens of live pods, so this bounds how long a token outlives its
+    /// pod when the kubelet's PodResources cannot be asked.
+    pub token_lease: Duration,
 }
 
 /// The YAML config file; every field optional.
@@ -80,6 +84,7 @@ pub struct FileConfig {
     pub cdi_enabled: Option<bool>,
     pub token_gc_interval_ms: Option<u64>,
     pub token_grace_ms: Option<u64>,
+    pub token_lease_ms: Option<u64>,
     /// Advertise Rebellions devices as the generic `rebellions.ai/npu`.
     pub rbln_generic_resource: Option<bool>,
 }
@@ -267,6 +272,15 @@ impl Config {
             })
         };
 
+        let token_gc_interval_ms = file.token_gc_interval_ms.unwrap_or(30_000);
+        let token_lease_ms = file.token_lease_ms.unwrap_or(600_000);
+        // Renewal happens at half the lease; four passes per lease leave room
+        // for one failed pass before a live pod's token could lapse.
+        if token_lease_ms < 4 * token_gc_interval_ms {
+            return Err(Error::ConfigInvalid(format!(
+                "tokenLeaseMs ({token_lease_ms}) must be at least 4 x tokenGcIntervalMs ({token_gc_interval_ms}), or live pods' tokens could lapse between renewals"
+            )));
+        }
         Ok(Config {
             host_root,
             kubelet_dir,
@@ -280,8 +294,9 @@ impl Config {
             agent_socket_dir,
             agent_resource,
             cdi_enabled: file.cdi_enabled.unwrap_or(false),
-            token_gc_interval: Duration::from_millis(file.token_gc_interval_ms.unwrap_or(30_000)),
+            token_gc_interval: Duration::from_millis(token_gc_interval_ms),
             token_grace: Duration::from_millis(file.token_grace_ms.unwrap_or(120_000)),
+            token_lease: Duration::from_millis(token_lease_ms),
         })
     }
 

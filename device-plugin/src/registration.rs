@@ -17,9 +17,9 @@ use crate::api::RegisterRequest;
 use crate::api::device_plugin_server::DevicePluginServer;
 use crate::api::registration_client::RegistrationClient;
 use crate::error::{Error, Result};
+use crate::podresources::TokenCollector;
 use crate::resource::ResourceManager;
 use crate::server::{DevicePluginService, options};
-use crate::tokens::TokenStore;
 use crate::transport::{bind_unix, connect_unix};
 
 /// The API version we speak (`deviceplugin/v1beta1/constants.go`).
@@ -61,7 +61,7 @@ struct ServerInstance {
 /// Serves one resource and keeps it registered.
 pub struct PluginEndpoint {
     pub manager: Arc<ResourceManager>,
-    pub tokens: Arc<TokenStore>,
+    pub tokens: Arc<TokenCollector>,
     pub options: AllocateOptions,
     pub kubelet_dir: PathBuf,
     /// File name of our socket in `kubelet_dir`.

@@ -14,12 +14,14 @@ use crate::allocation::{self, AllocateOptions, Candidate};
 use crate::api;
 use crate::api::device_plugin_server::DevicePlugin;
 use crate::discovery::{Device, Health};
+use crate::podresources::TokenCollector;
 use crate::resource::{ResourceKind, ResourceManager};
 use crate::tokens::{RECORD_VERSION, TokenRecord, TokenStore, token_device, token_sha256};
 
 pub struct DevicePluginService {
     pub manager: Arc<ResourceManager>,
-    pub tokens: Arc<TokenStore>,
+    /// Records tokens and binds them to their pods.
+    pub tokens: Arc<TokenCollector>,
     pub options: AllocateOptions,
     /// Ends open ListAndWatch streams when this server instance stops, so a
     /// graceful shutdown does not wait on them forever.
@@ -133,35 +135,45 @@ impl DevicePlugin for DevicePluginService {
                     physical.push(d);
                 }
             }
-            if self.manager.kind == ResourceKind::AgentSocket {
-                container_responses.push(allocation::agent_socket_response(&self.options));
-                continue;
-            }
+            let agent_slot = self.manager.kind == ResourceKind::AgentSocket;
             let token = TokenStore::mint().map_err(|e| Status::internal(e.to_string()))?;
+            let now = TokenStore::now_ms();
             let record = TokenRecord {
                 version: RECORD_VERSION,
                 token_sha256: token_sha256(&token),
                 resource_name: self.manager.resource_name.clone(),
                 device_ids: req.devices_ids.clone(),
-                devices: physical.iter().map(|d| token_device(d)).collect(),
-                created_unix_ms: TokenStore::now_ms(),
-                expires_unix_ms: None,
+                // A slot is no device: the record grants the agent on the CPU.
+                devices: if agent_slot {
+                    vec![]
+                } else {
+                    physical.iter().map(|d| token_device(d)).collect()
+                },
+                created_unix_ms: now,
+                expires_unix_ms: Some(now.saturating_add(self.tokens.lease.as_millis() as u64)),
+                owner: None,
+                agent_slot,
             };
-            self.tokens.record(&record).map_err(|e| {
+            self.tokens.store.record(&record).map_err(|e| {
                 tracing::error!(error = %e, "cannot record allocation token");
                 Status::internal(format!("cannot record allocation token: {e}"))
             })?;
+            self.tokens.bind_soon(record.token_sha256.clone());
             tracing::info!(
                 resource = %self.manager.resource_name,
                 devices = ?req.devices_ids,
                 "allocated"
             );
-            container_responses.push(allocation::container_response(
-                &physical,
-                &state.control_nodes,
-                &self.options,
-                &token,
-            ));
+            container_responses.push(if agent_slot {
+                allocation::agent_socket_response(&self.options, &token)
+            } else {
+                allocation::container_response(
+                    &physical,
+                    &state.control_nodes,
+                    &self.options,
+                    &token,
+                )
+            });
         }
         Ok(Response::new(api::AllocateResponse {
             container_responses,

@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use rm_crds::token::{RECORD_VERSION, TOKENS_DIR, TokenDevice, TokenRecord, token_sha256};
+pub use rm_crds::token::{
+    RECORD_VERSION, TOKENS_DIR, TokenDevice, TokenOwner, TokenRecord, token_sha256,
+};
 
 use crate::discovery::Device;
 use crate::error::{Error, Result};
@@ -182,6 +184,22 @@ impl TokenStore {
         Ok(out)
     }
 
+    /// Rewrites a record that is still held (binding, lease); a record
+    /// removed meanwhile (superseded, collected) stays removed.
+    pub fn update(&self, rec: &TokenRecord) -> Result<()> {
+        let index = self.lock_index();
+        if !index.contains_key(&rec.token_sha256) {
+            return Ok(());
+        }
+        self.write(rec)
+    }
+
+    /// The record of a token hash, if it is on disk and readable.
+    pub fn get(&self, token_sha256: &str) -> Option<TokenRecord> {
+        let raw = std::fs::read(self.path_of(token_sha256)).ok()?;
+        serde_json::from_slice(&raw).ok()
+    }
+
     /// Removes the record of a token hash.
     pub fn remove(&self, token_sha256: &str) -> Result<()> {
         let mut index = self.lock_index();
@@ -215,6 +233,8 @@ mod tests {
             devices: vec![],
             created_unix_ms: TokenStore::now_ms(),
             expires_unix_ms: None,
+            owner: None,
+            agent_slot: false,
         }
     }
 
@@ -243,6 +263,20 @@ mod tests {
                 .to_string_lossy()
                 .ends_with(".tmp")
         }));
+    }
+
+    #[test]
+    fn updates_never_resurrect_a_removed_record() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let store = TokenStore::open(tmp.path()).expect("open");
+        let mut r = rec("t1", &["a"]);
+        store.record(&r).expect("t1");
+        r.expires_unix_ms = Some(5);
+        store.update(&r).expect("update");
+        assert_eq!(store.get("t1").and_then(|r| r.expires_unix_ms), Some(5));
+        store.remove("t1").expect("remove");
+        store.update(&r).expect("update after remove");
+        assert!(store.get("t1").is_none());
     }
 
     #[test]

@@ -198,10 +198,19 @@ async fn mixed_node_registers_one_endpoint_per_vendor() {
 }
 
 #[tokio::test]
-async fn agent_socket_slots_mount_the_socket_dir_without_token_or_devices() {
+async fn agent_socket_slots_mount_the_socket_dir_and_carry_a_token_bound_to_their_pod() {
     // A CPU node: no accelerator, only the node agent.
     let host = FakeHost::new();
     let dirs = Dirs::new();
+    let podres = TestPodResources::default();
+    podres.serve(&dirs.pod_resources_socket());
+    // The kubelet records the slot of the pod right after Allocate.
+    podres.set_pod(
+        "team-a",
+        "chat-0",
+        rm_crds::device::AGENT_RESOURCE,
+        &[&["agent::3"]],
+    );
     let mut kubelet = TestKubelet::start(dirs.kubelet.path());
     let plugin = RunningPlugin::start(test_config(
         &host,
@@ -241,9 +250,33 @@ async fn agent_socket_slots_mount_the_socket_dir_without_token_or_devices() {
     assert_eq!(c.mounts[0].container_path, "/var/run/rm-abstract");
     assert!(c.mounts[0].read_only);
     assert!(c.devices.is_empty(), "{:?}", c.devices);
-    assert!(c.envs.is_empty(), "no token, no device env: {:?}", c.envs);
-    let records = std::fs::read_dir(dirs.tokens_dir()).map_or(0, |d| d.count());
-    assert_eq!(records, 0, "no token record for the agent resource");
+    assert_eq!(c.envs.len(), 1, "only the slot's token: {:?}", c.envs);
+    assert!(
+        !c.envs.contains_key("RM_AGENT_TOKEN"),
+        "an accelerator's token is never shadowed"
+    );
+    let token = &c.envs["RM_AGENT_SLOT_TOKEN"];
+    let rec = rm_crds::token::read(&dirs.tokens_dir(), token).expect("slot record");
+    assert!(rec.agent_slot && rec.devices.is_empty());
+    assert_eq!(rec.device_type(), Some(rm_crds::DeviceType::Cpu));
+    assert_eq!(rec.device_ids, ["agent::3"]);
+    let lease_left = rec.expires_unix_ms.expect("a lease") - rec.created_unix_ms;
+    assert_eq!(lease_left, 600_000, "the default lease");
+    // Bound to the pod the kubelet reports, without waiting for the
+    // periodic pass (30 s).
+    let deadline = Instant::now() + 2 * SEC;
+    let owner = loop {
+        let rec = rm_crds::token::read(&dirs.tokens_dir(), token).expect("slot record");
+        if let Some(o) = rec.owner {
+            break o;
+        }
+        assert!(Instant::now() < deadline, "token not bound within 2 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        (owner.namespace.as_str(), owner.pod.as_str()),
+        ("team-a", "chat-0")
+    );
 
     let err = client.allocate(alloc_req(&["agent::5"])).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);

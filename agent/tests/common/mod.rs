@@ -207,6 +207,8 @@ impl Agent {
                 .collect(),
             created_unix_ms: 0,
             expires_unix_ms: None,
+            owner: None,
+            agent_slot: false,
         };
         let dir = self.state.join(token::TOKENS_DIR);
         std::fs::create_dir_all(&dir).unwrap();

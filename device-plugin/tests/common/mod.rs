@@ -359,9 +359,14 @@ impl TestPodResources {
     }
 
     pub fn set(&self, resource: &str, containers: &[&[&str]]) {
+        self.set_pod("default", "p", resource, containers);
+    }
+
+    /// One pod `namespace/name` whose containers hold `containers`' IDs.
+    pub fn set_pod(&self, namespace: &str, name: &str, resource: &str, containers: &[&[&str]]) {
         let pod = pr::PodResources {
-            name: "p".into(),
-            namespace: "default".into(),
+            name: name.into(),
+            namespace: namespace.into(),
             containers: containers
                 .iter()
                 .enumerate()
