@@ -73,6 +73,7 @@ variant servicemonitor --set serviceMonitor.enabled=true --set serviceMonitor.la
 variant priorities --set priorities.gpu=120 --set priorities.rbln=50 --set cpuFallback=false \
     --set unschedulableGracePeriod=90s --set resourceNames.rbln=rebellions.ai/npu --set 'devicePlugin.vendors={gpu,rbln}'
 variant no-webhook --set webhook.enabled=false
+variant trust-remote-code --set agent.allowTrustRemoteCode=true
 
 step "invalid values are refused"
 expect_not "unknown device type in priorities" render --set priorities.tpu=10
@@ -81,6 +82,7 @@ expect_not "unknown certificate mode" render --set webhook.certificate.mode=vaul
 expect_not "provided mode without secretName" render --set webhook.certificate.mode=provided
 expect_not "agent socket outside hostPaths.socketDir" render --set webhook.agentSocket=/tmp/a.sock
 expect_not "unknown device-plugin vendor" render --set 'devicePlugin.vendors={tpu}'
+expect_not "agent.allowTrustRemoteCode not a bool" render --set-string agent.allowTrustRemoteCode=yes
 
 # ---------------------------------------------------------------- 3. configs vs binaries
 step "rendered configuration files are accepted by the real binaries"

@@ -4,6 +4,7 @@
   chart_assert.py render VARIANT < manifests.yaml   checks `helm template` output
   chart_assert.py dockerfiles ROOT                   checks docker/*.Dockerfile
 """
+import base64
 import os
 import re
 import sys
@@ -56,7 +57,7 @@ def grants(role, group, resource, verb, name=None):
     return None
 
 
-def common(o):
+def common(o, variant):
     dep = one(o, "Deployment", "operator")
     spec = dep["spec"]["template"]["spec"]
     c = spec["containers"][0]
@@ -89,9 +90,19 @@ def common(o):
     aargs = args_of(agent)
     check(arg(aargs, "--socket") == "/var/run/rm-abstract/agent.sock", "agent --socket in the shared socket dir")
     check(arg(aargs, "--state-dir") == "/var/lib/rm-abstract/device-plugin", "agent reads the device plugin's tokens")
+    check(arg(aargs, "--admin-token-file") == "/etc/rm-abstract/admin/token", "agent reads its admin token file")
+    adm = [v for v in at["spec"]["volumes"] if v["name"] == "admin-token"]
+    secret = one(o, "Secret", "agent-admin")
+    check(len(adm) == 1 and adm[0]["secret"]["secretName"] == secret["metadata"]["name"],
+          "agent mounts its admin Secret through the volume named admin-token (kubectl inference cache)")
+    check(len(base64.b64decode(secret["data"]["token"])) >= 16, "admin token of at least 16 characters")
     hp = {v["name"]: v["hostPath"]["path"] for v in at["spec"]["volumes"] if "hostPath" in v}
     check(hp.get("socket") == "/var/run/rm-abstract" and hp.get("state") == "/var/lib/rm-abstract",
           "agent hostPaths: /var/run/rm-abstract, /var/lib/rm-abstract")
+    aenv = {e["name"]: e.get("value") for e in at["spec"]["containers"][0].get("env", [])}
+    want_trc = "true" if variant == "trust-remote-code" else "false"
+    check(aenv.get("RM_ALLOW_TRUST_REMOTE_CODE") == want_trc,
+          f"agent RM_ALLOW_TRUST_REMOTE_CODE={want_trc} (agent.allowTrustRemoteCode)")
     dp = one(o, "DaemonSet", "device-plugin")
     dps = dp["spec"]["template"]["spec"]
     hp = {v["hostPath"]["path"] for v in dps["volumes"] if "hostPath" in v}
@@ -125,12 +136,12 @@ def render(variant, stream):
     kinds = sorted(o)
     print(f"  kinds: {', '.join(f'{k}×{len(v)}' for k, v in sorted(o.items()))}")
     if variant == "no-webhook":
-        dep, a, cr, role = common(o)
+        dep, a, cr, role = common(o, variant)
         check("MutatingWebhookConfiguration" not in o, "no MutatingWebhookConfiguration")
         check(arg(a, "--webhook-addr") is None, "operator serves no webhook")
         check(grants(role, "", "secrets", "get") is None, "no Secret access without the webhook")
         return
-    dep, a, cr, role = common(o)
+    dep, a, cr, role = common(o, variant)
     mwc = one(o, "MutatingWebhookConfiguration")
     wh = mwc["webhooks"][0]
     check(arg(a, "--webhook-config-name") == mwc["metadata"]["name"], "operator manages the chart's webhook configuration")

@@ -2,7 +2,8 @@
 # Runs every test of rm-abstract: the Rust unit and integration tests (the
 # latter against the local control plane, started or reused), the device
 # plugin against the kubelet's own device manager, the Python
-# init's tests against a real node agent, the Helm chart's tests, and the
+# init's tests against a real node agent, the vendor workers against SDK
+# test doubles, the Helm chart's tests, and the
 # full-stack demo as an end-to-end test (real pods on a real kubelet node),
 # then faults on that node. Does the set-up first, so it works
 # on a fresh machine.
@@ -24,6 +25,9 @@ e2e/devicemanager.sh "${CARGO_TARGET_DIR:-$ROOT/target}/debug/rm-device-plugin"
 
 echo "=== Python: python/run-tests.sh"
 RM_AGENT_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/rm-agent" python/run-tests.sh
+
+echo "=== Python: vendor workers with SDK test doubles (agent/tests/workers)"
+python3 -m pytest -q -p no:cacheprovider agent/tests/workers
 
 echo "=== Helm chart: e2e/chart-test.sh"
 e2e/chart-test.sh

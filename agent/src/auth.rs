@@ -1,11 +1,15 @@
-//! Device tokens: the device plugin writes one record per allocation into
-//! `<state-dir>/tokens/` (`rm_crds::token`, named by the SHA-256 of the
-//! token). A request for an accelerator must carry a token, and may use only
-//! that allocation's devices. The decision is the pure function
-//! [`authorize`]; [`TokenStore`] only reads records.
+//! Who calls, and where they may run. The device plugin writes one record
+//! per allocation into `<state-dir>/tokens/` (`rm_crds::token`, named by the
+//! SHA-256 of the token): an accelerator's devices, or a slot of the agent
+//! resource (the CPU), bound to the pod that holds it. Every request carries
+//! one of these tokens (or the cluster operator's admin token); the pod's
+//! namespace is the tenant that models and cache entries are scoped by.
+//! The decisions are the pure functions [`authorize`] and [`Caller`]'s
+//! methods; [`TokenStore`] only reads records.
 
 use std::path::{Path, PathBuf};
 
+pub use rm_crds::token::TokenOwner;
 use rm_crds::token::{self, ReadError, TokenRecord};
 use rm_crds::{DeviceRequest, DeviceType};
 
@@ -18,6 +22,8 @@ pub struct Allocation {
     pub devices: Vec<String>,
     /// Unix milliseconds after which the token is refused.
     pub expires_unix_ms: Option<u64>,
+    /// The pod holding the allocation, once the device plugin has bound it.
+    pub owner: Option<TokenOwner>,
 }
 
 impl TryFrom<&TokenRecord> for Allocation {
@@ -34,6 +40,7 @@ impl TryFrom<&TokenRecord> for Allocation {
             device_type,
             devices: rec.visible_ids(),
             expires_unix_ms: rec.expires_unix_ms,
+            owner: rec.owner.clone(),
         })
     }
 }
@@ -46,8 +53,59 @@ pub struct Target {
     pub devices: Vec<String>,
 }
 
+/// Who is calling.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Caller {
+    /// The agent runs without a token store (`--state-dir` unset): one
+    /// trusted tenant, for development on a workstation only.
+    Trusted,
+    /// The cluster operator (`--admin-token-file`): sees and deletes every
+    /// tenant's entries; runs on the CPU only.
+    Admin,
+    /// A pod, by the token of its allocation.
+    Pod {
+        owner: TokenOwner,
+        allocation: Allocation,
+    },
+}
+
+impl Caller {
+    /// The tenant whose models and entries the caller sees; `None` sees all.
+    pub fn namespace(&self) -> Option<&str> {
+        match self {
+            Caller::Pod { owner, .. } => Some(&owner.namespace),
+            Caller::Trusted | Caller::Admin => None,
+        }
+    }
+
+    /// The devices the caller holds, for [`authorize`].
+    pub fn allocation(&self) -> Option<&Allocation> {
+        match self {
+            Caller::Pod { allocation, .. } => Some(allocation),
+            Caller::Trusted | Caller::Admin => None,
+        }
+    }
+
+    /// For logs: `namespace/pod`, `admin` or `trusted`.
+    pub fn describe(&self) -> String {
+        match self {
+            Caller::Pod { owner, .. } => format!("{}/{}", owner.namespace, owner.pod),
+            Caller::Admin => "admin".into(),
+            Caller::Trusted => "trusted".into(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum AuthError {
+    #[error(
+        "this agent serves pods by their token: send RM_AGENT_TOKEN (pods with an accelerator) or RM_AGENT_SLOT_TOKEN (pods with rm-abstract.io/agent: 1, which the webhook adds) as 'Authorization: Bearer <token>'"
+    )]
+    NoIdentity,
+    #[error(
+        "the token is not yet bound to its pod (the device plugin does so as soon as the kubelet reports the pod); retry in a second"
+    )]
+    NotBound,
     #[error(
         "device {0} is an accelerator: send the token from RM_AGENT_TOKEN as 'Authorization: Bearer <token>'"
     )]
@@ -56,6 +114,10 @@ pub enum AuthError {
     UnknownToken,
     #[error("the token has expired")]
     Expired,
+    #[error(
+        "device {0} needs an accelerator, and this pod holds no accelerator (its token is an rm-abstract.io/agent slot, for the CPU): request the device in the pod's resources (an InferenceWorkload's pods get it from the operator), or use device \"cpu\""
+    )]
+    NoAccelerator(String),
     #[error(
         "the token allocates {allocated} devices, not {requested}; use device \"{allocated}:N\" or \"auto\""
     )]
@@ -76,10 +138,46 @@ pub enum AuthError {
 impl AuthError {
     pub fn http_status(&self) -> u16 {
         match self {
-            AuthError::MissingToken(_) | AuthError::UnknownToken | AuthError::Expired => 401,
-            AuthError::WrongType { .. } | AuthError::IndexOutOfRange { .. } => 403,
+            AuthError::NoIdentity
+            | AuthError::MissingToken(_)
+            | AuthError::UnknownToken
+            | AuthError::Expired => 401,
+            AuthError::NotBound => 503,
+            AuthError::NoAccelerator(_)
+            | AuthError::WrongType { .. }
+            | AuthError::IndexOutOfRange { .. } => 403,
             AuthError::BadTokenFile(_) => 500,
         }
+    }
+}
+
+/// Who a token names, given its allocation (if the store knows it) and
+/// whether it is the admin token. Pure: [`crate::service::Agent::identify`]
+/// reads the store and retries a token not yet bound.
+pub fn identify(
+    token: Option<&str>,
+    is_admin: bool,
+    enforced: bool,
+    allocation: Option<Result<Allocation, AuthError>>,
+    now_unix_ms: u64,
+) -> Result<Caller, AuthError> {
+    if is_admin {
+        return Ok(Caller::Admin);
+    }
+    let Some(allocation) = allocation else {
+        return match (token, enforced) {
+            (_, true) => Err(AuthError::NoIdentity),
+            (None, false) => Ok(Caller::Trusted),
+            (Some(_), false) => Err(AuthError::UnknownToken),
+        };
+    };
+    let allocation = allocation?;
+    if allocation.expires_unix_ms.is_some_and(|e| e <= now_unix_ms) {
+        return Err(AuthError::Expired);
+    }
+    match allocation.owner.clone() {
+        Some(owner) => Ok(Caller::Pod { owner, allocation }),
+        None => Err(AuthError::NotBound),
     }
 }
 
@@ -114,6 +212,9 @@ pub fn authorize(
         return Err(AuthError::MissingToken(request.to_string()));
     };
     if !allowed_types.contains(&a.device_type) {
+        if a.device_type == DeviceType::Cpu {
+            return Err(AuthError::NoAccelerator(request.to_string()));
+        }
         return Err(AuthError::WrongType {
             allocated: a.device_type,
             requested: request.to_string(),
@@ -152,6 +253,11 @@ impl TokenStore {
         }
     }
 
+    /// Whether every request must carry a token (a state dir is set).
+    pub fn enforced(&self) -> bool {
+        self.dir.is_some()
+    }
+
     pub fn lookup(&self, token: &str) -> Result<Allocation, AuthError> {
         let Some(dir) = &self.dir else {
             return Err(AuthError::UnknownToken);
@@ -176,6 +282,10 @@ mod tests {
             device_type: t,
             devices: (0..n).map(|i| format!("{}", i + 4)).collect(),
             expires_unix_ms: None,
+            owner: Some(TokenOwner {
+                namespace: "team-a".into(),
+                pod: "p".into(),
+            }),
         }
     }
 
@@ -236,6 +346,58 @@ mod tests {
     }
 
     #[test]
+    fn every_request_names_a_pod_unless_the_agent_runs_without_tokens() {
+        let a = alloc(DeviceType::Cpu, 0);
+        let id = |t: Option<&str>, admin, enforced, al: Option<Allocation>| {
+            identify(t, admin, enforced, al.map(Ok), 100)
+        };
+        assert_eq!(id(None, false, true, None), Err(AuthError::NoIdentity));
+        assert_eq!(id(Some("x"), false, true, None), Err(AuthError::NoIdentity));
+        assert_eq!(id(None, false, false, None), Ok(Caller::Trusted));
+        assert_eq!(
+            id(Some("x"), false, false, None),
+            Err(AuthError::UnknownToken)
+        );
+        assert_eq!(id(Some("adm"), true, true, None), Ok(Caller::Admin));
+        let pod = id(Some("t"), false, true, Some(a.clone())).expect("a pod");
+        assert_eq!(pod.namespace(), Some("team-a"));
+        assert_eq!(pod.describe(), "team-a/p");
+        let unbound = Allocation {
+            owner: None,
+            ..a.clone()
+        };
+        assert_eq!(
+            id(Some("t"), false, true, Some(unbound)),
+            Err(AuthError::NotBound)
+        );
+        let lapsed = Allocation {
+            expires_unix_ms: Some(100),
+            ..a
+        };
+        assert_eq!(
+            id(Some("t"), false, true, Some(lapsed)),
+            Err(AuthError::Expired)
+        );
+        assert_eq!(Caller::Admin.namespace(), None);
+        assert_eq!(Caller::Trusted.allocation(), None);
+    }
+
+    #[test]
+    fn a_cpu_slot_runs_on_the_cpu_only() {
+        let slot = alloc(DeviceType::Cpu, 0);
+        for d in ["auto", "cpu"] {
+            assert_eq!(
+                authorize(req(d), Some(&slot), 0).map(|t| t.device_type),
+                Ok(DeviceType::Cpu)
+            );
+        }
+        assert!(matches!(
+            authorize(req("gpu:0"), Some(&slot), 0),
+            Err(AuthError::NoAccelerator(_))
+        ));
+    }
+
+    #[test]
     fn expired_token_is_refused() {
         let mut a = alloc(DeviceType::Gpu, 1);
         a.expires_unix_ms = Some(10);
@@ -273,6 +435,7 @@ mod tests {
                 device_type: DeviceType::Furiosa,
                 devices: vec!["npu:1".into()],
                 expires_unix_ms: None,
+                owner: None,
             })
         );
         assert_eq!(store.lookup("other"), Err(AuthError::UnknownToken));

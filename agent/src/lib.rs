@@ -5,6 +5,7 @@
 //! executes generation, and serves all of it to pods as HTTP/JSON on a unix
 //! socket. `main.rs` only wires these modules together.
 
+pub mod access;
 pub mod api;
 pub mod auth;
 pub mod backend;

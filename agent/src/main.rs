@@ -39,8 +39,15 @@ struct Cli {
     #[arg(long, env = "RM_PLUGIN_DIR")]
     plugin_dir: Option<PathBuf>,
     /// Directory where the device plugin writes `tokens/<sha256>.json`.
+    /// Set, every request must carry a pod's token (or the admin token);
+    /// unset, every caller is trusted: for a workstation only.
     #[arg(long, env = "RM_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// File holding the cluster operator's admin token (the chart mounts a
+    /// Secret): its bearer sees and may delete every namespace's entries,
+    /// and models it registers are shared with every namespace.
+    #[arg(long, env = "RM_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
     /// TCP address for `/metrics` and `/healthz`, e.g. 0.0.0.0:9464.
     #[arg(long, env = "RM_METRICS_ADDR")]
     metrics_addr: Option<String>,
@@ -63,6 +70,12 @@ struct Cli {
     /// Threads of one CPU generation. Default: the CPUs this process may use.
     #[arg(long, env = "RM_CPU_THREADS")]
     cpu_threads: Option<usize>,
+    /// Let requests set `trust_remote_code` in `options.extra` for the worker
+    /// backends whose manifest lists it. Off by default: it makes the compile
+    /// run Python code from the model repository as the agent's user on the
+    /// node. Enable only when every model the pods may name is trusted.
+    #[arg(long, env = "RM_ALLOW_TRUST_REMOTE_CODE")]
+    allow_trust_remote_code: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -84,6 +97,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
 enum StartError {
     #[error("cannot open the cache: {0}")]
     Cache(#[from] rm_agent::cache::StoreError),
+    #[error(
+        "the admin token in {0} is shorter than 16 characters; write a random one (e.g. `head -c 24 /dev/urandom | base64`)"
+    )]
+    WeakAdminToken(String),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -128,16 +145,40 @@ async fn run(cli: Cli) -> Result<(), StartError> {
     if let Some(dir) = &cli.plugin_dir {
         for (wdir, manifest) in discover(dir) {
             tracing::info!(backend = %manifest.name, dir = %wdir.display(), "worker plugin found");
-            let w = Arc::new(WorkerBackend::new(wdir, manifest));
+            let w = Arc::new(
+                WorkerBackend::new(wdir, manifest)
+                    .allow_trust_remote_code(cli.allow_trust_remote_code),
+            );
             w.probe_now().await;
             backends.push(w);
         }
+    }
+    let admin_token = match &cli.admin_token_file {
+        Some(path) => {
+            let t = std::fs::read_to_string(path)
+                .map_err(io("cannot read admin token file", path))?
+                .trim()
+                .to_string();
+            if t.len() < 16 {
+                return Err(StartError::WeakAdminToken(path.display().to_string()));
+            }
+            Some(t)
+        }
+        None => None,
+    };
+    let tokens = TokenStore::new(cli.state_dir.as_deref());
+    if !tokens.enforced() {
+        tracing::warn!(
+            "no --state-dir: every caller is trusted and sees every model (development only; the chart sets it)"
+        );
     }
     let agent = Arc::new(Agent::new(
         store,
         models,
         Registry::new(backends),
-        TokenStore::new(cli.state_dir.as_deref()),
+        tokens,
+        rm_agent::access::AccessIndex::open(&cli.cache_dir),
+        admin_token.as_deref(),
     ));
 
     if let Some(parent) = cli.socket.parent() {

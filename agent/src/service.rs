@@ -9,7 +9,8 @@ use rm_crds::{CompileOptions, DeviceRequest, DeviceType};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::auth::{self, AuthError, Target, TokenStore};
+use crate::access::{AccessIndex, Kind, SHARED};
+use crate::auth::{self, AuthError, Caller, Target, TokenStore};
 use crate::backend::{
     Backend, BackendError, CompileJob, ForwardJob, ForwardOutput, GenerateJob, GenerationParams,
     Prompt, Registry, SelectError, SequenceOutput, TokenFn,
@@ -131,9 +132,17 @@ pub struct Agent {
     pub models: Arc<ModelRegistry>,
     pub backends: Registry,
     pub tokens: TokenStore,
+    pub access: AccessIndex,
     pub metrics: Arc<Metrics>,
+    /// SHA-256 of the cluster operator's admin token, if one is set.
+    admin_sha256: Option<String>,
     verified: Mutex<HashSet<CacheKey>>,
 }
+
+/// How long a request waits for the device plugin to bind a fresh token to
+/// its pod before it is answered 503 (the binding normally takes tens of
+/// milliseconds, and happens before the container starts).
+const BIND_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn join_err(e: tokio::task::JoinError) -> AgentError {
     AgentError::Backend(BackendError::Internal(e.to_string()))
@@ -145,6 +154,8 @@ impl Agent {
         models: Arc<ModelRegistry>,
         backends: Registry,
         tokens: TokenStore,
+        access: AccessIndex,
+        admin_token: Option<&str>,
     ) -> Self {
         Agent {
             store,
@@ -152,35 +163,129 @@ impl Agent {
             models,
             backends,
             tokens,
+            access,
             metrics: Arc::new(Metrics::default()),
+            admin_sha256: admin_token.map(rm_crds::token::token_sha256),
             verified: Mutex::new(HashSet::new()),
         }
     }
 
-    /// Where a request may run, from its device string and token.
-    pub fn target(&self, device: &str, token: Option<&str>) -> Result<Target, AgentError> {
+    /// Who sends `token`. A token the device plugin has not bound to its pod
+    /// yet is read again for a moment before the caller is told to retry.
+    pub async fn identify(&self, token: Option<&str>) -> Result<Caller, AgentError> {
+        let is_admin = match (token, &self.admin_sha256) {
+            (Some(t), Some(admin)) => rm_crds::token::token_sha256(t) == *admin,
+            _ => false,
+        };
+        let deadline = tokio::time::Instant::now() + BIND_WAIT;
+        loop {
+            let allocation = match token {
+                Some(t) if !is_admin && self.tokens.enforced() => Some(self.tokens.lookup(t)),
+                _ => None,
+            };
+            let now = crate::cache::store::now_ms();
+            match auth::identify(token, is_admin, self.tokens.enforced(), allocation, now) {
+                Err(AuthError::NotBound) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => {
+                    Metrics::inc(&self.metrics.refused_requests);
+                    return Err(AgentError::Auth(e));
+                }
+                Ok(caller) => return Ok(caller),
+            }
+        }
+    }
+
+    /// Where a request may run, from its device string and caller.
+    pub fn target(&self, device: &str, caller: &Caller) -> Result<Target, AgentError> {
         let request: DeviceRequest = device
             .parse()
             .map_err(|e: rm_crds::DeviceStringError| AgentError::BadRequest(e.to_string()))?;
-        let allocation = match token {
-            Some(t) => Some(self.tokens.lookup(t)?),
-            None => None,
-        };
         let now = crate::cache::store::now_ms();
-        auth::authorize(request, allocation.as_ref(), now).map_err(|e| {
+        auth::authorize(request, caller.allocation(), now).map_err(|e| {
             Metrics::inc(&self.metrics.refused_requests);
             AgentError::Auth(e)
         })
     }
 
-    /// Registers a model source (hashing it once).
-    pub async fn register(&self, source: ModelSource) -> Result<ResolvedModel, AgentError> {
+    /// Records that `caller` holds `id`: its namespace, every namespace when
+    /// the admin registers it, nothing for a trusted caller.
+    fn grant(&self, kind: Kind, id: &str, caller: &Caller) -> Result<(), AgentError> {
+        let owner = match caller {
+            Caller::Pod { owner, .. } => owner.namespace.as_str(),
+            Caller::Admin => SHARED,
+            Caller::Trusted => return Ok(()),
+        };
+        self.access.grant(kind, id, owner).map_err(|e| {
+            AgentError::Store(StoreError::Io {
+                path: "access.json".into(),
+                source: e,
+            })
+        })
+    }
+
+    /// Whether `caller` may see the blob (and so may use it in a model).
+    pub fn may_use_blob(&self, sha256: &str, caller: &Caller) -> bool {
+        self.access.may_use(Kind::Blob, sha256, caller.namespace())
+    }
+
+    /// Records an upload of the whole blob by `caller`.
+    pub fn grant_blob(&self, sha256: &str, caller: &Caller) -> Result<(), AgentError> {
+        self.grant(Kind::Blob, sha256, caller)
+    }
+
+    /// Whether `caller` may use the model (and its cache entries).
+    pub fn may_use_model(&self, digest: &str, caller: &Caller) -> bool {
+        self.access.may_use(Kind::Model, digest, caller.namespace())
+    }
+
+    /// Registers a model source (hashing it once) for `caller`.
+    pub async fn register(
+        &self,
+        source: ModelSource,
+        caller: &Caller,
+    ) -> Result<ResolvedModel, AgentError> {
+        // Uploaded files count only when this tenant uploaded them: knowing a
+        // blob's digest is no proof of holding it.
+        for f in source.files.iter().flatten() {
+            if !self.may_use_blob(&f.sha256, caller) {
+                return Err(SourceError::MissingBlob(f.sha256.clone()).into());
+            }
+        }
         let models = self.models.clone();
-        Ok(
-            tokio::task::spawn_blocking(move || models.register(&source))
-                .await
-                .map_err(join_err)??,
-        )
+        let m = tokio::task::spawn_blocking(move || models.register(&source))
+            .await
+            .map_err(join_err)??;
+        self.grant(Kind::Model, &m.digest, caller)?;
+        tracing::debug!(model = %m.digest, caller = %caller.describe(), "model registered");
+        Ok(m)
+    }
+
+    /// A registered model `caller` may use; others' are as unknown.
+    fn model_for(&self, digest: &str, caller: &Caller) -> Result<ResolvedModel, AgentError> {
+        if !self.may_use_model(digest, caller) {
+            return Err(SourceError::UnknownModel(digest.to_string()).into());
+        }
+        Ok(self.models.get(digest)?)
+    }
+
+    /// The cache entries `caller` may see.
+    pub fn visible_entries(&self, caller: &Caller) -> Vec<crate::cache::EntryView> {
+        self.store
+            .list()
+            .into_iter()
+            .filter(|e| self.may_use_model(&e.model_digest, caller))
+            .collect()
+    }
+
+    /// The compiles under way that `caller` may see.
+    pub fn visible_compiles(&self, caller: &Caller) -> Vec<crate::cache::FlightView> {
+        self.flights
+            .list()
+            .into_iter()
+            .filter(|f| self.may_use_model(&f.model, caller))
+            .collect()
     }
 
     /// Finds the entry for a model and options, or starts (or joins) its
@@ -188,13 +293,13 @@ impl Agent {
     pub async fn start_prepare(
         &self,
         req: PrepareRequest,
-        token: Option<&str>,
+        caller: &Caller,
     ) -> Result<PrepareTicket, AgentError> {
         Metrics::inc(&self.metrics.prepare_requests);
-        let target = self.target(&req.device, token)?;
+        let target = self.target(&req.device, caller)?;
         let model = match (&req.model, req.source) {
-            (Some(id), None) => self.models.get(id)?,
-            (None, Some(src)) => self.register(src).await?,
+            (Some(id), None) => self.model_for(id, caller)?,
+            (None, Some(src)) => self.register(src, caller).await?,
             _ => {
                 return Err(AgentError::BadRequest(
                     "give exactly one of \"model\" (a registered sha256:... id) or \"source\""
@@ -229,7 +334,7 @@ impl Agent {
         }
         Metrics::inc(&self.metrics.cache_misses);
         prepared.cached = false;
-        let rx = match self.flights.join(&key, &info.name) {
+        let rx = match self.flights.join(&key, &info.name, &model.digest) {
             Role::Follower(rx) => rx,
             Role::Leader(leader, rx) => {
                 let job = CompileJob {
@@ -288,9 +393,9 @@ impl Agent {
     pub async fn prepare(
         &self,
         req: PrepareRequest,
-        token: Option<&str>,
+        caller: &Caller,
     ) -> Result<Prepared, AgentError> {
-        let t = self.start_prepare(req, token).await?;
+        let t = self.start_prepare(req, caller).await?;
         self.finish_prepare(t).await
     }
 
@@ -298,11 +403,11 @@ impl Agent {
     pub async fn generate(
         &self,
         req: GenerateRequest,
-        token: Option<&str>,
+        caller: &Caller,
         on_token: Option<TokenFn>,
     ) -> Result<Vec<SequenceOutput>, AgentError> {
         Metrics::inc(&self.metrics.generate_requests);
-        let result = self.generate_inner(req, token, on_token).await;
+        let result = self.generate_inner(req, caller, on_token).await;
         match &result {
             Ok(outs) => {
                 let n: usize = outs.iter().map(|o| o.token_ids.len()).sum();
@@ -318,10 +423,10 @@ impl Agent {
     async fn generate_inner(
         &self,
         req: GenerateRequest,
-        token: Option<&str>,
+        caller: &Caller,
         on_token: Option<TokenFn>,
     ) -> Result<Vec<SequenceOutput>, AgentError> {
-        let run = self.runnable(&req.key, &req.device, token).await?;
+        let run = self.runnable(&req.key, &req.device, caller).await?;
         let job = GenerateJob {
             key: req.key,
             artifact_dir: run.artifact_dir.clone(),
@@ -336,10 +441,10 @@ impl Agent {
     pub async fn forward(
         &self,
         req: ForwardRequest,
-        token: Option<&str>,
+        caller: &Caller,
     ) -> Result<Vec<ForwardOutput>, AgentError> {
         Metrics::inc(&self.metrics.forward_requests);
-        let run = self.runnable(&req.key, &req.device, token).await;
+        let run = self.runnable(&req.key, &req.device, caller).await;
         let result = match run {
             Ok(run) => {
                 let job = ForwardJob {
@@ -366,12 +471,13 @@ impl Agent {
         &self,
         key: &CacheKey,
         device: &str,
-        token: Option<&str>,
+        caller: &Caller,
     ) -> Result<Runnable, AgentError> {
-        let target = self.target(device, token)?;
+        let target = self.target(device, caller)?;
         let entry = self
             .store
             .lookup(key)
+            .filter(|e| self.may_use_model(&e.model_digest, caller))
             .ok_or_else(|| AgentError::Store(StoreError::NotFound(key.clone())))?;
         if entry.device_type != target.device_type {
             Metrics::inc(&self.metrics.refused_requests);
@@ -418,9 +524,26 @@ impl Agent {
         })
     }
 
-    /// Deletes an entry and lets its backend free what it holds.
-    pub fn delete(&self, key: &CacheKey) -> Result<u64, AgentError> {
-        let entry = self.store.lookup(key);
+    /// Deletes an entry and lets its backend free what it holds. A pod may
+    /// delete only entries of models no other namespace holds (the compile
+    /// may have taken hours, and it is theirs too); the admin may delete any.
+    pub fn delete(&self, key: &CacheKey, caller: &Caller) -> Result<u64, AgentError> {
+        let entry = self
+            .store
+            .lookup(key)
+            .filter(|e| self.may_use_model(&e.model_digest, caller))
+            .ok_or_else(|| AgentError::Store(StoreError::NotFound(key.clone())))?;
+        if let Some(ns) = caller.namespace() {
+            let others = self.access.others(Kind::Model, &entry.model_digest, ns);
+            if !others.is_empty() {
+                Metrics::inc(&self.metrics.refused_requests);
+                return Err(AgentError::Forbidden(format!(
+                    "cache entry {key} is also used by {} other namespace(s) or shared by the cluster operator; only the operator may delete it (kubectl inference cache --delete, with the agent's admin token)",
+                    others.len()
+                )));
+            }
+        }
+        let entry = Some(entry);
         let size = self.store.delete(key)?;
         self.verified
             .lock()

@@ -372,7 +372,7 @@ fn cache_hits_misses_on_changed_options_and_survives_restart() {
         &agent.socket,
         "DELETE",
         &format!("/v1/cache/{key}"),
-        &[],
+        &[common::AUTH],
         b"",
     );
     assert_eq!(r.status, 200);
@@ -380,7 +380,7 @@ fn cache_hits_misses_on_changed_options_and_survives_restart() {
         &agent.socket,
         "DELETE",
         &format!("/v1/cache/{key}"),
-        &[],
+        &[common::AUTH],
         b"",
     );
     assert_eq!(r.status, 404);
@@ -602,10 +602,18 @@ fn accelerator_requests_need_a_token_for_their_devices() {
     agent.add_token("rbln-token", "rbln", &[0]);
     let body = json!({"source": {"path": model}, "device": "gpu:0"});
 
-    let r = agent.post("/v1/prepare", body.clone());
+    let r = agent.call("POST", "/v1/prepare", None, body.to_string().as_bytes());
     assert_eq!(r.status, 401);
     assert!(
         r.message().contains("Authorization: Bearer"),
+        "{}",
+        r.message()
+    );
+    // A pod with only an agent slot asks for a GPU.
+    let r = agent.post("/v1/prepare", body.clone());
+    assert_eq!(r.status, 403);
+    assert!(
+        r.message().contains("holds no accelerator"),
         "{}",
         r.message()
     );
@@ -654,17 +662,16 @@ fn accelerator_requests_need_a_token_for_their_devices() {
     let out: Vec<ForwardOutput> = serde_json::from_value(r.json()["outputs"].clone()).unwrap();
     assert_eq!((out[0].positions, out[0].vocab_size), (2, 4));
     assert_eq!(out[0].logits, [8.0, 9.0, 10.0, 11.0, 9.0, 10.0, 11.0, 12.0]);
-    let r = agent.post(
-        "/v1/forward",
-        json!({"key": key, "device": "gpu:1", "input_ids": [1]}),
-    );
-    assert_eq!(r.status, 401);
-    // Generating on the GPU entry without the token is refused too.
-    let r = agent.post(
-        "/v1/generate",
-        json!({"key": key, "device": "gpu:1", "input_ids": [1]}),
-    );
-    assert_eq!(r.status, 401);
+    let no_token = |path: &str, body: Value| {
+        agent
+            .call("POST", path, None, body.to_string().as_bytes())
+            .status
+    };
+    let body = json!({"key": key, "device": "gpu:1", "input_ids": [1]});
+    assert_eq!(no_token("/v1/forward", body.clone()), 401);
+    assert_eq!(no_token("/v1/generate", body.clone()), 401);
+    // A pod of the same namespace without the GPU may not run on it.
+    assert_eq!(agent.post("/v1/generate", body).status, 403);
     // And a cpu request may not use a GPU entry.
     let r = agent.post(
         "/v1/generate",
@@ -781,8 +788,8 @@ fn bad_requests_get_4xx_with_a_message() {
         (
             "/v1/prepare",
             json!({"source": {"path": model}, "device": "rbln:0"}),
-            401,
-            "token",
+            403,
+            "holds no accelerator",
         ),
         (
             "/v1/generate",
@@ -847,7 +854,13 @@ fn bad_requests_get_4xx_with_a_message() {
             r.message()
         );
     }
-    let r = common::request(&agent.socket, "POST", "/v1/generate", &[], b"{not json");
+    let r = common::request(
+        &agent.socket,
+        "POST",
+        "/v1/generate",
+        &[common::AUTH],
+        b"{not json",
+    );
     assert_eq!(r.status, 400);
     assert!(r.message().contains("invalid JSON"));
     assert_eq!(agent.get("/v1/nothing").status, 404);
@@ -1000,7 +1013,8 @@ impl SlowUpload {
         use std::io::Write;
         let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
         let head = format!(
-            "PUT /v1/blobs/{sha} HTTP/1.1\r\nHost: rm-agent\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            "PUT /v1/blobs/{sha} HTTP/1.1\r\nHost: rm-agent\r\nConnection: close\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n",
+            common::TOKEN,
             body.len()
         );
         stream.write_all(head.as_bytes()).unwrap();
@@ -1034,7 +1048,14 @@ fn concurrent_and_aborted_uploads_leave_only_verified_blobs() {
     let body: Vec<u8> = (0..4u32 << 20).map(|i| (i * 7 + i / 251) as u8).collect();
     let sha = rm_agent::cache::key::hex(&<sha2::Sha256 as sha2::Digest>::digest(&body));
     let head = |sha: &str| {
-        common::request(&agent.socket, "HEAD", &format!("/v1/blobs/{sha}"), &[], b"").status
+        common::request(
+            &agent.socket,
+            "HEAD",
+            &format!("/v1/blobs/{sha}"),
+            &[common::AUTH],
+            b"",
+        )
+        .status
     };
     let settle = || std::thread::sleep(Duration::from_millis(300));
 
@@ -1087,4 +1108,324 @@ fn concurrent_and_aborted_uploads_leave_only_verified_blobs() {
         .filter(|n| n.contains(".part"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// A GET on the agent's TCP port (metrics), with optional extra headers.
+fn tcp_get(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    let mut head = format!("GET {path} HTTP/1.1\r\nHost: rm-agent\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let status = raw.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, raw)
+}
+
+#[test]
+fn tenants_see_and_use_only_their_own_models_blobs_and_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    tiny_llama(&model, 11);
+    let admin = "admin-token-0123456789abcdef";
+    std::fs::write(dir.path().join("admin"), format!("{admin}\n")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let tcp = format!("127.0.0.1:{port}");
+    let admin_file = dir.path().join("admin").display().to_string();
+    let agent = Agent::start(
+        dir.path(),
+        None,
+        &["--admin-token-file", &admin_file, "--metrics-addr", &tcp],
+    );
+    agent.add_slot_token("ta", "team-a");
+    agent.add_slot_token("tb", "team-b");
+    let as_ = |token: &str, method: &str, path: &str, body: Value| {
+        let b = if body.is_null() {
+            vec![]
+        } else {
+            body.to_string().into_bytes()
+        };
+        agent.call(method, path, Some(token), &b)
+    };
+
+    // No token, no service (health aside).
+    assert_eq!(agent.call("GET", "/healthz", None, b"").status, 200);
+    for (m, p) in [
+        ("GET", "/v1/backends"),
+        ("GET", "/v1/cache"),
+        ("POST", "/v1/prepare"),
+        ("HEAD", "/v1/blobs/00"),
+        ("GET", "/metrics"),
+    ] {
+        let r = agent.call(m, p, None, b"");
+        assert_eq!(r.status, 401, "{m} {p}");
+    }
+    let r = agent.call("GET", "/v1/cache", None, b"");
+    assert!(
+        r.message().contains("RM_AGENT_SLOT_TOKEN"),
+        "{}",
+        r.message()
+    );
+    assert_eq!(
+        agent.call("GET", "/v1/cache", Some("forged"), b"").status,
+        401
+    );
+
+    // Team A compiles; team B, knowing the digest and key, gets nothing.
+    let p = as_(
+        "ta",
+        "POST",
+        "/v1/prepare",
+        json!({"source": {"path": model}, "device": "cpu"}),
+    );
+    assert_eq!(p.status, 200, "{}", p.message());
+    let (key, digest) = (
+        p.json()["key"].as_str().unwrap().to_string(),
+        p.json()["model"].as_str().unwrap().to_string(),
+    );
+    let entries = |token: &str| {
+        as_(token, "GET", "/v1/cache", Value::Null).json()["entries"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(entries("ta"), 1);
+    assert_eq!(
+        entries("tb"),
+        0,
+        "another namespace's entries are not listed"
+    );
+    assert_eq!(
+        as_("tb", "GET", &format!("/v1/cache/{key}"), Value::Null).status,
+        404
+    );
+    let r = as_(
+        "tb",
+        "POST",
+        "/v1/prepare",
+        json!({"model": digest, "device": "cpu"}),
+    );
+    assert_eq!(r.status, 404, "a digest alone is no proof: {}", r.message());
+    let generate = json!({"key": key, "device": "cpu", "input_ids": [1, 2], "max_new_tokens": 2});
+    assert_eq!(
+        as_("tb", "POST", "/v1/generate", generate.clone()).status,
+        404
+    );
+    assert_eq!(
+        as_(
+            "tb",
+            "POST",
+            "/v1/forward",
+            json!({"key": key, "input_ids": [1, 2], "logits_to_keep": 1})
+        )
+        .status,
+        404
+    );
+    assert_eq!(
+        as_("tb", "DELETE", &format!("/v1/cache/{key}"), Value::Null).status,
+        404
+    );
+    assert_eq!(
+        as_("ta", "POST", "/v1/generate", generate.clone()).status,
+        200
+    );
+
+    // Blobs: present only for whoever uploaded all of their bytes.
+    let blob = b"weights of team a".to_vec();
+    let sha = rm_agent::cache::key::hex(&<sha2::Sha256 as sha2::Digest>::digest(&blob));
+    let put = |token: &str| agent.call("PUT", &format!("/v1/blobs/{sha}"), Some(token), &blob);
+    let head = |token: &str| {
+        agent
+            .call("HEAD", &format!("/v1/blobs/{sha}"), Some(token), b"")
+            .status
+    };
+    assert_eq!(put("ta").json()["stored"], true);
+    assert_eq!((head("ta"), head("tb")), (200, 404));
+    let files = json!({"source": {"files": [{"path": "model.gguf", "sha256": sha}]}});
+    let r = as_("tb", "POST", "/v1/models", files.clone());
+    assert_eq!(r.status, 404, "{}", r.message());
+    assert!(r.message().contains(&sha), "{}", r.message());
+    assert_eq!(
+        put("tb").json()["stored"],
+        true,
+        "B proves it holds the bytes"
+    );
+    assert_eq!(head("tb"), 200);
+
+    // Team B registers the same weights itself: it shares the compile...
+    let r = as_(
+        "tb",
+        "POST",
+        "/v1/prepare",
+        json!({"source": {"path": model}, "device": "cpu"}),
+    );
+    assert_eq!(r.json()["key"], key.as_str());
+    assert_eq!(r.json()["cached"], true, "one compile for both");
+    assert_eq!(entries("tb"), 1);
+    // ...so neither may delete it alone; the cluster operator may.
+    let r = as_("ta", "DELETE", &format!("/v1/cache/{key}"), Value::Null);
+    assert_eq!(r.status, 403, "{}", r.message());
+    assert!(r.message().contains("other namespace"), "{}", r.message());
+
+    // The TCP port lists the cache for the admin token only.
+    assert_eq!(tcp_get(&tcp, "/metrics", &[]).0, 200);
+    assert_eq!(tcp_get(&tcp, "/v1/cache", &[]).0, 401);
+    let (st, body) = tcp_get(&tcp, "/v1/cache", &[("X-RM-Token", admin)]);
+    assert_eq!(st, 200);
+    assert!(body.contains(&key), "{body}");
+    assert_eq!(
+        tcp_get(&tcp, "/v1/prepare", &[("X-RM-Token", admin)]).0,
+        404
+    );
+    let r = as_(admin, "DELETE", &format!("/v1/cache/{key}"), Value::Null);
+    assert_eq!(r.status, 200, "{}", r.message());
+
+    // Grants survive a restart.
+    let mut agent = agent;
+    agent.stop();
+    agent.spawn();
+    assert_eq!(
+        agent
+            .call("HEAD", &format!("/v1/blobs/{sha}"), Some("tb"), b"")
+            .status,
+        200
+    );
+    agent.add_slot_token("tc", "team-c");
+    assert_eq!(
+        agent
+            .call("HEAD", &format!("/v1/blobs/{sha}"), Some("tc"), b"")
+            .status,
+        404
+    );
+}
+
+#[test]
+fn tokens_not_yet_bound_wait_briefly_and_lapsed_ones_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), None, &[]);
+    // Not bound: answered 503 with Retry-After once the short wait is over.
+    agent.add_slot_token("fresh", None);
+    let t = Instant::now();
+    let r = agent.call("GET", "/v1/backends", Some("fresh"), b"");
+    assert_eq!(r.status, 503, "{}", r.message());
+    assert!(r.message().contains("retry"), "{}", r.message());
+    assert!(t.elapsed() >= Duration::from_secs(2));
+    // Bound while the request waits: answered.
+    let bind = {
+        let state = agent.state.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(400));
+            let dir = state.join(rm_crds::token::TOKENS_DIR);
+            let path = rm_crds::token::record_path(&dir, &rm_crds::token::token_sha256("fresh"));
+            let mut rec: rm_crds::token::TokenRecord =
+                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            rec.owner = Some(rm_crds::token::TokenOwner {
+                namespace: "team-a".into(),
+                pod: "p".into(),
+            });
+            let tmp = dir.join(".bind.tmp");
+            std::fs::write(&tmp, serde_json::to_vec(&rec).unwrap()).unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
+        })
+    };
+    let r = agent.call("GET", "/v1/backends", Some("fresh"), b"");
+    bind.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.message());
+    // A lease that ran out (the device plugin could not renew it).
+    let dir_ = agent.state.join(rm_crds::token::TOKENS_DIR);
+    let path = rm_crds::token::record_path(&dir_, &rm_crds::token::token_sha256("fresh"));
+    let mut rec: rm_crds::token::TokenRecord =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    rec.expires_unix_ms = Some(1);
+    agent.write_token(&rec);
+    let r = agent.call("GET", "/v1/backends", Some("fresh"), b"");
+    assert_eq!(r.status, 401);
+    assert!(r.message().contains("expired"), "{}", r.message());
+}
+
+/// The test double's `artifact.json` of a cache entry.
+fn test_double_artifact(agent: &Agent, key: &str) -> Value {
+    fn find(dir: &Path) -> Option<std::path::PathBuf> {
+        for e in std::fs::read_dir(dir).ok()?.flatten() {
+            let p = e.path();
+            if p.file_name().is_some_and(|n| n == "artifact.json") {
+                return Some(p);
+            }
+            if let Some(found) = p.is_dir().then(|| find(&p)).flatten() {
+                return Some(found);
+            }
+        }
+        None
+    }
+    let path = find(&agent.cache.join("entries").join(key)).expect("artifact.json in the entry");
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn vendor_extras_are_checked_against_the_worker_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    tiny_llama(&model, 5);
+    let plugins = test_double_plugins(dir.path());
+    let mut agent = Agent::start(dir.path(), Some(plugins.clone()), &[]);
+    agent.add_token("tok", "gpu", &[0]);
+    let refused = |agent: &Agent, extra: Value| {
+        let r = gpu_prepare(agent, "tok", &model, extra.clone());
+        assert_eq!(
+            r.status,
+            400,
+            "{extra}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        r.message()
+    };
+    let m = refused(&agent, json!({"rbln_device": "3"}));
+    assert!(
+        m.contains("\"rbln_device\"") && m.contains("test.compile_seconds (float 0..=3600)"),
+        "{m}"
+    );
+    let m = refused(&agent, json!({"test.compile_seconds": "soon"}));
+    assert!(m.contains("not a finite decimal number"), "{m}");
+    let m = refused(&agent, json!({"v": -1}));
+    assert!(m.contains("below the minimum 0"), "{m}");
+    let m = refused(&agent, json!({"trust_remote_code": true}));
+    assert!(m.contains("--allow-trust-remote-code"), "{m}");
+    assert_eq!(
+        agent.get("/v1/cache").json()["stats"]["compiles_started"],
+        0,
+        "refused before any compile"
+    );
+    let b = agent.get("/v1/backends").json();
+    let listed = &b["backends"][1]["status"]["extra_options"];
+    assert_eq!(listed["v"], "int 0..=1000000", "{b}");
+    assert!(
+        listed.get("trust_remote_code").is_none(),
+        "not offered while off: {b}"
+    );
+    // Typed values the manifest allows pass; the worker is told trust_remote_code is off.
+    let r = gpu_prepare(&agent, "tok", &model, json!({"v": 7}));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let art = test_double_artifact(&agent, r.json()["key"].as_str().unwrap());
+    assert_eq!(art["extra"], json!({"v": "7"}));
+    assert_eq!(art["env_allow_trust_remote_code"], "0");
+
+    // The cluster operator allows it: the flag reaches the backend and the worker.
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    agent.extra_args = vec!["--allow-trust-remote-code".into()];
+    agent.spawn();
+    let r = gpu_prepare(&agent, "tok", &model, json!({"trust_remote_code": "true"}));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let art = test_double_artifact(&agent, r.json()["key"].as_str().unwrap());
+    assert_eq!(art["env_allow_trust_remote_code"], "1");
+    let m = refused(&agent, json!({"trust_remote_code": "yes"}));
+    assert!(m.contains("not true or false"), "{m}");
 }

@@ -206,7 +206,8 @@ pub struct CompileOptions {
     #[schemars(range(min = 1, max = compile_limits::BATCH_SIZE_MAX))]
     pub batch_size: Option<u32>,
 
-    /// Vendor-specific options passed to the backend as they are.
+    /// Vendor-specific options, as strings; each backend accepts only the
+    /// keys its worker manifest lists (typed and bounded), and refuses others.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = compile_limits::EXTRA_MAX_KEYS))]
     pub extra: BTreeMap<String, String>,

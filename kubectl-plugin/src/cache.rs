@@ -5,10 +5,22 @@
 //! apiserver's pod proxy (`/api/v1/namespaces/NS/pods/NAME:PORT/proxy/...`),
 //! so the plugin needs nothing but the kubeconfig's access to the apiserver
 //! (RBAC: `get` on `pods/proxy`), never a route to the nodes.
+//!
+//! The agent lists every tenant's entries only to its admin token: the plugin
+//! reads it from the Secret that the agent pod's volume named `admin-token`
+//! mounts (RBAC: `get` on that Secret in the agent's namespace, what a
+//! cluster operator has) and sends it as `X-RM-Token` (the apiserver strips
+//! `Authorization` before proxying).
+//!
+//! The agent lists every tenant's entries only to its admin token: the plugin
+//! reads it from the Secret that the agent pod's volume named `admin-token`
+//! mounts (RBAC: `get` on that Secret in the agent's namespace, what a
+//! cluster operator has) and sends it as `X-RM-Token` (the apiserver strips
+//! `Authorization` before proxying).
 
 use std::io::Write as _;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 use serde::{Deserialize, Serialize};
@@ -25,6 +37,10 @@ use crate::table::{Cell, Paint, Table, Tone, age_since, human_bytes};
 pub const AGENT_SELECTOR: &str = "app.kubernetes.io/name=rm-agent";
 /// Name of the agents' container port that serves the HTTP API.
 pub const AGENT_PORT_NAME: &str = "http";
+/// Name of the agent pod's volume that mounts the admin token's Secret.
+pub const ADMIN_TOKEN_VOLUME: &str = "admin-token";
+/// Key of the token in that Secret.
+pub const ADMIN_TOKEN_KEY: &str = "token";
 
 /// When an entry was last used: unix milliseconds (the agent's
 /// `last_used_unix_ms`) or an RFC 3339 time.
@@ -99,6 +115,47 @@ pub fn http_port(pod: &Pod) -> Option<i32> {
         .flat_map(|c| c.ports.iter().flatten())
         .find(|p| p.name.as_deref() == Some(AGENT_PORT_NAME))
         .map(|p| p.container_port)
+}
+
+/// The Secret the pod's `admin-token` volume mounts, if it has one.
+pub fn admin_secret_name(pod: &Pod) -> Option<String> {
+    pod.spec
+        .as_ref()?
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == ADMIN_TOKEN_VOLUME)?
+        .secret
+        .as_ref()?
+        .secret_name
+        .clone()
+}
+
+/// The admin token of an agent pod: `Ok(None)` for a pod without the volume
+/// (an agent run without one trusts every caller).
+async fn admin_token(client: &Client, pod: &Pod) -> std::result::Result<Option<String>, String> {
+    let Some(secret) = admin_secret_name(pod) else {
+        return Ok(None);
+    };
+    let namespace = pod.namespace().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let s = api.get(&secret).await.map_err(|e| {
+        let why = match e {
+            kube::Error::Api(s) => format!("{} ({})", s.message, s.code),
+            other => other.to_string(),
+        };
+        format!(
+            "cannot read the agent's admin token (Secret {namespace}/{secret}): {why}; listing every namespace's cache entries needs `get` on that Secret"
+        )
+    })?;
+    let token = s
+        .data
+        .as_ref()
+        .and_then(|d| d.get(ADMIN_TOKEN_KEY))
+        .map(|b| String::from_utf8_lossy(&b.0).trim().to_string())
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| format!("Secret {namespace}/{secret} has no {ADMIN_TOKEN_KEY:?}"))?;
+    Ok(Some(token))
 }
 
 /// The table of entries over all agents, and one line per agent that failed.
@@ -201,8 +258,19 @@ async fn ask_agent(client: &Client, pod: &Pod) -> AgentCache {
         result.error = Some(format!("has no container port named {AGENT_PORT_NAME:?}"));
         return result;
     };
+    let token = match admin_token(client, pod).await {
+        Ok(t) => t,
+        Err(e) => {
+            result.error = Some(e);
+            return result;
+        }
+    };
     let path = format!("/api/v1/namespaces/{namespace}/pods/{name}:{port}/proxy/v1/cache");
-    let request = match http::Request::get(&path).body(Vec::new()) {
+    let mut builder = http::Request::get(&path);
+    if let Some(t) = &token {
+        builder = builder.header("X-RM-Token", t.as_str());
+    }
+    let request = match builder.body(Vec::new()) {
         Ok(r) => r,
         Err(e) => {
             result.error = Some(format!("cannot build the request {path}: {e}"));

@@ -531,17 +531,25 @@ fn proxyable_host_ip() -> IpAddr {
     ADDR.parse().expect("address")
 }
 
-/// A stand-in for the agent's HTTP API that answers `GET /v1/cache` with the
-/// body shape of the real agent (agent/src/api/mod.rs `cache_list`). The
-/// real agent serves that route on its unix socket only (see the README).
-fn serve_agent_cache(listener: TcpListener, body: String) {
+/// A stand-in for the agent's TCP port that answers `GET /v1/cache` with the
+/// body shape of the real agent (agent/src/api/mod.rs `cache_list`), and,
+/// like it, only to the admin token (401 otherwise).
+fn serve_agent_cache(listener: TcpListener, body: String, admin_token: &'static str) {
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut s) = stream else { break };
             let mut buf = [0u8; 4096];
             let n = s.read(&mut buf).unwrap_or(0);
             let req = String::from_utf8_lossy(&buf[..n]).to_string();
-            let (status, text) = if req.starts_with("GET /v1/cache ") {
+            let authorized = req
+                .lines()
+                .any(|l| l.eq_ignore_ascii_case(&format!("x-rm-token: {admin_token}")));
+            let (status, text) = if req.starts_with("GET /v1/cache ") && !authorized {
+                (
+                    "401 Unauthorized",
+                    r#"{"error":{"status":401}}"#.to_string(),
+                )
+            } else if req.starts_with("GET /v1/cache ") {
                 ("200 OK", body.clone())
             } else {
                 ("404 Not Found", "{}".to_string())
@@ -587,7 +595,22 @@ async fn cache_reads_each_agent_through_the_apiserver_pod_proxy() {
             "total_bytes": 283_115_520, "max_bytes": 10_737_418_240_u64, "compiles": [], "stats": {}
         })
         .to_string(),
+        "admin-token-of-the-test-agent",
     );
+    // The admin token's Secret, as the chart makes it.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(cluster.client().await, &ns);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "rm-agent-admin"},
+                "stringData": {"token": "admin-token-of-the-test-agent"}
+            }))
+            .expect("secret"),
+        )
+        .await
+        .expect("create admin secret");
 
     let node = p.node("n");
     cluster.add_node(&node, &[]);
@@ -597,6 +620,7 @@ async fn cache_reads_each_agent_through_the_apiserver_pod_proxy() {
         serde_json::from_value(json!({
             "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "rm-agent"}},
             "spec": {"nodeName": node, "tolerations": [{"operator": "Exists"}],
+                "volumes": [{"name": "admin-token", "secret": {"secretName": "rm-agent-admin"}}],
                 "containers": [{"name": "agent", "image": "rm-agent",
                     "ports": [{"name": "metrics", "containerPort": 9464}, {"name": "http", "containerPort": port}]}]}
         }))

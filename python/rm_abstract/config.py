@@ -124,7 +124,9 @@ def resolve(device=None, cache_dir=None, compile_options=None, verbose=None,
     cfg.on_unavailable = ou
 
     cfg.socket = pick(agent_socket, "RM_AGENT_SOCKET") or DEFAULT_SOCKET
-    cfg.token = env.get("RM_AGENT_TOKEN") or None
+    # An accelerator's token (device plugin, with the devices) or else the
+    # pod's rm-abstract.io/agent slot token: either names the pod to the agent.
+    cfg.token = env.get("RM_AGENT_TOKEN") or env.get("RM_AGENT_SLOT_TOKEN") or None
     cfg.injected = env.get("RM_INJECTED") == "1"
     cfg.pod = {k: env[e] for k, e in (("name", "RM_POD_NAME"), ("namespace", "RM_POD_NAMESPACE"),
                                       ("uid", "RM_POD_UID")) if env.get(e)}

@@ -2,6 +2,7 @@
 directory, an independent raw client of the agent (so that "same tokens as
 the agent directly" does not compare rm_abstract with itself), and a runner
 for unchanged user scripts in a clean subprocess."""
+import hashlib
 import http.client
 import json
 import os
@@ -35,6 +36,21 @@ def _agent_binary():
     return binary
 
 
+# The identity of every test pod: an rm-abstract.io/agent slot of a pod in
+# namespace "default", written and bound the way the device plugin does.
+SLOT_TOKEN = "python-tests-slot-token"
+
+
+def write_slot_token(state, token, namespace="default"):
+    sha = hashlib.sha256(token.encode()).hexdigest()
+    rec = {"version": 1, "tokenSha256": sha, "resourceName": "rm-abstract.io/agent",
+           "deviceIds": ["agent::" + sha[:8]], "devices": [], "createdUnixMs": 0, "agentSlot": True,
+           "owner": {"namespace": namespace, "pod": namespace + "-pod"}}
+    tmp = Path(state) / "tokens" / (".%s.tmp" % sha)
+    tmp.write_text(json.dumps(rec))
+    tmp.rename(Path(state) / "tokens" / (sha + ".json"))
+
+
 class Agent:
     def __init__(self, binary, root):
         self.binary, self.root = binary, Path(root)
@@ -42,6 +58,7 @@ class Agent:
         self.cache = self.root / "cache"
         self.state = self.root / "state"
         (self.state / "tokens").mkdir(parents=True, exist_ok=True)
+        write_slot_token(self.state, SLOT_TOKEN)
         self.socket.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(self.root / "agent.log", "wb")
         self.proc = subprocess.Popen(
@@ -60,8 +77,9 @@ class Agent:
             time.sleep(0.05)
         raise RuntimeError("rm-agent did not start; log: %s" % (self.root / "agent.log").read_text())
 
-    def call(self, method, path, body=None, token=None):
-        """Raw HTTP over the unix socket; returns (status, decoded body or text)."""
+    def call(self, method, path, body=None, token=SLOT_TOKEN):
+        """Raw HTTP over the unix socket, as the test pod (token=None: none);
+        returns (status, decoded body or text)."""
         class Conn(http.client.HTTPConnection):
             def connect(c):
                 c.sock = socket.socket(socket.AF_UNIX)
@@ -234,7 +252,7 @@ def injected_env(agent, **extra):
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root"),
            "PYTHONPATH": str(PYTHON_DIR), "RM_INJECTED": "1", "RM_DEVICE": "cpu",
            "RM_AGENT_SOCKET": str(agent.socket) if agent else "/nonexistent/agent.sock",
-           "RM_POD_NAME": "test-pod", "RM_POD_NAMESPACE": "default", "RM_POD_UID": "0000",
+           "RM_AGENT_SLOT_TOKEN": SLOT_TOKEN, "RM_POD_NAME": "test-pod", "RM_POD_NAMESPACE": "default", "RM_POD_UID": "0000",
            "HF_HUB_OFFLINE": "1"}  # the tests never need the network
     env.update({k: v for k, v in extra.items() if v is not None})
     for k in [k for k, v in extra.items() if v is None]:

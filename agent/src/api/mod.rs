@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+use crate::auth::{AuthError, Caller};
 use crate::backend::TokenFn;
 use crate::cache::{CacheKey, CompileState};
 use crate::metrics::Gauges;
@@ -35,6 +36,8 @@ pub struct ApiError {
     status: u16,
     code: &'static str,
     message: String,
+    /// Seconds, for answers the client should simply retry.
+    retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -43,6 +46,7 @@ impl ApiError {
             status: 400,
             code: "bad_request",
             message: message.into(),
+            retry_after: None,
         }
     }
 }
@@ -52,6 +56,7 @@ impl From<AgentError> for ApiError {
         ApiError {
             status: e.http_status(),
             code: e.code(),
+            retry_after: matches!(e, AgentError::Auth(AuthError::NotBound)).then_some(1),
             message: e.to_string(),
         }
     }
@@ -65,11 +70,16 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(status = self.status, code = self.code, message = %self.message, "request refused");
         }
-        (
+        let mut resp = (
             status,
             Json(json!({"error": {"status": self.status, "code": self.code, "message": self.message}})),
         )
-            .into_response()
+            .into_response();
+        if let Some(s) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(s));
+        }
+        resp
     }
 }
 
@@ -95,6 +105,11 @@ fn token(headers: &HeaderMap) -> Option<String> {
         .and_then(|v| v.to_str().ok())
         .map(|s| s.trim().to_string())
         .filter(|t| !t.is_empty())
+}
+
+/// Who sends the request (see [`Agent::identify`]).
+async fn caller(agent: &Agent, headers: &HeaderMap) -> ApiResult<Caller> {
+    Ok(agent.identify(token(headers).as_deref()).await?)
 }
 
 fn parse_key(s: &str) -> ApiResult<CacheKey> {
@@ -138,17 +153,18 @@ pub fn socket_router(agent: Arc<Agent>) -> Router {
         .route("/v1/prepare", post(prepare))
         .route("/v1/generate", post(generate))
         .route("/v1/forward", post(forward))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics_for_caller))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .merge(blobs)
         .fallback(not_found)
         .with_state(agent)
 }
 
-/// The router served on `--metrics-addr`.
-/// The TCP port: metrics, health, and the read-only cache listing, which
-/// `kubectl inference cache` reaches through the apiserver's pod proxy.
-/// Nothing that runs a model or changes the cache is served here.
+/// The router served on `--metrics-addr`: metrics, health, and the cache
+/// listing, which `kubectl inference cache` reaches through the apiserver's
+/// pod proxy with the admin token (a caller sees what its token allows, as on
+/// the socket; without a token, nothing). Nothing that runs a model or
+/// changes the cache is served here.
 pub fn metrics_router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
@@ -162,6 +178,7 @@ async fn not_found() -> ApiError {
         status: 404,
         code: "not_found",
         message: "no such endpoint; see agent/README.md for the API".into(),
+        retry_after: None,
     }
 }
 
@@ -173,7 +190,8 @@ async fn healthz(State(agent): State<Arc<Agent>>) -> Json<Value> {
     }))
 }
 
-async fn backends(State(agent): State<Arc<Agent>>) -> Json<Value> {
+async fn backends(State(agent): State<Arc<Agent>>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    caller(&agent, &headers).await?;
     let list: Vec<Value> = agent
         .backends
         .all()
@@ -195,50 +213,70 @@ async fn backends(State(agent): State<Arc<Agent>>) -> Json<Value> {
             })
         })
         .collect();
-    Json(json!({ "backends": list }))
+    Ok(Json(json!({ "backends": list })))
 }
 
-async fn cache_list(State(agent): State<Arc<Agent>>) -> Json<Value> {
-    Json(json!({
-        "entries": agent.store.list(),
+/// The entries and compiles the caller may see; sizes are the node's.
+async fn cache_list(State(agent): State<Arc<Agent>>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    let who = caller(&agent, &headers).await?;
+    Ok(Json(json!({
+        "entries": agent.visible_entries(&who),
         "total_bytes": agent.store.total_bytes(),
         "max_bytes": agent.store.max_bytes(),
-        "compiles": agent.flights.list(),
+        "compiles": agent.visible_compiles(&who),
         "stats": agent.metrics.snapshot(),
-    }))
+    })))
 }
 
 async fn cache_get(
     State(agent): State<Arc<Agent>>,
+    headers: HeaderMap,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Value>> {
+    let who = caller(&agent, &headers).await?;
     let key = parse_key(&key)?;
-    if let Some(f) = agent.flights.get(&key) {
+    if let Some(f) = agent
+        .visible_compiles(&who)
+        .into_iter()
+        .find(|f| f.key == key)
+    {
         return Ok(Json(json!({"key": key, "compile": f})));
     }
-    match agent.store.list().into_iter().find(|e| e.key == key) {
+    match agent
+        .visible_entries(&who)
+        .into_iter()
+        .find(|e| e.key == key)
+    {
         Some(e) => Ok(Json(json!({"key": key, "entry": e}))),
         None => Err(AgentError::Store(crate::cache::StoreError::NotFound(key)).into()),
     }
 }
 
-async fn compiles(State(agent): State<Arc<Agent>>) -> Json<Value> {
-    Json(json!({ "compiles": agent.flights.list() }))
+async fn compiles(State(agent): State<Arc<Agent>>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    let who = caller(&agent, &headers).await?;
+    Ok(Json(json!({ "compiles": agent.visible_compiles(&who) })))
 }
 
 async fn cache_delete(
     State(agent): State<Arc<Agent>>,
+    headers: HeaderMap,
     Path(key): Path<String>,
 ) -> ApiResult<Json<Value>> {
+    let who = caller(&agent, &headers).await?;
     let key = parse_key(&key)?;
-    let freed = agent.delete(&key)?;
-    tracing::info!(key = %key, freed, "cache entry deleted");
+    let freed = agent.delete(&key, &who)?;
+    tracing::info!(key = %key, freed, caller = %who.describe(), "cache entry deleted");
     Ok(Json(json!({"deleted": key, "freed_bytes": freed})))
 }
 
-async fn register_model(State(agent): State<Arc<Agent>>, body: Bytes) -> ApiResult<Json<Value>> {
+async fn register_model(
+    State(agent): State<Arc<Agent>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let who = caller(&agent, &headers).await?;
     let b: RegisterBody = parse_json(&body)?;
-    let m = agent.register(b.source).await?;
+    let m = agent.register(b.source, &who).await?;
     Ok(Json(json!({
         "model": m.digest,
         "format": m.format,
@@ -247,11 +285,15 @@ async fn register_model(State(agent): State<Arc<Agent>>, body: Bytes) -> ApiResu
     })))
 }
 
+/// Present only when this caller uploaded it: others' blobs are as absent.
 async fn head_blob(
     State(agent): State<Arc<Agent>>,
+    headers: HeaderMap,
     Path(sha): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let has = agent.models.has_blob(&sha).map_err(AgentError::from)?;
+    let who = caller(&agent, &headers).await?;
+    let has =
+        agent.models.has_blob(&sha).map_err(AgentError::from)? && agent.may_use_blob(&sha, &who);
     Ok(if has {
         StatusCode::OK
     } else {
@@ -259,12 +301,17 @@ async fn head_blob(
     })
 }
 
+/// Stores a blob. A blob already on the node but not yet this caller's is
+/// uploaded and verified all the same (the bytes are the proof of holding
+/// it), then granted; the copy on disk stays one.
 async fn put_blob(
     State(agent): State<Arc<Agent>>,
+    headers: HeaderMap,
     Path(sha): Path<String>,
     body: Body,
 ) -> ApiResult<Json<Value>> {
-    if agent.models.has_blob(&sha).map_err(AgentError::from)? {
+    let who = caller(&agent, &headers).await?;
+    if agent.models.has_blob(&sha).map_err(AgentError::from)? && agent.may_use_blob(&sha, &who) {
         return Ok(Json(
             json!({"sha256": sha, "stored": false, "reason": "already present"}),
         ));
@@ -294,6 +341,7 @@ async fn put_blob(
         .models
         .finish_blob(&sha, tmp, file, &got)
         .map_err(AgentError::from)?;
+    agent.grant_blob(&sha, &who)?;
     Ok(Json(json!({"sha256": sha, "stored": true, "bytes": n})))
 }
 
@@ -316,10 +364,10 @@ async fn prepare(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
+    let who = caller(&agent, &headers).await?;
     let (req, stream) = prepare_request(parse_json(&body)?)?;
-    let tok = token(&headers);
     let started = std::time::Instant::now();
-    let ticket = agent.start_prepare(req, tok.as_deref()).await?;
+    let ticket = agent.start_prepare(req, &who).await?;
     if !stream {
         let p = agent.finish_prepare(ticket).await?;
         tracing::debug!(key = %p.key, cached = p.cached, us = started.elapsed().as_micros() as u64, "prepared");
@@ -383,13 +431,13 @@ async fn generate(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
+    let who = caller(&agent, &headers).await?;
     let b: GenerateBody = parse_json(&body)?;
     let req = generate_request(&b)?;
-    let tok = token(&headers);
     let key = req.key.clone();
     if !b.stream {
         let started = std::time::Instant::now();
-        let outputs = agent.generate(req, tok.as_deref(), None).await?;
+        let outputs = agent.generate(req, &who, None).await?;
         return Ok(Json(json!({
             "key": key,
             "usage": usage(&outputs),
@@ -407,7 +455,7 @@ async fn generate(
     });
     tokio::spawn(async move {
         let started = std::time::Instant::now();
-        let line = match agent.generate(req, tok.as_deref(), Some(on_token)).await {
+        let line = match agent.generate(req, &who, Some(on_token)).await {
             Ok(outputs) => ndjson_line(&json!({
                 "event": "done",
                 "key": key,
@@ -431,6 +479,7 @@ async fn forward(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
+    let who = caller(&agent, &headers).await?;
     let b: ForwardBody = parse_json(&body)?;
     let req = ForwardRequest {
         key: parse_key(&b.key)?,
@@ -440,13 +489,22 @@ async fn forward(
     };
     let key = req.key.clone();
     let started = std::time::Instant::now();
-    let outputs = agent.forward(req, token(&headers).as_deref()).await?;
+    let outputs = agent.forward(req, &who).await?;
     Ok(Json(json!({
         "key": key,
         "logits_dtype": "float32-le-base64",
         "elapsed_ms": started.elapsed().as_secs_f64() * 1000.0,
         "outputs": outputs,
     })))
+}
+
+/// On the socket: for any identified caller. On TCP: for Prometheus.
+async fn metrics_for_caller(
+    State(agent): State<Arc<Agent>>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    caller(&agent, &headers).await?;
+    Ok(metrics(State(agent)).await)
 }
 
 async fn metrics(State(agent): State<Arc<Agent>>) -> Response {

@@ -3,8 +3,11 @@
 //!
 //! The built-in `cpu` backend runs models in-process; external backends are
 //! worker programs (see `worker`). Both look the same to the rest of the agent.
+//! Vendor options (`options.extra`) are checked against each worker's typed
+//! allow-list (see `extra`); the cpu backend takes none.
 
 pub mod cpu;
+pub mod extra;
 pub mod worker;
 
 use std::path::PathBuf;

@@ -19,6 +19,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{Notify, mpsc};
 
+use super::extra::{self, ExtraOptions};
 use super::{
     Availability, Backend, BackendError, BackendInfo, CompileJob, ForwardJob, ForwardOutput,
     GenerateJob, ProgressFn, SequenceOutput, TokenFn, kept_positions,
@@ -52,6 +53,10 @@ pub struct Manifest {
     /// Shown in `/v1/backends`: the path has not been run on real hardware.
     #[serde(default)]
     pub unverified_on_hardware: bool,
+    /// The keys a request may set in `options.extra`, with their types; any
+    /// other key is refused before a compile (see `backend::extra`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra_options: ExtraOptions,
 }
 
 fn default_request_timeout() -> u64 {
@@ -83,7 +88,12 @@ pub fn discover(plugin_dir: &Path) -> Vec<(PathBuf, Manifest)> {
             Ok(m) if m.command.is_empty() => {
                 tracing::warn!(manifest = %path.display(), "manifest has an empty command; skipped")
             }
-            Ok(m) => found.push((dir, m)),
+            Ok(m) => match extra::check_declarations(&m.extra_options) {
+                Ok(()) => found.push((dir, m)),
+                Err(e) => {
+                    tracing::warn!(manifest = %path.display(), error = %e, "bad manifest; skipped")
+                }
+            },
             Err(e) => {
                 tracing::warn!(manifest = %path.display(), error = %e, "bad manifest; skipped")
             }
@@ -209,6 +219,23 @@ fn device_env(device_type: Option<DeviceType>, devices: &[String]) -> Vec<(Strin
             DeviceType::Cpu => {}
         }
     }
+    env
+}
+
+/// A worker process's environment: its devices, and whether the operator
+/// allows `trust_remote_code` (the worker's own check in `rm_worker.py` reads
+/// it). Set either way, so neither an inherited value nor the manifest's
+/// `env` (applied before this) decides.
+fn worker_env(
+    device_type: Option<DeviceType>,
+    devices: &[String],
+    allow_trust_remote_code: bool,
+) -> Vec<(String, String)> {
+    let mut env = device_env(device_type, devices);
+    env.push((
+        extra::ALLOW_TRUST_REMOTE_CODE_ENV.into(),
+        if allow_trust_remote_code { "1" } else { "0" }.into(),
+    ));
     env
 }
 
@@ -400,6 +427,9 @@ pub struct WorkerBackend {
     availability: Mutex<Availability>,
     instances: Mutex<HashMap<String, Arc<Instance>>>,
     restarts: Arc<AtomicU64>,
+    /// `--allow-trust-remote-code`: the cluster operator lets requests set
+    /// `trust_remote_code` (where the manifest lists it).
+    allow_trust_remote_code: bool,
 }
 
 impl WorkerBackend {
@@ -411,7 +441,26 @@ impl WorkerBackend {
             availability: Mutex::new(Availability::no("not probed yet")),
             instances: Mutex::new(HashMap::new()),
             restarts: Arc::new(AtomicU64::new(0)),
+            allow_trust_remote_code: false,
         }
+    }
+
+    /// Lets requests set `trust_remote_code` when the manifest lists it
+    /// (`--allow-trust-remote-code`; off unless called).
+    pub fn allow_trust_remote_code(mut self, allow: bool) -> Self {
+        self.allow_trust_remote_code = allow;
+        self
+    }
+
+    /// Checks `options.extra` against the manifest's `extra_options`.
+    fn check_extra(&self, options: &CompileOptions) -> Result<(), BackendError> {
+        extra::validate_extra(
+            &self.manifest.name,
+            &self.manifest.extra_options,
+            &options.extra,
+            self.allow_trust_remote_code,
+        )
+        .map_err(BackendError::InvalidRequest)
     }
 
     pub fn restarts(&self) -> u64 {
@@ -435,7 +484,7 @@ impl WorkerBackend {
             name: format!("{}[{set}]", self.manifest.name),
             dir: self.dir.clone(),
             manifest: self.manifest.clone(),
-            env: device_env(device_type, devices),
+            env: worker_env(device_type, devices, self.allow_trust_remote_code),
             restarts: self.restarts.clone(),
         };
         tokio::spawn(sup.run(rx, kill.clone(), stop.clone()));
@@ -595,11 +644,20 @@ impl Backend for WorkerBackend {
     }
 
     fn status(&self) -> Value {
+        // The keys a request may set in options.extra, with their types.
+        let extra_options: serde_json::Map<String, Value> = self
+            .manifest
+            .extra_options
+            .iter()
+            .filter(|(k, _)| k.as_str() != extra::TRUST_REMOTE_CODE || self.allow_trust_remote_code)
+            .map(|(k, d)| (k.clone(), Value::String(d.describe())))
+            .collect();
         json!({
             "kind": "worker",
             "restarts": self.restarts(),
             "processes": self.instances.lock().unwrap_or_else(|p| p.into_inner()).len(),
             "unverified_on_hardware": self.manifest.unverified_on_hardware,
+            "extra_options": extra_options,
         })
     }
 
@@ -609,7 +667,7 @@ impl Backend for WorkerBackend {
                 "tensorParallelSize must be at least 1".into(),
             ));
         }
-        Ok(())
+        self.check_extra(options)
     }
 
     fn compile(
@@ -618,6 +676,9 @@ impl Backend for WorkerBackend {
         progress: ProgressFn,
     ) -> BoxFuture<'_, Result<(), BackendError>> {
         Box::pin(async move {
+            // Checked again here: nothing reaches a worker unchecked, even
+            // from a caller that skipped `validate`.
+            self.check_extra(&job.options)?;
             let inst = self.instance(Some(job.device_type), &job.devices);
             let params = json!({
                 "key": job.key,
@@ -757,5 +818,162 @@ mod tests {
         let env = device_env(Some(DeviceType::Gpu), &["2".into(), "3".into()]);
         assert!(env.contains(&("CUDA_VISIBLE_DEVICES".into(), "2,3".into())));
         assert!(env.contains(&("RM_DEVICES".into(), "2,3".into())));
+    }
+
+    #[test]
+    fn workers_are_told_the_trust_remote_code_decision() {
+        let off = worker_env(Some(DeviceType::Furiosa), &["npu:0".into()], false);
+        assert!(off.contains(&("RM_ALLOW_TRUST_REMOTE_CODE".into(), "0".into())));
+        assert!(off.contains(&("FURIOSA_DEVICES".into(), "npu:0".into())));
+        let on = worker_env(None, &[], true);
+        assert!(on.contains(&("RM_ALLOW_TRUST_REMOTE_CODE".into(), "1".into())));
+    }
+
+    fn manifest_at(dir: &Path) -> Manifest {
+        let raw = std::fs::read(dir.join("manifest.json")).expect("manifest is readable");
+        serde_json::from_slice(&raw).expect("manifest parses")
+    }
+
+    /// The backend of a shipped worker (`agent/workers/<name>`).
+    fn shipped(name: &str) -> WorkerBackend {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("workers")
+            .join(name);
+        WorkerBackend::new(dir.clone(), manifest_at(&dir))
+    }
+
+    fn extras(pairs: &[(&str, &str)]) -> CompileOptions {
+        CompileOptions {
+            extra: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn accepts(b: &WorkerBackend, pairs: &[(&str, &str)]) -> bool {
+        b.validate(&extras(pairs), ModelFormat::Safetensors).is_ok()
+    }
+
+    /// The message of an InvalidRequest refusal (anything else fails).
+    fn refusal(b: &WorkerBackend, pairs: &[(&str, &str)]) -> String {
+        match b.validate(&extras(pairs), ModelFormat::Safetensors) {
+            Err(BackendError::InvalidRequest(m)) => m,
+            other => panic!("{pairs:?}: expected an InvalidRequest, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn shipped_manifests_declare_valid_extra_options() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let found: Vec<String> = discover(&root.join("workers"))
+            .into_iter()
+            .map(|(_, m)| m.name)
+            .collect();
+        assert_eq!(found, ["furiosa", "gpu-vllm", "rbln"]);
+        let double = manifest_at(&root.join("tests/workers/test-double"));
+        assert!(extra::check_declarations(&double.extra_options).is_ok());
+        // A manifest whose declarations are inconsistent is skipped.
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("bad")).expect("mkdir");
+        std::fs::write(
+            dir.path().join("bad/manifest.json"),
+            r#"{"name": "bad", "display_name": "d", "version": "1", "vendor": "v", "priority": 1,
+                "device_types": ["gpu"], "command": ["true"],
+                "extra_options": {"trust_remote_code": {"type": "string"}}}"#,
+        )
+        .expect("write");
+        assert!(discover(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn unknown_extra_keys_are_refused_with_the_allowed_ones() {
+        let furiosa = shipped("furiosa");
+        let m = refusal(&furiosa, &[("num_hidden_layers", "1")]);
+        assert!(m.contains("\"num_hidden_layers\""), "{m}");
+        assert!(m.contains("not an option of backend furiosa"), "{m}");
+        assert!(m.contains("max_prompt_len (int 1..=1048576)"), "{m}");
+        // Options the agent maps itself are not extras either.
+        assert!(refusal(&furiosa, &[("tensor_parallel_size", "2")]).contains("not an option"));
+        let rbln = shipped("rbln");
+        // The agent picks the devices; a request must not.
+        let m = refusal(&rbln, &[("rbln_device", "3")]);
+        assert!(m.contains("rbln_npu (one of "), "{m}");
+        assert!(refusal(&rbln, &[("rbln_compile_dir", "/etc")]).contains("not an option"));
+        let m = refusal(&shipped("gpu-vllm"), &[("x", "y")]);
+        assert!(
+            m.contains("none (this backend takes no extra options)"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn extra_values_must_parse_as_their_type_within_range() {
+        let furiosa = shipped("furiosa");
+        assert!(accepts(
+            &furiosa,
+            &[
+                ("max_prompt_len", "1024"),
+                ("calculate_logit_only_for_last_token", "true"),
+            ]
+        ));
+        let m = refusal(&furiosa, &[("max_prompt_len", "lots")]);
+        assert!(m.contains("\"max_prompt_len\""), "{m}");
+        assert!(m.contains("is not an integer"), "{m}");
+        assert!(m.contains("allowed keys of backend furiosa"), "{m}");
+        let m = refusal(&furiosa, &[("max_prompt_len", "0")]);
+        assert!(m.contains("below the minimum 1"), "{m}");
+        let m = refusal(&furiosa, &[("pipeline_parallel_size", "65")]);
+        assert!(m.contains("above the maximum 64"), "{m}");
+        let m = refusal(&furiosa, &[("calculate_logit_only_for_last_token", "1")]);
+        assert!(m.contains("not true or false"), "{m}");
+        let rbln = shipped("rbln");
+        // examples/rbln.yaml
+        assert!(accepts(&rbln, &[("rbln_npu", "RBLN-CA25")]));
+        let m = refusal(&rbln, &[("rbln_npu", "../../x")]);
+        assert!(m.contains("is not one of RBLN-CA02"), "{m}");
+        assert!(accepts(
+            &rbln,
+            &[
+                ("rbln_attn_impl", "flash_attn"),
+                ("rbln_kvcache_partition_len", "16384")
+            ]
+        ));
+        // The test double takes what the integration tests send.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workers/test-double");
+        let double = WorkerBackend::new(root.clone(), manifest_at(&root));
+        assert!(accepts(
+            &double,
+            &[
+                ("test.compile_seconds", "0.5"),
+                ("v", "3"),
+                ("test.fail", "1")
+            ]
+        ));
+        assert!(refusal(&double, &[("test.compile_seconds", "-1")]).contains("minimum"));
+    }
+
+    #[test]
+    fn trust_remote_code_is_off_unless_the_operator_allows_it() {
+        let trc = [("trust_remote_code", "true")];
+        let m = refusal(&shipped("furiosa"), &trc);
+        assert!(m.contains("\"trust_remote_code\" is refused"), "{m}");
+        assert!(m.contains("--allow-trust-remote-code"), "{m}");
+        assert!(m.contains("RM_ALLOW_TRUST_REMOTE_CODE=true"), "{m}");
+        assert!(m.contains("agent.allowTrustRemoteCode"), "{m}");
+        assert!(m.contains("Python code from the model repository"), "{m}");
+        assert!(
+            !m.contains("trust_remote_code (bool)"),
+            "not offered while off: {m}"
+        );
+        let allowed = shipped("furiosa").allow_trust_remote_code(true);
+        assert!(accepts(&allowed, &trc));
+        assert!(accepts(&allowed, &[("trust_remote_code", "false")]));
+        let m = refusal(&allowed, &[("trust_remote_code", "yes")]);
+        assert!(m.contains("not true or false"), "{m}");
+        // Allowed on the node, but the rbln manifest does not list it.
+        let rbln = shipped("rbln").allow_trust_remote_code(true);
+        assert!(refusal(&rbln, &trc).contains("not an option of backend rbln"));
     }
 }

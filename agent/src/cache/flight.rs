@@ -24,6 +24,8 @@ pub enum CompileState {
 pub struct FlightView {
     pub key: CacheKey,
     pub backend: String,
+    /// The model digest: who may see the compile follows the model.
+    pub model: String,
     pub started_unix_ms: u64,
     #[serde(flatten)]
     pub state: CompileState,
@@ -32,6 +34,7 @@ pub struct FlightView {
 struct Flight {
     tx: watch::Sender<CompileState>,
     backend: String,
+    model: String,
     started_unix_ms: u64,
 }
 
@@ -60,7 +63,7 @@ impl InFlight {
     }
 
     /// Joins the compile of `key`, starting it if none runs.
-    pub fn join(self: &Arc<Self>, key: &CacheKey, backend: &str) -> Role {
+    pub fn join(self: &Arc<Self>, key: &CacheKey, backend: &str, model: &str) -> Role {
         let mut map = self.lock();
         if let Some(f) = map.get(key) {
             return Role::Follower(f.tx.subscribe());
@@ -74,6 +77,7 @@ impl InFlight {
             Flight {
                 tx: tx.clone(),
                 backend: backend.to_string(),
+                model: model.to_string(),
                 started_unix_ms: now_ms(),
             },
         );
@@ -92,6 +96,7 @@ impl InFlight {
         self.lock().get(key).map(|f| FlightView {
             key: key.clone(),
             backend: f.backend.clone(),
+            model: f.model.clone(),
             started_unix_ms: f.started_unix_ms,
             state: f.tx.borrow().clone(),
         })
@@ -104,6 +109,7 @@ impl InFlight {
             .map(|(k, f)| FlightView {
                 key: k.clone(),
                 backend: f.backend.clone(),
+                model: f.model.clone(),
                 started_unix_ms: f.started_unix_ms,
                 state: f.tx.borrow().clone(),
             })
@@ -161,10 +167,10 @@ mod tests {
     #[test]
     fn second_join_follows_the_first() {
         let f = Arc::new(InFlight::default());
-        let Role::Leader(leader, _) = f.join(&key(), "cpu") else {
+        let Role::Leader(leader, _) = f.join(&key(), "cpu", "sha256:m") else {
             panic!("first join must lead")
         };
-        let Role::Follower(rx) = f.join(&key(), "cpu") else {
+        let Role::Follower(rx) = f.join(&key(), "cpu", "sha256:m") else {
             panic!("second join must follow")
         };
         (leader.progress_fn())(0.5, "quantize");
@@ -178,16 +184,19 @@ mod tests {
         leader.finish(CompileState::Ready);
         assert_eq!(*rx.borrow(), CompileState::Ready);
         assert!(f.get(&key()).is_none());
-        assert!(matches!(f.join(&key(), "cpu"), Role::Leader(..)));
+        assert!(matches!(
+            f.join(&key(), "cpu", "sha256:m"),
+            Role::Leader(..)
+        ));
     }
 
     #[test]
     fn dropped_leader_fails_followers() {
         let f = Arc::new(InFlight::default());
-        let Role::Leader(leader, _) = f.join(&key(), "cpu") else {
+        let Role::Leader(leader, _) = f.join(&key(), "cpu", "sha256:m") else {
             panic!("first join must lead")
         };
-        let Role::Follower(rx) = f.join(&key(), "cpu") else {
+        let Role::Follower(rx) = f.join(&key(), "cpu", "sha256:m") else {
             panic!("second join must follow")
         };
         drop(leader);

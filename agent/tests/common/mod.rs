@@ -106,6 +106,13 @@ pub fn request(
     }
 }
 
+/// The token every test request carries unless it says otherwise: an
+/// `rm-abstract.io/agent` slot of pod `default/test`, as the device plugin
+/// writes and binds it.
+pub const TOKEN: &str = "test-default-slot-token";
+/// The header that carries [`TOKEN`].
+pub const AUTH: (&str, &str) = ("Authorization", "Bearer test-default-slot-token");
+
 impl Agent {
     pub fn start(dir: &Path, plugins: Option<PathBuf>, extra_args: &[&str]) -> Agent {
         let mut a = Agent {
@@ -117,6 +124,7 @@ impl Agent {
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
         };
         std::fs::create_dir_all(a.state.join("tokens")).unwrap();
+        a.add_slot_token(TOKEN, "default");
         a.spawn();
         a
     }
@@ -164,11 +172,19 @@ impl Agent {
         let _ = self.child.kill();
     }
 
+    /// With [`TOKEN`].
     pub fn get(&self, path: &str) -> Reply {
-        request(&self.socket, "GET", path, &[], b"")
+        request(&self.socket, "GET", path, &[AUTH], b"")
     }
+    /// With [`TOKEN`].
     pub fn post(&self, path: &str, body: Value) -> Reply {
-        request(&self.socket, "POST", path, &[], body.to_string().as_bytes())
+        request(
+            &self.socket,
+            "POST",
+            path,
+            &[AUTH],
+            body.to_string().as_bytes(),
+        )
     }
     pub fn post_auth(&self, path: &str, token: &str, body: Value) -> Reply {
         let auth = format!("Bearer {token}");
@@ -181,8 +197,8 @@ impl Agent {
         )
     }
 
-    /// Writes a token record the way the device plugin does; `devices` are
-    /// host device indices.
+    /// Writes a token record the way the device plugin does, bound to a pod
+    /// of namespace `default`; `devices` are host device indices.
     pub fn add_token(&self, token: &str, device_type: &str, devices: &[u32]) {
         use rm_crds::token::{self, TokenDevice, TokenRecord};
         let device_type: rm_crds::DeviceType = device_type.parse().unwrap();
@@ -207,16 +223,53 @@ impl Agent {
                 .collect(),
             created_unix_ms: 0,
             expires_unix_ms: None,
-            owner: None,
+            owner: Some(token::TokenOwner {
+                namespace: "default".into(),
+                pod: "test".into(),
+            }),
             agent_slot: false,
         };
+        self.write_token(&rec);
+    }
+
+    /// Writes the record of an `rm-abstract.io/agent` slot held by a pod of
+    /// `namespace` (`None`: not yet bound by the device plugin).
+    pub fn add_slot_token(&self, token: &str, namespace: impl Into<Option<&'static str>>) {
+        use rm_crds::token::{self, TokenRecord};
+        let rec = TokenRecord {
+            version: token::RECORD_VERSION,
+            token_sha256: token::token_sha256(token),
+            resource_name: rm_crds::device::AGENT_RESOURCE.into(),
+            device_ids: vec![format!("agent::{token}")],
+            devices: vec![],
+            created_unix_ms: 0,
+            expires_unix_ms: None,
+            owner: namespace.into().map(|ns| token::TokenOwner {
+                namespace: ns.into(),
+                pod: format!("{ns}-pod"),
+            }),
+            agent_slot: true,
+        };
+        self.write_token(&rec);
+    }
+
+    pub fn write_token(&self, rec: &rm_crds::token::TokenRecord) {
+        use rm_crds::token;
         let dir = self.state.join(token::TOKENS_DIR);
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            token::record_path(&dir, &rec.token_sha256),
-            serde_json::to_vec(&rec).unwrap(),
-        )
-        .unwrap();
+        let tmp = dir.join(format!(".{}.tmp", rec.token_sha256));
+        std::fs::write(&tmp, serde_json::to_vec(rec).unwrap()).unwrap();
+        std::fs::rename(&tmp, token::record_path(&dir, &rec.token_sha256)).unwrap();
+    }
+
+    /// A request with `token` (or none).
+    pub fn call(&self, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> Reply {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = auth
+            .as_deref()
+            .map(|a| vec![("Authorization", a)])
+            .unwrap_or_default();
+        request(&self.socket, method, path, &headers, body)
     }
 }
 

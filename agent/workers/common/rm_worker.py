@@ -4,10 +4,13 @@ JSON lines over stdin/stdout; logs go to stderr. See agent/README.md.
 A worker subclasses `Worker` and calls `serve(MyWorker())`.
 """
 import json
+import math
 import os
+import re
 import shutil
 import sys
 import traceback
+import unicodedata
 
 PROTOCOL = 1
 
@@ -34,6 +37,93 @@ def devices():
     """Host device ids of this process's allocation (RM_DEVICES)."""
     raw = os.environ.get("RM_DEVICES", "")
     return [d for d in raw.split(",") if d]
+
+
+TRUST_REMOTE_CODE = "trust_remote_code"
+_INT = re.compile(r"-?[0-9]+")
+_FLOAT = re.compile(r"[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
+_manifests = {}
+
+
+def _extra_options(worker_dir):
+    """The `extra_options` declarations of <worker_dir>/manifest.json (cached)."""
+    if worker_dir not in _manifests:
+        with open(os.path.join(worker_dir, "manifest.json")) as f:
+            _manifests[worker_dir] = json.load(f).get("extra_options") or {}
+    return _manifests[worker_dir]
+
+
+def typed_extras(extra, worker_dir, reserved=()):
+    """Converts `options.extra` (strings) to Python values by the types the
+    worker's manifest declares under "extra_options", for passing to the SDK.
+
+    The agent has already checked them (agent/src/backend/extra.rs); this is
+    the same check again, so that nothing unchecked reaches the SDK even if
+    the agent is bypassed or a manifest and a worker disagree: a key the
+    manifest does not declare, a value that does not parse as its type or
+    lies outside its range, and `trust_remote_code` unless the agent was
+    started with --allow-trust-remote-code (it tells workers so in
+    RM_ALLOW_TRUST_REMOTE_CODE=1) raise WorkerError("invalid_request"), as
+    does a key in `reserved` (the SDK arguments the worker sets itself).
+    Returns {key: int | float | bool | str}.
+    """
+    decls = _extra_options(worker_dir)
+    trust_allowed = os.environ.get("RM_ALLOW_TRUST_REMOTE_CODE") == "1"
+    allowed = ", ".join(sorted(k for k in decls if k != TRUST_REMOTE_CODE or trust_allowed)) or "none"
+    out = {}
+    for key, raw in sorted((extra or {}).items()):
+        decl = decls.get(key)
+        if key in reserved:
+            raise WorkerError("options.extra key %r is set by the worker from the agent's options; allowed keys: %s"
+                              % (key, allowed), "invalid_request")
+        if decl is None:
+            raise WorkerError("options.extra key %r is not an option of this worker; allowed keys: %s"
+                              % (key, allowed), "invalid_request")
+        if key == TRUST_REMOTE_CODE and not trust_allowed:
+            raise WorkerError("options.extra key 'trust_remote_code' is refused: it runs the model repository's "
+                              "Python code on the node, and the agent was not started with "
+                              "--allow-trust-remote-code", "invalid_request")
+        out[key] = _typed_value(key, raw, decl)
+    return out
+
+
+def _typed_value(key, raw, decl):
+    def bad(why):
+        return WorkerError("options.extra key %r: the value %r %s" % (key, raw, why), "invalid_request")
+
+    if not isinstance(raw, str):
+        raise bad("is not a string (the agent sends every extra as a string)")
+    kind = decl.get("type")
+    if kind in ("int", "float"):
+        if kind == "int":
+            if not _INT.fullmatch(raw):
+                raise bad("is not an integer")
+            v = int(raw)
+            if not -2 ** 63 <= v < 2 ** 63:
+                raise bad("is not an integer of 64 bits")
+        else:
+            if not _FLOAT.fullmatch(raw) or not math.isfinite(float(raw)):
+                raise bad("is not a finite decimal number")
+            v = float(raw)
+        if decl.get("min") is not None and v < decl["min"]:
+            raise bad("is below the minimum %s" % decl["min"])
+        if decl.get("max") is not None and v > decl["max"]:
+            raise bad("is above the maximum %s" % decl["max"])
+        return v
+    if kind == "bool":
+        if raw not in ("true", "false"):
+            raise bad("is not true or false")
+        return raw == "true"
+    if kind == "enum":
+        if raw not in decl.get("values", []):
+            raise bad("is not one of %s" % ", ".join(decl.get("values", [])))
+        return raw
+    if kind == "string":
+        limit = decl.get("max_len") or 256
+        if len(raw) > limit or any(unicodedata.category(c) == "Cc" for c in raw):
+            raise bad("is longer than %d characters or holds control characters" % limit)
+        return raw
+    raise WorkerError("manifest.json declares extra option %r with unknown type %r" % (key, kind), "internal")
 
 
 def copy_model_files(src, dst, suffixes=(".json", ".safetensors", ".model", ".txt", ".tiktoken")):

@@ -8,11 +8,14 @@ written. It follows furiosa-llm's documented flow:
   serve:   furiosa_llm.LLM.load_artifact(artifact_dir, devices="npu:0,...") (older
            releases: LLM(artifact_dir, devices=...)) then .generate(prompts, SamplingParams(...)).
 The agent passes the allocation's device ids in RM_DEVICES (and FURIOSA_DEVICES).
+options.extra: only the ArtifactBuilder arguments manifest.json declares under
+"extra_options", converted to their types (rm_worker.typed_extras).
 """
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "common"))
 import rm_worker  # noqa: E402
 from rm_worker import WorkerError  # noqa: E402
 
@@ -39,15 +42,15 @@ class FuriosaWorker(rm_worker.Worker):
     def compile(self, params, progress):
         if params["model_format"] != "safetensors":
             raise WorkerError("the Furiosa worker builds from HF safetensors models, not GGUF", "unsupported")
-        from furiosa_llm.artifact.builder import ArtifactBuilder
         opts = params.get("options") or {}
         kwargs = {}
         if opts.get("tensorParallelSize"):
             kwargs["tensor_parallel_size"] = opts["tensorParallelSize"]
         if opts.get("maxSeqLen"):
             kwargs["max_seq_len_to_capture"] = opts["maxSeqLen"]
-        for k, v in (opts.get("extra") or {}).items():
-            kwargs[k] = v
+        # Only the keys manifest.json declares ("extra_options"), typed.
+        kwargs.update(rm_worker.typed_extras(opts.get("extra"), HERE, reserved=kwargs))
+        from furiosa_llm.artifact.builder import ArtifactBuilder
         progress(0.05, "build")
         ArtifactBuilder(params["model_path"], **kwargs).build(params["output_dir"])
         rm_worker.write_artifact_manifest(params["output_dir"], engine="furiosa-llm", options=opts)

@@ -61,7 +61,8 @@ token = "gpu-token-123"
 with open(os.path.join(state, "tokens", hashlib.sha256(token.encode()).hexdigest() + ".json"), "w") as f:
     json.dump({"version": 1, "tokenSha256": hashlib.sha256(token.encode()).hexdigest(),
                "resourceName": "nvidia.com/gpu", "deviceIds": ["gpu-0"], "createdUnixMs": 0,
-               "devices": [{"id": "gpu-0", "deviceType": "gpu", "index": 0, "pciAddress": None, "nodes": []}]}, f)
+               "devices": [{"id": "gpu-0", "deviceType": "gpu", "index": 0, "pciAddress": None, "nodes": []}],
+               "owner": {"namespace": "default", "pod": "verify"}}, f)
 sock = os.path.join(tmp, "agent.sock")
 agent = subprocess.Popen([sys.argv[1], "--socket", sock, "--cache-dir", os.path.join(tmp, "cache"),
                           "--state-dir", state, "--plugin-dir", os.path.dirname(HERE)])
@@ -70,7 +71,7 @@ try:
         if os.path.exists(sock):
             break
         time.sleep(0.1)
-    st, backends = call(sock, "GET", "/v1/backends")
+    st, backends = call(sock, "GET", "/v1/backends", None, token)
     for b in backends["backends"]:
         print("backend", b["name"], "available" if b["available"] else "unavailable: %s" % b["reason"])
     st, p = call(sock, "POST", "/v1/prepare", {"source": {"path": model_dir}, "device": "gpu:0",

@@ -9,11 +9,14 @@ It follows optimum-rbln's documented API:
   serve:   RBLNAutoModelForCausalLM.from_pretrained(artifact_dir, export=False,
            rbln_device=...) then .generate(...) as in transformers.
 The agent passes the allocation's device ids in RM_DEVICES (and RBLN_DEVICES).
+options.extra: only the rbln_* arguments manifest.json declares under
+"extra_options", converted to their types (rm_worker.typed_extras).
 """
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "common"))
 import rm_worker  # noqa: E402
 from rm_worker import WorkerError  # noqa: E402
 
@@ -44,7 +47,6 @@ class RblnWorker(rm_worker.Worker):
     def compile(self, params, progress):
         if params["model_format"] != "safetensors":
             raise WorkerError("the RBLN worker compiles HF safetensors models, not GGUF", "unsupported")
-        from optimum.rbln import RBLNAutoModelForCausalLM
         opts = params.get("options") or {}
         kwargs = {"export": True}
         if opts.get("batchSize"):
@@ -56,9 +58,9 @@ class RblnWorker(rm_worker.Worker):
         dev = rbln_device_arg()
         if dev is not None:
             kwargs["rbln_device"] = dev
-        for k, v in (opts.get("extra") or {}).items():
-            if k.startswith("rbln_"):
-                kwargs[k] = v
+        # Only the keys manifest.json declares ("extra_options"), typed.
+        kwargs.update(rm_worker.typed_extras(opts.get("extra"), HERE, reserved=kwargs))
+        from optimum.rbln import RBLNAutoModelForCausalLM
         progress(0.05, "export+compile")
         model = RBLNAutoModelForCausalLM.from_pretrained(params["model_path"], **kwargs)
         progress(0.9, "save")

@@ -89,9 +89,11 @@ pub fn validate(options: &CompileOptions, format: ModelFormat) -> Result<(), Bac
         )));
     }
     if !options.extra.is_empty() {
-        let keys: Vec<&str> = options.extra.keys().map(String::as_str).collect();
+        let keys: Vec<String> = options.extra.keys().map(|k| format!("{k:?}")).collect();
         return Err(BackendError::InvalidRequest(format!(
-            "the cpu backend takes no extra options (got {}); remove them",
+            "the cpu backend takes no extra options, but options.extra has {}; remove them \
+             (allowed keys: none; options.extra is for accelerator workers, each of which \
+             lists the keys it takes in GET /v1/backends)",
             keys.join(", ")
         )));
     }

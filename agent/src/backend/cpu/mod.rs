@@ -239,3 +239,27 @@ pub fn run_batch(
     }
     Ok(outputs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_backend_refuses_every_extra_option() {
+        let cpu = CpuBackend::default();
+        let mut o = CompileOptions::default();
+        assert!(cpu.validate(&o, ModelFormat::Safetensors).is_ok());
+        for key in ["trust_remote_code", "max_prompt_len", "x"] {
+            o.extra.clear();
+            o.extra.insert(key.into(), "true".into());
+            match cpu.validate(&o, ModelFormat::Safetensors) {
+                Err(BackendError::InvalidRequest(m)) => {
+                    assert!(m.contains(&format!("{key:?}")), "{m}");
+                    assert!(m.contains("takes no extra options"), "{m}");
+                    assert!(m.contains("allowed keys: none"), "{m}");
+                }
+                other => panic!("{key}: expected an InvalidRequest, got {other:?}"),
+            }
+        }
+    }
+}

@@ -10,6 +10,8 @@ it misbehave on purpose so the tests can check supervision:
 - compile option extra["test.compile_seconds"]: sleep that long while
   compiling (after writing a partial file);
 - compile option extra["test.fail"] = "1": answer an error;
+- compile option extra["trust_remote_code"]: ignored (no code is run); the
+  artifact records RM_ALLOW_TRUST_REMOTE_CODE as the agent set it;
 - prompt text "crash": exit at once (status 3);
 - prompt text "garbage": print a line that is not JSON;
 - prompt text "hang": never answer.
@@ -49,7 +51,8 @@ def compile_(rid, p):
         send({"id": rid, "error": {"kind": "unsupported", "message": "test double asked to fail"}})
         return
     with open(os.path.join(out, "artifact.json"), "w") as f:
-        json.dump({"test_double": True, "devices": p.get("devices"), "env_devices": os.environ.get("RM_DEVICES")}, f)
+        json.dump({"test_double": True, "devices": p.get("devices"), "env_devices": os.environ.get("RM_DEVICES"),
+                   "extra": extra, "env_allow_trust_remote_code": os.environ.get("RM_ALLOW_TRUST_REMOTE_CODE")}, f)
     send({"id": rid, "result": {}})
 
 

@@ -1,0 +1,1 @@
+"""TEST DOUBLE of furiosa_llm.artifact (tests only)."""

@@ -1,0 +1,1 @@
+"""TEST DOUBLE of the optimum namespace (tests only)."""
