@@ -37,7 +37,18 @@ wait_until() {
     done
 }
 registrations() { kubectl logs -n "$NS" "$(pod_of rm-device-plugin)" | grep -c 'registered with the kubelet' || true; }
-cache_entries() { curl -fsS --unix-socket "$SOCKET" http://agent/v1/cache | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["entries"]))'; }
+# The agent lists every namespace's entries to its admin token only: read it
+# from the Secret the agent pod mounts (volume admin-token), as kubectl
+# inference cache does.
+admin_token() {
+    local secret
+    secret=$(kubectl get pod -n "$NS" "$(pod_of rm-agent)" -o jsonpath='{.spec.volumes[?(@.name=="admin-token")].secret.secretName}')
+    kubectl get secret -n "$NS" "$secret" -o jsonpath='{.data.token}' | base64 -d
+}
+cache_entries() {
+    curl -fsS --unix-socket "$SOCKET" -H "X-RM-Token: $(admin_token)" http://agent/v1/cache |
+        python3 -c 'import json,sys; print(len(json.load(sys.stdin)["entries"]))'
+}
 
 pgrep -x kubelet >/dev/null || fail "no kubelet runs: start the real node with e2e/demo.sh first"
 [[ $(allocatable rebellions.ai/ATOM) == 2 ]] || fail "rm-real-node does not advertise its 2 fake ATOMs"

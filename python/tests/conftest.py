@@ -138,7 +138,10 @@ def agent(tmp_path_factory):
     root = Path(os.environ.get("RM_TEST_TMP", "/tmp")) / ("rmpy-%d" % os.getpid())
     shutil.rmtree(root, ignore_errors=True)
     a = Agent(_agent_binary(), root)
+    # In-process rm_abstract.init() reads the pod's env: be that test pod.
+    os.environ["RM_AGENT_SLOT_TOKEN"] = SLOT_TOKEN
     yield a
+    os.environ.pop("RM_AGENT_SLOT_TOKEN", None)
     a.stop()
     shutil.rmtree(root, ignore_errors=True)
 
