@@ -376,15 +376,33 @@ func main() {
 	}
 	fmt.Printf("ok  allocated through the device manager: %s, nodes %v, token record written, agent socket dir mounted\n", visible, nodes)
 
-	// A CPU container reaches the agent through the agent resource: only
-	// the socket directory is mounted (no hostPath volume in the pod spec).
+	// A CPU container reaches the agent through the agent resource: the
+	// socket directory is mounted (no hostPath volume in the pod spec) and
+	// the slot's token is its identity at the agent; no devices.
 	_, cpuOpts := allocate(m, &pods, "infer-cpu", "pod-uid-2", agent)
-	if !mountsAgentDir(cpuOpts.Mounts) || len(cpuOpts.Devices) != 0 || len(cpuOpts.Envs) != 0 {
-		fail("CPU container: want only the read-only mount of %s, got mounts %v devices %v envs %v",
+	cpuEnv := map[string]string{}
+	for _, e := range cpuOpts.Envs {
+		cpuEnv[e.Name] = e.Value
+	}
+	slot := cpuEnv["RM_AGENT_SLOT_TOKEN"]
+	if !mountsAgentDir(cpuOpts.Mounts) || len(cpuOpts.Devices) != 0 || len(cpuEnv) != 1 || slot == "" {
+		fail("CPU container: want the read-only mount of %s and RM_AGENT_SLOT_TOKEN only, got mounts %v devices %v envs %v",
 			agentDir, cpuOpts.Mounts, cpuOpts.Devices, cpuOpts.Envs)
 	}
+	slotSum := sha256.Sum256([]byte(slot))
+	slotRaw, err := os.ReadFile(filepath.Join(state, "tokens", hex.EncodeToString(slotSum[:])+".json"))
+	if err != nil {
+		fail("token record for the agent slot: %v", err)
+	}
+	var slotRec struct {
+		ResourceName string `json:"resourceName"`
+		AgentSlot    bool   `json:"agentSlot"`
+	}
+	if err := json.Unmarshal(slotRaw, &slotRec); err != nil || slotRec.ResourceName != agent || !slotRec.AgentSlot {
+		fail("token record %s is not an agent slot of %s (%v)", slotRaw, agent, err)
+	}
 	waitCapacity(logger, m, agent, 100, 100, time.Second)
-	fmt.Printf("ok  %s allocated to a CPU container: mount of %s only, no devices, no env\n", agent, agentDir)
+	fmt.Printf("ok  %s allocated to a CPU container: mount of %s and the slot's token (record: agent slot), no devices\n", agent, agentDir)
 
 	// Health: the other GPU's device node disappears; allocatable drops.
 	other, otherNode := gpu1, "dev/nvidia1"
