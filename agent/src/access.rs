@@ -118,6 +118,36 @@ impl AccessIndex {
             .unwrap_or_default()
     }
 
+    /// The ids of `kind` that `namespace` holds.
+    pub fn held_by(&self, kind: Kind, namespace: &str) -> Vec<String> {
+        self.lock()
+            .of(kind)
+            .iter()
+            .filter(|(_, owners)| owners.contains(namespace))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Takes `id` from `namespace` (`None`: from everyone); returns whether
+    /// anyone still holds it.
+    pub fn revoke(&self, kind: Kind, id: &str, namespace: Option<&str>) -> std::io::Result<bool> {
+        let mut g = self.lock();
+        let map = g.of(kind);
+        let left = match (map.get_mut(id), namespace) {
+            (Some(owners), Some(ns)) => {
+                owners.remove(ns);
+                !owners.is_empty()
+            }
+            _ => false,
+        };
+        if !left {
+            map.remove(id);
+        }
+        g.version = VERSION;
+        self.persist(&g)?;
+        Ok(left)
+    }
+
     fn persist(&self, g: &Grants) -> std::io::Result<()> {
         let json = serde_json::to_vec(g).map_err(std::io::Error::other)?;
         let tmp = self
@@ -159,6 +189,12 @@ mod tests {
 
         let b = AccessIndex::open(dir.path());
         assert!(b.may_use(Kind::Blob, "b1", Some("team-b")));
+        assert_eq!(b.held_by(Kind::Blob, "team-b"), ["b1"]);
+        b.grant(Kind::Blob, "b1", "team-c").expect("grant");
+        assert!(b.revoke(Kind::Blob, "b1", Some("team-b")).expect("revoke"));
+        assert!(!b.may_use(Kind::Blob, "b1", Some("team-b")));
+        assert!(!b.revoke(Kind::Blob, "b1", Some("team-c")).expect("revoke"));
+        assert!(b.held_by(Kind::Blob, "team-c").is_empty());
         assert!(b.may_use(Kind::Model, "sha256:m", Some("team-z")));
         std::fs::write(dir.path().join(FILE), b"{garbled").expect("write");
         let c = AccessIndex::open(dir.path());

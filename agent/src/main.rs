@@ -55,6 +55,16 @@ struct Cli {
     /// Accepts bytes or K/M/G/T suffixes.
     #[arg(long, env = "RM_CACHE_MAX_BYTES", default_value = "100G", value_parser = parse_size)]
     cache_max_bytes: u64,
+    /// Largest file one upload (`PUT /v1/blobs/*`) may store.
+    #[arg(long, env = "RM_MAX_UPLOAD_BYTES", default_value = "64G", value_parser = parse_size)]
+    max_upload_bytes: u64,
+    /// Uploaded bytes one namespace may hold on this node.
+    #[arg(long, env = "RM_NAMESPACE_UPLOAD_QUOTA", default_value = "200G", value_parser = parse_size)]
+    namespace_upload_quota: u64,
+    /// Free space the cache's filesystem keeps: uploads that would leave
+    /// less are refused (507), so the node stays out of DiskPressure.
+    #[arg(long, env = "RM_MIN_FREE_DISK", default_value = "10G", value_parser = parse_size)]
+    min_free_disk: u64,
     /// Node directories models may be read from (`source.path`); repeatable.
     /// Unset: any absolute path the agent can read.
     #[arg(
@@ -172,14 +182,20 @@ async fn run(cli: Cli) -> Result<(), StartError> {
             "no --state-dir: every caller is trusted and sees every model (development only; the chart sets it)"
         );
     }
-    let agent = Arc::new(Agent::new(
+    let mut agent = Agent::new(
         store,
         models,
         Registry::new(backends),
         tokens,
         rm_agent::access::AccessIndex::open(&cli.cache_dir),
         admin_token.as_deref(),
-    ));
+    );
+    agent.limits = rm_agent::quota::Limits {
+        max_upload: cli.max_upload_bytes,
+        namespace_quota: cli.namespace_upload_quota,
+        min_free: cli.min_free_disk,
+    };
+    let agent = Arc::new(agent);
 
     if let Some(parent) = cli.socket.parent() {
         std::fs::create_dir_all(parent).map_err(io("cannot create socket dir", parent))?;

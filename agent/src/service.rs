@@ -17,6 +17,7 @@ use crate::backend::{
 };
 use crate::cache::{CacheKey, CacheStore, CompileState, InFlight, KeyInputs, Role, StoreError};
 use crate::metrics::Metrics;
+use crate::quota::{Limits, QuotaError, Usage};
 use crate::source::{ModelRegistry, ModelSource, ResolvedModel, SourceError};
 
 /// Any failure of an agent operation, with the HTTP status it maps to.
@@ -38,6 +39,8 @@ pub enum AgentError {
     Compile { status: u16, message: String },
     #[error("{0}")]
     Forbidden(String),
+    #[error(transparent)]
+    Quota(#[from] QuotaError),
 }
 
 impl AgentError {
@@ -56,6 +59,7 @@ impl AgentError {
             AgentError::Store(StoreError::Io { .. }) => 500,
             AgentError::Compile { status, .. } => *status,
             AgentError::Forbidden(_) => 403,
+            AgentError::Quota(e) => e.http_status(),
         }
     }
 
@@ -70,6 +74,9 @@ impl AgentError {
             AgentError::Store(_) => "cache",
             AgentError::Compile { .. } => "compile_failed",
             AgentError::Forbidden(_) => "forbidden",
+            AgentError::Quota(QuotaError::TooLarge { .. }) => "too_large",
+            AgentError::Quota(QuotaError::Quota { .. }) => "quota_exceeded",
+            AgentError::Quota(QuotaError::Disk { .. }) => "insufficient_storage",
         }
     }
 }
@@ -134,6 +141,8 @@ pub struct Agent {
     pub tokens: TokenStore,
     pub access: AccessIndex,
     pub metrics: Arc<Metrics>,
+    /// What one tenant may store.
+    pub limits: Limits,
     /// SHA-256 of the cluster operator's admin token, if one is set.
     admin_sha256: Option<String>,
     verified: Mutex<HashSet<CacheKey>>,
@@ -165,6 +174,7 @@ impl Agent {
             tokens,
             access,
             metrics: Arc::new(Metrics::default()),
+            limits: Limits::default(),
             admin_sha256: admin_token.map(rm_crds::token::token_sha256),
             verified: Mutex::new(HashSet::new()),
         }
@@ -233,6 +243,64 @@ impl Agent {
     /// Records an upload of the whole blob by `caller`.
     pub fn grant_blob(&self, sha256: &str, caller: &Caller) -> Result<(), AgentError> {
         self.grant(Kind::Blob, sha256, caller)
+    }
+
+    /// How many bytes an upload by `caller` may write (`declared`: its
+    /// Content-Length, 0 when unknown). See [`crate::quota::allowance`].
+    pub fn upload_allowance(&self, caller: &Caller, declared: u64) -> Result<u64, AgentError> {
+        let namespace_bytes = caller.namespace().map(|ns| {
+            self.access
+                .held_by(Kind::Blob, ns)
+                .iter()
+                .filter_map(|sha| self.models.blob_path(sha).ok())
+                .filter_map(|p| std::fs::metadata(p).ok())
+                .map(|m| m.len())
+                .sum()
+        });
+        let free_disk = crate::quota::free_disk(self.models.blobs_dir()).map_err(|e| {
+            AgentError::Store(StoreError::Io {
+                path: self.models.blobs_dir().to_path_buf(),
+                source: e,
+            })
+        })?;
+        let usage = Usage {
+            namespace_bytes,
+            free_disk,
+        };
+        crate::quota::allowance(&self.limits, &usage, caller.namespace(), declared).map_err(|e| {
+            Metrics::inc(&self.metrics.refused_requests);
+            tracing::info!(caller = %caller.describe(), error = %e, "upload refused");
+            AgentError::Quota(e)
+        })
+    }
+
+    /// Takes a blob from `caller` (the admin: from everyone); the file goes
+    /// when nobody holds it any more (models built from it keep their own
+    /// copy). Others' blobs are as absent (404).
+    pub fn delete_blob(&self, sha256: &str, caller: &Caller) -> Result<bool, AgentError> {
+        let path = self.models.blob_path(sha256)?;
+        if !path.is_file() || !self.may_use_blob(sha256, caller) {
+            return Err(SourceError::MissingBlob(sha256.to_string()).into());
+        }
+        let namespace = caller.namespace();
+        let still_held = self
+            .access
+            .revoke(Kind::Blob, sha256, namespace)
+            .map_err(|e| {
+                AgentError::Store(StoreError::Io {
+                    path: "access.json".into(),
+                    source: e,
+                })
+            })?;
+        // A trusted caller records no grants: the file is its to remove.
+        if still_held {
+            return Ok(false);
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(AgentError::Store(StoreError::Io { path, source: e })),
+        }
     }
 
     /// Whether `caller` may use the model (and its cache entries).

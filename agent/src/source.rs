@@ -361,6 +361,11 @@ impl ModelRegistry {
         Ok(self.blobs_dir.join(sha256))
     }
 
+    /// Where uploaded blobs are kept.
+    pub fn blobs_dir(&self) -> &Path {
+        &self.blobs_dir
+    }
+
     pub fn has_blob(&self, sha256: &str) -> Result<bool, SourceError> {
         Ok(self.blob_path(sha256)?.is_file())
     }

@@ -1429,3 +1429,130 @@ fn vendor_extras_are_checked_against_the_worker_manifest() {
     let m = refused(&agent, json!({"trust_remote_code": "yes"}));
     assert!(m.contains("not true or false"), "{m}");
 }
+
+/// `PUT /v1/blobs/<sha>` with a chunked body (no declared length).
+fn put_chunked(socket: &Path, token: &str, sha: &str, body: &[u8]) -> common::Reply {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    let head = format!(
+        "PUT /v1/blobs/{sha} HTTP/1.1\r\nHost: rm-agent\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    for c in body.chunks(256) {
+        // The agent may answer and close once the limit is passed.
+        if s.write_all(format!("{:x}\r\n", c.len()).as_bytes())
+            .is_err()
+            || s.write_all(c).is_err()
+            || s.write_all(b"\r\n").is_err()
+        {
+            break;
+        }
+    }
+    let _ = s.write_all(b"0\r\n\r\n");
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text.split(' ').nth(1).unwrap_or("0").parse().unwrap_or(0);
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or("")
+        .as_bytes()
+        .to_vec();
+    common::Reply { status, body }
+}
+
+#[test]
+fn uploads_are_bounded_per_file_per_namespace_and_by_free_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(
+        dir.path(),
+        None,
+        &["--max-upload-bytes", "1K", "--namespace-upload-quota", "3K"],
+    );
+    agent.add_slot_token("ta", "team-a");
+    agent.add_slot_token("tb", "team-b");
+    let blob = |seed: u8, len: usize| -> (Vec<u8>, String) {
+        let b: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(seed)).collect();
+        let sha = rm_agent::cache::key::hex(&<sha2::Sha256 as sha2::Digest>::digest(&b));
+        (b, sha)
+    };
+    let put = |token: &str, (b, sha): &(Vec<u8>, String)| {
+        agent.call("PUT", &format!("/v1/blobs/{sha}"), Some(token), b)
+    };
+    let head = |token: &str, sha: &str| {
+        agent
+            .call("HEAD", &format!("/v1/blobs/{sha}"), Some(token), b"")
+            .status
+    };
+    let blobs_dir = agent.cache.join("blobs");
+    let files_in_blobs = || std::fs::read_dir(&blobs_dir).unwrap().count();
+
+    // One file over the limit: refused from its declared length, or cut off
+    // while it streams when it declares none.
+    let big = blob(3, 2000);
+    let r = put("ta", &big);
+    assert_eq!(r.status, 413, "{}", r.message());
+    assert!(
+        r.message().contains("--max-upload-bytes"),
+        "{}",
+        r.message()
+    );
+    let r = put_chunked(&agent.socket, "ta", &big.1, &big.0);
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(head("ta", &big.1), 404);
+    assert_eq!(files_in_blobs(), 0, "nothing left of refused uploads");
+
+    // The namespace's quota: three files of 1000 bytes fit in 3 KiB, a
+    // fourth does not; another namespace has its own.
+    let small: Vec<_> = (1..=4).map(|s| blob(s * 5, 1000)).collect();
+    for b in &small[..3] {
+        assert_eq!(put("ta", b).status, 200);
+    }
+    let r = put("ta", &small[3]);
+    assert_eq!(r.status, 403, "{}", r.message());
+    assert!(
+        r.message().contains("team-a") && r.message().contains("DELETE /v1/blobs"),
+        "{}",
+        r.message()
+    );
+    assert_eq!(put("tb", &small[3]).status, 200, "team-b has its own quota");
+    // Releasing a blob frees the quota; another namespace's blob is as absent.
+    let r = agent.call(
+        "DELETE",
+        &format!("/v1/blobs/{}", small[0].1),
+        Some("tb"),
+        b"",
+    );
+    assert_eq!(r.status, 404);
+    let r = agent.call(
+        "DELETE",
+        &format!("/v1/blobs/{}", small[0].1),
+        Some("ta"),
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.message());
+    assert_eq!(r.json()["file_removed"], true);
+    assert_eq!(put("ta", &small[3]).status, 200);
+    // Held by both now: team-a's release keeps team-b's file.
+    let r = agent.call(
+        "DELETE",
+        &format!("/v1/blobs/{}", small[3].1),
+        Some("ta"),
+        b"",
+    );
+    assert_eq!(r.json()["file_removed"], false);
+    assert_eq!(head("tb", &small[3].1), 200);
+
+    // A floor of free disk no node has: every upload is refused, 507.
+    let dir2 = tempfile::tempdir().unwrap();
+    let full = Agent::start(dir2.path(), None, &["--min-free-disk", "1000000T"]);
+    let r = full.call(
+        "PUT",
+        &format!("/v1/blobs/{}", small[1].1),
+        Some(common::TOKEN),
+        &small[1].0,
+    );
+    assert_eq!(r.status, 507, "{}", r.message());
+    assert!(r.message().contains("DiskPressure"), "{}", r.message());
+}

@@ -140,7 +140,10 @@ pub fn socket_router(agent: Arc<Agent>) -> Router {
     let blobs = Router::new()
         .route(
             "/v1/blobs/{sha256}",
-            get(head_blob).head(head_blob).put(put_blob),
+            get(head_blob)
+                .head(head_blob)
+                .put(put_blob)
+                .delete(delete_blob),
         )
         .layer(DefaultBodyLimit::disable());
     Router::new()
@@ -316,6 +319,13 @@ async fn put_blob(
             json!({"sha256": sha, "stored": false, "reason": "already present"}),
         ));
     }
+    // Checked before a byte is read (with the declared length), and the body
+    // is cut off at the allowance (a client may declare nothing, or lie).
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    let allowed = agent.upload_allowance(&who, declared)?;
     let (tmp, mut file) = agent.models.blob_temp(&sha).map_err(AgentError::from)?;
     let mut hasher = Sha256::new();
     let mut stream = body.into_data_stream();
@@ -329,6 +339,17 @@ async fn put_blob(
         };
         hasher.update(&chunk);
         n += chunk.len() as u64;
+        if n > allowed {
+            // The limit it passed, as the decision names it for this size.
+            let e = match agent.upload_allowance(&who, n) {
+                Err(e) => e,
+                Ok(_) => AgentError::Quota(crate::quota::QuotaError::TooLarge {
+                    size: n,
+                    max: allowed,
+                }),
+            };
+            return Err(e.into());
+        }
         // Small synchronous writes; uploads are rare and sequential.
         if let Err(e) = file.write_all(&chunk) {
             return Err(
@@ -343,6 +364,20 @@ async fn put_blob(
         .map_err(AgentError::from)?;
     agent.grant_blob(&sha, &who)?;
     Ok(Json(json!({"sha256": sha, "stored": true, "bytes": n})))
+}
+
+/// Takes the caller's hold on a blob; the file goes with the last holder.
+async fn delete_blob(
+    State(agent): State<Arc<Agent>>,
+    headers: HeaderMap,
+    Path(sha): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let who = caller(&agent, &headers).await?;
+    let removed = agent.delete_blob(&sha, &who)?;
+    tracing::info!(sha256 = %sha, removed, caller = %who.describe(), "blob released");
+    Ok(Json(
+        json!({"sha256": sha, "released": true, "file_removed": removed}),
+    ))
 }
 
 fn prepare_request(b: PrepareBody) -> ApiResult<(PrepareRequest, bool)> {
