@@ -111,7 +111,9 @@ mkdir -p "$WORK/host/sys" "$WORK/host/dev" "$WORK/kubelet" "$WORK/state"
 sed -e "s#^hostRoot: .*#hostRoot: $WORK/host#" -e "s#^kubeletDir: .*#kubeletDir: $WORK/kubelet#" \
     -e "s#^stateDir: .*#stateDir: $WORK/state#" "$WORK/dp.yaml" >"$WORK/dp-local.yaml"
 timeout 3 "$BIN/rm-device-plugin" --config "$WORK/dp-local.yaml" >"$WORK/dp.log" 2>&1 || true
-if grep -q "starting" "$WORK/dp.log" && ! grep -qi "invalid\|error" "$WORK/dp.log"; then
+# Only errors count: without a kubelet here the token collector warns that
+# it cannot ask PodResources, which says nothing about the config.
+if grep -q "starting" "$WORK/dp.log" && ! grep -qE " ERROR |invalid" "$WORK/dp.log"; then
     ok "rm-device-plugin --config accepts the chart's file"
 else
     bad "rm-device-plugin rejected the chart's config: $(head -c 600 "$WORK/dp.log")"
