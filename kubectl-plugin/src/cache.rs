@@ -361,6 +361,30 @@ mod tests {
     }"#;
 
     #[test]
+    fn the_admin_secret_is_the_one_the_admin_token_volume_mounts() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "rm-agent-x"},
+            "spec": {"containers": [{"name": "agent"}], "volumes": [
+                {"name": "tmp", "emptyDir": {}},
+                {"name": "webhook-tls", "secret": {"secretName": "other"}},
+                {"name": "admin-token", "secret": {"secretName": "rel-agent-admin"}}
+            ]}
+        }))
+        .unwrap();
+        assert_eq!(admin_secret_name(&pod).as_deref(), Some("rel-agent-admin"));
+        let bare: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "rm-agent-y"},
+            "spec": {"containers": [{"name": "agent"}]}
+        }))
+        .unwrap();
+        assert_eq!(
+            admin_secret_name(&bare),
+            None,
+            "an agent without one is asked without a token"
+        );
+    }
+
+    #[test]
     fn the_agent_listing_and_a_plain_list_both_parse() {
         let entries = parse_listing(AGENT_BODY).unwrap();
         assert_eq!(entries[0].device, "cpu");
