@@ -1430,6 +1430,29 @@ fn vendor_extras_are_checked_against_the_worker_manifest() {
     assert!(m.contains("not true or false"), "{m}");
 }
 
+/// `PUT /v1/blobs/<sha>` that declares `len` bytes and sends none: what the
+/// agent answers from the declared length alone. (Sending the body too would
+/// race the early answer: a unix socket closed with unread data resets.)
+fn put_declared(socket: &Path, token: &str, sha: &str, len: usize) -> common::Reply {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    let head = format!(
+        "PUT /v1/blobs/{sha} HTTP/1.1\r\nHost: rm-agent\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Length: {len}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or("")
+        .as_bytes()
+        .to_vec();
+    common::Reply { status, body }
+}
+
 /// `PUT /v1/blobs/<sha>` with a chunked body (no declared length).
 fn put_chunked(socket: &Path, token: &str, sha: &str, body: &[u8]) -> common::Reply {
     use std::io::{Read, Write};
@@ -1491,15 +1514,23 @@ fn uploads_are_bounded_per_file_per_namespace_and_by_free_disk() {
     // One file over the limit: refused from its declared length, or cut off
     // while it streams when it declares none.
     let big = blob(3, 2000);
-    let r = put("ta", &big);
+    let r = put_declared(&agent.socket, "ta", &big.1, big.0.len());
     assert_eq!(r.status, 413, "{}", r.message());
     assert!(
         r.message().contains("--max-upload-bytes"),
         "{}",
         r.message()
     );
+    // Cut off mid-stream: the 413 races the rest of the body (the socket may
+    // reset before it is read), but whole, verified and under the right
+    // name, the blob would be stored without the cut-off.
     let r = put_chunked(&agent.socket, "ta", &big.1, &big.0);
-    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        r.status == 413 || r.status == 0,
+        "{} {}",
+        r.status,
+        String::from_utf8_lossy(&r.body)
+    );
     assert_eq!(head("ta", &big.1), 404);
     assert_eq!(files_in_blobs(), 0, "nothing left of refused uploads");
 
@@ -1509,7 +1540,7 @@ fn uploads_are_bounded_per_file_per_namespace_and_by_free_disk() {
     for b in &small[..3] {
         assert_eq!(put("ta", b).status, 200);
     }
-    let r = put("ta", &small[3]);
+    let r = put_declared(&agent.socket, "ta", &small[3].1, 1000);
     assert_eq!(r.status, 403, "{}", r.message());
     assert!(
         r.message().contains("team-a") && r.message().contains("DELETE /v1/blobs"),
@@ -1547,12 +1578,7 @@ fn uploads_are_bounded_per_file_per_namespace_and_by_free_disk() {
     // A floor of free disk no node has: every upload is refused, 507.
     let dir2 = tempfile::tempdir().unwrap();
     let full = Agent::start(dir2.path(), None, &["--min-free-disk", "1000000T"]);
-    let r = full.call(
-        "PUT",
-        &format!("/v1/blobs/{}", small[1].1),
-        Some(common::TOKEN),
-        &small[1].0,
-    );
+    let r = put_declared(&full.socket, common::TOKEN, &small[1].1, 1000);
     assert_eq!(r.status, 507, "{}", r.message());
     assert!(r.message().contains("DiskPressure"), "{}", r.message());
 }

@@ -83,7 +83,9 @@ pub fn request(
     }
     head.push_str("\r\n");
     s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
+    // The agent may answer before it reads the body (a refused upload, a
+    // missing token) and close: its answer is still there to read.
+    let _ = s.write_all(body);
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
     let split = raw
