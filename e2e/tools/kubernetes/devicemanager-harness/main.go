@@ -163,6 +163,26 @@ func allocate(m *devicemanager.ManagerImpl, pods *[]*v1.Pod, name, uid, res stri
 	return pod, opts
 }
 
+// envOf is a container's environment as a map.
+func envOf(opts *devicemanager.DeviceRunContainerOptions) map[string]string {
+	env := map[string]string{}
+	for _, e := range opts.Envs {
+		env[e.Name] = e.Value
+	}
+	return env
+}
+
+// tokenRecord reads the record the device plugin wrote for token (named by
+// its SHA-256, as the node agent finds it) into rec; it returns the raw JSON.
+func tokenRecord(state, token, what string, rec any) ([]byte, error) {
+	sum := sha256.Sum256([]byte(token))
+	raw, err := os.ReadFile(filepath.Join(state, "tokens", hex.EncodeToString(sum[:])+".json"))
+	if err != nil {
+		fail("token record for %s: %v", what, err)
+	}
+	return raw, json.Unmarshal(raw, rec)
+}
+
 // mountsAgentDir reports whether the agent's socket directory is among the
 // container's mounts, read-only, at the same path.
 func mountsAgentDir(mounts []kubecontainer.Mount) bool {
@@ -331,10 +351,7 @@ func main() {
 	// One pod asking for one GPU, allocated through the manager: it asks
 	// our plugin for a preferred allocation, then calls Allocate.
 	pod, opts := allocate(m, &pods, "infer", "pod-uid-1", gpu)
-	env := map[string]string{}
-	for _, e := range opts.Envs {
-		env[e.Name] = e.Value
-	}
+	env := envOf(opts)
 	visible := env["NVIDIA_VISIBLE_DEVICES"]
 	if visible != gpu0 && visible != gpu1 {
 		fail("NVIDIA_VISIBLE_DEVICES = %q, want one of the two GPU UUIDs (env %v)", visible, env)
@@ -355,16 +372,12 @@ func main() {
 	if token == "" {
 		fail("no RM_AGENT_TOKEN in the container's env %v", env)
 	}
-	sum := sha256.Sum256([]byte(token))
-	raw, err := os.ReadFile(filepath.Join(state, "tokens", hex.EncodeToString(sum[:])+".json"))
-	if err != nil {
-		fail("token record for the allocation: %v", err)
-	}
 	var rec struct {
 		ResourceName string   `json:"resourceName"`
 		DeviceIDs    []string `json:"deviceIds"`
 	}
-	if err := json.Unmarshal(raw, &rec); err != nil || rec.ResourceName != gpu || len(rec.DeviceIDs) != 1 || rec.DeviceIDs[0] != visible {
+	raw, err := tokenRecord(state, token, "the allocation", &rec)
+	if err != nil || rec.ResourceName != gpu || len(rec.DeviceIDs) != 1 || rec.DeviceIDs[0] != visible {
 		fail("token record %s does not grant %s of %s (%v)", raw, visible, gpu, err)
 	}
 	devs := m.GetDevices(string(pod.UID), "app")
@@ -380,25 +393,18 @@ func main() {
 	// socket directory is mounted (no hostPath volume in the pod spec) and
 	// the slot's token is its identity at the agent; no devices.
 	_, cpuOpts := allocate(m, &pods, "infer-cpu", "pod-uid-2", agent)
-	cpuEnv := map[string]string{}
-	for _, e := range cpuOpts.Envs {
-		cpuEnv[e.Name] = e.Value
-	}
+	cpuEnv := envOf(cpuOpts)
 	slot := cpuEnv["RM_AGENT_SLOT_TOKEN"]
 	if !mountsAgentDir(cpuOpts.Mounts) || len(cpuOpts.Devices) != 0 || len(cpuEnv) != 1 || slot == "" {
 		fail("CPU container: want the read-only mount of %s and RM_AGENT_SLOT_TOKEN only, got mounts %v devices %v envs %v",
 			agentDir, cpuOpts.Mounts, cpuOpts.Devices, cpuOpts.Envs)
 	}
-	slotSum := sha256.Sum256([]byte(slot))
-	slotRaw, err := os.ReadFile(filepath.Join(state, "tokens", hex.EncodeToString(slotSum[:])+".json"))
-	if err != nil {
-		fail("token record for the agent slot: %v", err)
-	}
 	var slotRec struct {
 		ResourceName string `json:"resourceName"`
 		AgentSlot    bool   `json:"agentSlot"`
 	}
-	if err := json.Unmarshal(slotRaw, &slotRec); err != nil || slotRec.ResourceName != agent || !slotRec.AgentSlot {
+	slotRaw, err := tokenRecord(state, slot, "the agent slot", &slotRec)
+	if err != nil || slotRec.ResourceName != agent || !slotRec.AgentSlot {
 		fail("token record %s is not an agent slot of %s (%v)", slotRaw, agent, err)
 	}
 	waitCapacity(logger, m, agent, 100, 100, time.Second)
