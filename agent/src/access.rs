@@ -79,6 +79,11 @@ impl AccessIndex {
         }
     }
 
+    /// The file the grants are kept in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     fn lock(&self) -> MutexGuard<'_, Grants> {
         // Every change is one insert or remove: a poisoned map is whole.
         self.grants.lock().unwrap_or_else(|p| p.into_inner())

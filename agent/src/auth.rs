@@ -183,16 +183,11 @@ pub fn identify(
 
 /// Decides where `request` may run, given the caller's allocation (if any).
 /// The CPU needs no token; every accelerator does.
+/// (The allocation's lease was checked when the caller was identified.)
 pub fn authorize(
     request: DeviceRequest,
     allocation: Option<&Allocation>,
-    now_unix_ms: u64,
 ) -> Result<Target, AuthError> {
-    if let Some(a) = allocation {
-        if a.expires_unix_ms.is_some_and(|e| e <= now_unix_ms) {
-            return Err(AuthError::Expired);
-        }
-    }
     let cpu = Target {
         device_type: DeviceType::Cpu,
         devices: vec![],
@@ -295,10 +290,10 @@ mod tests {
 
     #[test]
     fn cpu_needs_no_token() {
-        let t = authorize(req("cpu"), None, 0).expect("cpu allowed");
+        let t = authorize(req("cpu"), None).expect("cpu allowed");
         assert_eq!(t.device_type, DeviceType::Cpu);
         assert_eq!(
-            authorize(req("auto"), None, 0).map(|t| t.device_type),
+            authorize(req("auto"), None).map(|t| t.device_type),
             Ok(DeviceType::Cpu)
         );
     }
@@ -306,11 +301,11 @@ mod tests {
     #[test]
     fn accelerator_without_token_is_refused() {
         assert!(matches!(
-            authorize(req("gpu:0"), None, 0),
+            authorize(req("gpu:0"), None),
             Err(AuthError::MissingToken(_))
         ));
         assert!(matches!(
-            authorize(req("npu"), None, 0),
+            authorize(req("npu"), None),
             Err(AuthError::MissingToken(_))
         ));
     }
@@ -319,28 +314,28 @@ mod tests {
     fn only_the_allocated_type_and_indices() {
         let a = alloc(DeviceType::Rbln, 2);
         assert_eq!(
-            authorize(req("rbln:1"), Some(&a), 0).map(|t| t.devices),
+            authorize(req("rbln:1"), Some(&a)).map(|t| t.devices),
             Ok(vec!["5".to_string()])
         );
         assert_eq!(
-            authorize(req("npu:0"), Some(&a), 0).map(|t| t.devices),
+            authorize(req("npu:0"), Some(&a)).map(|t| t.devices),
             Ok(vec!["4".to_string()])
         );
         assert_eq!(
-            authorize(req("auto"), Some(&a), 0).map(|t| t.devices.len()),
+            authorize(req("auto"), Some(&a)).map(|t| t.devices.len()),
             Ok(2)
         );
         assert!(matches!(
-            authorize(req("gpu:0"), Some(&a), 0),
+            authorize(req("gpu:0"), Some(&a)),
             Err(AuthError::WrongType { .. })
         ));
         assert!(matches!(
-            authorize(req("rbln:2"), Some(&a), 0),
+            authorize(req("rbln:2"), Some(&a)),
             Err(AuthError::IndexOutOfRange { .. })
         ));
         let g = alloc(DeviceType::Gpu, 1);
         assert!(matches!(
-            authorize(req("npu"), Some(&g), 0),
+            authorize(req("npu"), Some(&g)),
             Err(AuthError::WrongType { .. })
         ));
     }
@@ -387,12 +382,12 @@ mod tests {
         let slot = alloc(DeviceType::Cpu, 0);
         for d in ["auto", "cpu"] {
             assert_eq!(
-                authorize(req(d), Some(&slot), 0).map(|t| t.device_type),
+                authorize(req(d), Some(&slot)).map(|t| t.device_type),
                 Ok(DeviceType::Cpu)
             );
         }
         assert!(matches!(
-            authorize(req("gpu:0"), Some(&slot), 0),
+            authorize(req("gpu:0"), Some(&slot)),
             Err(AuthError::NoAccelerator(_))
         ));
     }
@@ -401,7 +396,10 @@ mod tests {
     fn expired_token_is_refused() {
         let mut a = alloc(DeviceType::Gpu, 1);
         a.expires_unix_ms = Some(10);
-        assert_eq!(authorize(req("gpu"), Some(&a), 11), Err(AuthError::Expired));
+        assert_eq!(
+            identify(Some("t"), false, true, Some(Ok(a)), 11),
+            Err(AuthError::Expired)
+        );
     }
 
     #[test]

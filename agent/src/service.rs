@@ -212,8 +212,7 @@ impl Agent {
         let request: DeviceRequest = device
             .parse()
             .map_err(|e: rm_crds::DeviceStringError| AgentError::BadRequest(e.to_string()))?;
-        let now = crate::cache::store::now_ms();
-        auth::authorize(request, caller.allocation(), now).map_err(|e| {
+        auth::authorize(request, caller.allocation()).map_err(|e| {
             Metrics::inc(&self.metrics.refused_requests);
             AgentError::Auth(e)
         })
@@ -227,17 +226,26 @@ impl Agent {
             Caller::Admin => SHARED,
             Caller::Trusted => return Ok(()),
         };
-        self.access.grant(kind, id, owner).map_err(|e| {
-            AgentError::Store(StoreError::Io {
-                path: "access.json".into(),
-                source: e,
-            })
+        self.access
+            .grant(kind, id, owner)
+            .map_err(|e| self.access_error(e))
+    }
+
+    fn access_error(&self, source: std::io::Error) -> AgentError {
+        AgentError::Store(StoreError::Io {
+            path: self.access.path().to_path_buf(),
+            source,
         })
     }
 
     /// Whether `caller` may see the blob (and so may use it in a model).
-    pub fn may_use_blob(&self, sha256: &str, caller: &Caller) -> bool {
+    fn may_use_blob(&self, sha256: &str, caller: &Caller) -> bool {
         self.access.may_use(Kind::Blob, sha256, caller.namespace())
+    }
+
+    /// Whether the blob is on the node for `caller`: stored, and theirs.
+    pub fn has_blob(&self, sha256: &str, caller: &Caller) -> Result<bool, AgentError> {
+        Ok(self.models.has_blob(sha256)? && self.may_use_blob(sha256, caller))
     }
 
     /// Records an upload of the whole blob by `caller`.
@@ -278,20 +286,15 @@ impl Agent {
     /// when nobody holds it any more (models built from it keep their own
     /// copy). Others' blobs are as absent (404).
     pub fn delete_blob(&self, sha256: &str, caller: &Caller) -> Result<bool, AgentError> {
-        let path = self.models.blob_path(sha256)?;
-        if !path.is_file() || !self.may_use_blob(sha256, caller) {
+        if !self.has_blob(sha256, caller)? {
             return Err(SourceError::MissingBlob(sha256.to_string()).into());
         }
+        let path = self.models.blob_path(sha256)?;
         let namespace = caller.namespace();
         let still_held = self
             .access
             .revoke(Kind::Blob, sha256, namespace)
-            .map_err(|e| {
-                AgentError::Store(StoreError::Io {
-                    path: "access.json".into(),
-                    source: e,
-                })
-            })?;
+            .map_err(|e| self.access_error(e))?;
         // A trusted caller records no grants: the file is its to remove.
         if still_held {
             return Ok(false);

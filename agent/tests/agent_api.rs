@@ -1442,15 +1442,7 @@ fn put_declared(socket: &Path, token: &str, sha: &str, len: usize) -> common::Re
     s.write_all(head.as_bytes()).unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = text
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or("")
-        .as_bytes()
-        .to_vec();
-    common::Reply { status, body }
+    common::parse_reply(&raw).expect("an HTTP answer")
 }
 
 /// `PUT /v1/blobs/<sha>` with a chunked body (no declared length).
@@ -1474,15 +1466,11 @@ fn put_chunked(socket: &Path, token: &str, sha: &str, body: &[u8]) -> common::Re
     let _ = s.write_all(b"0\r\n\r\n");
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text.split(' ').nth(1).unwrap_or("0").parse().unwrap_or(0);
-    let body = text
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or("")
-        .as_bytes()
-        .to_vec();
-    common::Reply { status, body }
+    // Status 0: reset before the answer could be read.
+    common::parse_reply(&raw).unwrap_or(common::Reply {
+        status: 0,
+        body: vec![],
+    })
 }
 
 #[test]

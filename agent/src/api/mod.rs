@@ -295,8 +295,7 @@ async fn head_blob(
     Path(sha): Path<String>,
 ) -> ApiResult<StatusCode> {
     let who = caller(&agent, &headers).await?;
-    let has =
-        agent.models.has_blob(&sha).map_err(AgentError::from)? && agent.may_use_blob(&sha, &who);
+    let has = agent.has_blob(&sha, &who)?;
     Ok(if has {
         StatusCode::OK
     } else {
@@ -314,7 +313,7 @@ async fn put_blob(
     body: Body,
 ) -> ApiResult<Json<Value>> {
     let who = caller(&agent, &headers).await?;
-    if agent.models.has_blob(&sha).map_err(AgentError::from)? && agent.may_use_blob(&sha, &who) {
+    if agent.has_blob(&sha, &who)? {
         return Ok(Json(
             json!({"sha256": sha, "stored": false, "reason": "already present"}),
         ));

@@ -88,24 +88,27 @@ pub fn request(
     let _ = s.write_all(body);
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("HTTP head");
+    parse_reply(&raw).expect("an HTTP answer")
+}
+
+/// An HTTP/1.1 answer as read off the socket; `None` when no whole head
+/// arrived (the connection was reset before it).
+pub fn parse_reply(raw: &[u8]) -> Option<Reply> {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let status: u16 = head.split(' ').nth(1)?.parse().ok()?;
     let chunked = head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked");
     let body = &raw[split + 4..];
-    Reply {
+    Some(Reply {
         status,
         body: if chunked {
             dechunk(body)
         } else {
             body.to_vec()
         },
-    }
+    })
 }
 
 /// The token every test request carries unless it says otherwise: an
