@@ -83,6 +83,8 @@ fn main() {
         .arg(&socket)
         .arg("--cache-dir")
         .arg(dir.path().join("cache"))
+        .arg("--model-path-allow")
+        .arg(Path::new(&gguf).parent().unwrap_or(Path::new("/")))
         .env("RM_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -145,7 +147,9 @@ fn main() {
             eos_token_ids: vec![],
             stop_at_eos: false,
         };
-        model.generate(&ids, &params, |_, _| {}).unwrap();
+        model
+            .generate(&ids, &params, &Default::default(), |_, _| {})
+            .unwrap();
         // Interleaved pairs, so a change in machine load hits both sides.
         let mut api = Vec::new();
         let mut direct = Vec::new();
@@ -155,7 +159,9 @@ fn main() {
             assert_eq!(r["usage"]["completion_tokens"], n);
             api.push(n as f64 / t.elapsed().as_secs_f64());
             let t = Instant::now();
-            let (toks, _) = model.generate(&ids, &params, |_, _| {}).unwrap();
+            let (toks, _) = model
+                .generate(&ids, &params, &Default::default(), |_, _| {})
+                .unwrap();
             assert_eq!(toks.len(), n);
             direct.push(n as f64 / t.elapsed().as_secs_f64());
         }

@@ -6,6 +6,7 @@
 //! socket. `main.rs` only wires these modules together.
 
 pub mod access;
+pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod backend;

@@ -66,7 +66,8 @@ struct Cli {
     #[arg(long, env = "RM_MIN_FREE_DISK", default_value = "10G", value_parser = parse_size)]
     min_free_disk: u64,
     /// Node directories models may be read from (`source.path`); repeatable.
-    /// Unset: any absolute path the agent can read.
+    /// Unset: no node path is read (models come by upload or from the hub).
+    /// Links inside may not lead out of them.
     #[arg(
         long = "model-path-allow",
         env = "RM_MODEL_PATH_ALLOW",
@@ -80,6 +81,30 @@ struct Cli {
     /// Threads of one CPU generation. Default: the CPUs this process may use.
     #[arg(long, env = "RM_CPU_THREADS")]
     cpu_threads: Option<usize>,
+    /// Generate and forward requests that run at once on one backend and
+    /// device set (the CPU is one). The CPU engine runs one at a time anyway
+    /// (each uses every core); the others wait in turn between namespaces.
+    #[arg(long, env = "RM_CONCURRENT_REQUESTS", default_value_t = rm_agent::service::REQUEST_BOUNDS.slots)]
+    concurrent_requests: usize,
+    /// Requests one namespace may have waiting for one backend and device
+    /// set; more get 429 with Retry-After.
+    #[arg(long, env = "RM_MAX_QUEUED_PER_NAMESPACE", default_value_t = rm_agent::service::REQUEST_BOUNDS.per_tenant_queue)]
+    max_queued_per_namespace: usize,
+    /// Requests waiting for one backend and device set, all namespaces
+    /// together; more get 503 with Retry-After.
+    #[arg(long, env = "RM_MAX_QUEUED", default_value_t = rm_agent::service::REQUEST_BOUNDS.queue)]
+    max_queued: usize,
+    /// The longest a generate or forward request may take, waiting
+    /// included (seconds); then it is stopped and answered 504.
+    #[arg(long, env = "RM_REQUEST_TIMEOUT", default_value_t = 600)]
+    request_timeout: u64,
+    /// Compiles that run at once on this node (all backends); the others
+    /// wait in turn between namespaces.
+    #[arg(long, env = "RM_MAX_CONCURRENT_COMPILES", default_value_t = rm_agent::service::COMPILE_BOUNDS.slots)]
+    max_concurrent_compiles: usize,
+    /// Compiles one namespace may have waiting; more get 429.
+    #[arg(long, env = "RM_MAX_QUEUED_COMPILES_PER_NAMESPACE", default_value_t = rm_agent::service::COMPILE_BOUNDS.per_tenant_queue)]
+    max_queued_compiles_per_namespace: usize,
     /// Let requests set `trust_remote_code` in `options.extra` for the worker
     /// backends whose manifest lists it. Off by default: it makes the compile
     /// run Python code from the model repository as the agent's user on the
@@ -195,6 +220,17 @@ async fn run(cli: Cli) -> Result<(), StartError> {
         namespace_quota: cli.namespace_upload_quota,
         min_free: cli.min_free_disk,
     };
+    agent.requests = rm_agent::admission::Admission::new(rm_agent::admission::Bounds {
+        slots: cli.concurrent_requests,
+        per_tenant_queue: cli.max_queued_per_namespace,
+        queue: cli.max_queued,
+    });
+    agent.compiles = rm_agent::admission::Admission::new(rm_agent::admission::Bounds {
+        slots: cli.max_concurrent_compiles,
+        per_tenant_queue: cli.max_queued_compiles_per_namespace,
+        queue: rm_agent::service::COMPILE_BOUNDS.queue,
+    });
+    agent.request_timeout = std::time::Duration::from_secs(cli.request_timeout.max(1));
     let agent = Arc::new(agent);
 
     if let Some(parent) = cli.socket.parent() {

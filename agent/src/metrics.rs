@@ -16,6 +16,11 @@ pub struct Metrics {
     pub forward_requests: AtomicU64,
     pub forward_errors: AtomicU64,
     pub refused_requests: AtomicU64,
+    /// Refused with 429/503: a namespace's or the node's queue was full.
+    pub refused_busy: AtomicU64,
+    pub request_timeouts: AtomicU64,
+    /// Stopped because their client went away.
+    pub requests_cancelled: AtomicU64,
 }
 
 /// Gauges read at scrape time.
@@ -26,6 +31,9 @@ pub struct Gauges {
     pub compiles_running: usize,
     pub evictions: u64,
     pub worker_restarts: Vec<(String, u64)>,
+    pub requests_waiting: usize,
+    pub requests_running: usize,
+    pub compiles_waiting: usize,
 }
 
 impl Metrics {
@@ -45,12 +53,15 @@ impl Metrics {
             "generated_tokens": g(&self.generated_tokens),
             "forward_requests": g(&self.forward_requests),
             "refused_requests": g(&self.refused_requests),
+            "refused_busy": g(&self.refused_busy),
+            "request_timeouts": g(&self.request_timeouts),
+            "requests_cancelled": g(&self.requests_cancelled),
         })
     }
 
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut s = String::new();
-        let counters: [(&str, &str, &AtomicU64); 11] = [
+        let counters: [(&str, &str, &AtomicU64); 14] = [
             (
                 "rm_agent_prepare_requests_total",
                 "prepare requests",
@@ -106,6 +117,21 @@ impl Metrics {
                 "requests refused for their token or device",
                 &self.refused_requests,
             ),
+            (
+                "rm_agent_refused_busy_total",
+                "requests refused because a namespace's or the node's queue was full (429/503)",
+                &self.refused_busy,
+            ),
+            (
+                "rm_agent_request_timeouts_total",
+                "generate/forward requests stopped at the request timeout (504)",
+                &self.request_timeouts,
+            ),
+            (
+                "rm_agent_requests_cancelled_total",
+                "generate/forward requests stopped because their client went away",
+                &self.requests_cancelled,
+            ),
         ];
         for (name, help, c) in counters {
             let _ = writeln!(
@@ -139,6 +165,21 @@ impl Metrics {
                 "rm_agent_cache_evictions",
                 "cache entries evicted since start",
                 gauges.evictions,
+            ),
+            (
+                "rm_agent_requests_waiting",
+                "generate/forward requests waiting for a slot",
+                gauges.requests_waiting as u64,
+            ),
+            (
+                "rm_agent_requests_running",
+                "generate/forward requests running",
+                gauges.requests_running as u64,
+            ),
+            (
+                "rm_agent_compiles_waiting",
+                "compiles waiting for a compile slot",
+                gauges.compiles_waiting as u64,
             ),
         ];
         for (name, help, v) in gauges_list {

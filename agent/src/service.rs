@@ -10,10 +10,11 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::access::{AccessIndex, Kind, SHARED};
+use crate::admission::{Admission, Bounds, Refused, Ticket};
 use crate::auth::{self, AuthError, Caller, Target, TokenStore};
 use crate::backend::{
-    Backend, BackendError, CompileJob, ForwardJob, ForwardOutput, GenerateJob, GenerationParams,
-    Prompt, Registry, SelectError, SequenceOutput, TokenFn,
+    Backend, BackendError, Cancel, CompileJob, ForwardJob, ForwardOutput, GenerateJob,
+    GenerationParams, Prompt, Registry, SelectError, SequenceOutput, TokenFn,
 };
 use crate::cache::{CacheKey, CacheStore, CompileState, InFlight, KeyInputs, Role, StoreError};
 use crate::metrics::Metrics;
@@ -41,6 +42,12 @@ pub enum AgentError {
     Forbidden(String),
     #[error(transparent)]
     Quota(#[from] QuotaError),
+    #[error(transparent)]
+    Busy(#[from] Refused),
+    #[error(
+        "the request did not finish within the agent's request timeout of {secs} s ({phase}); it was stopped. Ask for fewer tokens or a shorter prompt, or ask the cluster operator to raise --request-timeout"
+    )]
+    TimedOut { secs: u64, phase: &'static str },
 }
 
 impl AgentError {
@@ -60,6 +67,8 @@ impl AgentError {
             AgentError::Compile { status, .. } => *status,
             AgentError::Forbidden(_) => 403,
             AgentError::Quota(e) => e.http_status(),
+            AgentError::Busy(e) => e.http_status(),
+            AgentError::TimedOut { .. } => 504,
         }
     }
 
@@ -77,6 +86,19 @@ impl AgentError {
             AgentError::Quota(QuotaError::TooLarge { .. }) => "too_large",
             AgentError::Quota(QuotaError::Quota { .. }) => "quota_exceeded",
             AgentError::Quota(QuotaError::Disk { .. }) => "insufficient_storage",
+            AgentError::Busy(Refused::TenantQueueFull { .. }) => "too_many_requests",
+            AgentError::Busy(Refused::QueueFull { .. }) => "busy",
+            AgentError::TimedOut { .. } => "timeout",
+        }
+    }
+
+    /// Seconds after which a retry may succeed, for answers that say "not
+    /// now" rather than "no".
+    pub fn retry_after(&self) -> Option<u32> {
+        match self {
+            AgentError::Auth(AuthError::NotBound) => Some(1),
+            AgentError::Busy(_) => Some(2),
+            _ => None,
         }
     }
 }
@@ -143,6 +165,13 @@ pub struct Agent {
     pub metrics: Arc<Metrics>,
     /// What one tenant may store.
     pub limits: Limits,
+    /// Generate and forward requests: slots per backend and device set,
+    /// served in turn between namespaces.
+    pub requests: Admission,
+    /// Compiles, all backends together.
+    pub compiles: Admission,
+    /// The longest a generate or forward may take, queueing included.
+    pub request_timeout: std::time::Duration,
     /// SHA-256 of the cluster operator's admin token, if one is set.
     admin_sha256: Option<String>,
     verified: Mutex<HashSet<CacheKey>>,
@@ -152,6 +181,43 @@ pub struct Agent {
 /// its pod before it is answered 503 (the binding normally takes tens of
 /// milliseconds, and happens before the container starts).
 const BIND_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Defaults for `--cpu-slots`, `--max-queued-per-namespace`, `--max-queued`.
+pub const REQUEST_BOUNDS: Bounds = Bounds {
+    slots: 1,
+    per_tenant_queue: 16,
+    queue: 256,
+};
+/// Defaults for `--max-concurrent-compiles` and the compile queue.
+pub const COMPILE_BOUNDS: Bounds = Bounds {
+    slots: 2,
+    per_tenant_queue: 4,
+    queue: 64,
+};
+
+/// Cancels a request's work when the request is dropped before it finished
+/// (its client went away), and counts it.
+struct Abandoned<'a> {
+    cancel: Cancel,
+    metrics: &'a Metrics,
+    finished: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.cancel.cancel();
+            Metrics::inc(&self.metrics.requests_cancelled);
+        }
+    }
+}
+
+/// Who waits in turn with whom: a namespace, or the admin or trusted caller.
+fn tenant_of(caller: &Caller) -> String {
+    caller
+        .namespace()
+        .map_or_else(|| caller.describe(), str::to_string)
+}
 
 fn join_err(e: tokio::task::JoinError) -> AgentError {
     AgentError::Backend(BackendError::Internal(e.to_string()))
@@ -175,6 +241,9 @@ impl Agent {
             access,
             metrics: Arc::new(Metrics::default()),
             limits: Limits::default(),
+            requests: Admission::new(REQUEST_BOUNDS),
+            compiles: Admission::new(COMPILE_BOUNDS),
+            request_timeout: std::time::Duration::from_secs(600),
             admin_sha256: admin_token.map(rm_crds::token::token_sha256),
             verified: Mutex::new(HashSet::new()),
         }
@@ -405,9 +474,35 @@ impl Agent {
         }
         Metrics::inc(&self.metrics.cache_misses);
         prepared.cached = false;
+        // A new compile takes a place in the compile queue first (refused
+        // with 429/503 when the namespace or the node has too many waiting);
+        // joining one under way costs nothing.
+        let ticket = match self.flights.get(&key) {
+            Some(_) => None,
+            None => Some(
+                self.compiles
+                    .enqueue("compile", &tenant_of(caller))
+                    .inspect_err(|_| Metrics::inc(&self.metrics.refused_busy))?,
+            ),
+        };
         let rx = match self.flights.join(&key, &info.name, &model.digest) {
             Role::Follower(rx) => rx,
             Role::Leader(leader, rx) => {
+                // (A compile that ended between the look and the join leaves
+                // this one without a place yet.)
+                let ticket = match ticket
+                    .map_or_else(|| self.compiles.enqueue("compile", &tenant_of(caller)), Ok)
+                {
+                    Ok(t) => t,
+                    Err(e) => {
+                        Metrics::inc(&self.metrics.refused_busy);
+                        leader.finish(CompileState::Failed {
+                            status: e.http_status(),
+                            message: e.to_string(),
+                        });
+                        return Err(e.into());
+                    }
+                };
                 let job = CompileJob {
                     key: key.clone(),
                     model_path: model.path.clone(),
@@ -417,10 +512,15 @@ impl Agent {
                     options: req.options.clone(),
                     output_dir: Default::default(),
                 };
-                let store = self.store.clone();
-                let metrics = self.metrics.clone();
+                let ctx = CompileContext {
+                    store: self.store.clone(),
+                    models: self.models.clone(),
+                    metrics: self.metrics.clone(),
+                    backend,
+                    model,
+                };
                 // Detached: the compile finishes even if every caller leaves.
-                tokio::spawn(run_compile(store, metrics, backend, leader, job, inputs));
+                tokio::spawn(run_compile(ctx, leader, ticket, job, inputs));
                 rx
             }
         };
@@ -504,8 +604,65 @@ impl Agent {
             devices: run.devices.clone(),
             prompts: req.prompts,
             params: req.params,
+            cancel: Cancel::default(),
         };
-        Ok(run.backend.generate(job, on_token).await?)
+        let cancel = job.cancel.clone();
+        self.admitted(&run, caller, cancel, run.backend.generate(job, on_token))
+            .await
+    }
+
+    /// Runs `work` on `run`'s backend and devices once a slot is free there
+    /// (in turn between namespaces), within the request timeout. When the
+    /// caller goes away (this future dropped) or the time is up, `cancel`
+    /// stops the work at its next step.
+    async fn admitted<T>(
+        &self,
+        run: &Runnable,
+        caller: &Caller,
+        cancel: Cancel,
+        work: futures::future::BoxFuture<'_, Result<T, BackendError>>,
+    ) -> Result<T, AgentError> {
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let secs = self.request_timeout.as_secs();
+        let resource = format!("{}[{}]", run.backend.info().name, run.devices.join(","));
+        let ticket = self
+            .requests
+            .enqueue(&resource, &tenant_of(caller))
+            .inspect_err(|_| Metrics::inc(&self.metrics.refused_busy))?;
+        let slot = match tokio::time::timeout_at(deadline, ticket.wait()).await {
+            Ok(Some(slot)) => slot,
+            Ok(None) => {
+                return Err(BackendError::Unavailable("the agent is shutting down".into()).into());
+            }
+            Err(_) => {
+                Metrics::inc(&self.metrics.request_timeouts);
+                return Err(AgentError::TimedOut {
+                    secs,
+                    phase: "waiting for a free slot",
+                });
+            }
+        };
+        // Dropped with this future: when the caller goes away before the end
+        // (its client hung up), the work is told to stop and it is counted.
+        let mut abandoned = Abandoned {
+            cancel: cancel.clone(),
+            metrics: &self.metrics,
+            finished: false,
+        };
+        let result = tokio::time::timeout_at(deadline, work).await;
+        drop(slot);
+        abandoned.finished = true;
+        match result {
+            Ok(r) => Ok(r?),
+            Err(_) => {
+                cancel.cancel();
+                Metrics::inc(&self.metrics.request_timeouts);
+                Err(AgentError::TimedOut {
+                    secs,
+                    phase: "running",
+                })
+            }
+        }
     }
 
     /// Logits for whole sequences, on the entry's backend.
@@ -524,8 +681,11 @@ impl Agent {
                     devices: run.devices.clone(),
                     input_ids: req.input_ids,
                     logits_to_keep: req.logits_to_keep,
+                    cancel: Cancel::default(),
                 };
-                run.backend.forward(job).await.map_err(AgentError::from)
+                let cancel = job.cancel.clone();
+                self.admitted(&run, caller, cancel, run.backend.forward(job))
+                    .await
             }
             Err(e) => Err(e),
         };
@@ -627,44 +787,77 @@ impl Agent {
     }
 }
 
-async fn run_compile(
+/// What a detached compile needs of the agent.
+struct CompileContext {
     store: Arc<CacheStore>,
+    models: Arc<ModelRegistry>,
     metrics: Arc<Metrics>,
     backend: Arc<dyn Backend>,
+    model: ResolvedModel,
+}
+
+async fn run_compile(
+    ctx: CompileContext,
     leader: crate::cache::Leader,
+    ticket: Ticket,
     mut job: CompileJob,
     inputs: KeyInputs,
 ) {
+    let CompileContext {
+        store,
+        models,
+        metrics,
+        backend,
+        model,
+    } = ctx;
     let key = leader.key().clone();
+    let fail = |leader: crate::cache::Leader, status: u16, message: String| {
+        Metrics::inc(&metrics.compiles_failed);
+        tracing::warn!(key = %key, status, error = %message, "compile failed");
+        leader.finish(CompileState::Failed { status, message });
+    };
     // The previous leader may have committed between our lookup and join.
     if store.lookup(&key).is_some() {
         leader.finish(CompileState::Ready);
         return;
     }
+    let progress = leader.progress_fn();
+    if let Ticket::Queued { ahead, .. } = &ticket {
+        progress(
+            0.0,
+            &format!("queued: {ahead} compile(s) ahead on this node"),
+        );
+    }
+    // Held until the compile ends: at most --max-concurrent-compiles run.
+    let Some(_slot) = ticket.wait().await else {
+        return fail(leader, 503, "the agent is shutting down".into());
+    };
     Metrics::inc(&metrics.compiles_started);
     let started = std::time::Instant::now();
     tracing::info!(key = %key, backend = %inputs.backend, model = %inputs.model_digest, "compile started");
+    // Files on the node may have changed since they were registered: what a
+    // compile reads must still be what its key names, or every namespace
+    // sharing the model would get an entry built from other weights.
+    progress(0.0, "verify model files");
+    let verified = {
+        let (models, model) = (models.clone(), model.clone());
+        tokio::task::spawn_blocking(move || models.verify(&model)).await
+    };
+    let stamps = match verified {
+        Ok(Ok(stamps)) => stamps,
+        Ok(Err(e)) => return fail(leader, e.http_status(), e.to_string()),
+        Err(e) => return fail(leader, 500, e.to_string()),
+    };
     let staging = match store.stage(&key) {
         Ok(s) => s,
-        Err(e) => {
-            Metrics::inc(&metrics.compiles_failed);
-            leader.finish(CompileState::Failed {
-                status: 500,
-                message: e.to_string(),
-            });
-            return;
-        }
+        Err(e) => return fail(leader, 500, e.to_string()),
     };
     job.output_dir = staging.dir.clone();
-    let progress = leader.progress_fn();
     if let Err(e) = backend.compile(job, progress.clone()).await {
-        Metrics::inc(&metrics.compiles_failed);
-        tracing::warn!(key = %key, error = %e, "compile failed");
-        leader.finish(CompileState::Failed {
-            status: e.http_status(),
-            message: e.to_string(),
-        });
-        return;
+        return fail(leader, e.http_status(), e.to_string());
+    }
+    if let Err(e) = models.unchanged(&model, &stamps) {
+        return fail(leader, e.http_status(), e.to_string());
     }
     progress(1.0, "verify");
     let committed = tokio::task::spawn_blocking(move || store.commit(staging, inputs)).await;
@@ -673,19 +866,7 @@ async fn run_compile(
             tracing::info!(key = %key, bytes = entry.size_bytes, ms = started.elapsed().as_millis() as u64, "compile committed");
             leader.finish(CompileState::Ready);
         }
-        Ok(Err(e)) => {
-            Metrics::inc(&metrics.compiles_failed);
-            leader.finish(CompileState::Failed {
-                status: 500,
-                message: e.to_string(),
-            });
-        }
-        Err(e) => {
-            Metrics::inc(&metrics.compiles_failed);
-            leader.finish(CompileState::Failed {
-                status: 500,
-                message: e.to_string(),
-            });
-        }
+        Ok(Err(e)) => fail(leader, 500, e.to_string()),
+        Err(e) => fail(leader, 500, e.to_string()),
     }
 }

@@ -6,11 +6,21 @@
 //! so the same files give the same digest whichever way they arrived. File
 //! hashes are memoised by (path, size, mtime, inode): registering an unchanged
 //! model again does not re-read it.
+//!
+//! Node paths are untrusted input: a path must lie inside a directory the
+//! cluster operator allowed (`--model-path-allow`; none allowed means no node
+//! paths at all), every file is opened beneath that directory without
+//! following a link out of it (`openat2(RESOLVE_BENEATH)`), and only regular
+//! files are read (a FIFO or `/dev/zero` would hang a thread). Files on the
+//! node can change after registration, so a compile re-hashes them first and
+//! checks afterwards that they were not replaced while it ran
+//! ([`ModelRegistry::verify`], [`ModelRegistry::unchanged`]).
 
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
 
@@ -18,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::cache::key::hex;
-use crate::cache::store::{file_sha256, list_files};
+use crate::cache::store::{list_files, read_sha256};
 
 /// Where a model comes from, as a request names it. Exactly one field is set.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -62,6 +72,14 @@ pub struct ResolvedModel {
     pub format: ModelFormat,
     pub files: usize,
     pub bytes: u64,
+    /// The directory its files may not leave: an allowed node root, or the
+    /// agent's own `models/` or `hub/`.
+    #[serde(skip)]
+    pub root: PathBuf,
+    /// Its files are on the node (`source.path`), where others may change
+    /// them: a compile re-hashes them first.
+    #[serde(skip)]
+    pub on_node: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +98,18 @@ pub enum SourceError {
     UnknownModel(String),
     #[error("path {0} is outside the directories this agent may read models from")]
     NotAllowed(String),
+    #[error(
+        "this agent reads no models from node paths: the cluster operator allows directories with --model-path-allow (chart value agent.modelPathAllow); or upload the files (\"files\") or name a hub model (\"hub\")"
+    )]
+    NoPathsAllowed,
+    #[error(
+        "model file {0} is not a regular file (a FIFO, device, socket or directory); model files must be regular files"
+    )]
+    NotRegular(String),
+    #[error(
+        "the model files at {path} changed since they were registered (now {now}); register the path again to use what it holds now"
+    )]
+    Changed { path: String, now: String },
     #[error("cannot fetch hub model {id}: {reason}")]
     Hub { id: String, reason: String },
     #[error("blob upload failed: {0}")]
@@ -92,15 +122,18 @@ impl SourceError {
             SourceError::Invalid(_) | SourceError::NoModel(_) => 400,
             SourceError::Unreadable { .. } => 422,
             SourceError::MissingBlob(_) | SourceError::UnknownModel(_) => 404,
-            SourceError::NotAllowed(_) => 403,
+            SourceError::NotAllowed(_) | SourceError::NoPathsAllowed => 403,
+            SourceError::NotRegular(_) => 422,
+            SourceError::Changed { .. } => 409,
             SourceError::Hub { .. } => 502,
             SourceError::Upload(_) => 400,
         }
     }
 }
 
+/// What identifies a file's version without reading it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct FileStamp {
+pub struct FileStamp {
     path: PathBuf,
     size: u64,
     mtime_ns: i128,
@@ -137,6 +170,75 @@ fn safe_relative(p: &str) -> Option<PathBuf> {
         }
     }
     Some(out)
+}
+
+/// Opens `file` for reading without leaving `root` on the way, links
+/// included, and only if it is a regular file. Opened non-blocking, so a FIFO
+/// planted under a model's name is refused instead of waiting for a writer.
+fn open_beneath(root: &Path, file: &Path) -> Result<(fs::File, fs::Metadata), SourceError> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let shown = file.display().to_string();
+    let unreadable = |e: std::io::Error| SourceError::Unreadable {
+        path: shown.clone(),
+        reason: e.to_string(),
+    };
+    let rel = file
+        .strip_prefix(root)
+        .map_err(|_| SourceError::NotAllowed(shown.clone()))?;
+    let dir = fs::File::open(root).map_err(unreadable)?;
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
+    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
+    let mut tries = 0;
+    let f = loop {
+        match rustix::fs::openat2(&dir, rel, flags, Mode::empty(), resolve) {
+            Ok(fd) => break fs::File::from(fd),
+            // A rename elsewhere raced the lookup: the kernel asks to retry.
+            Err(rustix::io::Errno::AGAIN) if tries < 8 => tries += 1,
+            Err(rustix::io::Errno::XDEV) => {
+                return Err(SourceError::NotAllowed(format!(
+                    "{shown} (a symbolic link leads out of {})",
+                    root.display()
+                )));
+            }
+            // Kernels before 5.6: resolve the links ourselves, then refuse a
+            // link in the last component (the check and the open race only
+            // against a writer inside the allowed root).
+            Err(rustix::io::Errno::NOSYS) => {
+                let canon = fs::canonicalize(file).map_err(unreadable)?;
+                if !canon.starts_with(root) {
+                    return Err(SourceError::NotAllowed(format!(
+                        "{shown} (a symbolic link leads out of {})",
+                        root.display()
+                    )));
+                }
+                break fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc_flags())
+                    .open(&canon)
+                    .map_err(unreadable)?;
+            }
+            Err(e) => return Err(unreadable(e.into())),
+        }
+    };
+    let meta = f.metadata().map_err(unreadable)?;
+    if !meta.is_file() {
+        return Err(SourceError::NotRegular(shown));
+    }
+    Ok((f, meta))
+}
+
+/// `O_NOFOLLOW | O_NONBLOCK` for the fallback open.
+fn libc_flags() -> i32 {
+    (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32
+}
+
+fn stamp_of(path: &Path, m: &fs::Metadata) -> FileStamp {
+    FileStamp {
+        path: path.to_path_buf(),
+        size: m.len(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        ino: m.ino(),
+    }
 }
 
 /// The model digest over (relative path, sha256) pairs.
@@ -219,6 +321,18 @@ fn detect(path: &Path) -> Result<(ModelFormat, PathBuf, DigestFiles), SourceErro
 
 impl ModelRegistry {
     pub fn new(cache_dir: &Path, allowed_roots: Vec<PathBuf>) -> std::io::Result<Self> {
+        // Compared with canonical paths: a root given through a link must
+        // still match what it resolves to.
+        let allowed_roots = allowed_roots
+            .into_iter()
+            .filter_map(|r| match fs::canonicalize(&r) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(root = %r.display(), error = %e, "--model-path-allow directory cannot be read; ignored");
+                    None
+                }
+            })
+            .collect();
         let reg = ModelRegistry {
             blobs_dir: cache_dir.join("blobs"),
             models_dir: cache_dir.join("models"),
@@ -231,7 +345,7 @@ impl ModelRegistry {
         fs::create_dir_all(&reg.models_dir)?;
         // Models assembled from uploads survive restarts: re-register them.
         for e in fs::read_dir(&reg.models_dir)?.flatten() {
-            if let Ok(m) = reg.resolve_path(&e.path()) {
+            if let Ok(m) = reg.resolve_path(&reg.models_dir, &e.path(), false) {
                 reg.remember(m);
             }
         }
@@ -255,72 +369,123 @@ impl ModelRegistry {
             .ok_or_else(|| SourceError::UnknownModel(digest.to_string()))
     }
 
-    fn hash_file(&self, path: &Path) -> Result<(String, u64), SourceError> {
-        let m = fs::metadata(path).map_err(|e| SourceError::Unreadable {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        let stamp = FileStamp {
-            path: path.to_path_buf(),
-            size: m.len(),
-            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-            ino: m.ino(),
-        };
-        if let Some(h) = self
-            .hashes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&stamp)
-        {
-            return Ok((h.clone(), stamp.size));
+    /// The SHA-256 and size of one model file under `root`; `memo` lets an
+    /// unchanged file (same stamp) skip the read.
+    fn hash_file(
+        &self,
+        root: &Path,
+        path: &Path,
+        memo: bool,
+    ) -> Result<(String, u64, FileStamp), SourceError> {
+        let (f, meta) = open_beneath(root, path)?;
+        let stamp = stamp_of(path, &meta);
+        let hashes = || self.hashes.lock().unwrap_or_else(|p| p.into_inner());
+        if memo && let Some(h) = hashes().get(&stamp) {
+            return Ok((h.clone(), stamp.size, stamp));
         }
-        let (h, n) = file_sha256(path).map_err(|e| SourceError::Unreadable {
+        let (h, n) = read_sha256(f).map_err(|e| SourceError::Unreadable {
             path: path.display().to_string(),
             reason: e.to_string(),
         })?;
-        self.hashes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(stamp, h.clone());
-        Ok((h, n))
+        hashes().insert(stamp.clone(), h.clone());
+        Ok((h, n, stamp))
     }
 
-    /// Digests a node path (blocking: may read the files once).
-    pub fn resolve_path(&self, path: &Path) -> Result<ResolvedModel, SourceError> {
+    /// Digests a model directory or file under `root` (blocking: may read
+    /// the files once).
+    fn resolve_path(
+        &self,
+        root: &Path,
+        path: &Path,
+        on_node: bool,
+    ) -> Result<ResolvedModel, SourceError> {
+        Ok(self.hash_model(root, path, on_node, true)?.0)
+    }
+
+    fn hash_model(
+        &self,
+        root: &Path,
+        path: &Path,
+        on_node: bool,
+        memo: bool,
+    ) -> Result<(ResolvedModel, Vec<FileStamp>), SourceError> {
         let (format, model_path, files) = detect(path)?;
         let mut sums = Vec::with_capacity(files.len());
+        let mut stamps = Vec::with_capacity(files.len());
         let mut bytes = 0;
         for (rel, abs) in &files {
-            let (h, n) = self.hash_file(abs)?;
+            let (h, n, stamp) = self.hash_file(root, abs, memo)?;
             bytes += n;
             sums.push((rel.clone(), h));
+            stamps.push(stamp);
         }
-        Ok(ResolvedModel {
+        let m = ResolvedModel {
             digest: digest_of(&sums),
             path: model_path,
             format,
             files: files.len(),
             bytes,
-        })
+            root: root.to_path_buf(),
+            on_node,
+        };
+        Ok((m, stamps))
     }
 
-    fn check_allowed(&self, path: &Path) -> Result<PathBuf, SourceError> {
+    /// Re-reads a node model's files before a compile uses them: answers
+    /// their stamps when they still hold the registered digest. Files in the
+    /// agent's own store are answered without a read (only the agent writes
+    /// there, and only verified bytes).
+    pub fn verify(&self, m: &ResolvedModel) -> Result<Vec<FileStamp>, SourceError> {
+        if !m.on_node {
+            return Ok(Vec::new());
+        }
+        let (now, stamps) = self.hash_model(&m.root, &m.path, true, false)?;
+        if now.digest != m.digest {
+            return Err(SourceError::Changed {
+                path: m.path.display().to_string(),
+                now: now.digest,
+            });
+        }
+        Ok(stamps)
+    }
+
+    /// After a compile: the files `verify` read are still those (same inode,
+    /// size and modification time), so the compile read what was verified.
+    pub fn unchanged(&self, m: &ResolvedModel, stamps: &[FileStamp]) -> Result<(), SourceError> {
+        for s in stamps {
+            let same = open_beneath(&m.root, &s.path)
+                .is_ok_and(|(_, meta)| stamp_of(&s.path, &meta) == *s);
+            if !same {
+                return Err(SourceError::Changed {
+                    path: s.path.display().to_string(),
+                    now: "files replaced while the compile read them".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The allowed root a node path lies in (canonical), with the path.
+    fn check_allowed(&self, path: &Path) -> Result<(PathBuf, PathBuf), SourceError> {
         let shown = path.display().to_string();
         if !path.is_absolute() {
             return Err(SourceError::Invalid(format!(
                 "model path {shown:?} must be absolute"
             )));
         }
+        if self.allowed_roots.is_empty() {
+            return Err(SourceError::NoPathsAllowed);
+        }
         let canon = fs::canonicalize(path).map_err(|e| SourceError::Unreadable {
             path: shown.clone(),
             reason: e.to_string(),
         })?;
-        if !self.allowed_roots.is_empty()
-            && !self.allowed_roots.iter().any(|r| canon.starts_with(r))
-        {
-            return Err(SourceError::NotAllowed(shown));
-        }
-        Ok(canon)
+        let root = self
+            .allowed_roots
+            .iter()
+            .find(|r| canon.starts_with(r))
+            .ok_or(SourceError::NotAllowed(shown))?;
+        Ok((root.clone(), canon))
     }
 
     /// Resolves and registers a source. Blocking (hashing, copying).
@@ -339,14 +504,14 @@ impl ModelRegistry {
             ));
         }
         let m = if let Some(p) = &source.path {
-            let canon = self.check_allowed(Path::new(p))?;
-            self.resolve_path(&canon)?
+            let (root, canon) = self.check_allowed(Path::new(p))?;
+            self.resolve_path(&root, &canon, true)?
         } else if let Some(files) = &source.files {
             self.assemble(files)?
         } else {
             let id = source.hub.clone().unwrap_or_default();
             let dir = self.fetch_hub(&id, source.revision.as_deref())?;
-            self.resolve_path(&dir)?
+            self.resolve_path(&self.hub_dir, &dir, false)?
         };
         self.remember(m.clone());
         Ok(m)
@@ -454,7 +619,7 @@ impl ModelRegistry {
                 Err(e) => return Err(io(e)),
             }
         }
-        let m = self.resolve_path(&dir)?;
+        let m = self.resolve_path(&self.models_dir, &dir, false)?;
         if m.digest != digest {
             return Err(SourceError::Invalid(format!(
                 "the uploaded files do not form a model: the usable files give digest {} (uploaded set {digest}); upload config.json and the *.safetensors, or one .gguf",
@@ -601,7 +766,8 @@ mod tests {
         fs::create_dir_all(&model).expect("mkdir");
         fs::write(model.join("config.json"), b"{}").expect("write");
         fs::write(model.join("model.safetensors"), b"weights").expect("write");
-        let reg = ModelRegistry::new(&tmp.path().join("cache"), vec![]).expect("registry");
+        let reg = ModelRegistry::new(&tmp.path().join("cache"), vec![tmp.path().into()])
+            .expect("registry");
         let from_path = reg
             .register(&ModelSource {
                 path: Some(model.display().to_string()),
@@ -610,7 +776,7 @@ mod tests {
             .expect("path source");
         let mut files = vec![];
         for name in ["config.json", "model.safetensors"] {
-            let (h, _) = file_sha256(&model.join(name)).expect("hash");
+            let (h, _) = crate::cache::store::file_sha256(&model.join(name)).expect("hash");
             let (tmpf, f) = reg.blob_temp(&h).expect("temp");
             drop(f);
             fs::copy(model.join(name), tmpf.path()).expect("copy");

@@ -886,7 +886,8 @@ fn smollm2_says_paris_on_llama_cpp_as_shipped_and_as_q8_0_and_candle_agrees() {
         }
     };
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(dir.path(), None, &[]);
+    let gguf_dir = Path::new(&gguf).parent().unwrap().display().to_string();
+    let agent = Agent::start(dir.path(), None, &["--model-path-allow", &gguf_dir]);
     let prompt = "The capital of France is";
     // As shipped (Q4_1), and the agent's own q8_0 compile of it: llama.cpp
     // must read the GGUF the compile step writes.
@@ -944,7 +945,9 @@ fn smollm2_says_paris_on_llama_cpp_as_shipped_and_as_q8_0_and_candle_agrees() {
             argmax(&rows[0].logits[(ids.len() - 1) * vocab..]),
             common::ids(&out["token_ids"])[0]
         );
-        let (want, _) = candle.generate(&ids, &greedy(12), |_, _| {}).unwrap();
+        let (want, _) = candle
+            .generate(&ids, &greedy(12), &Default::default(), |_, _| {})
+            .unwrap();
         assert_eq!(
             common::ids(&out["token_ids"])[..12],
             want[..],

@@ -52,7 +52,7 @@ def write_slot_token(state, token, namespace="default"):
 
 
 class Agent:
-    def __init__(self, binary, root):
+    def __init__(self, binary, root, model_roots=()):
         self.binary, self.root = binary, Path(root)
         self.socket = self.root / "run" / "agent.sock"
         self.cache = self.root / "cache"
@@ -62,7 +62,9 @@ class Agent:
         self.socket.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(self.root / "agent.log", "wb")
         self.proc = subprocess.Popen(
-            [str(binary), "--socket", str(self.socket), "--cache-dir", str(self.cache), "--state-dir", str(self.state)],
+            [str(binary), "--socket", str(self.socket), "--cache-dir", str(self.cache), "--state-dir", str(self.state)]
+            # node paths the direct_* helpers register: the tests' models only
+            + ["--model-path-allow=%s" % r for r in model_roots],
             stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ, RM_LOG="warn"))
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -137,7 +139,8 @@ def agent(tmp_path_factory):
     # short root: unix socket paths are limited to ~107 bytes
     root = Path(os.environ.get("RM_TEST_TMP", "/tmp")) / ("rmpy-%d" % os.getpid())
     shutil.rmtree(root, ignore_errors=True)
-    a = Agent(_agent_binary(), root)
+    smollm2_cache = os.environ.get("RM_SMOLLM2_CACHE", str(Path.home() / ".cache" / "rm-abstract" / "smollm2"))
+    a = Agent(_agent_binary(), root, [tmp_path_factory.getbasetemp(), smollm2_cache])
     # In-process rm_abstract.init() reads the pod's env: be that test pod.
     os.environ["RM_AGENT_SLOT_TOKEN"] = SLOT_TOKEN
     yield a

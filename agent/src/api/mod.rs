@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use crate::auth::{AuthError, Caller};
+use crate::auth::Caller;
 use crate::backend::TokenFn;
 use crate::cache::{CacheKey, CompileState};
 use crate::metrics::Gauges;
@@ -56,7 +56,7 @@ impl From<AgentError> for ApiError {
         ApiError {
             status: e.http_status(),
             code: e.code(),
-            retry_after: matches!(e, AgentError::Auth(AuthError::NotBound)).then_some(1),
+            retry_after: e.retry_after(),
             message: e.to_string(),
         }
     }
@@ -489,7 +489,13 @@ async fn generate(
     });
     tokio::spawn(async move {
         let started = std::time::Instant::now();
-        let line = match agent.generate(req, &who, Some(on_token)).await {
+        // A client that hangs up drops the response stream: the generation
+        // is dropped with it, which stops the work at its next token.
+        let generated = tokio::select! {
+            r = agent.generate(req, &who, Some(on_token)) => r,
+            () = tx.closed() => return,
+        };
+        let line = match generated {
             Ok(outputs) => ndjson_line(&json!({
                 "event": "done",
                 "key": key,
@@ -560,6 +566,9 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
         compiles_running: agent.flights.list().len(),
         evictions: agent.store.evictions(),
         worker_restarts,
+        requests_waiting: agent.requests.waiting(),
+        requests_running: agent.requests.running(),
+        compiles_waiting: agent.compiles.waiting(),
     };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

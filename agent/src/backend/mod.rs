@@ -61,6 +61,31 @@ pub type ProgressFn = Arc<dyn Fn(f32, &str) + Send + Sync>;
 /// Token callback for streaming: (sequence index, token id, text piece).
 pub type TokenFn = Arc<dyn Fn(usize, u32, Option<&str>) + Send + Sync>;
 
+/// Set when the request that started some work is gone (its client left,
+/// or its deadline passed). Long work checks it between steps (prompt
+/// chunks, tokens) and stops, so that it gives its slot back within one step
+/// instead of running on for no one.
+#[derive(Clone, Debug, Default)]
+pub struct Cancel(Arc<std::sync::atomic::AtomicBool>);
+
+impl Cancel {
+    pub fn cancel(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// `Err(Cancelled)` once cancelled: for `?` between steps.
+    pub fn check(&self) -> Result<(), BackendError> {
+        if self.is_cancelled() {
+            return Err(BackendError::Cancelled);
+        }
+        Ok(())
+    }
+}
+
 /// One compile: read `model_path`, write the artifact into `output_dir`.
 #[derive(Clone, Debug)]
 pub struct CompileJob {
@@ -103,6 +128,7 @@ pub struct GenerateJob {
     pub devices: Vec<String>,
     pub prompts: Vec<Prompt>,
     pub params: GenerationParams,
+    pub cancel: Cancel,
 }
 
 /// One forward pass: the logits after each position of each sequence,
@@ -115,6 +141,7 @@ pub struct ForwardJob {
     pub input_ids: Vec<Vec<u32>>,
     /// transformers' `logits_to_keep`: 0 keeps every position, k the last k.
     pub logits_to_keep: usize,
+    pub cancel: Cancel,
 }
 
 /// The logits of one sequence: `positions` rows of `vocab_size`, row-major.
@@ -215,6 +242,10 @@ pub enum BackendError {
     Io(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The request was withdrawn (client gone or deadline passed); nobody
+    /// reads this answer but the logs and metrics.
+    #[error("cancelled: the request's client went away or its deadline passed")]
+    Cancelled,
 }
 
 impl BackendError {
@@ -226,6 +257,8 @@ impl BackendError {
             BackendError::Worker(_) => 502,
             BackendError::Timeout(_) => 504,
             BackendError::Io(_) | BackendError::Internal(_) => 500,
+            // nginx's "client closed request": the client is gone.
+            BackendError::Cancelled => 499,
         }
     }
 }

@@ -151,17 +151,21 @@ fn touch(path: &Path) {
 
 /// SHA-256 and size of a file, streamed.
 pub fn file_sha256(path: &Path) -> io::Result<(String, u64)> {
-    let mut f = fs::File::open(path)?;
+    read_sha256(fs::File::open(path)?)
+}
+
+/// The SHA-256 (hex) and length of everything `r` yields.
+pub fn read_sha256(mut r: impl Read) -> io::Result<(String, u64)> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;
     loop {
-        let r = f.read(&mut buf)?;
-        if r == 0 {
+        let got = r.read(&mut buf)?;
+        if got == 0 {
             break;
         }
-        h.update(&buf[..r]);
-        n += r as u64;
+        h.update(&buf[..got]);
+        n += got as u64;
     }
     Ok((hex(&h.finalize()), n))
 }

@@ -19,6 +19,9 @@ pub struct Agent {
     pub state: PathBuf,
     pub plugins: Option<PathBuf>,
     pub extra_args: Vec<String>,
+    /// `--model-path-allow`: the test's own directory unless a test says
+    /// otherwise (the tests write their models there).
+    pub model_roots: Vec<PathBuf>,
 }
 
 pub struct Reply {
@@ -127,6 +130,7 @@ impl Agent {
             state: dir.join("state"),
             plugins,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            model_roots: vec![dir.to_path_buf()],
         };
         std::fs::create_dir_all(a.state.join("tokens")).unwrap();
         a.add_slot_token(TOKEN, "default");
@@ -143,6 +147,9 @@ impl Agent {
             .arg(&self.cache)
             .arg("--state-dir")
             .arg(&self.state);
+        for root in &self.model_roots {
+            cmd.arg("--model-path-allow").arg(root);
+        }
         if let Some(p) = &self.plugins {
             cmd.arg("--plugin-dir").arg(p);
         }
@@ -315,17 +322,23 @@ pub const TINY_VOCAB: usize = 256;
 
 /// Writes a tiny random llama (config.json + model.safetensors) to `dir`.
 pub fn tiny_llama(dir: &Path, seed: u64) {
-    tiny_model(dir, seed, false)
+    tiny_model(dir, seed, false, 256)
+}
+
+/// [`tiny_llama`] with room for `context` positions: for work that must
+/// last (thousands of tokens) or prompts that must be long.
+pub fn tiny_llama_with_context(dir: &Path, seed: u64, context: usize) {
+    tiny_model(dir, seed, false, context)
 }
 
 /// Writes a tiny random Qwen2 to `dir`: llama's shapes plus q/k/v biases, the
 /// output head tied to the embedding, and no sliding-window fields in its
 /// config (as some exports have).
 pub fn tiny_qwen2(dir: &Path, seed: u64) {
-    tiny_model(dir, seed, true)
+    tiny_model(dir, seed, true, 256)
 }
 
-fn tiny_model(dir: &Path, seed: u64, qwen2: bool) {
+fn tiny_model(dir: &Path, seed: u64, qwen2: bool, context: usize) {
     std::fs::create_dir_all(dir).unwrap();
     let (hidden, inter, layers, heads, kv) = (64usize, 128usize, 2usize, 4usize, 2usize);
     let head_dim = hidden / heads;
@@ -339,7 +352,7 @@ fn tiny_model(dir: &Path, seed: u64, qwen2: bool) {
         "model_type": model_type,
         "hidden_size": hidden, "intermediate_size": inter, "vocab_size": TINY_VOCAB,
         "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": context,
         "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": qwen2,
         "hidden_act": "silu",
     });

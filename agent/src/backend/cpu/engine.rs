@@ -21,7 +21,17 @@ use super::arch::{self, Arch};
 use super::compile::ArtifactManifest;
 use super::llama_cpp::{LlamaCppModel, LlamaCppSession};
 use super::tokenizer::{self, IncrementalDecoder};
-use crate::backend::{BackendError, FinishReason, ForwardOutput, GenerationParams, kept_positions};
+use crate::backend::{
+    BackendError, Cancel, FinishReason, ForwardOutput, GenerationParams, kept_positions,
+};
+
+/// Tokens of a prompt fed to candle in one forward pass (see
+/// `Session::prefill`): 512 keeps one head's attention scores under
+/// 512 × context × 4 bytes (16 MiB at 8 192 tokens).
+const PREFILL_CHUNK: usize = 512;
+/// The most logits one forward answer may hold (f32): 256 MiB, about 1 300
+/// positions of a 49 152-word vocabulary.
+const MAX_LOGITS_BYTES: usize = 256 << 20;
 
 /// Which engine runs GGUF artifacts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -108,10 +118,42 @@ impl Session<'_> {
         candle(logits.squeeze(0).and_then(|l| l.to_dtype(DType::F32)))
     }
 
+    /// Feeds a prompt from position `pos` and answers the logits after its
+    /// last token. candle's attention over n new tokens holds an n × (pos+n)
+    /// score matrix per head: fed whole, a long prompt needs memory growing
+    /// with its square (gigabytes at a few thousand tokens), enough to get
+    /// the agent, and every tenant's work in it, killed. Fed in chunks
+    /// through the KV cache it stays linear. llama.cpp chunks by itself.
+    fn prefill(
+        &mut self,
+        ids: &[u32],
+        pos: usize,
+        cancel: &Cancel,
+    ) -> Result<Tensor, BackendError> {
+        if matches!(self, Session::LlamaCpp(_)) {
+            cancel.check()?;
+            return self.forward(ids, pos);
+        }
+        let mut logits = None;
+        for (c, chunk) in ids.chunks(PREFILL_CHUNK).enumerate() {
+            cancel.check()?;
+            logits = Some(self.forward(chunk, pos + c * PREFILL_CHUNK)?);
+        }
+        logits.ok_or_else(|| {
+            BackendError::InvalidRequest("a prompt must have at least one token".into())
+        })
+    }
+
     /// The logits after each of the last `keep` tokens of `ids` (fed from
     /// position 0), row after row, and the row length.
-    fn logits_rows(&mut self, ids: &[u32], keep: usize) -> Result<(Vec<f32>, usize), BackendError> {
+    fn logits_rows(
+        &mut self,
+        ids: &[u32],
+        keep: usize,
+        cancel: &Cancel,
+    ) -> Result<(Vec<f32>, usize), BackendError> {
         if let Session::LlamaCpp(s) = self {
+            cancel.check()?;
             let rows = s.forward(ids, 0, keep)?;
             let vocab = rows.len() / keep.max(1);
             return Ok((rows, vocab));
@@ -120,11 +162,12 @@ impl Session<'_> {
         // are fed one at a time after the rest, through the KV cache.
         let first = ids.len().saturating_sub(keep);
         if first > 0 {
-            self.forward(&ids[..first], 0)?;
+            self.prefill(&ids[..first], 0, cancel)?;
         }
         let mut rows = Vec::new();
         let mut vocab = 0;
         for (i, &id) in ids[first..].iter().enumerate() {
+            cancel.check()?;
             let row = self
                 .forward(&[id], first + i)?
                 .to_vec1::<f32>()
@@ -466,11 +509,25 @@ impl LoadedModel {
 
     /// transformers' `model(ids).logits` for one sequence: the rows of the
     /// last `keep` positions (0 keeps all).
-    pub fn forward(&self, ids: &[u32], keep: usize) -> Result<ForwardOutput, BackendError> {
+    pub fn forward(
+        &self,
+        ids: &[u32],
+        keep: usize,
+        cancel: &Cancel,
+    ) -> Result<ForwardOutput, BackendError> {
         self.check_prompt(ids, 0)?;
         let keep = kept_positions(ids.len(), keep);
+        let rows_bytes = keep.saturating_mul(self.vocab_size).saturating_mul(4);
+        if rows_bytes > MAX_LOGITS_BYTES {
+            return Err(BackendError::InvalidRequest(format!(
+                "the logits of {keep} positions x {} vocabulary entries would be {} MiB, more than the {} MiB one answer may hold; ask for fewer positions with logits_to_keep",
+                self.vocab_size,
+                rows_bytes >> 20,
+                MAX_LOGITS_BYTES >> 20
+            )));
+        }
         let mut session = self.session(ids.len())?;
-        let (logits, vocab_size) = session.logits_rows(ids, keep)?;
+        let (logits, vocab_size) = session.logits_rows(ids, keep, cancel)?;
         ForwardOutput {
             positions: keep,
             vocab_size,
@@ -485,6 +542,7 @@ impl LoadedModel {
         &self,
         prompt: &[u32],
         params: &GenerationParams,
+        cancel: &Cancel,
         mut on_token: impl FnMut(u32, Option<&str>),
     ) -> Result<(Vec<u32>, FinishReason), BackendError> {
         self.check_prompt(prompt, params.max_new_tokens)?;
@@ -501,8 +559,9 @@ impl LoadedModel {
         if params.max_new_tokens == 0 {
             return Ok((out, FinishReason::Length));
         }
-        let mut logits = session.forward(prompt, 0)?;
+        let mut logits = session.prefill(prompt, 0, cancel)?;
         loop {
+            cancel.check()?;
             let next = lp.sample(&logits).map_err(engine_err("sampling"))?;
             out.push(next);
             let piece = decoder.as_mut().map(|d| d.push(next));

@@ -34,7 +34,7 @@ pub struct CpuBackend {
     loaded: Arc<LoadedMap>,
     /// One generation at a time: either engine uses every core for one
     /// sequence, so running two at once only makes both slower.
-    compute: Semaphore,
+    compute: Arc<Semaphore>,
     options: EngineOptions,
 }
 
@@ -48,7 +48,7 @@ impl CpuBackend {
     pub fn new(options: EngineOptions) -> Self {
         CpuBackend {
             loaded: Arc::new(Mutex::new(HashMap::new())),
-            compute: Semaphore::new(1),
+            compute: Arc::new(Semaphore::new(1)),
             options,
         }
     }
@@ -67,14 +67,19 @@ impl CpuBackend {
         T: Send + 'static,
         F: FnOnce(&LoadedModel) -> Result<T, BackendError> + Send + 'static,
     {
-        let _permit = self
+        let permit = self
             .compute
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .map_err(|_| BackendError::Unavailable("the agent is shutting down".into()))?;
         let loaded = self.loaded.clone();
         let options = self.options;
+        // The permit goes with the work, not with this future: a caller that
+        // goes away (future dropped) must not free the slot while the
+        // blocking work still runs (it stops at its next step, see `Cancel`).
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let model = loaded_model(&loaded, &key, &dir, &options)?;
             work(&model)
         })
@@ -186,7 +191,7 @@ impl Backend for CpuBackend {
         Box::pin(self.with_model(key, dir, move |model| {
             job.input_ids
                 .iter()
-                .map(|ids| model.forward(ids, job.logits_to_keep))
+                .map(|ids| model.forward(ids, job.logits_to_keep, &job.cancel))
                 .collect()
         }))
     }
@@ -225,11 +230,12 @@ pub fn run_batch(
     }
     let mut outputs = Vec::with_capacity(ids.len());
     for (index, prompt) in ids.iter().enumerate() {
-        let (tokens, finish_reason) = model.generate(prompt, &job.params, |id, piece| {
-            if let Some(f) = on_token {
-                f(index, id, piece);
-            }
-        })?;
+        let (tokens, finish_reason) =
+            model.generate(prompt, &job.params, &job.cancel, |id, piece| {
+                if let Some(f) = on_token {
+                    f(index, id, piece);
+                }
+            })?;
         outputs.push(SequenceOutput {
             prompt_tokens: prompt.len(),
             text: model.decode(&tokens),
