@@ -26,6 +26,8 @@ pub struct Gauges {
     pub compiles_running: usize,
     pub evictions: u64,
     pub worker_restarts: Vec<(String, u64)>,
+    /// Worker processes stopped because their allocation ended, by backend.
+    pub workers_released: Vec<(String, u64)>,
 }
 
 impl Metrics {
@@ -152,6 +154,16 @@ impl Metrics {
             let _ = writeln!(
                 s,
                 "rm_agent_worker_restarts_total{{backend=\"{backend}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP rm_agent_workers_released_total worker processes stopped because their allocation ended (pod gone, lease lapsed, or devices given to another pod)\n# TYPE rm_agent_workers_released_total counter"
+        );
+        for (backend, n) in &gauges.workers_released {
+            let _ = writeln!(
+                s,
+                "rm_agent_workers_released_total{{backend=\"{backend}\"}} {n}"
             );
         }
         s

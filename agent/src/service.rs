@@ -416,6 +416,7 @@ impl Agent {
                     devices: target.devices.clone(),
                     options: req.options.clone(),
                     output_dir: Default::default(),
+                    allocation: caller.allocation_ref(),
                 };
                 let store = self.store.clone();
                 let metrics = self.metrics.clone();
@@ -504,6 +505,7 @@ impl Agent {
             devices: run.devices.clone(),
             prompts: req.prompts,
             params: req.params,
+            allocation: caller.allocation_ref(),
         };
         Ok(run.backend.generate(job, on_token).await?)
     }
@@ -524,6 +526,7 @@ impl Agent {
                     devices: run.devices.clone(),
                     input_ids: req.input_ids,
                     logits_to_keep: req.logits_to_keep,
+                    allocation: caller.allocation_ref(),
                 };
                 run.backend.forward(job).await.map_err(AgentError::from)
             }
@@ -593,6 +596,30 @@ impl Agent {
             devices: target.devices,
             _pin: pin,
         })
+    }
+
+    /// One pass of the worker reaper: the backends stop every process tied
+    /// to an allocation whose token record is gone or lapsed (the device
+    /// plugin removes it when the pod is gone), so that its models and
+    /// device memory do not stay behind for the device's next pod. Answers
+    /// how many processes were released.
+    pub async fn release_ended_workers(&self) -> usize {
+        let now = crate::cache::store::now_ms();
+        let live = match self.tokens.live_tokens(now) {
+            Ok(Some(live)) => live,
+            // No state dir: no allocations, nothing is tied to one.
+            Ok(None) => return 0,
+            Err(e) => {
+                // Deciding on a partial view could stop a live pod's worker.
+                tracing::warn!(error = %e, "token records cannot be listed; no worker released this time");
+                return 0;
+            }
+        };
+        let mut released = 0;
+        for b in self.backends.all() {
+            released += b.release_ended(&live).await;
+        }
+        released
     }
 
     /// Deletes an entry and lets its backend free what it holds. A pod may
