@@ -7,11 +7,14 @@
 //! The decisions are the pure functions [`authorize`] and [`Caller`]'s
 //! methods; [`TokenStore`] only reads records.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 pub use rm_crds::token::TokenOwner;
 use rm_crds::token::{self, ReadError, TokenRecord};
 use rm_crds::{DeviceRequest, DeviceType};
+
+use crate::backend::AllocationRef;
 
 /// What the agent needs of a token record.
 #[derive(Clone, Debug, PartialEq)]
@@ -24,6 +27,11 @@ pub struct Allocation {
     pub expires_unix_ms: Option<u64>,
     /// The pod holding the allocation, once the device plugin has bound it.
     pub owner: Option<TokenOwner>,
+    /// The record's token SHA-256, resource name and kubelet device IDs:
+    /// what worker processes are tied to (see [`Caller::allocation_ref`]).
+    pub token_sha256: String,
+    pub resource_name: String,
+    pub device_ids: Vec<String>,
 }
 
 impl TryFrom<&TokenRecord> for Allocation {
@@ -41,6 +49,9 @@ impl TryFrom<&TokenRecord> for Allocation {
             devices: rec.visible_ids(),
             expires_unix_ms: rec.expires_unix_ms,
             owner: rec.owner.clone(),
+            token_sha256: rec.token_sha256.clone(),
+            resource_name: rec.resource_name.clone(),
+            device_ids: rec.device_ids.clone(),
         })
     }
 }
@@ -65,7 +76,8 @@ pub enum Caller {
     /// A pod, by the token of its allocation.
     Pod {
         owner: TokenOwner,
-        allocation: Allocation,
+        // Boxed: many times the size of the other variants.
+        allocation: Box<Allocation>,
     },
 }
 
@@ -81,7 +93,21 @@ impl Caller {
     /// The devices the caller holds, for [`authorize`].
     pub fn allocation(&self) -> Option<&Allocation> {
         match self {
-            Caller::Pod { allocation, .. } => Some(allocation),
+            Caller::Pod { allocation, .. } => Some(allocation.as_ref()),
+            Caller::Trusted | Caller::Admin => None,
+        }
+    }
+
+    /// The allocation a request runs for, for the backends that tie
+    /// processes to it; `None` for the admin and a trusted caller.
+    pub fn allocation_ref(&self) -> Option<AllocationRef> {
+        match self {
+            Caller::Pod { owner, allocation } => Some(AllocationRef {
+                token_sha256: allocation.token_sha256.clone(),
+                owner: owner.clone(),
+                resource_name: allocation.resource_name.clone(),
+                device_ids: allocation.device_ids.clone(),
+            }),
             Caller::Trusted | Caller::Admin => None,
         }
     }
@@ -176,7 +202,10 @@ pub fn identify(
         return Err(AuthError::Expired);
     }
     match allocation.owner.clone() {
-        Some(owner) => Ok(Caller::Pod { owner, allocation }),
+        Some(owner) => Ok(Caller::Pod {
+            owner,
+            allocation: Box::new(allocation),
+        }),
         None => Err(AuthError::NotBound),
     }
 }
@@ -266,6 +295,54 @@ impl TokenStore {
             Err(e) => Err(AuthError::BadTokenFile(e.to_string())),
         }
     }
+
+    /// The SHA-256s of the tokens whose allocation is live at `now_unix_ms`:
+    /// the record is on disk and its lease has not lapsed. `None` without a
+    /// state dir (no allocations at all). An error (the directory cannot be
+    /// read) tells the caller to decide nothing this time.
+    pub fn live_tokens(&self, now_unix_ms: u64) -> std::io::Result<Option<HashSet<String>>> {
+        let Some(dir) = &self.dir else {
+            return Ok(None);
+        };
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            // No directory, no record: the device plugin has granted nothing.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(HashSet::new())),
+            Err(e) => return Err(e),
+        };
+        let mut live = HashSet::new();
+        for e in entries {
+            let path = e?.path();
+            let Some(sha) = record_sha(&path) else {
+                continue;
+            };
+            let rec = match std::fs::read(&path) {
+                Ok(raw) => serde_json::from_slice::<TokenRecord>(&raw).ok(),
+                // Removed between the listing and the read.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(_) => None,
+            };
+            if record_is_live(rec.as_ref(), now_unix_ms) {
+                live.insert(sha);
+            }
+        }
+        Ok(Some(live))
+    }
+}
+
+/// The token SHA-256 a record file is named by (`<sha256>.json`); `None`
+/// for anything else in the directory (the device plugin's temp files).
+fn record_sha(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    let sha = name.strip_suffix(".json")?;
+    (sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit())).then(|| sha.to_string())
+}
+
+/// Whether a record on disk keeps its allocation alive. One that cannot be
+/// read or parsed counts as live: its file is still there, and releasing a
+/// pod's worker on a doubt would cost it its loaded models.
+fn record_is_live(rec: Option<&TokenRecord>, now_unix_ms: u64) -> bool {
+    rec.is_none_or(|r| r.expires_unix_ms.is_none_or(|e| e > now_unix_ms))
 }
 
 #[cfg(test)]
@@ -281,6 +358,9 @@ mod tests {
                 namespace: "team-a".into(),
                 pod: "p".into(),
             }),
+            token_sha256: "ab".repeat(32),
+            resource_name: "r".into(),
+            device_ids: vec![],
         }
     }
 
@@ -434,6 +514,9 @@ mod tests {
                 devices: vec!["npu:1".into()],
                 expires_unix_ms: None,
                 owner: None,
+                token_sha256: token::token_sha256("s3cret"),
+                resource_name: "furiosa.ai/rngd".into(),
+                device_ids: vec!["u-1".into()],
             })
         );
         assert_eq!(store.lookup("other"), Err(AuthError::UnknownToken));
@@ -443,5 +526,45 @@ mod tests {
             store.lookup("s3cret"),
             Err(AuthError::BadTokenFile(m)) if m.contains("grants no devices")
         ));
+    }
+
+    #[test]
+    fn live_tokens_are_the_records_on_disk_whose_lease_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = TokenStore::new(Some(dir.path()));
+        assert_eq!(
+            store.live_tokens(100).expect("no dir yet"),
+            Some(HashSet::new())
+        );
+        let tokens = dir.path().join(token::TOKENS_DIR);
+        std::fs::create_dir_all(&tokens).expect("mkdir");
+        let write = |name: &str, expires: Option<u64>| {
+            let sha = token::token_sha256(name);
+            let rec = TokenRecord {
+                version: token::RECORD_VERSION,
+                token_sha256: sha.clone(),
+                resource_name: "nvidia.com/gpu".into(),
+                device_ids: vec![],
+                devices: vec![],
+                created_unix_ms: 0,
+                expires_unix_ms: expires,
+                owner: None,
+                agent_slot: false,
+            };
+            let path = token::record_path(&tokens, &sha);
+            std::fs::write(path, serde_json::to_vec(&rec).expect("json")).expect("write");
+            sha
+        };
+        let no_lease = write("a", None);
+        let leased = write("b", Some(101));
+        write("c", Some(100));
+        // Unreadable: no proof the allocation ended.
+        let garbled = token::token_sha256("d");
+        std::fs::write(token::record_path(&tokens, &garbled), b"{").expect("write");
+        // The device plugin's temp files are not records.
+        std::fs::write(tokens.join(format!(".{no_lease}.tmp")), b"{}").expect("write");
+        let live = store.live_tokens(100).expect("listed").expect("enforced");
+        assert_eq!(live, HashSet::from([no_lease, leased, garbled]));
+        assert_eq!(TokenStore::new(None).live_tokens(100).expect("ok"), None);
     }
 }

@@ -111,6 +111,20 @@ struct Cli {
     /// node. Enable only when every model the pods may name is trusted.
     #[arg(long, env = "RM_ALLOW_TRUST_REMOTE_CODE")]
     allow_trust_remote_code: bool,
+    /// Seconds between two looks for worker processes whose allocation
+    /// ended (token record removed by the device plugin, or lapsed); those
+    /// are stopped so that the device's next pod finds it free.
+    #[arg(long, env = "RM_WORKER_REAP_INTERVAL", default_value = "5", value_parser = parse_seconds)]
+    worker_reap_interval: std::time::Duration,
+}
+
+fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 86_400.0 => Ok(std::time::Duration::from_secs_f64(v)),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds above 0 and at most 86400 (e.g. 5 or 0.5)"
+        )),
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -258,6 +272,11 @@ async fn run(cli: Cli) -> Result<(), StartError> {
         .map_err(io("cannot set mode of", &cli.socket))?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(reap_workers(
+        agent.clone(),
+        cli.worker_reap_interval,
+        stop_rx.clone(),
+    ));
     if let Some(addr) = &cli.metrics_addr {
         let tcp = tokio::net::TcpListener::bind(addr).await.map_err(io(
             "cannot bind metrics address",
@@ -291,6 +310,32 @@ async fn run(cli: Cli) -> Result<(), StartError> {
     let _ = std::fs::remove_file(&cli.socket);
     tracing::info!("rm-agent stopped");
     Ok(())
+}
+
+/// Stops, every `interval`, the worker processes whose allocation ended.
+async fn reap_workers(
+    agent: Arc<Agent>,
+    interval: std::time::Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let released = agent.release_ended_workers().await;
+                if released > 0 {
+                    tracing::debug!(released, "worker reaper pass");
+                }
+            }
+            // `changed`, not `wait_for`: its guard is not Send.
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 fn main() -> std::process::ExitCode {

@@ -34,6 +34,8 @@ pub struct Gauges {
     pub requests_waiting: usize,
     pub requests_running: usize,
     pub compiles_waiting: usize,
+    /// Worker processes stopped because their allocation ended, by backend.
+    pub workers_released: Vec<(String, u64)>,
 }
 
 impl Metrics {
@@ -193,6 +195,16 @@ impl Metrics {
             let _ = writeln!(
                 s,
                 "rm_agent_worker_restarts_total{{backend=\"{backend}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP rm_agent_workers_released_total worker processes stopped because their allocation ended (pod gone, lease lapsed, or devices given to another pod)\n# TYPE rm_agent_workers_released_total counter"
+        );
+        for (backend, n) in &gauges.workers_released {
+            let _ = writeln!(
+                s,
+                "rm_agent_workers_released_total{{backend=\"{backend}\"}} {n}"
             );
         }
         s

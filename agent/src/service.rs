@@ -152,6 +152,7 @@ struct Runnable {
     backend: Arc<dyn Backend>,
     artifact_dir: std::path::PathBuf,
     devices: Vec<String>,
+    device_type: DeviceType,
     _pin: crate::cache::Pin,
 }
 
@@ -511,6 +512,7 @@ impl Agent {
                     devices: target.devices.clone(),
                     options: req.options.clone(),
                     output_dir: Default::default(),
+                    allocation: caller.allocation_ref(),
                 };
                 let ctx = CompileContext {
                     store: self.store.clone(),
@@ -605,6 +607,7 @@ impl Agent {
             prompts: req.prompts,
             params: req.params,
             cancel: Cancel::default(),
+            allocation: caller.allocation_ref(),
         };
         let cancel = job.cancel.clone();
         self.admitted(&run, caller, cancel, run.backend.generate(job, on_token))
@@ -624,7 +627,20 @@ impl Agent {
     ) -> Result<T, AgentError> {
         let deadline = tokio::time::Instant::now() + self.request_timeout;
         let secs = self.request_timeout.as_secs();
-        let resource = format!("{}[{}]", run.backend.info().name, run.devices.join(","));
+        // What requests share: the node's CPU is one for every pod; an
+        // accelerator is the pod's own (its indices are within its
+        // allocation), so pods never wait for each other's devices.
+        let resource = match (run.device_type, caller.allocation_ref()) {
+            (DeviceType::Cpu, _) | (_, None) => {
+                format!("{}[{}]", run.backend.info().name, run.devices.join(","))
+            }
+            (_, Some(a)) => format!(
+                "{}[{}]@{}",
+                run.backend.info().name,
+                run.devices.join(","),
+                a.token_sha256
+            ),
+        };
         let ticket = self
             .requests
             .enqueue(&resource, &tenant_of(caller))
@@ -682,6 +698,7 @@ impl Agent {
                     input_ids: req.input_ids,
                     logits_to_keep: req.logits_to_keep,
                     cancel: Cancel::default(),
+                    allocation: caller.allocation_ref(),
                 };
                 let cancel = job.cancel.clone();
                 self.admitted(&run, caller, cancel, run.backend.forward(job))
@@ -751,8 +768,33 @@ impl Agent {
             backend,
             artifact_dir: entry.dir.clone(),
             devices: target.devices,
+            device_type: target.device_type,
             _pin: pin,
         })
+    }
+
+    /// One pass of the worker reaper: the backends stop every process tied
+    /// to an allocation whose token record is gone or lapsed (the device
+    /// plugin removes it when the pod is gone), so that its models and
+    /// device memory do not stay behind for the device's next pod. Answers
+    /// how many processes were released.
+    pub async fn release_ended_workers(&self) -> usize {
+        let now = crate::cache::store::now_ms();
+        let live = match self.tokens.live_tokens(now) {
+            Ok(Some(live)) => live,
+            // No state dir: no allocations, nothing is tied to one.
+            Ok(None) => return 0,
+            Err(e) => {
+                // Deciding on a partial view could stop a live pod's worker.
+                tracing::warn!(error = %e, "token records cannot be listed; no worker released this time");
+                return 0;
+            }
+        };
+        let mut released = 0;
+        for b in self.backends.all() {
+            released += b.release_ended(&live).await;
+        }
+        released
     }
 
     /// Deletes an entry and lets its backend free what it holds. A pod may

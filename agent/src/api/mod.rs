@@ -548,17 +548,25 @@ async fn metrics_for_caller(
 }
 
 async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
-    let worker_restarts = agent
+    let statuses: Vec<(String, Value)> = agent
         .backends
         .all()
         .iter()
-        .filter_map(|b| {
-            let s = b.status();
-            s.get("restarts")
-                .and_then(Value::as_u64)
-                .map(|n| (b.info().name, n))
-        })
+        .map(|b| (b.info().name, b.status()))
         .collect();
+    // Worker backends report these counters in their status.
+    let per_backend = |field: &str| -> Vec<(String, u64)> {
+        statuses
+            .iter()
+            .filter_map(|(name, s)| {
+                s.get(field)
+                    .and_then(Value::as_u64)
+                    .map(|n| (name.clone(), n))
+            })
+            .collect()
+    };
+    let worker_restarts = per_backend("restarts");
+    let workers_released = per_backend("released");
     let gauges = Gauges {
         cache_bytes: agent.store.total_bytes(),
         cache_max_bytes: agent.store.max_bytes(),
@@ -569,6 +577,7 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
         requests_waiting: agent.requests.waiting(),
         requests_running: agent.requests.running(),
         compiles_waiting: agent.compiles.waiting(),
+        workers_released,
     };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod extra;
 pub mod worker;
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -86,6 +87,36 @@ impl Cancel {
     }
 }
 
+/// The allocation (device plugin token) a job runs for. Worker backends tie
+/// their processes to it: a process serves one allocation and is released
+/// when the allocation ends (see `worker`). The cpu backend ignores it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllocationRef {
+    /// The token's SHA-256: the allocation lives while its record does.
+    pub token_sha256: String,
+    /// The pod that holds it (for logs).
+    pub owner: rm_crds::token::TokenOwner,
+    /// The kubelet's resource name and device IDs (with `::N` for shared
+    /// devices): the kubelet never gives one ID to two live containers, so an
+    /// allocation that shares one with an older one has replaced it.
+    pub resource_name: String,
+    pub device_ids: Vec<String>,
+}
+
+impl AllocationRef {
+    /// Whether `self` holds a device the kubelet has since given to `newer`
+    /// (another token): then `self` has ended, whether or not its record is
+    /// gone yet. The device plugin supersedes records by the same rule.
+    pub fn replaced_by(&self, newer: &AllocationRef) -> bool {
+        self.token_sha256 != newer.token_sha256
+            && self.resource_name == newer.resource_name
+            && self
+                .device_ids
+                .iter()
+                .any(|id| newer.device_ids.contains(id))
+    }
+}
+
 /// One compile: read `model_path`, write the artifact into `output_dir`.
 #[derive(Clone, Debug)]
 pub struct CompileJob {
@@ -96,6 +127,8 @@ pub struct CompileJob {
     pub devices: Vec<String>,
     pub options: CompileOptions,
     pub output_dir: PathBuf,
+    /// The caller's allocation (`None`: a caller without a token).
+    pub allocation: Option<AllocationRef>,
 }
 
 /// One prompt: token ids, or text the backend tokenizes.
@@ -129,6 +162,8 @@ pub struct GenerateJob {
     pub prompts: Vec<Prompt>,
     pub params: GenerationParams,
     pub cancel: Cancel,
+    /// The caller's allocation (`None`: a caller without a token).
+    pub allocation: Option<AllocationRef>,
 }
 
 /// One forward pass: the logits after each position of each sequence,
@@ -142,6 +177,8 @@ pub struct ForwardJob {
     /// transformers' `logits_to_keep`: 0 keeps every position, k the last k.
     pub logits_to_keep: usize,
     pub cancel: Cancel,
+    /// The caller's allocation (`None`: a caller without a token).
+    pub allocation: Option<AllocationRef>,
 }
 
 /// The logits of one sequence: `positions` rows of `vocab_size`, row-major.
@@ -298,6 +335,13 @@ pub trait Backend: Send + Sync {
     }
     /// Frees what the backend holds for an entry (deleted or evicted).
     fn cleanup(&self, key: &CacheKey);
+    /// Stops what runs for allocations that ended: every process tied to a
+    /// token whose SHA-256 is not in `live`. Answers how many were released.
+    /// In-process backends hold nothing per allocation.
+    fn release_ended(&self, live: &HashSet<String>) -> BoxFuture<'_, usize> {
+        let _ = live;
+        Box::pin(async { 0 })
+    }
     /// Stops worker processes; called at shutdown.
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
@@ -474,6 +518,31 @@ mod tests {
         assert_eq!(kept_positions(5, 0), 5);
         assert_eq!(kept_positions(5, 1), 1);
         assert_eq!(kept_positions(5, 9), 5);
+    }
+
+    fn alloc(token: &str, resource: &str, ids: &[&str]) -> AllocationRef {
+        AllocationRef {
+            token_sha256: token.into(),
+            owner: rm_crds::token::TokenOwner {
+                namespace: "ns".into(),
+                pod: token.into(),
+            },
+            resource_name: resource.into(),
+            device_ids: ids.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn an_allocation_ends_when_the_kubelet_gives_one_of_its_ids_to_another() {
+        let old = alloc("a", "nvidia.com/gpu", &["GPU-1", "GPU-2"]);
+        assert!(old.replaced_by(&alloc("b", "nvidia.com/gpu", &["GPU-2"])));
+        assert!(!old.replaced_by(&old.clone()), "its own requests");
+        assert!(!old.replaced_by(&alloc("b", "nvidia.com/gpu", &["GPU-3"])));
+        assert!(!old.replaced_by(&alloc("b", "other.io/gpu", &["GPU-1"])));
+        // Shared devices: replicas of one GPU are distinct IDs, held by live
+        // pods side by side.
+        let shared = alloc("a", "nvidia.com/gpu", &["GPU-1::0"]);
+        assert!(!shared.replaced_by(&alloc("b", "nvidia.com/gpu", &["GPU-1::1"])));
     }
 
     #[test]

@@ -1,14 +1,31 @@
 //! External backends: worker programs found in `--plugin-dir` by a
 //! `manifest.json`, started and supervised by the agent (restart with
-//! back-off), one process per device set so a worker only ever sees the
-//! devices of one allocation. The protocol is JSON lines over the worker's
-//! stdin/stdout (stderr is logged); agent/README.md documents it.
+//! back-off). The protocol is JSON lines over the worker's stdin/stdout
+//! (stderr is logged); agent/README.md documents it.
+//!
+//! Lifetime: a process serves one allocation (the device plugin's token) on
+//! one device set, so it only ever sees that pod's devices and models. It is
+//! released (a `shutdown` message, killed after [`STOP_GRACE`]) when the
+//! allocation ends: the reaper finds its token record gone or lapsed
+//! ([`Backend::release_ended`]), or a request arrives from an allocation the
+//! kubelet has since given one of its devices ([`AllocationRef::replaced_by`];
+//! the old process is then stopped, and waited for, before the new pod's
+//! request starts a fresh one).
+//!
+//! Compiles and model runs never share a process: a compile gets a process
+//! of its own (role `compile`, per device set and allocation, stopped once no
+//! compile uses it), so a generate is not queued behind an hours-long
+//! compile. Within a process, requests are sent one at a time (the workers
+//! handle them one at a time anyway), and a request's timeout counts from
+//! when it is sent: a timeout kills the process only for the request that is
+//! running in it, and the requests queued behind it go to the restarted
+//! process instead of failing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
@@ -16,13 +33,13 @@ use rm_crds::{CompileOptions, DeviceType, Priority};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::{Notify, mpsc};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::{Notify, mpsc, watch};
 
 use super::extra::{self, ExtraOptions};
 use super::{
-    Availability, Backend, BackendError, BackendInfo, CompileJob, ForwardJob, ForwardOutput,
-    GenerateJob, ProgressFn, SequenceOutput, TokenFn, kept_positions,
+    AllocationRef, Availability, Backend, BackendError, BackendInfo, CompileJob, ForwardJob,
+    ForwardOutput, GenerateJob, ProgressFn, SequenceOutput, TokenFn, kept_positions,
 };
 use crate::cache::CacheKey;
 use crate::source::ModelFormat;
@@ -30,6 +47,9 @@ use crate::source::ModelFormat;
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Longest line a worker may write (a generate result with many tokens fits).
 const MAX_LINE: usize = 16 << 20;
+/// How long a stopped worker may take to exit after `shutdown` before it is
+/// killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// `<plugin-dir>/<name>/manifest.json`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -124,14 +144,115 @@ enum Incoming {
 struct Outgoing {
     method: &'static str,
     params: Value,
-    reply: mpsc::UnboundedSender<Incoming>,
+    /// Counted from when the request is sent to the worker, not from when it
+    /// was queued: time spent behind other requests is not this one's fault.
+    timeout: Duration,
+    /// `None`: nobody waits for the answer (`cleanup`).
+    reply: Option<mpsc::UnboundedSender<Incoming>>,
+}
+
+impl Outgoing {
+    fn answer(&self, msg: Incoming) {
+        if let Some(r) = &self.reply {
+            let _ = r.send(msg);
+        }
+    }
+
+    /// The caller went away (its client disconnected) before the request
+    /// was sent: the worker is spared the work.
+    fn abandoned(&self) -> bool {
+        self.reply.as_ref().is_some_and(|r| r.is_closed())
+    }
+}
+
+/// What a worker process is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Role {
+    /// `generate`, `forward`, `cleanup`: keeps the allocation's models loaded.
+    Serve,
+    /// `compile`: a process of its own, so that a compile of hours never
+    /// holds up (or is killed with) the model runs on the same devices.
+    Compile,
+    /// `hello` at start, without devices.
+    Probe,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Serve => "serve",
+            Role::Compile => "compile",
+            Role::Probe => "probe",
+        }
+    }
+}
+
+/// Which process a request goes to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct InstanceKey {
+    role: Role,
+    device_type: Option<DeviceType>,
+    devices: Vec<String>,
+    /// The allocation served: a process never serves two, so it can end
+    /// with its allocation (and never holds two tenants' models).
+    token_sha256: Option<String>,
+}
+
+impl InstanceKey {
+    fn describe(&self) -> String {
+        format!(
+            "{}:{}",
+            self.device_type.map(|t| t.as_str()).unwrap_or("-"),
+            self.devices.join(",")
+        )
+    }
 }
 
 /// One supervised worker process (restarted when it dies).
 struct Instance {
+    key: InstanceKey,
+    allocation: Option<AllocationRef>,
     tx: mpsc::UnboundedSender<Outgoing>,
-    kill: Arc<Notify>,
     stop: Arc<Notify>,
+    /// True once the supervisor has ended and its process is reaped.
+    exited: watch::Receiver<bool>,
+    /// Set by the first [`Instance::release`].
+    releasing: AtomicBool,
+    /// Compiles running on it (role `compile`); changed under the backend's
+    /// instance lock only.
+    compiles: AtomicUsize,
+}
+
+impl Instance {
+    /// Asks the supervisor to stop its process for good. True for the call
+    /// that did so (the others find it stopping already).
+    fn release(&self) -> bool {
+        if self.releasing.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        self.stop.notify_one();
+        true
+    }
+
+    fn is_releasing(&self) -> bool {
+        self.releasing.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the process is gone (reaped), e.g. before its devices go
+    /// to another pod's process.
+    async fn exited(&self) {
+        let mut rx = self.exited.clone();
+        // An error means the supervisor is gone without a word: also ended.
+        let _ = rx.wait_for(|done| *done).await;
+    }
+
+    /// `namespace/pod` of the allocation, for logs.
+    fn pod(&self) -> String {
+        self.allocation
+            .as_ref()
+            .map(|a| format!("{}/{}", a.owner.namespace, a.owner.pod))
+            .unwrap_or_else(|| "-".into())
+    }
 }
 
 #[derive(Deserialize)]
@@ -240,11 +361,40 @@ fn worker_env(
 }
 
 struct Supervisor {
+    /// `<backend>[<role> <device type>:<devices>]`, for logs.
     name: String,
+    role: Role,
+    /// `namespace/pod` of the allocation, for logs.
+    pod: String,
     dir: PathBuf,
     manifest: Manifest,
     env: Vec<(String, String)>,
     restarts: Arc<AtomicU64>,
+}
+
+/// The request the worker is working on.
+struct Running {
+    id: u64,
+    method: &'static str,
+    timeout: Duration,
+    deadline: tokio::time::Instant,
+    reply: Option<mpsc::UnboundedSender<Incoming>>,
+}
+
+impl Running {
+    fn answer(&self, msg: Incoming) {
+        if let Some(r) = &self.reply {
+            let _ = r.send(msg);
+        }
+    }
+}
+
+/// Completes at `deadline`, or never.
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Supervisor {
@@ -267,21 +417,43 @@ impl Supervisor {
         cmd.spawn()
     }
 
+    /// Why requests fail once the instance is released.
+    fn released_error(&self) -> BackendError {
+        BackendError::Unavailable(format!(
+            "worker {} was released (its allocation ended, or the agent is stopping)",
+            self.name
+        ))
+    }
+
+    /// Runs the worker until `stop` (or until the backend drops the
+    /// instance), restarting it with back-off when it dies; then reports the
+    /// process gone on `exited`.
     async fn run(
         self,
-        mut rx: mpsc::UnboundedReceiver<Outgoing>,
-        kill: Arc<Notify>,
+        rx: mpsc::UnboundedReceiver<Outgoing>,
         stop: Arc<Notify>,
+        exited: watch::Sender<bool>,
     ) {
+        self.supervise(rx, stop).await;
+        let _ = exited.send(true);
+    }
+
+    async fn supervise(&self, mut rx: mpsc::UnboundedReceiver<Outgoing>, stop: Arc<Notify>) {
+        // Requests not yet sent. They outlive a process: a restart caused by
+        // another request does not fail them.
+        let mut queue: VecDeque<Outgoing> = VecDeque::new();
         let mut consecutive = 0u32;
         let mut first = true;
         loop {
             if !first {
                 let delay = restart_delay(consecutive);
-                tracing::warn!(worker = %self.name, delay_ms = delay.as_millis() as u64, "restarting worker after back-off");
+                tracing::warn!(worker = %self.name, role = self.role.as_str(), pod = %self.pod, delay_ms = delay.as_millis() as u64, "restarting worker after back-off");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = stop.notified() => return,
+                    _ = stop.notified() => {
+                        self.fail_all(&mut queue, &mut rx);
+                        return;
+                    }
                 }
                 self.restarts.fetch_add(1, Ordering::Relaxed);
                 consecutive += 1;
@@ -295,17 +467,19 @@ impl Supervisor {
                     // Fail what is queued so callers do not wait for a
                     // program that cannot start.
                     while let Ok(o) = rx.try_recv() {
-                        let _ = o
-                            .reply
-                            .send(Incoming::Error(BackendError::Unavailable(format!(
-                                "worker {} cannot be started: {e}",
-                                self.name
-                            ))));
+                        queue.push_back(o);
+                    }
+                    for o in queue.drain(..) {
+                        o.answer(Incoming::Error(BackendError::Unavailable(format!(
+                            "worker {} cannot be started: {e}",
+                            self.name
+                        ))));
                     }
                     continue;
                 }
             };
-            tracing::info!(worker = %self.name, pid = child.id().unwrap_or(0), "worker started");
+            let pid = child.id().unwrap_or(0);
+            tracing::info!(worker = %self.name, role = self.role.as_str(), pod = %self.pod, pid, "worker started");
             let (Some(mut stdin), Some(stdout), Some(stderr)) =
                 (child.stdin.take(), child.stdout.take(), child.stderr.take())
             else {
@@ -315,56 +489,101 @@ impl Supervisor {
             tokio::spawn(async move {
                 let mut lines = BufReader::new(stderr).lines();
                 while let Ok(Some(l)) = lines.next_line().await {
-                    tracing::info!(worker = %name, "{l}");
+                    tracing::info!(worker = %name, pid, "{l}");
                 }
             });
             let mut out = BufReader::with_capacity(1 << 16, stdout);
-            let mut pending: HashMap<u64, mpsc::UnboundedSender<Incoming>> = HashMap::new();
+            let mut running: Option<Running> = None;
             let mut next_id = 1u64;
             let mut buf = Vec::new();
             let why: String = loop {
+                // The next request goes out when the worker is idle, so its
+                // timeout measures its own work only.
+                let mut write_failed = None;
+                while running.is_none() {
+                    let Some(o) = queue.pop_front() else { break };
+                    if o.abandoned() {
+                        continue;
+                    }
+                    let id = next_id;
+                    next_id += 1;
+                    let deadline = tokio::time::Instant::now() + o.timeout;
+                    let line = json!({"id": id, "method": o.method, "params": o.params})
+                        .to_string()
+                        + "\n";
+                    let r = Running {
+                        id,
+                        method: o.method,
+                        timeout: o.timeout,
+                        deadline,
+                        reply: o.reply,
+                    };
+                    // Bounded too: a worker that stops reading its stdin
+                    // would otherwise hold up the whole instance.
+                    let sent = tokio::time::timeout_at(deadline, async {
+                        stdin.write_all(line.as_bytes()).await?;
+                        stdin.flush().await
+                    })
+                    .await;
+                    match sent {
+                        Ok(Err(e)) => {
+                            r.answer(Incoming::Error(BackendError::Worker(format!(
+                                "cannot write to worker {}: {e}",
+                                self.name
+                            ))));
+                            write_failed = Some(e);
+                            break;
+                        }
+                        // Sent; or out of time, which the deadline branch
+                        // below answers at once.
+                        Ok(Ok(())) | Err(_) => running = Some(r),
+                    }
+                }
+                if let Some(e) = write_failed {
+                    break format!("stdin closed: {e}");
+                }
                 tokio::select! {
                     msg = rx.recv() => {
                         let Some(o) = msg else {
-                            // The backend was dropped: stop for good.
-                            let _ = child.start_kill();
+                            // The backend dropped the instance: stop for good.
+                            self.shut_down(&mut child, stdin, pid).await;
                             return;
                         };
-                        let id = next_id;
-                        next_id += 1;
-                        let line = json!({"id": id, "method": o.method, "params": o.params}).to_string() + "\n";
-                        if let Err(e) = stdin.write_all(line.as_bytes()).await {
-                            let _ = o.reply.send(Incoming::Error(BackendError::Worker(format!("cannot write to worker: {e}"))));
-                            break format!("stdin closed: {e}");
-                        }
-                        let _ = stdin.flush().await;
-                        pending.insert(id, o.reply);
+                        queue.push_back(o);
                     }
                     read = read_line(&mut out, &mut buf) => {
                         match read {
                             Ok(None) => break "worker closed its stdout".to_string(),
                             Err(e) => break e,
                             Ok(Some(text)) => match parse_line(&text) {
-                                Ok((id, msg)) => {
-                                    let done = matches!(msg, Incoming::Result(_) | Incoming::Error(_));
-                                    match pending.get(&id) {
-                                        Some(tx) => { let _ = tx.send(msg); }
-                                        None => tracing::warn!(worker = %self.name, id, "message for an unknown request id; ignored"),
+                                Ok((id, msg)) => match &running {
+                                    Some(r) if r.id == id => {
+                                        let done = matches!(msg, Incoming::Result(_) | Incoming::Error(_));
+                                        r.answer(msg);
+                                        if done {
+                                            running = None;
+                                        }
                                     }
-                                    if done { pending.remove(&id); }
-                                }
+                                    _ => tracing::warn!(worker = %self.name, id, "message for an unknown request id; ignored"),
+                                },
                                 Err(e) => break format!("protocol error: {e}"),
                             }
                         }
                     }
-                    _ = kill.notified() => break "killed after a request timed out".to_string(),
+                    _ = until(running.as_ref().map(|r| r.deadline)) => {
+                        // Only the request that outlived its time is in the
+                        // worker: killing the process takes nobody else's work.
+                        let Some(r) = running.take() else { continue };
+                        r.answer(Incoming::Error(BackendError::Timeout(r.timeout.as_secs())));
+                        break format!("{} request {} outlived its timeout of {} s", r.method, r.id, r.timeout.as_secs());
+                    }
                     _ = stop.notified() => {
-                        let line = json!({"id": 0, "method": "shutdown", "params": {}}).to_string() + "\n";
-                        let _ = stdin.write_all(line.as_bytes()).await;
-                        drop(stdin);
-                        if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
-                            let _ = child.start_kill();
+                        let err = self.released_error();
+                        if let Some(r) = running.take() {
+                            r.answer(Incoming::Error(err));
                         }
+                        self.fail_all(&mut queue, &mut rx);
+                        self.shut_down(&mut child, stdin, pid).await;
                         return;
                     }
                 }
@@ -375,9 +594,9 @@ impl Supervisor {
                 .await
                 .map(|s| s.to_string())
                 .unwrap_or_default();
-            tracing::warn!(worker = %self.name, reason = %why, %status, "worker stopped");
-            for (_, tx) in pending.drain() {
-                let _ = tx.send(Incoming::Error(BackendError::Worker(format!(
+            tracing::warn!(worker = %self.name, role = self.role.as_str(), pod = %self.pod, pid, reason = %why, %status, "worker stopped");
+            if let Some(r) = running.take() {
+                r.answer(Incoming::Error(BackendError::Worker(format!(
                     "worker {} stopped ({why}; {status}); it is being restarted, retry the request",
                     self.name
                 ))));
@@ -387,14 +606,45 @@ impl Supervisor {
             }
         }
     }
+
+    /// Answers every request not yet sent: the instance is released.
+    fn fail_all(&self, queue: &mut VecDeque<Outgoing>, rx: &mut mpsc::UnboundedReceiver<Outgoing>) {
+        rx.close();
+        while let Ok(o) = rx.try_recv() {
+            queue.push_back(o);
+        }
+        for o in queue.drain(..) {
+            o.answer(Incoming::Error(self.released_error()));
+        }
+    }
+
+    /// `shutdown`, then a kill after [`STOP_GRACE`]; returns once the
+    /// process is reaped.
+    async fn shut_down(&self, child: &mut Child, mut stdin: ChildStdin, pid: u32) {
+        let deadline = tokio::time::Instant::now() + STOP_GRACE;
+        let line = json!({"id": 0, "method": "shutdown", "params": {}}).to_string() + "\n";
+        let _ = tokio::time::timeout_at(deadline, stdin.write_all(line.as_bytes())).await;
+        // Closing stdin also ends a worker that reads it in a loop.
+        drop(stdin);
+        let graceful = tokio::time::timeout_at(deadline, child.wait())
+            .await
+            .is_ok();
+        if !graceful {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+        tracing::info!(worker = %self.name, role = self.role.as_str(), pod = %self.pod, pid, graceful, "worker stopped for good");
+    }
 }
 
 /// Reads one `\n`-terminated line, refusing lines over [`MAX_LINE`].
+/// Cancel-safe: the supervisor's `select!` drops it whenever a request
+/// arrives, so the part of a line read so far stays in `buf` for the next
+/// call (`buf` is emptied only when a whole line is returned).
 async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
 ) -> Result<Option<String>, String> {
-    buf.clear();
     loop {
         let chunk = r.fill_buf().await.map_err(|e| e.to_string())?;
         if chunk.is_empty() {
@@ -425,11 +675,33 @@ pub struct WorkerBackend {
     manifest: Manifest,
     hello: Mutex<Option<Hello>>,
     availability: Mutex<Availability>,
-    instances: Mutex<HashMap<String, Arc<Instance>>>,
+    instances: Mutex<HashMap<InstanceKey, Arc<Instance>>>,
     restarts: Arc<AtomicU64>,
+    /// Processes stopped because their allocation ended.
+    released: AtomicU64,
     /// `--allow-trust-remote-code`: the cluster operator lets requests set
     /// `trust_remote_code` (where the manifest lists it).
     allow_trust_remote_code: bool,
+}
+
+/// Holds a compile instance in use; the last one out stops the process, so
+/// an idle compiler holds no memory (a compile is rare next to its runs).
+struct CompileUse<'a> {
+    backend: &'a WorkerBackend,
+    instance: Arc<Instance>,
+}
+
+impl Drop for CompileUse<'_> {
+    fn drop(&mut self) {
+        let mut map = self.backend.lock_instances();
+        if self.instance.compiles.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let key = &self.instance.key;
+            if map.get(key).is_some_and(|i| Arc::ptr_eq(i, &self.instance)) {
+                map.remove(key);
+            }
+            self.instance.release();
+        }
+    }
 }
 
 impl WorkerBackend {
@@ -441,6 +713,7 @@ impl WorkerBackend {
             availability: Mutex::new(Availability::no("not probed yet")),
             instances: Mutex::new(HashMap::new()),
             restarts: Arc::new(AtomicU64::new(0)),
+            released: AtomicU64::new(0),
             allow_trust_remote_code: false,
         }
     }
@@ -467,34 +740,143 @@ impl WorkerBackend {
         self.restarts.load(Ordering::Relaxed)
     }
 
-    fn instance(&self, device_type: Option<DeviceType>, devices: &[String]) -> Arc<Instance> {
-        let set = format!(
-            "{}:{}",
-            device_type.map(|t| t.as_str()).unwrap_or("-"),
-            devices.join(",")
-        );
-        let mut map = self.instances.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = map.get(&set) {
-            return i.clone();
-        }
+    /// Worker processes stopped because their allocation ended.
+    pub fn released(&self) -> u64 {
+        self.released.load(Ordering::Relaxed)
+    }
+
+    fn lock_instances(&self) -> MutexGuard<'_, HashMap<InstanceKey, Arc<Instance>>> {
+        // Every change to the map is a single insert or remove: a panic while
+        // it is held leaves it usable.
+        self.instances.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the supervisor of a new process (not entered in the map).
+    fn start(&self, key: InstanceKey, allocation: Option<AllocationRef>) -> Arc<Instance> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let kill = Arc::new(Notify::new());
         let stop = Arc::new(Notify::new());
+        let (exited_tx, exited) = watch::channel(false);
+        let inst = Arc::new(Instance {
+            key,
+            allocation,
+            tx,
+            stop: stop.clone(),
+            exited,
+            releasing: AtomicBool::new(false),
+            compiles: AtomicUsize::new(0),
+        });
         let sup = Supervisor {
-            name: format!("{}[{set}]", self.manifest.name),
+            name: format!(
+                "{}[{} {}]",
+                self.manifest.name,
+                inst.key.role.as_str(),
+                inst.key.describe()
+            ),
+            role: inst.key.role,
+            pod: inst.pod(),
             dir: self.dir.clone(),
             manifest: self.manifest.clone(),
-            env: worker_env(device_type, devices, self.allow_trust_remote_code),
+            env: worker_env(
+                inst.key.device_type,
+                &inst.key.devices,
+                self.allow_trust_remote_code,
+            ),
             restarts: self.restarts.clone(),
         };
-        tokio::spawn(sup.run(rx, kill.clone(), stop.clone()));
-        let inst = Arc::new(Instance { tx, kill, stop });
-        map.insert(set, inst.clone());
+        tokio::spawn(sup.run(rx, stop, exited_tx));
         inst
     }
 
+    /// Stops an instance whose allocation ended, once, with a log line and
+    /// the metric. True for the call that stopped it.
+    fn release_ended_instance(&self, inst: &Instance, why: &str) -> bool {
+        if !inst.release() {
+            return false;
+        }
+        self.released.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            backend = %self.manifest.name,
+            role = inst.key.role.as_str(),
+            devices = %inst.key.describe(),
+            pod = %inst.pod(),
+            reason = why,
+            "worker released: its allocation ended"
+        );
+        true
+    }
+
+    /// Drops a stopped instance from the map (unless replaced already).
+    fn forget(&self, inst: &Arc<Instance>) {
+        let mut map = self.lock_instances();
+        if map.get(&inst.key).is_some_and(|i| Arc::ptr_eq(i, inst)) {
+            map.remove(&inst.key);
+        }
+    }
+
+    /// The process for `role` on `devices` for `allocation`, started when
+    /// there is none. Processes of allocations that `allocation` replaced
+    /// (the kubelet gave it one of their devices) are stopped first, and
+    /// waited for: the old pod's models leave the device before the new
+    /// pod's process loads any.
+    async fn acquire(
+        &self,
+        role: Role,
+        device_type: Option<DeviceType>,
+        devices: &[String],
+        allocation: Option<&AllocationRef>,
+    ) -> Arc<Instance> {
+        let key = InstanceKey {
+            role,
+            device_type,
+            devices: devices.to_vec(),
+            token_sha256: allocation.map(|a| a.token_sha256.clone()),
+        };
+        loop {
+            let in_the_way: Vec<Arc<Instance>> = {
+                let mut map = self.lock_instances();
+                let mut wait = Vec::new();
+                for inst in map.values() {
+                    let replaced = match (&inst.allocation, allocation) {
+                        (Some(old), Some(new)) => old.replaced_by(new),
+                        _ => false,
+                    };
+                    if replaced {
+                        let why = allocation
+                            .map(|a| {
+                                format!(
+                                    "its devices were given to pod {}/{}",
+                                    a.owner.namespace, a.owner.pod
+                                )
+                            })
+                            .unwrap_or_default();
+                        let _ = self.release_ended_instance(inst, &why);
+                        wait.push(inst.clone());
+                    } else if inst.key == key && inst.is_releasing() {
+                        wait.push(inst.clone());
+                    }
+                }
+                if wait.is_empty() {
+                    let inst = map
+                        .entry(key.clone())
+                        .or_insert_with(|| self.start(key.clone(), allocation.cloned()))
+                        .clone();
+                    if role == Role::Compile {
+                        inst.compiles.fetch_add(1, Ordering::SeqCst);
+                    }
+                    return inst;
+                }
+                wait
+            };
+            for inst in in_the_way {
+                inst.exited().await;
+                self.forget(&inst);
+            }
+        }
+    }
+
     /// Sends one request and waits for its result, passing progress and
-    /// tokens on. A request that outlives `timeout` kills the worker.
+    /// tokens on. The supervisor enforces `timeout` from when the worker is
+    /// sent the request, and always answers (or drops the request).
     async fn call(
         &self,
         inst: &Instance,
@@ -509,31 +891,30 @@ impl WorkerBackend {
             .send(Outgoing {
                 method,
                 params,
-                reply,
+                timeout,
+                reply: Some(reply),
             })
             .map_err(|_| {
-                BackendError::Unavailable(format!("worker {} is stopped", self.manifest.name))
+                BackendError::Unavailable(format!(
+                    "worker {} was released; retry the request",
+                    self.manifest.name
+                ))
             })?;
-        let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Err(_) => {
-                    inst.kill.notify_one();
-                    return Err(BackendError::Timeout(timeout.as_secs()));
-                }
-                Ok(None) => {
+            match rx.recv().await {
+                None => {
                     return Err(BackendError::Worker(
                         "the worker dropped the request".into(),
                     ));
                 }
-                Ok(Some(Incoming::Result(v))) => return Ok(v),
-                Ok(Some(Incoming::Error(e))) => return Err(e),
-                Ok(Some(Incoming::Progress(f, s))) => {
+                Some(Incoming::Result(v)) => return Ok(v),
+                Some(Incoming::Error(e)) => return Err(e),
+                Some(Incoming::Progress(f, s)) => {
                     if let Some(p) = &progress {
                         p(f, &s);
                     }
                 }
-                Ok(Some(Incoming::Token(i, t, text))) => {
+                Some(Incoming::Token(i, t, text)) => {
                     if let Some(cb) = &on_token {
                         cb(i, t, text.as_deref());
                     }
@@ -542,18 +923,21 @@ impl WorkerBackend {
         }
     }
 
-    /// A request that runs a model (`generate`, `forward`) on the process of
-    /// the allocation's device set, which sees only those devices; answers
-    /// the result's `"outputs"`.
+    /// A request that runs a model (`generate`, `forward`) on the serving
+    /// process of the allocation's device set, which sees only those
+    /// devices; answers the result's `"outputs"`.
     async fn run_outputs<T: serde::de::DeserializeOwned>(
         &self,
         method: &'static str,
         devices: &[String],
+        allocation: Option<&AllocationRef>,
         params: Value,
         on_token: Option<TokenFn>,
     ) -> Result<Vec<T>, BackendError> {
         let device_type = self.manifest.device_types.first().copied();
-        let inst = self.instance(device_type, devices);
+        let inst = self
+            .acquire(Role::Serve, device_type, devices, allocation)
+            .await;
         let timeout = Duration::from_secs(self.manifest.request_timeout_s);
         let v = self
             .call(&inst, method, params, timeout, None, on_token)
@@ -566,10 +950,18 @@ impl WorkerBackend {
         })
     }
 
-    /// Starts a device-less instance, asks `hello`, records the answer and
-    /// stops the instance again.
+    /// Starts a device-less process, asks `hello`, records the answer and
+    /// stops the process again.
     pub async fn probe_now(&self) {
-        let inst = self.instance(None, &[]);
+        let inst = self.start(
+            InstanceKey {
+                role: Role::Probe,
+                device_type: None,
+                devices: vec![],
+                token_sha256: None,
+            },
+            None,
+        );
         let res = self
             .call(
                 &inst,
@@ -580,6 +972,7 @@ impl WorkerBackend {
                 None,
             )
             .await;
+        inst.release();
         let avail = match res.and_then(|v| {
             serde_json::from_value::<Hello>(v)
                 .map_err(|e| BackendError::Worker(format!("bad hello answer: {e}")))
@@ -605,14 +998,7 @@ impl WorkerBackend {
         };
         tracing::info!(backend = %self.manifest.name, available = avail.available, reason = ?avail.reason, "worker probed");
         *self.availability.lock().unwrap_or_else(|p| p.into_inner()) = avail;
-        let removed = self
-            .instances
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove("-:");
-        if let Some(i) = removed {
-            i.stop.notify_one();
-        }
+        inst.exited().await;
     }
 }
 
@@ -652,10 +1038,12 @@ impl Backend for WorkerBackend {
             .filter(|(k, _)| k.as_str() != extra::TRUST_REMOTE_CODE || self.allow_trust_remote_code)
             .map(|(k, d)| (k.clone(), Value::String(d.describe())))
             .collect();
+        // Counts only: which pods run here is not every caller's business.
         json!({
             "kind": "worker",
             "restarts": self.restarts(),
-            "processes": self.instances.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            "released": self.released(),
+            "processes": self.lock_instances().len(),
             "unverified_on_hardware": self.manifest.unverified_on_hardware,
             "extra_options": extra_options,
         })
@@ -679,7 +1067,18 @@ impl Backend for WorkerBackend {
             // Checked again here: nothing reaches a worker unchecked, even
             // from a caller that skipped `validate`.
             self.check_extra(&job.options)?;
-            let inst = self.instance(Some(job.device_type), &job.devices);
+            let instance = self
+                .acquire(
+                    Role::Compile,
+                    Some(job.device_type),
+                    &job.devices,
+                    job.allocation.as_ref(),
+                )
+                .await;
+            let compiling = CompileUse {
+                backend: self,
+                instance,
+            };
             let params = json!({
                 "key": job.key,
                 "model_path": job.model_path,
@@ -690,9 +1089,16 @@ impl Backend for WorkerBackend {
                 "options": job.options,
             });
             let timeout = Duration::from_secs(self.manifest.compile_timeout_s);
-            self.call(&inst, "compile", params, timeout, Some(progress), None)
-                .await
-                .map(|_| ())
+            self.call(
+                &compiling.instance,
+                "compile",
+                params,
+                timeout,
+                Some(progress),
+                None,
+            )
+            .await
+            .map(|_| ())
         })
     }
 
@@ -710,8 +1116,14 @@ impl Backend for WorkerBackend {
                 "params": job.params,
                 "stream": on_token.is_some(),
             });
-            self.run_outputs("generate", &job.devices, params, on_token)
-                .await
+            self.run_outputs(
+                "generate",
+                &job.devices,
+                job.allocation.as_ref(),
+                params,
+                on_token,
+            )
+            .await
         })
     }
 
@@ -725,7 +1137,13 @@ impl Backend for WorkerBackend {
                 "logits_to_keep": job.logits_to_keep,
             });
             let outputs: Vec<ForwardOutput> = self
-                .run_outputs("forward", &job.devices, params, None)
+                .run_outputs(
+                    "forward",
+                    &job.devices,
+                    job.allocation.as_ref(),
+                    params,
+                    None,
+                )
                 .await?;
             if outputs.len() != job.input_ids.len() {
                 return Err(BackendError::Worker(format!(
@@ -746,34 +1164,60 @@ impl Backend for WorkerBackend {
     }
 
     fn cleanup(&self, key: &CacheKey) {
-        let instances: Vec<Arc<Instance>> = self
-            .instances
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        // Only serving processes load models.
+        let serving: Vec<Arc<Instance>> = self
+            .lock_instances()
             .values()
+            .filter(|i| i.key.role == Role::Serve && !i.is_releasing())
             .cloned()
             .collect();
-        for inst in instances {
-            let (reply, _rx) = mpsc::unbounded_channel();
+        for inst in serving {
             let _ = inst.tx.send(Outgoing {
                 method: "cleanup",
                 params: json!({"key": key}),
-                reply,
+                timeout: Duration::from_secs(self.manifest.request_timeout_s),
+                reply: None,
             });
         }
     }
 
+    fn release_ended(&self, live: &HashSet<String>) -> BoxFuture<'_, usize> {
+        let ended: Vec<Arc<Instance>> = self
+            .lock_instances()
+            .values()
+            .filter(|i| {
+                i.allocation
+                    .as_ref()
+                    .is_some_and(|a| !live.contains(&a.token_sha256))
+            })
+            .cloned()
+            .collect();
+        Box::pin(async move {
+            let mut released = 0;
+            for inst in &ended {
+                if self.release_ended_instance(
+                    inst,
+                    "its token record is gone or its lease lapsed (the pod is gone)",
+                ) {
+                    released += 1;
+                }
+            }
+            for inst in ended {
+                inst.exited().await;
+                self.forget(&inst);
+            }
+            released
+        })
+    }
+
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let all: Vec<Arc<Instance>> = self
-                .instances
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .drain()
-                .map(|(_, i)| i)
-                .collect();
+            let all: Vec<Arc<Instance>> = self.lock_instances().drain().map(|(_, i)| i).collect();
+            for i in &all {
+                i.release();
+            }
             for i in all {
-                i.stop.notify_one();
+                i.exited().await;
             }
         })
     }
@@ -804,6 +1248,24 @@ mod tests {
         assert!(parse_line("hello").is_err());
         assert!(parse_line(r#"{"result":{}}"#).is_err());
         assert!(parse_line(r#"{"id":1}"#).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_line_read_in_parts_survives_a_cancelled_read() {
+        let (mut w, r) = tokio::io::duplex(64);
+        let mut r = BufReader::new(r);
+        let mut buf = Vec::new();
+        w.write_all(br#"{"id":1,"#).await.expect("write");
+        // Cancelled (as `select!` does when a request arrives) mid-line.
+        let cut =
+            tokio::time::timeout(Duration::from_millis(50), read_line(&mut r, &mut buf)).await;
+        assert!(cut.is_err(), "no whole line yet");
+        w.write_all(b"\"result\":{}}\n{\"id\":2")
+            .await
+            .expect("write");
+        let line = read_line(&mut r, &mut buf).await.expect("read");
+        assert_eq!(line.as_deref(), Some(r#"{"id":1,"result":{}}"#));
+        assert!(parse_line(line.as_deref().unwrap_or("")).is_ok());
     }
 
     #[test]

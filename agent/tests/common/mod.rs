@@ -22,6 +22,8 @@ pub struct Agent {
     /// `--model-path-allow`: the test's own directory unless a test says
     /// otherwise (the tests write their models there).
     pub model_roots: Vec<PathBuf>,
+    /// Environment given to the agent (and so to its workers).
+    pub env: Vec<(String, String)>,
 }
 
 pub struct Reply {
@@ -123,6 +125,16 @@ pub const AUTH: (&str, &str) = ("Authorization", "Bearer test-default-slot-token
 
 impl Agent {
     pub fn start(dir: &Path, plugins: Option<PathBuf>, extra_args: &[&str]) -> Agent {
+        Agent::start_with_env(dir, plugins, extra_args, &[])
+    }
+
+    /// [`Agent::start`] with environment variables for the agent.
+    pub fn start_with_env(
+        dir: &Path,
+        plugins: Option<PathBuf>,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let mut a = Agent {
             child: Command::new("true").spawn().unwrap(),
             socket: dir.join("run/agent.sock"),
@@ -131,6 +143,10 @@ impl Agent {
             plugins,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             model_roots: vec![dir.to_path_buf()],
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         std::fs::create_dir_all(a.state.join("tokens")).unwrap();
         a.add_slot_token(TOKEN, "default");
@@ -155,6 +171,7 @@ impl Agent {
         }
         cmd.args(&self.extra_args)
             .env("RM_LOG", "info")
+            .envs(self.env.iter().cloned())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         self.child = cmd.spawn().unwrap();
@@ -212,6 +229,20 @@ impl Agent {
     /// Writes a token record the way the device plugin does, bound to a pod
     /// of namespace `default`; `devices` are host device indices.
     pub fn add_token(&self, token: &str, device_type: &str, devices: &[u32]) {
+        self.add_token_of(token, device_type, devices, "default", "test");
+    }
+
+    /// [`Agent::add_token`] bound to pod `namespace/pod`. The kubelet's
+    /// device IDs are `dev-<index>`, so two tokens of the same devices name
+    /// the same IDs, as when the kubelet gives them to another pod.
+    pub fn add_token_of(
+        &self,
+        token: &str,
+        device_type: &str,
+        devices: &[u32],
+        namespace: &str,
+        pod: &str,
+    ) {
         use rm_crds::token::{self, TokenDevice, TokenRecord};
         let device_type: rm_crds::DeviceType = device_type.parse().unwrap();
         let rec = TokenRecord {
@@ -236,8 +267,8 @@ impl Agent {
             created_unix_ms: 0,
             expires_unix_ms: None,
             owner: Some(token::TokenOwner {
-                namespace: "default".into(),
-                pod: "test".into(),
+                namespace: namespace.into(),
+                pod: pod.into(),
             }),
             agent_slot: false,
         };
@@ -263,6 +294,14 @@ impl Agent {
             agent_slot: true,
         };
         self.write_token(&rec);
+    }
+
+    /// Removes a token's record, as the device plugin's collector does when
+    /// the pod is gone (or its Allocate for another pod supersedes it).
+    pub fn remove_token(&self, token: &str) {
+        use rm_crds::token;
+        let dir = self.state.join(token::TOKENS_DIR);
+        std::fs::remove_file(token::record_path(&dir, &token::token_sha256(token))).unwrap();
     }
 
     pub fn write_token(&self, rec: &rm_crds::token::TokenRecord) {

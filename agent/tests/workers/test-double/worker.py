@@ -14,7 +14,13 @@ it misbehave on purpose so the tests can check supervision:
   artifact records RM_ALLOW_TRUST_REMOTE_CODE as the agent set it;
 - prompt text "crash": exit at once (status 3);
 - prompt text "garbage": print a line that is not JSON;
-- prompt text "hang": never answer.
+- prompt text "hang": never answer;
+- prompt text "pid": answer this process's pid as the text (the compile's
+  artifact.json records the compiling process's pid too), so tests can tell
+  processes apart;
+- env TEST_DOUBLE_EVENTS=<file>: append "start <pid> <RM_DEVICES>" when the
+  process starts and "exit <pid>" when it is told to shut down, so tests can
+  see the order in which processes come and go.
 """
 import array
 import base64
@@ -24,6 +30,13 @@ import sys
 import time
 
 PARENT = os.getppid()
+
+
+def event(what):
+    path = os.environ.get("TEST_DOUBLE_EVENTS")
+    if path:
+        with open(path, "a") as f:
+            f.write("%s %d %s\n" % (what, os.getpid(), os.environ.get("RM_DEVICES", "")))
 
 
 def send(obj):
@@ -51,7 +64,7 @@ def compile_(rid, p):
         send({"id": rid, "error": {"kind": "unsupported", "message": "test double asked to fail"}})
         return
     with open(os.path.join(out, "artifact.json"), "w") as f:
-        json.dump({"test_double": True, "devices": p.get("devices"), "env_devices": os.environ.get("RM_DEVICES"),
+        json.dump({"test_double": True, "pid": os.getpid(), "devices": p.get("devices"), "env_devices": os.environ.get("RM_DEVICES"),
                    "extra": extra, "env_allow_trust_remote_code": os.environ.get("RM_ALLOW_TRUST_REMOTE_CODE")}, f)
     send({"id": rid, "result": {}})
 
@@ -65,6 +78,9 @@ def generate(rid, p):
             sys.stdout.write("this is not json\n")
             sys.stdout.flush()
             return
+        if prompt == "pid":
+            outputs.append({"prompt_tokens": 3, "token_ids": [], "text": str(os.getpid()), "finish_reason": "length"})
+            continue
         if prompt == "hang":
             while parent_alive():
                 time.sleep(0.1)
@@ -98,6 +114,7 @@ def forward(rid, p):
 
 
 def main():
+    event("start")
     for line in sys.stdin:
         msg = json.loads(line)
         rid, method, params = msg["id"], msg["method"], msg.get("params") or {}
@@ -112,6 +129,7 @@ def main():
         elif method == "cleanup":
             send({"id": rid, "result": {}})
         elif method == "shutdown":
+            event("exit")
             return
         else:
             send({"id": rid, "error": {"kind": "invalid_request", "message": "unknown method " + method}})

@@ -1,0 +1,235 @@
+//! Worker processes live as long as the allocation they serve, and one
+//! request's timeout or compile never costs another request its work: the
+//! real `rm-agent` binary with the test-double worker.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Agent, test_double_plugins, tiny_llama};
+use serde_json::{Value, json};
+
+/// Prepares `model` on the token's GPUs; answers the cache key.
+fn prepare(agent: &Agent, token: &str, model: &Path, extra: Value) -> String {
+    let r = agent.post_auth(
+        "/v1/prepare",
+        token,
+        json!({"source": {"path": model}, "device": "gpu", "options": {"extra": extra}}),
+    );
+    assert_eq!(
+        r.status,
+        200,
+        "prepare: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    r.json()["key"].as_str().unwrap().to_string()
+}
+
+fn generate(agent: &Agent, token: &str, key: &str, prompt: &str) -> common::Reply {
+    agent.post_auth(
+        "/v1/generate",
+        token,
+        json!({"key": key, "device": "gpu", "prompt": prompt, "max_new_tokens": 2}),
+    )
+}
+
+/// The pid of the worker process that runs `token`'s generations.
+fn worker_pid(agent: &Agent, token: &str, key: &str) -> u32 {
+    let r = generate(agent, token, key, "pid");
+    assert_eq!(
+        r.status,
+        200,
+        "generate: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    r.json()["outputs"][0]["text"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Whether process `pid` runs (a zombie has ended: only its exit status is
+/// left for the parent to collect).
+fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "pid (comm) S ...": the state follows the last ')'.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z" | "X") | None)
+}
+
+fn eventually(bound: Duration, mut ok: impl FnMut() -> bool) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < bound {
+        if ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ok()
+}
+
+fn released_metric(agent: &Agent) -> String {
+    let body = String::from_utf8_lossy(&agent.get("/metrics").body).to_string();
+    body.lines()
+        .find(|l| l.starts_with("rm_agent_workers_released_total{backend=\"test-double\"}"))
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn a_pods_worker_is_stopped_soon_after_its_token_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    tiny_llama(&model, 11);
+    let agent = Agent::start_with_env(
+        dir.path(),
+        Some(test_double_plugins(dir.path())),
+        &[],
+        &[("RM_WORKER_REAP_INTERVAL", "0.2")],
+    );
+    agent.add_token_of("tok-a", "gpu", &[0], "team-a", "pod-a");
+    agent.add_token_of("tok-b", "gpu", &[1], "team-b", "pod-b");
+    let key_a = prepare(&agent, "tok-a", &model, json!({}));
+    let key_b = prepare(&agent, "tok-b", &model, json!({}));
+    let pid_a = worker_pid(&agent, "tok-a", &key_a);
+    let pid_b = worker_pid(&agent, "tok-b", &key_b);
+    assert_ne!(pid_a, pid_b, "each allocation has its own process");
+    assert!(alive(pid_a) && alive(pid_b));
+
+    // Pod A is gone: the device plugin's collector removes its token.
+    agent.remove_token("tok-a");
+    assert!(
+        eventually(Duration::from_secs(5), || !alive(pid_a)),
+        "worker {pid_a} of the ended allocation still runs 5 s after its token was removed"
+    );
+    // Pod B's worker is not touched, and keeps serving.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(alive(pid_b), "the live allocation's worker was stopped");
+    assert_eq!(worker_pid(&agent, "tok-b", &key_b), pid_b);
+    assert_eq!(
+        released_metric(&agent),
+        "rm_agent_workers_released_total{backend=\"test-double\"} 1"
+    );
+    let backends = agent.get("/v1/backends").json();
+    let double = backends["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "test-double")
+        .unwrap()
+        .clone();
+    assert_eq!(double["status"]["processes"], 1, "{double}");
+    assert_eq!(double["status"]["released"], 1, "{double}");
+}
+
+#[test]
+fn devices_given_to_another_pod_get_a_fresh_worker_after_the_old_one_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    tiny_llama(&model, 12);
+    let events = dir.path().join("worker-events.log");
+    // The reaper's first pass is at start and the next an hour later: only
+    // the hand-over at the new pod's request can stop the old worker.
+    let agent = Agent::start_with_env(
+        dir.path(),
+        Some(test_double_plugins(dir.path())),
+        &[],
+        &[
+            ("RM_WORKER_REAP_INTERVAL", "3600"),
+            ("TEST_DOUBLE_EVENTS", events.to_str().unwrap()),
+        ],
+    );
+    agent.add_token_of("tok-old", "gpu", &[2], "team", "pod-old");
+    let key = prepare(&agent, "tok-old", &model, json!({}));
+    let old = worker_pid(&agent, "tok-old", &key);
+
+    // The kubelet gives GPU 2 to a new pod: the device plugin's Allocate
+    // writes its token and removes the one it supersedes.
+    agent.add_token_of("tok-new", "gpu", &[2], "team", "pod-new");
+    agent.remove_token("tok-old");
+    let new = worker_pid(&agent, "tok-new", &key);
+    assert_ne!(new, old, "the new pod was served by the old pod's process");
+    assert!(!alive(old), "the old pod's worker {old} still runs");
+
+    let log = std::fs::read_to_string(&events).unwrap();
+    let at = |line: String| {
+        log.lines()
+            .position(|l| l.trim_end() == line)
+            .unwrap_or_else(|| panic!("no {line:?} in the worker events:\n{log}"))
+    };
+    assert!(
+        at(format!("exit {old} 2")) < at(format!("start {new} 2")),
+        "the new pod's worker started before the old one exited:\n{log}"
+    );
+    assert_eq!(
+        released_metric(&agent),
+        "rm_agent_workers_released_total{backend=\"test-double\"} 1"
+    );
+}
+
+#[test]
+fn a_long_compile_and_a_timed_out_request_cost_other_requests_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    tiny_llama(&model, 13);
+    // The test double's manifest gives requests 3 s and compiles 120 s.
+    let agent = Agent::start(dir.path(), Some(test_double_plugins(dir.path())), &[]);
+    agent.add_token("tok", "gpu", &[0]);
+    let ready = prepare(&agent, "tok", &model, json!({"v": "1"}));
+    let compiles_running = || {
+        let c = agent.call("GET", "/v1/compiles", Some("tok"), b"").json();
+        c["compiles"].as_array().map_or(0, Vec::len)
+    };
+
+    std::thread::scope(|s| {
+        // A compile of the same devices that takes four times a request's
+        // timeout.
+        let compile = s.spawn(|| {
+            prepare(
+                &agent,
+                "tok",
+                &model,
+                json!({"v": "2", "test.compile_seconds": "12"}),
+            )
+        });
+        assert!(
+            eventually(Duration::from_secs(20), || compiles_running() == 1),
+            "the compile never started"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+
+        let r = generate(&agent, "tok", &ready, "ok");
+        assert_eq!(
+            r.status,
+            200,
+            "a generate during the compile: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+
+        // A request that hangs times out; one queued behind it on the same
+        // process is sent to the restarted process and succeeds.
+        let hung = s.spawn(|| generate(&agent, "tok", &ready, "hang"));
+        std::thread::sleep(Duration::from_millis(300));
+        let r = generate(&agent, "tok", &ready, "ok");
+        assert_eq!(
+            r.status,
+            200,
+            "a generate queued behind a hung one: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let r = hung.join().unwrap();
+        assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(compiles_running(), 1, "the timeout ended the compile too");
+
+        let long = compile.join().unwrap();
+        let r = generate(&agent, "tok", &long, "ok");
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    });
+}
