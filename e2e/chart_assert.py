@@ -91,8 +91,8 @@ def common(o, variant):
     check(arg(aargs, "--socket") == "/var/run/rm-abstract/agent.sock", "agent --socket in the shared socket dir")
     check(arg(aargs, "--state-dir") == "/var/lib/rm-abstract/device-plugin", "agent reads the device plugin's tokens")
     check(arg(aargs, "--admin-token-file") == "/etc/rm-abstract/admin/token", "agent reads its admin token file")
-    check([arg(aargs, f) for f in ("--max-upload-bytes", "--namespace-upload-quota", "--min-free-disk")]
-          == ["64G", "200G", "10G"], "agent upload limits from values (64G, 200G, 10G)")
+    check([arg(aargs, f) for f in ("--max-upload-bytes", "--namespace-quota", "--min-free-disk")]
+          == ["64G", "200G", "10G"], "agent storage limits from values (64G, 200G, 10G)")
     adm = [v for v in at["spec"]["volumes"] if v["name"] == "admin-token"]
     secret = one(o, "Secret", "agent-admin")
     check(len(adm) == 1 and adm[0]["secret"]["secretName"] == secret["metadata"]["name"],

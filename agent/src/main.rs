@@ -13,6 +13,7 @@ use rm_agent::backend::cpu::{CpuBackend, EngineOptions, GgufEngine};
 use rm_agent::backend::worker::{WorkerBackend, discover};
 use rm_agent::backend::{Backend, Registry};
 use rm_agent::cache::CacheStore;
+use rm_agent::quota::FreeFloor;
 use rm_agent::service::Agent;
 use rm_agent::source::ModelRegistry;
 
@@ -58,13 +59,15 @@ struct Cli {
     /// Largest file one upload (`PUT /v1/blobs/*`) may store.
     #[arg(long, env = "RM_MAX_UPLOAD_BYTES", default_value = "64G", value_parser = parse_size)]
     max_upload_bytes: u64,
-    /// Uploaded bytes one namespace may hold on this node.
-    #[arg(long, env = "RM_NAMESPACE_UPLOAD_QUOTA", default_value = "200G", value_parser = parse_size)]
-    namespace_upload_quota: u64,
-    /// Free space the cache's filesystem keeps: uploads that would leave
-    /// less are refused (507), so the node stays out of DiskPressure.
-    #[arg(long, env = "RM_MIN_FREE_DISK", default_value = "10G", value_parser = parse_size)]
-    min_free_disk: u64,
+    /// Bytes one namespace may hold on this node: its uploads, its hub
+    /// downloads and the compiled entries of its models (403 beyond).
+    #[arg(long, alias = "namespace-upload-quota", env = "RM_NAMESPACE_QUOTA", default_value = "200G", value_parser = parse_size)]
+    namespace_quota: u64,
+    /// Free space the cache's filesystem keeps, in bytes (10G) or as a share
+    /// of it (5%): uploads, hub downloads and compiles that would leave less
+    /// are refused (507), so the node stays out of DiskPressure.
+    #[arg(long, env = "RM_MIN_FREE_DISK", default_value = "10G", value_parser = parse_floor)]
+    min_free_disk: FreeFloor,
     /// Node directories models may be read from (`source.path`); repeatable.
     /// Unset: no node path is read (models come by upload or from the hub).
     /// Links inside may not lead out of them.
@@ -140,6 +143,16 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .parse::<u64>()
         .map(|n| n.saturating_mul(mult))
         .map_err(|_| format!("{s:?} is not a size; write e.g. 500M or 100G"))
+}
+
+fn parse_floor(s: &str) -> Result<FreeFloor, String> {
+    match s.trim().strip_suffix('%') {
+        Some(p) => match p.trim().parse::<u8>() {
+            Ok(p) if p < 100 => Ok(FreeFloor::Percent(p)),
+            _ => Err(format!("{s:?} is not a share of the disk; write e.g. 5%")),
+        },
+        None => parse_size(s).map(FreeFloor::Bytes),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -231,7 +244,7 @@ async fn run(cli: Cli) -> Result<(), StartError> {
     );
     agent.limits = rm_agent::quota::Limits {
         max_upload: cli.max_upload_bytes,
-        namespace_quota: cli.namespace_upload_quota,
+        namespace_quota: cli.namespace_quota,
         min_free: cli.min_free_disk,
     };
     agent.requests = rm_agent::admission::Admission::new(rm_agent::admission::Bounds {

@@ -1,12 +1,16 @@
-//! Limits on what a tenant may store on the node: one upload's size, a
-//! namespace's uploads in all, and a floor of free space on the cache's
-//! filesystem, so that no pod can fill the node's disk and have the kubelet
-//! evict other tenants' pods under DiskPressure.
+//! Limits on what a tenant may store on the node: one upload's size, all a
+//! namespace holds (its uploads, its hub downloads and the compiled entries
+//! of its models), and a floor of free space on the cache's filesystem, so
+//! that no pod can fill the node's disk and have the kubelet evict other
+//! tenants' pods under DiskPressure.
 //!
-//! [`allowance`] is the pure decision: how many bytes an upload may still
-//! write. The upload handler checks it before reading the body (with the
-//! declared length) and caps the body at it while reading (a client that
-//! sends more than it declared, or declares nothing, is cut off).
+//! [`room`] is the pure decision: how many bytes a namespace may still have
+//! written for it; [`allowance`] adds the per-upload limit. The upload
+//! handler checks it before reading the body (with the declared length) and
+//! caps the body at it while reading (a client that sends more than it
+//! declared, or declares nothing, is cut off); a hub download is watched
+//! while it runs and stopped at it; a compile is admitted only with room
+//! left.
 
 use std::path::Path;
 
@@ -15,10 +19,28 @@ use std::path::Path;
 pub struct Limits {
     /// Largest single blob (`--max-upload-bytes`).
     pub max_upload: u64,
-    /// Uploaded bytes one namespace may hold (`--namespace-upload-quota`).
+    /// Bytes one namespace may hold on the node (`--namespace-quota`).
     pub namespace_quota: u64,
-    /// Free bytes the cache's filesystem keeps (`--min-free-disk`).
-    pub min_free: u64,
+    /// Free space the cache's filesystem keeps (`--min-free-disk`).
+    pub min_free: FreeFloor,
+}
+
+/// A floor of free space: bytes, or a percentage of the filesystem (as the
+/// kubelet's `nodefs.available` eviction threshold may be given).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FreeFloor {
+    Bytes(u64),
+    Percent(u8),
+}
+
+impl FreeFloor {
+    /// The floor in bytes on a filesystem of `total` bytes.
+    pub fn bytes(&self, total: u64) -> u64 {
+        match *self {
+            FreeFloor::Bytes(b) => b,
+            FreeFloor::Percent(p) => total / 100 * u64::from(p),
+        }
+    }
 }
 
 impl Default for Limits {
@@ -26,7 +48,7 @@ impl Default for Limits {
         Limits {
             max_upload: 64 << 30,
             namespace_quota: 200 << 30,
-            min_free: 10 << 30,
+            min_free: FreeFloor::Bytes(10 << 30),
         }
     }
 }
@@ -34,11 +56,18 @@ impl Default for Limits {
 /// What the decision needs to know at the time of an upload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Usage {
-    /// Bytes of the blobs the namespace holds (`None`: a trusted or admin
-    /// caller, not counted).
+    /// Bytes the namespace holds (`None`: a trusted or admin caller, not
+    /// counted).
     pub namespace_bytes: Option<u64>,
-    /// Free bytes on the cache's filesystem.
-    pub free_disk: u64,
+    /// The cache's filesystem.
+    pub disk: DiskSpace,
+}
+
+/// Free and total bytes of a filesystem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskSpace {
+    pub free: u64,
+    pub total: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -48,7 +77,7 @@ pub enum QuotaError {
     )]
     TooLarge { size: u64, max: u64 },
     #[error(
-        "namespace {namespace} holds {used} bytes of uploads on this node; {size} more would pass its quota of {quota} bytes (rm-agent --namespace-upload-quota): delete blobs it no longer needs (DELETE /v1/blobs/<sha256>), or ask the cluster operator for more"
+        "namespace {namespace} holds {used} bytes on this node (uploads, hub downloads and compiled entries of its models); {size} more would pass its quota of {quota} bytes (rm-agent --namespace-quota): delete what it no longer needs (DELETE /v1/blobs/<sha256>, DELETE /v1/cache/<key>), or ask the cluster operator for more"
     )]
     Quota {
         namespace: String,
@@ -75,9 +104,9 @@ impl QuotaError {
 }
 
 /// How many bytes an upload of `namespace` may write: the least of the
-/// per-upload limit, what is left of the namespace's quota, and the free
-/// space above the floor. `size` is the declared length (0 when unknown);
-/// an upload that cannot fit is refused with the limit it would pass.
+/// per-upload limit and [`room`]. `size` is the declared length (0 when
+/// unknown); an upload that cannot fit is refused with the limit it would
+/// pass.
 pub fn allowance(
     limits: &Limits,
     usage: &Usage,
@@ -90,7 +119,19 @@ pub fn allowance(
             max: limits.max_upload,
         });
     }
-    let mut left = limits.max_upload;
+    Ok(room(limits, usage, namespace, size)?.min(limits.max_upload))
+}
+
+/// How many more bytes may be written for `namespace`: the least of what is
+/// left of its quota and the free space above the floor. Refused when `size`
+/// (0: unknown) does not fit, or nothing is left.
+pub fn room(
+    limits: &Limits,
+    usage: &Usage,
+    namespace: Option<&str>,
+    size: u64,
+) -> Result<u64, QuotaError> {
+    let mut left = u64::MAX;
     if let (Some(ns), Some(used)) = (namespace, usage.namespace_bytes) {
         let quota_left = limits.namespace_quota.saturating_sub(used);
         if size > quota_left || quota_left == 0 {
@@ -101,23 +142,28 @@ pub fn allowance(
                 quota: limits.namespace_quota,
             });
         }
-        left = left.min(quota_left);
+        left = quota_left;
     }
-    let disk_left = usage.free_disk.saturating_sub(limits.min_free);
+    let min_free = limits.min_free.bytes(usage.disk.total);
+    let disk_left = usage.disk.free.saturating_sub(min_free);
     if size > disk_left || disk_left == 0 {
         return Err(QuotaError::Disk {
-            free: usage.free_disk,
-            min_free: limits.min_free,
+            free: usage.disk.free,
+            min_free,
             size,
         });
     }
     Ok(left.min(disk_left))
 }
 
-/// Free bytes for an unprivileged writer on the filesystem of `path`.
-pub fn free_disk(path: &Path) -> std::io::Result<u64> {
+/// Free bytes (for an unprivileged writer) and total bytes of the
+/// filesystem of `path`.
+pub fn disk_space(path: &Path) -> std::io::Result<DiskSpace> {
     let s = rustix::fs::statvfs(path).map_err(std::io::Error::from)?;
-    Ok(s.f_bavail.saturating_mul(s.f_frsize))
+    Ok(DiskSpace {
+        free: s.f_bavail.saturating_mul(s.f_frsize),
+        total: s.f_blocks.saturating_mul(s.f_frsize),
+    })
 }
 
 #[cfg(test)]
@@ -127,13 +173,16 @@ mod tests {
     const L: Limits = Limits {
         max_upload: 100,
         namespace_quota: 250,
-        min_free: 1000,
+        min_free: FreeFloor::Bytes(1000),
     };
 
     fn usage(ns: Option<u64>, free: u64) -> Usage {
         Usage {
             namespace_bytes: ns,
-            free_disk: free,
+            disk: DiskSpace {
+                free,
+                total: 100_000,
+            },
         }
     }
 
@@ -178,9 +227,27 @@ mod tests {
     }
 
     #[test]
-    fn free_disk_reads_the_filesystem() {
+    fn a_floor_may_be_a_share_of_the_filesystem() {
+        let limits = Limits {
+            min_free: FreeFloor::Percent(5),
+            ..L
+        };
+        // 5 % of 100 000 is 5 000: 5 060 free leaves 60.
+        assert_eq!(
+            allowance(&limits, &usage(Some(0), 5_060), Some("a"), 0),
+            Ok(60)
+        );
+        let e = allowance(&limits, &usage(Some(0), 5_060), Some("a"), 61).unwrap_err();
+        assert!(e.to_string().contains("keeps at least 5000"), "{e}");
+        // Hub downloads and compiles have no per-file limit, only room.
+        assert_eq!(room(&L, &usage(Some(0), 10_000), Some("a"), 200), Ok(250));
+    }
+
+    #[test]
+    fn disk_space_reads_the_filesystem() {
         let dir = tempfile::tempdir().expect("tmp");
-        assert!(free_disk(dir.path()).expect("statvfs") > 0);
-        assert!(free_disk(&dir.path().join("missing")).is_err());
+        let d = disk_space(dir.path()).expect("statvfs");
+        assert!(d.free > 0 && d.total >= d.free);
+        assert!(disk_space(&dir.path().join("missing")).is_err());
     }
 }

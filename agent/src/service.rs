@@ -323,33 +323,96 @@ impl Agent {
         self.grant(Kind::Blob, sha256, caller)
     }
 
-    /// How many bytes an upload by `caller` may write (`declared`: its
-    /// Content-Length, 0 when unknown). See [`crate::quota::allowance`].
-    pub fn upload_allowance(&self, caller: &Caller, declared: u64) -> Result<u64, AgentError> {
-        let namespace_bytes = caller.namespace().map(|ns| {
-            self.access
-                .held_by(Kind::Blob, ns)
-                .iter()
-                .filter_map(|sha| self.models.blob_path(sha).ok())
-                .filter_map(|p| std::fs::metadata(p).ok())
-                .map(|m| m.len())
-                .sum()
-        });
-        let free_disk = crate::quota::free_disk(self.models.blobs_dir()).map_err(|e| {
+    /// Bytes `namespace` holds on the node: the blobs it uploaded, the hub
+    /// downloads of its models, and the compiled entries of its models.
+    /// Content shared with other namespaces counts fully for each (as a
+    /// ResourceQuota counts a pod's request whatever the node shares).
+    pub fn namespace_bytes(&self, namespace: &str) -> u64 {
+        let blobs: u64 = self
+            .access
+            .held_by(Kind::Blob, namespace)
+            .iter()
+            .filter_map(|sha| self.models.blob_path(sha).ok())
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        let models: HashSet<String> = self
+            .access
+            .held_by(Kind::Model, namespace)
+            .into_iter()
+            .collect();
+        let hub: u64 = models
+            .iter()
+            .filter_map(|d| self.models.get(d).ok())
+            .filter(|m| self.models.is_hub(m))
+            .map(|m| m.bytes)
+            .sum();
+        let compiled: u64 = self
+            .store
+            .list()
+            .iter()
+            .filter(|e| models.contains(&e.model_digest))
+            .map(|e| e.size_bytes)
+            .sum();
+        blobs + hub + compiled
+    }
+
+    /// What the quota decisions need now, for `caller`.
+    fn usage(&self, caller: &Caller) -> Result<Usage, AgentError> {
+        let disk = crate::quota::disk_space(self.models.blobs_dir()).map_err(|e| {
             AgentError::Store(StoreError::Io {
                 path: self.models.blobs_dir().to_path_buf(),
                 source: e,
             })
         })?;
-        let usage = Usage {
-            namespace_bytes,
-            free_disk,
-        };
-        crate::quota::allowance(&self.limits, &usage, caller.namespace(), declared).map_err(|e| {
-            Metrics::inc(&self.metrics.refused_requests);
-            tracing::info!(caller = %caller.describe(), error = %e, "upload refused");
-            AgentError::Quota(e)
+        Ok(Usage {
+            namespace_bytes: caller.namespace().map(|ns| self.namespace_bytes(ns)),
+            disk,
         })
+    }
+
+    fn refused(&self, caller: &Caller, what: &str, e: QuotaError) -> AgentError {
+        Metrics::inc(&self.metrics.refused_requests);
+        tracing::info!(caller = %caller.describe(), error = %e, "{what} refused");
+        AgentError::Quota(e)
+    }
+
+    /// How many bytes an upload by `caller` may write (`declared`: its
+    /// Content-Length, 0 when unknown). See [`crate::quota::allowance`].
+    pub fn upload_allowance(&self, caller: &Caller, declared: u64) -> Result<u64, AgentError> {
+        let usage = self.usage(caller)?;
+        crate::quota::allowance(&self.limits, &usage, caller.namespace(), declared)
+            .map_err(|e| self.refused(caller, "upload", e))
+    }
+
+    /// A compile writes for `caller`'s namespace: it starts only with room
+    /// left in the namespace's quota and, above the disk's floor, room for
+    /// an output as large as the model (the output's size is known only at
+    /// the end; a quantized one is smaller).
+    fn compile_room(&self, caller: &Caller, model: &ResolvedModel) -> Result<(), AgentError> {
+        let usage = self.usage(caller)?;
+        crate::quota::room(&self.limits, &usage, caller.namespace(), 0)
+            .and_then(|_| crate::quota::room(&self.limits, &usage, None, model.bytes))
+            .map(|_| ())
+            .map_err(|e| self.refused(caller, "compile", e))
+    }
+
+    /// Watches a hub download for `caller`: answers an error once the bytes
+    /// downloaded so far no longer fit the namespace's quota or the disk's
+    /// floor (the download is then stopped and removed).
+    fn download_watch(&self, caller: &Caller) -> Result<crate::source::DownloadWatch, AgentError> {
+        let before = self.usage(caller)?;
+        let limits = self.limits;
+        let namespace = caller.namespace().map(str::to_string);
+        let dir = self.models.blobs_dir().to_path_buf();
+        Ok(Box::new(move |downloaded: u64| {
+            let disk = crate::quota::disk_space(&dir).unwrap_or(before.disk);
+            let usage = Usage {
+                namespace_bytes: before.namespace_bytes.map(|b| b + downloaded),
+                disk,
+            };
+            crate::quota::room(&limits, &usage, namespace.as_deref(), 0).map(|_| ())
+        }))
     }
 
     /// Takes a blob from `caller` (the admin: from everyone); the file goes
@@ -395,7 +458,8 @@ impl Agent {
             }
         }
         let models = self.models.clone();
-        let m = tokio::task::spawn_blocking(move || models.register(&source))
+        let watch = self.download_watch(caller)?;
+        let m = tokio::task::spawn_blocking(move || models.register(&source, watch))
             .await
             .map_err(join_err)??;
         self.grant(Kind::Model, &m.digest, caller)?;
@@ -475,6 +539,11 @@ impl Agent {
         }
         Metrics::inc(&self.metrics.cache_misses);
         prepared.cached = false;
+        // A compile writes its output for this namespace: its quota and the
+        // disk's floor must have room.
+        if self.flights.get(&key).is_none() {
+            self.compile_room(caller, &model)?;
+        }
         // A new compile takes a place in the compile queue first (refused
         // with 429/503 when the namespace or the node has too many waiting);
         // joining one under way costs nothing.

@@ -114,7 +114,13 @@ pub enum SourceError {
     Hub { id: String, reason: String },
     #[error("blob upload failed: {0}")]
     Upload(String),
+    #[error(transparent)]
+    Quota(#[from] crate::quota::QuotaError),
 }
+
+/// Asked while a hub download runs, with the bytes it wrote so far: an error
+/// stops the download (see `fetch_hub`).
+pub type DownloadWatch = Box<dyn Fn(u64) -> Result<(), crate::quota::QuotaError> + Send + 'static>;
 
 impl SourceError {
     pub fn http_status(&self) -> u16 {
@@ -127,6 +133,7 @@ impl SourceError {
             SourceError::Changed { .. } => 409,
             SourceError::Hub { .. } => 502,
             SourceError::Upload(_) => 400,
+            SourceError::Quota(e) => e.http_status(),
         }
     }
 }
@@ -488,8 +495,19 @@ impl ModelRegistry {
         Ok((root.clone(), canon))
     }
 
-    /// Resolves and registers a source. Blocking (hashing, copying).
-    pub fn register(&self, source: &ModelSource) -> Result<ResolvedModel, SourceError> {
+    /// Whether the agent downloaded this model from the hub (its files are
+    /// the agent's, counted against the namespaces holding it).
+    pub fn is_hub(&self, m: &ResolvedModel) -> bool {
+        m.root == self.hub_dir
+    }
+
+    /// Resolves and registers a source. Blocking (hashing, copying, hub
+    /// downloads, which `watch` may stop).
+    pub fn register(
+        &self,
+        source: &ModelSource,
+        watch: DownloadWatch,
+    ) -> Result<ResolvedModel, SourceError> {
         let set = [
             source.path.is_some(),
             source.files.is_some(),
@@ -510,7 +528,7 @@ impl ModelRegistry {
             self.assemble(files)?
         } else {
             let id = source.hub.clone().unwrap_or_default();
-            let dir = self.fetch_hub(&id, source.revision.as_deref())?;
+            let dir = self.fetch_hub(&id, source.revision.as_deref(), &watch)?;
             self.resolve_path(&self.hub_dir, &dir, false)?
         };
         self.remember(m.clone());
@@ -629,7 +647,12 @@ impl ModelRegistry {
         Ok(m)
     }
 
-    fn fetch_hub(&self, id: &str, revision: Option<&str>) -> Result<PathBuf, SourceError> {
+    fn fetch_hub(
+        &self,
+        id: &str,
+        revision: Option<&str>,
+        watch: &DownloadWatch,
+    ) -> Result<PathBuf, SourceError> {
         let valid = |s: &str| {
             !s.is_empty()
                 && s.len() <= 200
@@ -665,27 +688,51 @@ impl ModelRegistry {
                 id: id.into(),
                 reason: "neither `hf` nor `huggingface-cli` is installed on the node; mount the model and use \"path\", or upload it with \"files\"".into(),
             })?;
-        let out = std::process::Command::new(cli)
+        let hub = |reason: String| SourceError::Hub {
+            id: id.into(),
+            reason,
+        };
+        fs::create_dir_all(&self.hub_dir).map_err(|e| hub(e.to_string()))?;
+        // stderr into a file: a pipe nobody reads while we watch could fill
+        // and stall the download.
+        let log_path = dir.with_extension("log");
+        let log = fs::File::create(&log_path).map_err(|e| hub(e.to_string()))?;
+        let mut child = std::process::Command::new(cli)
             .arg("download")
             .arg(id)
             .arg("--revision")
             .arg(rev)
             .arg("--local-dir")
             .arg(&dir)
-            .output()
-            .map_err(|e| SourceError::Hub {
-                id: id.into(),
-                reason: e.to_string(),
-            })?;
-        if !out.status.success() {
-            return Err(SourceError::Hub {
-                id: id.into(),
-                reason: String::from_utf8_lossy(&out.stderr)
-                    .lines()
-                    .last()
-                    .unwrap_or("")
-                    .to_string(),
-            });
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| hub(e.to_string()))?;
+        // Watched while it runs: a download that would pass the namespace's
+        // quota or the disk's floor is stopped and removed, not left to fill
+        // the node.
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) => {}
+                Err(e) => return Err(hub(e.to_string())),
+            }
+            let written = dir_bytes(&dir);
+            if let Err(e) = watch(written) {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = fs::remove_dir_all(&dir);
+                let _ = fs::remove_file(&log_path);
+                tracing::info!(hub = id, written, error = %e, "hub download stopped");
+                return Err(e.into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        };
+        let stderr = fs::read_to_string(&log_path).unwrap_or_default();
+        let _ = fs::remove_file(&log_path);
+        if !status.success() {
+            return Err(hub(stderr.lines().last().unwrap_or("").to_string()));
         }
         let _ = fs::write(dir.join(".complete"), b"");
         Ok(dir)
@@ -731,6 +778,21 @@ impl Drop for TempPath {
     }
 }
 
+/// Bytes of the regular files under `dir` (0 when it cannot be read).
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
+}
+
 fn which(cmd: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -769,10 +831,13 @@ mod tests {
         let reg = ModelRegistry::new(&tmp.path().join("cache"), vec![tmp.path().into()])
             .expect("registry");
         let from_path = reg
-            .register(&ModelSource {
-                path: Some(model.display().to_string()),
-                ..Default::default()
-            })
+            .register(
+                &ModelSource {
+                    path: Some(model.display().to_string()),
+                    ..Default::default()
+                },
+                Box::new(|_| Ok(())),
+            )
             .expect("path source");
         let mut files = vec![];
         for name in ["config.json", "model.safetensors"] {
@@ -791,10 +856,13 @@ mod tests {
             });
         }
         let uploaded = reg
-            .register(&ModelSource {
-                files: Some(files),
-                ..Default::default()
-            })
+            .register(
+                &ModelSource {
+                    files: Some(files),
+                    ..Default::default()
+                },
+                Box::new(|_| Ok(())),
+            )
             .expect("blob source");
         assert_eq!(from_path.digest, uploaded.digest);
         assert_eq!(uploaded.format, ModelFormat::Safetensors);

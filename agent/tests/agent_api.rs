@@ -1482,7 +1482,7 @@ fn uploads_are_bounded_per_file_per_namespace_and_by_free_disk() {
     let agent = Agent::start(
         dir.path(),
         None,
-        &["--max-upload-bytes", "1K", "--namespace-upload-quota", "3K"],
+        &["--max-upload-bytes", "1K", "--namespace-quota", "3K"],
     );
     agent.add_slot_token("ta", "team-a");
     agent.add_slot_token("tb", "team-b");

@@ -1,0 +1,136 @@
+//! What the agent stores for a namespace, on the real `rm-agent`: hub
+//! downloads and compiled entries count against the namespace's quota with
+//! its uploads, a download that would pass it is stopped and removed, and
+//! the disk's floor may be a share of the filesystem.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Agent, tiny_llama};
+use serde_json::json;
+
+/// A test double of the Hugging Face CLI (`hf download ID --revision R
+/// --local-dir D`): there is no hub to reach from the tests. `org/small`
+/// copies a tiny model; `org/big` writes 16 files of 512 KiB, slowly, as a
+/// large download would.
+fn fake_hub_cli(dir: &Path, small_model: &Path) -> String {
+    let bin = dir.join("fake-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let script = format!(
+        r#"#!/bin/sh
+# test double of `hf download ID --revision R --local-dir D`
+id="$2"; dest=""
+while [ $# -gt 0 ]; do [ "$1" = "--local-dir" ] && dest="$2"; shift; done
+mkdir -p "$dest"
+case "$id" in
+  org/small) cp {small}/* "$dest"/ ;;
+  org/big) i=0; while [ $i -lt 16 ]; do head -c 524288 /dev/zero > "$dest/part$i.bin"; i=$((i+1)); sleep 0.2; done ;;
+  *) echo "404: $id" >&2; exit 1 ;;
+esac
+"#,
+        small = small_model.display()
+    );
+    let hf = bin.join("hf");
+    std::fs::write(&hf, script).unwrap();
+    std::fs::set_permissions(&hf, std::fs::Permissions::from_mode(0o755)).unwrap();
+    format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+#[test]
+fn a_hub_download_past_the_namespace_quota_is_stopped_and_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    tiny_llama(&small, 1);
+    let path = fake_hub_cli(dir.path(), &small);
+    let agent = Agent::start_with_env(
+        dir.path(),
+        None,
+        &["--namespace-quota", "1M"],
+        &[("PATH", &path)],
+    );
+
+    let t = Instant::now();
+    let r = agent.post("/v1/models", json!({"source": {"hub": "org/big"}}));
+    assert_eq!(r.status, 403, "{}", r.message());
+    assert!(r.message().contains("--namespace-quota"), "{}", r.message());
+    // Stopped once past 1 MiB (the third file), not after all 8 MiB.
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let hub = agent.cache.join("hub");
+    let left: Vec<_> = std::fs::read_dir(&hub)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "nothing of it is left: {left:?}");
+
+    // A download that fits is kept, and counts: the namespace's room is
+    // what the quota leaves after it.
+    let r = agent.post("/v1/models", json!({"source": {"hub": "org/small"}}));
+    assert_eq!(r.status, 200, "{}", r.message());
+    let model_bytes = r.json()["bytes"].as_u64().unwrap();
+    assert!(model_bytes > 300_000, "{model_bytes}");
+    let sha = "a".repeat(64);
+    let big = 1_048_576 - model_bytes + 1;
+    let r = agent.call(
+        "PUT",
+        &format!("/v1/blobs/{sha}"),
+        Some(common::TOKEN),
+        &vec![0u8; big as usize],
+    );
+    assert_eq!(r.status, 403, "{}", r.message());
+    assert!(r.message().contains("hub downloads"), "{}", r.message());
+}
+
+#[test]
+fn compiled_entries_count_against_the_namespace_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    tiny_llama(&model, 2);
+    // Room for one compile of this tiny model, not two.
+    let agent = Agent::start(dir.path(), None, &["--namespace-quota", "100K"]);
+    let prepare = |precision: &str| {
+        agent.post(
+            "/v1/prepare",
+            json!({"source": {"path": model}, "device": "cpu", "options": {"precision": precision}}),
+        )
+    };
+    let r = prepare("q8_0");
+    assert_eq!(r.status, 200, "{}", r.message());
+    let first = r.json()["key"].as_str().unwrap().to_string();
+    let r = prepare("fp16");
+    assert_eq!(r.status, 403, "{}", r.message());
+    assert!(r.message().contains("DELETE /v1/cache"), "{}", r.message());
+    // A cached entry is still served: only new writes are refused.
+    assert_eq!(prepare("q8_0").status, 200);
+    // Freed, the namespace compiles again.
+    let r = agent.call(
+        "DELETE",
+        &format!("/v1/cache/{first}"),
+        Some(common::TOKEN),
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.message());
+    let r = prepare("fp16");
+    assert_eq!(r.status, 200, "{}", r.message());
+}
+
+#[test]
+fn the_disk_floor_may_be_a_share_of_the_filesystem() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), None, &["--min-free-disk", "99%"]);
+    let sha = "b".repeat(64);
+    let r = agent.call(
+        "PUT",
+        &format!("/v1/blobs/{sha}"),
+        Some(common::TOKEN),
+        b"0123456789",
+    );
+    assert_eq!(r.status, 507, "{}", r.message());
+    assert!(r.message().contains("--min-free-disk"), "{}", r.message());
+}
