@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import json
 import os
+import select
 import socket
 
 from . import _log
@@ -42,6 +43,27 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
             s.close()
             raise
         self.sock = s
+
+
+def _wait_for_continue(sock, timeout):
+    """After headers with `Expect: 100-continue`: True when the agent asks
+    for the body (`100 Continue`, consumed here) or says nothing within
+    `timeout` (RFC 9110: send it then); False when its final answer came
+    first (left unread for `getresponse`)."""
+    ready, _, _ = select.select([sock], [], [], timeout)
+    if not ready:
+        return True
+    head = sock.recv(12, socket.MSG_PEEK)
+    if not head.startswith(b"HTTP/1.1 100") and not head.startswith(b"HTTP/1.0 100"):
+        return False
+    # Consume the interim response (status line and empty header block).
+    buf = b""
+    while not buf.endswith(b"\r\n\r\n"):
+        b = sock.recv(1)
+        if not b:
+            break
+        buf += b
+    return True
 
 
 def _error_from(status, body):
@@ -169,11 +191,36 @@ class AgentClient:
         raise _error_from(r.status, b"")
 
     def _put_blob(self, digest, path):
+        """PUT one file with `Expect: 100-continue`: the agent refuses an
+        upload that cannot fit (size, quota, disk) from its headers, before a
+        byte of the body is sent. Sending the body anyway would have the
+        agent close a socket with unread data, which resets the connection
+        and loses its answer; the client would say "cannot talk to the
+        agent" instead of what to fix."""
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            # http.client streams a file object in blocks: no copy in memory.
-            self.request("PUT", "/v1/blobs/" + digest, body=f,
-                         headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"})
+            conn = _UnixHTTPConnection(self.socket_path, self.timeout)
+            try:
+                conn.putrequest("PUT", "/v1/blobs/" + digest, skip_host=True)
+                headers = {"Host": "rm-agent", "Content-Length": str(size),
+                           "Content-Type": "application/octet-stream", "Expect": "100-continue"}
+                if self.token:
+                    headers["Authorization"] = "Bearer " + self.token
+                for k, v in headers.items():
+                    conn.putheader(k, v)
+                conn.endheaders()
+                if _wait_for_continue(conn.sock, timeout=min(self.timeout, 30.0)):
+                    # http.client streams a file object in blocks: no copy in
+                    # memory.
+                    conn.send(f)
+                r = conn.getresponse()
+                data = r.read()
+            except (OSError, http.client.HTTPException) as e:
+                raise AgentUnavailable(None, self._why(e)) from None
+            finally:
+                conn.close()
+        if r.status >= 400:
+            raise _error_from(r.status, data)
 
     def prepare(self, model, device, options, progress=None):
         """Compiles or finds the artifact; progress(fraction, stage) while compiling."""

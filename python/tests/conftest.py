@@ -52,7 +52,7 @@ def write_slot_token(state, token, namespace="default"):
 
 
 class Agent:
-    def __init__(self, binary, root, model_roots=()):
+    def __init__(self, binary, root, model_roots=(), extra_args=()):
         self.binary, self.root = binary, Path(root)
         self.socket = self.root / "run" / "agent.sock"
         self.cache = self.root / "cache"
@@ -64,7 +64,7 @@ class Agent:
         self.proc = subprocess.Popen(
             [str(binary), "--socket", str(self.socket), "--cache-dir", str(self.cache), "--state-dir", str(self.state)]
             # node paths the direct_* helpers register: the tests' models only
-            + ["--model-path-allow=%s" % r for r in model_roots],
+            + ["--model-path-allow=%s" % r for r in model_roots] + list(extra_args),
             stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ, RM_LOG="warn"))
         deadline = time.time() + 30
         while time.time() < deadline:

@@ -4,6 +4,7 @@ import io
 import contextlib
 
 import pytest
+from pathlib import Path
 
 import rm_abstract
 from rm_abstract.config import ConfigError, normalize_device, resolve
@@ -120,3 +121,32 @@ def test_num_return_sequences_and_unsupported(model):
     assert len(out) == 2 and out[0] == out[1]
     with pytest.raises(NotImplementedError, match="beam"):
         model.generate([[5, 6]], num_beams=4)
+
+
+def test_an_upload_the_agent_refuses_comes_back_with_its_reason(tmp_path):
+    """The agent refuses an upload that cannot fit from its headers; the
+    client asks first (Expect: 100-continue), so it reports the agent's
+    reason, not a connection reset from a body sent into a closed socket."""
+    import os
+    from conftest import SLOT_TOKEN, Agent, _agent_binary
+    from rm_abstract.client import AgentClient, AgentError, AgentUnavailable
+    root = Path(os.environ.get("RM_TEST_TMP", "/tmp")) / ("rmpy-up-%d" % os.getpid())
+    a = Agent(_agent_binary(), root, extra_args=["--max-upload-bytes", "1M"])
+    try:
+        big = tmp_path / "model.safetensors"
+        big.write_bytes(os.urandom(8 << 20))
+        small = tmp_path / "config.json"
+        small.write_bytes(b"{}")
+        client = AgentClient(str(a.socket), token=SLOT_TOKEN)
+        with pytest.raises(AgentError) as e:
+            client.register_files([("config.json", str(small)), ("model.safetensors", str(big))])
+        assert not isinstance(e.value, AgentUnavailable), e.value
+        assert e.value.status == 413 and "--max-upload-bytes" in e.value.agent_message, e.value
+        # An upload that fits still goes through the same path.
+        from rm_abstract.client import file_sha256
+        client._put_blob(file_sha256(str(small)), str(small))
+        assert client._has_blob(file_sha256(str(small)))
+    finally:
+        a.stop()
+        import shutil
+        shutil.rmtree(root, ignore_errors=True)
