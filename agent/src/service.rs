@@ -183,7 +183,8 @@ pub struct Agent {
 /// milliseconds, and happens before the container starts).
 const BIND_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// Defaults for `--cpu-slots`, `--max-queued-per-namespace`, `--max-queued`.
+/// Defaults for `--concurrent-requests`, `--max-queued-per-namespace`,
+/// `--max-queued`.
 pub const REQUEST_BOUNDS: Bounds = Bounds {
     slots: 1,
     per_tenant_queue: 16,
@@ -539,21 +540,20 @@ impl Agent {
         }
         Metrics::inc(&self.metrics.cache_misses);
         prepared.cached = false;
-        // A compile writes its output for this namespace: its quota and the
-        // disk's floor must have room.
-        if self.flights.get(&key).is_none() {
-            self.compile_room(caller, &model)?;
-        }
-        // A new compile takes a place in the compile queue first (refused
-        // with 429/503 when the namespace or the node has too many waiting);
-        // joining one under way costs nothing.
+        // Joining a compile under way costs nothing. A new one writes its
+        // output for this namespace (its quota and the disk's floor must
+        // have room) and takes a place in the compile queue (429/503 when
+        // the namespace or the node has too many waiting).
         let ticket = match self.flights.get(&key) {
             Some(_) => None,
-            None => Some(
-                self.compiles
-                    .enqueue("compile", &tenant_of(caller))
-                    .inspect_err(|_| Metrics::inc(&self.metrics.refused_busy))?,
-            ),
+            None => {
+                self.compile_room(caller, &model)?;
+                Some(
+                    self.compiles
+                        .enqueue("compile", &tenant_of(caller))
+                        .inspect_err(|_| Metrics::inc(&self.metrics.refused_busy))?,
+                )
+            }
         };
         let rx = match self.flights.join(&key, &info.name, &model.digest) {
             Role::Follower(rx) => rx,

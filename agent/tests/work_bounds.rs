@@ -235,6 +235,7 @@ fn a_long_prompt_on_candle_needs_memory_linear_in_its_length() {
     );
     assert_eq!(r.status, 200, "{}", r.message());
     let grew_mib = (peak_rss_kib(agent.child.id()) - before) / 1024;
+    eprintln!("a {n}-token prompt on candle: peak memory +{grew_mib} MiB");
     // Fed whole, 4 heads x 4000 x 4000 f32 scores are 244 MiB per copy
     // (the softmax makes another); in chunks of 512, 31 MiB.
     assert!(
