@@ -56,6 +56,10 @@ struct Cli {
     /// Accepts bytes or K/M/G/T suffixes.
     #[arg(long, env = "RM_CACHE_MAX_BYTES", default_value = "100G", value_parser = parse_size)]
     cache_max_bytes: u64,
+    /// Bytes all hub downloads together may take on this node; beyond, the
+    /// least recently registered ones that no compile reads are removed.
+    #[arg(long, env = "RM_HUB_MAX_BYTES", default_value = "200G", value_parser = parse_size)]
+    hub_max_bytes: u64,
     /// Largest file one upload (`PUT /v1/blobs/*`) may store.
     #[arg(long, env = "RM_MAX_UPLOAD_BYTES", default_value = "64G", value_parser = parse_size)]
     max_upload_bytes: u64,
@@ -194,7 +198,8 @@ async fn run(cli: Cli) -> Result<(), StartError> {
     let store = CacheStore::open(&cli.cache_dir, cli.cache_max_bytes)?;
     let models = Arc::new(
         ModelRegistry::new(&cli.cache_dir, cli.model_path_allow.clone())
-            .map_err(io("cannot prepare model store in", &cli.cache_dir))?,
+            .map_err(io("cannot prepare model store in", &cli.cache_dir))?
+            .with_hub_budget(cli.hub_max_bytes),
     );
     let mut engine = EngineOptions {
         gguf_engine: cli.cpu_engine,

@@ -34,6 +34,7 @@ pub struct Gauges {
     pub requests_waiting: usize,
     pub requests_running: usize,
     pub compiles_waiting: usize,
+    pub hub_evictions: u64,
     /// Worker processes stopped because their allocation ended, by backend.
     pub workers_released: Vec<(String, u64)>,
 }
@@ -177,6 +178,11 @@ impl Metrics {
                 "rm_agent_requests_running",
                 "generate/forward requests running",
                 gauges.requests_running as u64,
+            ),
+            (
+                "rm_agent_hub_evictions",
+                "hub downloads removed to keep within --hub-max-bytes since start",
+                gauges.hub_evictions,
             ),
             (
                 "rm_agent_compiles_waiting",

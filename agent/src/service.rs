@@ -933,6 +933,9 @@ async fn run_compile(
         return;
     }
     let progress = leader.progress_fn();
+    // The model's files stay while the compile (and its wait) lasts: a hub
+    // download is never evicted from under it.
+    let _reading = models.hold(&model.digest);
     if let Ticket::Queued { ahead, .. } = &ticket {
         progress(
             0.0,

@@ -16,7 +16,7 @@
 //! checks afterwards that they were not replaced while it ran
 //! ([`ModelRegistry::verify`], [`ModelRegistry::unchanged`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -116,6 +116,10 @@ pub enum SourceError {
     Upload(String),
     #[error(transparent)]
     Quota(#[from] crate::quota::QuotaError),
+    #[error(
+        "hub downloads on this node may take {budget} bytes (rm-agent --hub-max-bytes) and the ones in use leave no room for this one ({written} bytes written so far): retry later, or upload the files (\"files\")"
+    )]
+    HubFull { budget: u64, written: u64 },
 }
 
 /// Asked while a hub download runs, with the bytes it wrote so far: an error
@@ -134,6 +138,7 @@ impl SourceError {
             SourceError::Hub { .. } => 502,
             SourceError::Upload(_) => 400,
             SourceError::Quota(e) => e.http_status(),
+            SourceError::HubFull { .. } => 507,
         }
     }
 }
@@ -155,6 +160,35 @@ pub struct ModelRegistry {
     allowed_roots: Vec<PathBuf>,
     hashes: Mutex<HashMap<FileStamp, String>>,
     models: Mutex<HashMap<String, ResolvedModel>>,
+    /// Bytes all hub downloads together may take (`--hub-max-bytes`):
+    /// beyond, the least recently registered ones not in use are removed.
+    hub_max: u64,
+    /// Models a compile is reading (digest → count): never evicted.
+    reading: Mutex<HashMap<String, usize>>,
+    hub_evictions: std::sync::atomic::AtomicU64,
+}
+
+/// Keeps a model's files from eviction while it lives (see
+/// [`ModelRegistry::hold`]).
+pub struct ModelHold {
+    registry: std::sync::Arc<ModelRegistry>,
+    digest: String,
+}
+
+impl Drop for ModelHold {
+    fn drop(&mut self) {
+        let mut r = self
+            .registry
+            .reading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = r.get_mut(&self.digest) {
+            *n -= 1;
+            if *n == 0 {
+                r.remove(&self.digest);
+            }
+        }
+    }
 }
 
 fn is_sha256_hex(s: &str) -> bool {
@@ -347,6 +381,9 @@ impl ModelRegistry {
             allowed_roots,
             hashes: Mutex::new(HashMap::new()),
             models: Mutex::new(HashMap::new()),
+            hub_max: u64::MAX,
+            reading: Mutex::new(HashMap::new()),
+            hub_evictions: std::sync::atomic::AtomicU64::new(0),
         };
         fs::create_dir_all(&reg.blobs_dir)?;
         fs::create_dir_all(&reg.models_dir)?;
@@ -493,6 +530,105 @@ impl ModelRegistry {
             .find(|r| canon.starts_with(r))
             .ok_or(SourceError::NotAllowed(shown))?;
         Ok((root.clone(), canon))
+    }
+
+    /// Sets the hub downloads' budget (`--hub-max-bytes`).
+    pub fn with_hub_budget(mut self, bytes: u64) -> Self {
+        self.hub_max = bytes;
+        self
+    }
+
+    /// Hub downloads removed to make room since start.
+    pub fn hub_evictions(&self) -> u64 {
+        self.hub_evictions
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Keeps `digest`'s files while a compile reads them.
+    pub fn hold(self: &std::sync::Arc<Self>, digest: &str) -> ModelHold {
+        *self
+            .reading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(digest.to_string())
+            .or_default() += 1;
+        ModelHold {
+            registry: self.clone(),
+            digest: digest.to_string(),
+        }
+    }
+
+    /// Complete hub downloads other than `except`: (dir, last registered,
+    /// bytes), least recently registered first.
+    fn hub_downloads(&self, except: &Path) -> Vec<(PathBuf, std::time::SystemTime, u64)> {
+        let Ok(entries) = fs::read_dir(&self.hub_dir) else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir() && p != except)
+            .filter_map(|p| {
+                let used = fs::metadata(p.join(".complete"))
+                    .and_then(|m| m.modified())
+                    .ok()?;
+                let bytes = dir_bytes(&p);
+                Some((p, used, bytes))
+            })
+            .collect();
+        out.sort_by_key(|(_, used, _)| *used);
+        out
+    }
+
+    /// Makes room for a download that has written `written` bytes into
+    /// `dir`: removes the least recently registered hub downloads that no
+    /// compile reads until all fit the budget. Their models are forgotten
+    /// (registering them again downloads them again); entries compiled
+    /// from them stay.
+    fn hub_room(&self, dir: &Path, written: u64) -> Result<(), SourceError> {
+        let downloads = self.hub_downloads(dir);
+        let mut total: u64 = downloads.iter().map(|(_, _, b)| b).sum::<u64>() + written;
+        if total <= self.hub_max {
+            return Ok(());
+        }
+        let reading: HashSet<String> = self
+            .reading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        for (old, _, bytes) in downloads {
+            if total <= self.hub_max {
+                break;
+            }
+            let mut models = self.models.lock().unwrap_or_else(|p| p.into_inner());
+            let digests: Vec<String> = models
+                .iter()
+                .filter(|(_, m)| m.path.starts_with(&old))
+                .map(|(d, _)| d.clone())
+                .collect();
+            if digests.iter().any(|d| reading.contains(d)) {
+                continue;
+            }
+            if fs::remove_dir_all(&old).is_err() {
+                continue;
+            }
+            for d in &digests {
+                models.remove(d);
+            }
+            total = total.saturating_sub(bytes);
+            self.hub_evictions
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(dir = %old.display(), bytes, "hub download evicted to make room");
+        }
+        if total > self.hub_max {
+            return Err(SourceError::HubFull {
+                budget: self.hub_max,
+                written,
+            });
+        }
+        Ok(())
     }
 
     /// Whether the agent downloaded this model from the hub (its files are
@@ -677,6 +813,11 @@ impl ModelRegistry {
             rev.replace('/', "--")
         ));
         if dir.join(".complete").is_file() {
+            // Registered again: the last to be evicted.
+            let _ = fs::File::options()
+                .write(true)
+                .open(dir.join(".complete"))
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
             return Ok(dir);
         }
         // The agent has no HTTP client of its own: the hub CLI (huggingface_hub)
@@ -712,20 +853,27 @@ impl ModelRegistry {
         // Watched while it runs: a download that would pass the namespace's
         // quota or the disk's floor is stopped and removed, not left to fill
         // the node.
+        // Checked once more when it ended (a fast one may end between two
+        // looks).
         let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) => {}
+            let ended = match child.try_wait() {
+                Ok(ended) => ended,
                 Err(e) => return Err(hub(e.to_string())),
-            }
+            };
             let written = dir_bytes(&dir);
-            if let Err(e) = watch(written) {
+            let verdict = watch(written)
+                .map_err(SourceError::from)
+                .and_then(|()| self.hub_room(&dir, written));
+            if let Err(e) = verdict {
                 let _ = child.kill();
                 let _ = child.wait();
                 let _ = fs::remove_dir_all(&dir);
                 let _ = fs::remove_file(&log_path);
                 tracing::info!(hub = id, written, error = %e, "hub download stopped");
-                return Err(e.into());
+                return Err(e);
+            }
+            if let Some(status) = ended {
+                break status;
             }
             std::thread::sleep(std::time::Duration::from_millis(200));
         };

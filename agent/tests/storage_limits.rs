@@ -15,7 +15,8 @@ use serde_json::json;
 
 /// A test double of the Hugging Face CLI (`hf download ID --revision R
 /// --local-dir D`): there is no hub to reach from the tests. `org/small`
-/// copies a tiny model; `org/big` writes 16 files of 512 KiB, slowly, as a
+/// copies a tiny model (`org/small-*`: the same weights, another
+/// repository); `org/big` writes 16 files of 512 KiB, slowly, as a
 /// large download would.
 fn fake_hub_cli(dir: &Path, small_model: &Path) -> String {
     let bin = dir.join("fake-bin");
@@ -28,6 +29,7 @@ while [ $# -gt 0 ]; do [ "$1" = "--local-dir" ] && dest="$2"; shift; done
 mkdir -p "$dest"
 case "$id" in
   org/small) cp {small}/* "$dest"/ ;;
+  org/small-*) cp {small}/* "$dest"/; echo "$id" > "$dest/README.md" ;;
   org/big) i=0; while [ $i -lt 16 ]; do head -c 524288 /dev/zero > "$dest/part$i.bin"; i=$((i+1)); sleep 0.2; done ;;
   *) echo "404: $id" >&2; exit 1 ;;
 esac
@@ -133,4 +135,50 @@ fn the_disk_floor_may_be_a_share_of_the_filesystem() {
     );
     assert_eq!(r.status, 507, "{}", r.message());
     assert!(r.message().contains("--min-free-disk"), "{}", r.message());
+}
+
+#[test]
+fn hub_downloads_past_the_node_budget_evict_the_least_recently_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    tiny_llama(&small, 3);
+    let path = fake_hub_cli(dir.path(), &small);
+    // Room for two downloads of the tiny model (~420 KiB each), not three.
+    let agent = Agent::start_with_env(
+        dir.path(),
+        None,
+        &["--hub-max-bytes", "1M"],
+        &[("PATH", &path)],
+    );
+    let register = |id: &str| agent.post("/v1/models", json!({"source": {"hub": id}}));
+    let a = register("org/small-a");
+    assert_eq!(a.status, 200, "{}", a.message());
+    let a_model = a.json()["model"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(register("org/small-b").status, 200);
+    std::thread::sleep(Duration::from_millis(20));
+    // a is used again: b becomes the least recently used.
+    assert_eq!(register("org/small-a").status, 200);
+    std::thread::sleep(Duration::from_millis(20));
+    let c = register("org/small-c");
+    assert_eq!(c.status, 200, "{}", c.message());
+    let hub: Vec<String> = std::fs::read_dir(agent.cache.join("hub"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| !n.ends_with(".log"))
+        .collect();
+    assert!(
+        hub.iter().any(|n| n.contains("small-a")) && hub.iter().any(|n| n.contains("small-c")),
+        "{hub:?}"
+    );
+    assert!(
+        !hub.iter().any(|n| n.contains("small-b")),
+        "b was evicted: {hub:?}"
+    );
+    let metrics = String::from_utf8_lossy(&agent.get("/metrics").body).to_string();
+    assert!(metrics.contains("rm_agent_hub_evictions 1"), "{metrics}");
+    // a is still usable by digest.
+    let r = agent.post("/v1/prepare", json!({"model": a_model, "device": "cpu"}));
+    assert_eq!(r.status, 200, "{}", r.message());
 }

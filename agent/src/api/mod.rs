@@ -577,6 +577,7 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
         requests_waiting: agent.requests.waiting(),
         requests_running: agent.requests.running(),
         compiles_waiting: agent.compiles.waiting(),
+        hub_evictions: agent.models.hub_evictions(),
         workers_released,
     };
     (
