@@ -85,12 +85,16 @@ class AgentClient:
         self.timeout = timeout
 
     # -- transport ---------------------------------------------------------
-    def _open(self, method, path, body=None, headers=None):
+    def _headers(self, extra=None):
         h = {"Host": "rm-agent"}
         if self.token:
             h["Authorization"] = "Bearer " + self.token
-        if headers:
-            h.update(headers)
+        if extra:
+            h.update(extra)
+        return h
+
+    def _open(self, method, path, body=None, headers=None):
+        h = self._headers(headers)
         if isinstance(body, (dict, list)):
             body = json.dumps(body).encode()
             h["Content-Type"] = "application/json"
@@ -202,10 +206,8 @@ class AgentClient:
             conn = _UnixHTTPConnection(self.socket_path, self.timeout)
             try:
                 conn.putrequest("PUT", "/v1/blobs/" + digest, skip_host=True)
-                headers = {"Host": "rm-agent", "Content-Length": str(size),
-                           "Content-Type": "application/octet-stream", "Expect": "100-continue"}
-                if self.token:
-                    headers["Authorization"] = "Bearer " + self.token
+                headers = self._headers({"Content-Length": str(size), "Expect": "100-continue",
+                                         "Content-Type": "application/octet-stream"})
                 for k, v in headers.items():
                     conn.putheader(k, v)
                 conn.endheaders()
