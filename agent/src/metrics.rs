@@ -127,7 +127,7 @@ impl Metrics {
             ),
             (
                 "rm_agent_request_timeouts_total",
-                "generate/forward requests stopped at the request timeout (504)",
+                "generate/forward requests stopped at the request timeout, the agent's or a worker's (504)",
                 &self.request_timeouts,
             ),
             (

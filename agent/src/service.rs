@@ -738,7 +738,14 @@ impl Agent {
         drop(slot);
         abandoned.finished = true;
         match result {
-            Ok(r) => Ok(r?),
+            Ok(r) => {
+                // A worker request past the manifest's request_timeout_s:
+                // stopped (cancelled in the worker) like one past ours.
+                if let Err(BackendError::Timeout(_)) = &r {
+                    Metrics::inc(&self.metrics.request_timeouts);
+                }
+                Ok(r?)
+            }
             Err(_) => {
                 cancel.cancel();
                 Metrics::inc(&self.metrics.request_timeouts);

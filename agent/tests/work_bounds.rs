@@ -7,12 +7,11 @@
 
 mod common;
 
-use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Agent, tiny_llama_with_context};
+use common::{Agent, metric, tiny_llama_with_context};
 use serde_json::{Value, json};
 
 /// Room for generations that last seconds even on this tiny model.
@@ -38,25 +37,7 @@ fn generate_body(key: &str, n: usize) -> Value {
 /// Sends a generate and leaves the answer unread: the caller hangs up by
 /// dropping the stream.
 fn send_only(agent: &Agent, token: &str, body: &Value) -> UnixStream {
-    let mut s = UnixStream::connect(&agent.socket).unwrap();
-    let body = body.to_string();
-    write!(
-        s,
-        "POST /v1/generate HTTP/1.1\r\nHost: rm-agent\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    s
-}
-
-fn metric(agent: &Agent, name: &str) -> f64 {
-    let r = agent.get("/metrics");
-    let text = String::from_utf8_lossy(&r.body).to_string();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        // Absent: never counted (an agent without the counter).
-        .unwrap_or(0.0)
+    common::send_only(&agent.socket, token, "/v1/generate", body)
 }
 
 fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {

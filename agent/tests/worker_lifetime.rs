@@ -1,6 +1,8 @@
-//! Worker processes live as long as the allocation they serve, and one
-//! request's timeout or compile never costs another request its work: the
-//! real `rm-agent` binary with the test-double worker.
+//! Worker processes live as long as the allocation they serve, one
+//! request's timeout or compile never costs another request its work, and
+//! a request whose client is gone (or whose time is up) is stopped in its
+//! worker without killing the process: the real `rm-agent` binary with the
+//! test-double worker.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -8,7 +10,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Agent, test_double_plugins, tiny_llama};
+use common::{Agent, metric, send_only, test_double_plugins, tiny_llama};
 use serde_json::{Value, json};
 
 /// Prepares `model` on the token's GPUs; answers the cache key.
@@ -213,8 +215,11 @@ fn a_long_compile_and_a_timed_out_request_cost_other_requests_nothing() {
             String::from_utf8_lossy(&r.body)
         );
 
-        // A request that hangs times out; one queued behind it on the same
-        // process is sent to the restarted process and succeeds.
+        // A request that hangs times out, and ignores the cancel: its
+        // process is killed once the cancel's grace is over (the last
+        // resort), and one queued behind it on the same process is sent to
+        // the restarted process and succeeds.
+        let hung_pid = worker_pid(&agent, "tok", &ready);
         let hung = s.spawn(|| generate(&agent, "tok", &ready, "hang"));
         std::thread::sleep(Duration::from_millis(300));
         let r = generate(&agent, "tok", &ready, "ok");
@@ -226,10 +231,163 @@ fn a_long_compile_and_a_timed_out_request_cost_other_requests_nothing() {
         );
         let r = hung.join().unwrap();
         assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
+        assert!(!alive(hung_pid), "the hung worker {hung_pid} still runs");
+        assert_ne!(worker_pid(&agent, "tok", &ready), hung_pid);
         assert_eq!(compiles_running(), 1, "the timeout ended the compile too");
 
         let long = compile.join().unwrap();
         let r = generate(&agent, "tok", &long, "ok");
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     });
+}
+
+/// How many lines of the test double's events file start with `what pid`.
+fn events(log: &Path, what: &str, pid: u32) -> usize {
+    let prefix = format!("{what} {pid} ");
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .count()
+}
+
+/// An agent with the test double, its events logged to the returned file,
+/// a GPU token "tok" and a prepared model; answers the cache key too.
+fn agent_with_events(dir: &Path, args: &[&str]) -> (Agent, std::path::PathBuf, String) {
+    let model = dir.join("tiny");
+    tiny_llama(&model, 14);
+    let log = dir.join("worker-events.log");
+    let agent = Agent::start_with_env(
+        dir,
+        Some(test_double_plugins(dir)),
+        args,
+        &[("TEST_DOUBLE_EVENTS", log.to_str().unwrap())],
+    );
+    agent.add_token("tok", "gpu", &[0]);
+    let key = prepare(&agent, "tok", &model, json!({}));
+    (agent, log, key)
+}
+
+/// The next request on the same devices is served at once, by `pid`.
+fn served_promptly_by(agent: &Agent, key: &str, pid: u32, what: &str) {
+    let t = Instant::now();
+    assert_eq!(
+        worker_pid(agent, "tok", key),
+        pid,
+        "{what}: the worker process was replaced"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "{what}: the next request took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn a_client_that_hangs_up_stops_its_worker_request_and_the_process_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, log, key) = agent_with_events(dir.path(), &[]);
+    let pid = worker_pid(&agent, "tok", &key);
+
+    for stream in [false, true] {
+        let what = format!("stream={stream}");
+        let cancelled = events(&log, "cancelled", pid);
+        let metric_before = metric(&agent, "rm_agent_requests_cancelled_total");
+        // "slow": a token every 100 ms for a minute.
+        let body = json!({"key": key, "device": "gpu", "prompt": "slow", "max_new_tokens": 2, "stream": stream});
+        let s = send_only(&agent.socket, "tok", "/v1/generate", &body);
+        let before = events(&log, "token", pid);
+        assert!(
+            eventually(Duration::from_secs(5), || events(&log, "token", pid)
+                >= before + 3),
+            "{what}: the slow generate never started"
+        );
+        drop(s);
+        let hung_up = Instant::now();
+        assert!(
+            eventually(Duration::from_secs(2), || events(&log, "cancelled", pid)
+                > cancelled),
+            "{what}: the worker still generates 2 s after its client hung up"
+        );
+        let stopped_after = hung_up.elapsed();
+        let n = events(&log, "token", pid);
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            events(&log, "token", pid),
+            n,
+            "{what}: tokens still come after the cancel"
+        );
+        assert!(alive(pid), "{what}: the worker process {pid} was killed");
+        served_promptly_by(&agent, &key, pid, &what);
+        assert!(
+            metric(&agent, "rm_agent_requests_cancelled_total") > metric_before,
+            "{what}: the hang-up was not counted"
+        );
+        eprintln!("{what}: the worker stopped {stopped_after:?} after the hang-up");
+    }
+}
+
+#[test]
+fn a_worker_request_past_its_time_gets_504_and_the_process_serves_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    // The agent's --request-timeout (1 s) passes before the manifest's
+    // request_timeout_s (3 s).
+    let (agent, log, key) = agent_with_events(dir.path(), &["--request-timeout", "1"]);
+    let pid = worker_pid(&agent, "tok", &key);
+    let t = Instant::now();
+    let r = generate(&agent, "tok", &key, "slow");
+    assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.message().contains("--request-timeout"), "{}", r.message());
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "answered after {:?}",
+        t.elapsed()
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || events(&log, "cancelled", pid)
+            == 1),
+        "the worker still generates after the 504"
+    );
+    assert!(alive(pid), "the worker process {pid} was killed");
+    served_promptly_by(&agent, &key, pid, "after --request-timeout");
+    assert_eq!(metric(&agent, "rm_agent_request_timeouts_total"), 1.0);
+}
+
+#[test]
+fn a_worker_request_past_the_manifests_timeout_is_cancelled_not_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    // The test double's manifest gives a request 3 s; the agent, 600.
+    let (agent, log, key) = agent_with_events(dir.path(), &[]);
+    let pid = worker_pid(&agent, "tok", &key);
+    let t = Instant::now();
+    let r = generate(&agent, "tok", &key, "slow");
+    assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        r.message().contains("did not answer within 3 s"),
+        "{}",
+        r.message()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "answered after {:?}",
+        t.elapsed()
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || events(&log, "cancelled", pid)
+            == 1),
+        "the worker still generates after its timeout"
+    );
+    assert!(alive(pid), "the worker process {pid} was killed");
+    served_promptly_by(&agent, &key, pid, "after the manifest's timeout");
+    let backends = agent.get("/v1/backends").json();
+    let double = backends["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "test-double")
+        .unwrap()
+        .clone();
+    assert_eq!(double["status"]["cancelled"], 1, "{double}");
+    assert_eq!(double["status"]["restarts"], 0, "{double}");
+    assert_eq!(metric(&agent, "rm_agent_request_timeouts_total"), 1.0);
 }

@@ -273,7 +273,7 @@ pub enum BackendError {
     Unavailable(String),
     #[error("worker failed: {0}")]
     Worker(String),
-    #[error("worker did not answer within {0} s; it was restarted")]
+    #[error("worker did not answer within {0} s; the request was stopped")]
     Timeout(u64),
     #[error("{0}")]
     Io(String),

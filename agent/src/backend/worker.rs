@@ -20,6 +20,15 @@
 //! when it is sent: a timeout kills the process only for the request that is
 //! running in it, and the requests queued behind it go to the restarted
 //! process instead of failing.
+//!
+//! Cancellation: a worker that says `"cancel": true` in its hello is sent a
+//! `cancel` message when the caller of its running request goes away (the
+//! client hung up, or the agent's `--request-timeout` passed) or the
+//! request outlives its own timeout. The request then ends with an answer
+//! (kind `cancelled`) and the process, with its loaded models, serves the
+//! next one. A cancelled request that does not answer is killed as before,
+//! at its timeout, but never sooner than the manifest's `cancel_grace_s`
+//! after its cancel.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -70,6 +79,10 @@ pub struct Manifest {
     pub request_timeout_s: u64,
     #[serde(default = "default_compile_timeout")]
     pub compile_timeout_s: u64,
+    /// How long a cancelled request may take to answer before its process
+    /// is killed (workers that support `cancel` only).
+    #[serde(default = "default_cancel_grace")]
+    pub cancel_grace_s: u64,
     /// Shown in `/v1/backends`: the path has not been run on real hardware.
     #[serde(default)]
     pub unverified_on_hardware: bool,
@@ -84,6 +97,9 @@ fn default_request_timeout() -> u64 {
 }
 fn default_compile_timeout() -> u64 {
     4 * 3600
+}
+fn default_cancel_grace() -> u64 {
+    10
 }
 
 /// Reads every manifest under `plugin_dir`; bad ones are logged and skipped.
@@ -130,6 +146,11 @@ pub struct Hello {
     pub available: bool,
     #[serde(default)]
     pub reason: Option<String>,
+    /// The worker stops a running request on `cancel` and answers it (kind
+    /// `cancelled`). Absent (older workers): requests are never cancelled
+    /// once sent, they run to their end or their timeout.
+    #[serde(default)]
+    pub cancel: bool,
 }
 
 /// A message from a worker about one request.
@@ -304,6 +325,7 @@ fn parse_line(line: &str) -> Result<(u64, Incoming), String> {
             Some("invalid_request") => BackendError::InvalidRequest(e.message),
             Some("unsupported") => BackendError::Unsupported(e.message),
             Some("unavailable") => BackendError::Unavailable(e.message),
+            Some("cancelled") => BackendError::Cancelled,
             _ => BackendError::Worker(e.message),
         };
         Incoming::Error(err)
@@ -370,6 +392,11 @@ struct Supervisor {
     manifest: Manifest,
     env: Vec<(String, String)>,
     restarts: Arc<AtomicU64>,
+    /// `Some(grace)`: the worker understands `cancel`, and a cancelled
+    /// request has at least `grace` to answer before its process is killed.
+    cancel_grace: Option<Duration>,
+    /// `cancel` messages sent, for `GET /v1/backends`.
+    cancels: Arc<AtomicU64>,
 }
 
 /// The request the worker is working on.
@@ -377,8 +404,12 @@ struct Running {
     id: u64,
     method: &'static str,
     timeout: Duration,
+    /// Its timeout; once cancelled, at least the end of the cancel's grace.
     deadline: tokio::time::Instant,
     reply: Option<mpsc::UnboundedSender<Incoming>>,
+    /// A `cancel` was sent: the answer is awaited only to know the worker
+    /// is free again.
+    cancelled: bool,
 }
 
 impl Running {
@@ -386,6 +417,20 @@ impl Running {
         if let Some(r) = &self.reply {
             let _ = r.send(msg);
         }
+    }
+}
+
+/// Completes when the caller of `running` has gone away (its `call` was
+/// dropped) while the request is in the worker and not yet cancelled; with
+/// `None`, never.
+async fn caller_gone(running: Option<&Running>) {
+    match running {
+        Some(Running {
+            reply: Some(reply),
+            cancelled: false,
+            ..
+        }) => reply.closed().await,
+        _ => std::future::pending().await,
     }
 }
 
@@ -517,6 +562,7 @@ impl Supervisor {
                         timeout: o.timeout,
                         deadline,
                         reply: o.reply,
+                        cancelled: false,
                     };
                     // Bounded too: a worker that stops reading its stdin
                     // would otherwise hold up the whole instance.
@@ -564,17 +610,41 @@ impl Supervisor {
                                             running = None;
                                         }
                                     }
+                                    // An id sent before: an answer to a
+                                    // `cancel` (none is due, but an older
+                                    // worker may say "unknown method").
+                                    _ if id < next_id => tracing::debug!(worker = %self.name, id, "message for a request already answered; ignored"),
                                     _ => tracing::warn!(worker = %self.name, id, "message for an unknown request id; ignored"),
                                 },
                                 Err(e) => break format!("protocol error: {e}"),
                             }
                         }
                     }
+                    _ = caller_gone(running.as_ref()) => {
+                        // The client hung up, or the agent's deadline for the
+                        // request passed: stop the work, keep the process.
+                        let Some(r) = running.as_mut() else { continue };
+                        if let Err(e) = self.cancel(&mut stdin, r, &mut next_id, "its caller went away (client hung up, or --request-timeout passed)").await {
+                            break e;
+                        }
+                    }
                     _ = until(running.as_ref().map(|r| r.deadline)) => {
+                        let Some(mut r) = running.take() else { continue };
+                        if r.cancelled {
+                            // Last resort: the worker ignored the cancel.
+                            break format!("{} request {} was cancelled and did not stop by its timeout of {} s (and a grace of {} s)", r.method, r.id, r.timeout.as_secs(), self.cancel_grace.unwrap_or_default().as_secs());
+                        }
+                        r.answer(Incoming::Error(BackendError::Timeout(r.timeout.as_secs())));
+                        if self.cancel_grace.is_some() {
+                            let sent = self.cancel(&mut stdin, &mut r, &mut next_id, "it outlived its timeout").await;
+                            running = Some(r);
+                            if let Err(e) = sent {
+                                break e;
+                            }
+                            continue;
+                        }
                         // Only the request that outlived its time is in the
                         // worker: killing the process takes nobody else's work.
-                        let Some(r) = running.take() else { continue };
-                        r.answer(Incoming::Error(BackendError::Timeout(r.timeout.as_secs())));
                         break format!("{} request {} outlived its timeout of {} s", r.method, r.id, r.timeout.as_secs());
                     }
                     _ = stop.notified() => {
@@ -604,6 +674,50 @@ impl Supervisor {
             if started.elapsed() > Duration::from_secs(60) {
                 consecutive = 0;
             }
+        }
+    }
+
+    /// Sends `cancel` for the running request `r` (when the worker
+    /// understands it) and gives it the grace to answer. An error when
+    /// stdin cannot be written: the process is then restarted.
+    async fn cancel(
+        &self,
+        stdin: &mut ChildStdin,
+        r: &mut Running,
+        next_id: &mut u64,
+        why: &str,
+    ) -> Result<(), String> {
+        // Without `cancel` the request runs on as before: to its end, or to
+        // its timeout, which kills the process.
+        let Some(grace) = self.cancel_grace else {
+            r.reply = None;
+            return Ok(());
+        };
+        let id = *next_id;
+        *next_id += 1;
+        r.cancelled = true;
+        r.reply = None;
+        // A worker that cannot stop at once (an SDK call that runs a whole
+        // generation) keeps at least the time it had: the process, and its
+        // loaded models, are not lost for a client that merely hung up.
+        r.deadline = r.deadline.max(tokio::time::Instant::now() + grace);
+        self.cancels.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(worker = %self.name, pod = %self.pod, request = r.id, method = r.method, reason = why, "cancelling the request in the worker");
+        let line = json!({"id": id, "method": "cancel", "params": {"id": r.id}}).to_string() + "\n";
+        // Bounded: the supervisor reads nothing while it writes, and a
+        // worker that says it takes `cancel` reads its stdin while it works.
+        match tokio::time::timeout(grace, async {
+            stdin.write_all(line.as_bytes()).await?;
+            stdin.flush().await
+        })
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("stdin closed: {e}")),
+            Err(_) => Err(format!(
+                "the worker did not read a cancel within {} s",
+                grace.as_secs()
+            )),
         }
     }
 
@@ -677,6 +791,8 @@ pub struct WorkerBackend {
     availability: Mutex<Availability>,
     instances: Mutex<HashMap<InstanceKey, Arc<Instance>>>,
     restarts: Arc<AtomicU64>,
+    /// `cancel` messages sent to its processes.
+    cancels: Arc<AtomicU64>,
     /// Processes stopped because their allocation ended.
     released: AtomicU64,
     /// `--allow-trust-remote-code`: the cluster operator lets requests set
@@ -713,6 +829,7 @@ impl WorkerBackend {
             availability: Mutex::new(Availability::no("not probed yet")),
             instances: Mutex::new(HashMap::new()),
             restarts: Arc::new(AtomicU64::new(0)),
+            cancels: Arc::new(AtomicU64::new(0)),
             released: AtomicU64::new(0),
             allow_trust_remote_code: false,
         }
@@ -738,6 +855,15 @@ impl WorkerBackend {
 
     pub fn restarts(&self) -> u64 {
         self.restarts.load(Ordering::Relaxed)
+    }
+
+    /// Whether the worker said in its hello that it understands `cancel`.
+    fn supports_cancel(&self) -> bool {
+        self.hello
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|h| h.cancel)
     }
 
     /// Worker processes stopped because their allocation ended.
@@ -782,6 +908,10 @@ impl WorkerBackend {
                 self.allow_trust_remote_code,
             ),
             restarts: self.restarts.clone(),
+            cancel_grace: self
+                .supports_cancel()
+                .then(|| Duration::from_secs(self.manifest.cancel_grace_s)),
+            cancels: self.cancels.clone(),
         };
         tokio::spawn(sup.run(rx, stop, exited_tx));
         inst
@@ -1043,6 +1173,7 @@ impl Backend for WorkerBackend {
             "kind": "worker",
             "restarts": self.restarts(),
             "released": self.released(),
+            "cancelled": self.cancels.load(Ordering::Relaxed),
             "processes": self.lock_instances().len(),
             "unverified_on_hardware": self.manifest.unverified_on_hardware,
             "extra_options": extra_options,
@@ -1238,6 +1369,10 @@ mod tests {
             Ok((3, Incoming::Error(BackendError::InvalidRequest(_))))
         ));
         assert!(matches!(
+            parse_line(r#"{"id":3,"error":{"message":"x","kind":"cancelled"}}"#),
+            Ok((3, Incoming::Error(BackendError::Cancelled)))
+        ));
+        assert!(matches!(
             parse_line(r#"{"id":1,"progress":{"fraction":0.5,"stage":"s"}}"#),
             Ok((1, Incoming::Progress(_, _)))
         ));
@@ -1248,6 +1383,15 @@ mod tests {
         assert!(parse_line("hello").is_err());
         assert!(parse_line(r#"{"result":{}}"#).is_err());
         assert!(parse_line(r#"{"id":1}"#).is_err());
+    }
+
+    #[test]
+    fn only_workers_that_say_so_are_sent_cancel() {
+        let hello = |raw: &str| serde_json::from_str::<Hello>(raw).expect("hello parses");
+        let old = r#"{"protocol":1,"compiler_version":"x","available":true}"#;
+        assert!(!hello(old).cancel, "protocol 1 without the field");
+        let new = r#"{"protocol":1,"compiler_version":"x","available":true,"cancel":true}"#;
+        assert!(hello(new).cancel);
     }
 
     #[tokio::test]

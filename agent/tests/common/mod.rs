@@ -96,6 +96,30 @@ pub fn request(
     parse_reply(&raw).expect("an HTTP answer")
 }
 
+/// Sends a `POST` and leaves the answer unread: the caller hangs up by
+/// dropping the stream.
+pub fn send_only(socket: &Path, token: &str, path: &str, body: &Value) -> UnixStream {
+    let mut s = UnixStream::connect(socket).unwrap();
+    let body = body.to_string();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: rm-agent\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    s
+}
+
+/// A metric's value from `GET /metrics` (0 when absent: never counted).
+pub fn metric(agent: &Agent, name: &str) -> f64 {
+    let r = agent.get("/metrics");
+    let text = String::from_utf8_lossy(&r.body).to_string();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// An HTTP/1.1 answer as read off the socket; `None` when no whole head
 /// arrived (the connection was reset before it).
 pub fn parse_reply(raw: &[u8]) -> Option<Reply> {

@@ -2,13 +2,22 @@
 
 JSON lines over stdin/stdout; logs go to stderr. See agent/README.md.
 A worker subclasses `Worker` and calls `serve(MyWorker())`.
+
+Cancellation: stdin is read on a thread of its own, so the agent's
+`cancel` message arrives while a request runs. Worker code sees it through
+the token callback (`emit` raises `Cancelled` once the request is
+cancelled) and through `cancelled()` / `raise_if_cancelled()` (also
+attributes of `emit` and `progress`) for loops that emit nothing. The
+request is then answered with an error of kind "cancelled".
 """
 import json
 import math
 import os
+import queue
 import re
 import shutil
 import sys
+import threading
 import traceback
 import unicodedata
 
@@ -22,6 +31,64 @@ class WorkerError(Exception):
     def __init__(self, message, kind="internal"):
         super().__init__(message)
         self.kind = kind
+
+
+class Cancelled(WorkerError):
+    """Raised in worker code once the agent cancelled the request being
+    served (its client went away or its time is up). A WorkerError, so that
+    worker code that catches and re-raises those passes it on; serve()
+    answers kind "cancelled" for a cancelled request whatever the worker
+    code did with it."""
+
+    def __init__(self, message="cancelled by the agent (the request's client went away or its time is up)"):
+        super().__init__(message, "cancelled")
+
+
+class _Requests:
+    """Ids received and not yet answered, and which of them the agent
+    cancelled. Shared by the reader thread and the serving (main) thread."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.pending = set()
+        self.cancelled = set()
+        self.current = None
+
+    def received(self, rid):
+        with self.lock:
+            self.pending.add(rid)
+
+    def cancel(self, rid):
+        # Only requests not yet answered: a cancel that crossed its
+        # request's answer on the way would otherwise stay in the set.
+        with self.lock:
+            if rid in self.pending:
+                self.cancelled.add(rid)
+
+    def is_cancelled(self, rid):
+        with self.lock:
+            return rid in self.cancelled
+
+    def answered(self, rid):
+        with self.lock:
+            self.pending.discard(rid)
+            self.cancelled.discard(rid)
+
+
+_requests = _Requests()
+
+
+def cancelled():
+    """True once the agent cancelled the request being served now."""
+    rid = _requests.current
+    return rid is not None and _requests.is_cancelled(rid)
+
+
+def raise_if_cancelled():
+    """Raises Cancelled once the request being served now was cancelled:
+    for loops between steps (prompts, chunks) that emit no tokens."""
+    if cancelled():
+        raise Cancelled()
 
 
 def send(obj):
@@ -173,45 +240,91 @@ def f32le_base64(values):
     return base64.b64encode(a.tobytes()).decode("ascii")
 
 
-def serve(worker):
+def _read_requests(requests, out):
+    """The reader thread: requests go to `out` in order (None at the end of
+    stdin); `cancel` messages are applied at once, while a request runs."""
     for line in sys.stdin:
         try:
             msg = json.loads(line)
         except ValueError:
             log("rm-worker: ignoring a line that is not JSON")
             continue
+        if not isinstance(msg, dict):
+            log("rm-worker: ignoring a line that is not a JSON object")
+            continue
+        if msg.get("method") == "cancel":
+            # No answer: the cancelled request's own answer says it stopped.
+            requests.cancel((msg.get("params") or {}).get("id"))
+            continue
+        requests.received(msg.get("id", 0))
+        out.put(msg)
+        if msg.get("method") == "shutdown":
+            break
+    out.put(None)
+
+
+def serve(worker):
+    inbox = queue.Queue()
+    threading.Thread(target=_read_requests, args=(_requests, inbox), daemon=True).start()
+    while True:
+        msg = inbox.get()
+        if msg is None:
+            return
         rid = msg.get("id", 0)
         method = msg.get("method")
         params = msg.get("params") or {}
+        if method == "shutdown":
+            return
+        _requests.current = rid
         try:
-            if method == "hello":
-                ok, reason = worker.probe()
-                send({"id": rid, "result": {"protocol": PROTOCOL, "compiler_version": worker.compiler_version,
-                                             "available": bool(ok), "reason": reason}})
-            elif method == "compile":
-                def progress(fraction, stage):
-                    send({"id": rid, "progress": {"fraction": float(fraction), "stage": stage}})
-                worker.compile(params, progress)
-                send({"id": rid, "result": {}})
-            elif method == "generate":
-                def emit(index, token_id, text=None):
-                    send({"id": rid, "token": {"index": index, "token_id": int(token_id), "text": text}})
-                outputs = worker.generate(params, emit)
-                send({"id": rid, "result": {"outputs": outputs}})
-            elif method == "forward":
-                send({"id": rid, "result": {"outputs": worker.forward(params)}})
-            elif method == "cleanup":
-                worker.cleanup(params.get("key"))
-                send({"id": rid, "result": {}})
-            elif method == "shutdown":
-                return
-            else:
-                raise WorkerError("unknown method %r" % method, "invalid_request")
-        except WorkerError as e:
-            send({"id": rid, "error": {"kind": e.kind, "message": str(e)}})
-        except Exception as e:  # noqa: BLE001 - every failure is answered, never fatal
-            log(traceback.format_exc())
-            send({"id": rid, "error": {"kind": "internal", "message": "%s: %s" % (type(e).__name__, e)}})
+            _answer(worker, rid, method, params)
+        finally:
+            _requests.current = None
+            _requests.answered(rid)
+
+
+def _answer(worker, rid, method, params):
+    """Runs one request and sends its one final answer."""
+    try:
+        # Cancelled while it waited behind another request: not started.
+        raise_if_cancelled()
+        if method == "hello":
+            ok, reason = worker.probe()
+            result = {"protocol": PROTOCOL, "compiler_version": worker.compiler_version,
+                      "available": bool(ok), "reason": reason, "cancel": True}
+        elif method == "compile":
+            def progress(fraction, stage):
+                send({"id": rid, "progress": {"fraction": float(fraction), "stage": stage}})
+            progress.cancelled = cancelled
+            progress.raise_if_cancelled = raise_if_cancelled
+            worker.compile(params, progress)
+            result = {}
+        elif method == "generate":
+            def emit(index, token_id, text=None):
+                # Stops a token loop at its next token; the token is not sent.
+                raise_if_cancelled()
+                send({"id": rid, "token": {"index": index, "token_id": int(token_id), "text": text}})
+            emit.cancelled = cancelled
+            emit.raise_if_cancelled = raise_if_cancelled
+            result = {"outputs": worker.generate(params, emit)}
+        elif method == "forward":
+            result = {"outputs": worker.forward(params)}
+        elif method == "cleanup":
+            worker.cleanup(params.get("key"))
+            result = {}
+        else:
+            raise WorkerError("unknown method %r" % method, "invalid_request")
+        answer = {"id": rid, "result": result}
+    except WorkerError as e:
+        answer = {"id": rid, "error": {"kind": e.kind, "message": str(e)}}
+    except Exception as e:  # noqa: BLE001 - every failure is answered, never fatal
+        log(traceback.format_exc())
+        answer = {"id": rid, "error": {"kind": "internal", "message": "%s: %s" % (type(e).__name__, e)}}
+    if _requests.is_cancelled(rid) and "result" not in answer:
+        # Whatever the worker code made of the Cancelled it got (an SDK may
+        # wrap exceptions from callbacks), the agent is told it stopped.
+        answer = {"id": rid, "error": {"kind": "cancelled", "message": str(Cancelled())}}
+    send(answer)
 
 
 def finish_reason(tokens, eos_ids, max_new):

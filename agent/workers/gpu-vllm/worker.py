@@ -123,6 +123,8 @@ class GpuWorker(rm_worker.Worker):
         import torch
         model, tok = obj
         for i, x in enumerate(prompts):
+            # model.generate runs a whole prompt; a cancel stops before the next.
+            rm_worker.raise_if_cancelled()
             if isinstance(x, str):
                 if tok is None:
                     raise WorkerError("no tokenizer in the artifact; send input_ids", "invalid_request")
@@ -157,6 +159,7 @@ class GpuWorker(rm_worker.Worker):
         model, _ = obj
         outputs = []
         for x in params["input_ids"]:
+            rm_worker.raise_if_cancelled()
             keep = rm_worker.kept_rows(len(x), params.get("logits_to_keep"))
             ids = torch.tensor([x], device="cuda")
             with torch.no_grad():

@@ -96,6 +96,8 @@ class RblnWorker(rm_worker.Worker):
         p = params["params"]
         outputs = []
         for i, x in enumerate(params["prompts"]):
+            # model.generate runs a whole prompt; a cancel stops before the next.
+            rm_worker.raise_if_cancelled()
             if isinstance(x, str):
                 if tok is None:
                     raise WorkerError("no tokenizer in the artifact; send input_ids", "invalid_request")

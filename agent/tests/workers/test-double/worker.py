@@ -14,19 +14,29 @@ it misbehave on purpose so the tests can check supervision:
   artifact records RM_ALLOW_TRUST_REMOTE_CODE as the agent set it;
 - prompt text "crash": exit at once (status 3);
 - prompt text "garbage": print a line that is not JSON;
-- prompt text "hang": never answer;
+- prompt text "hang": never answer (and ignore `cancel`);
+- prompt text "slow": 600 tokens, one every 100 ms (a minute), streamed or
+  not; it honours `cancel` at its next token, answering kind "cancelled";
 - prompt text "pid": answer this process's pid as the text (the compile's
   artifact.json records the compiling process's pid too), so tests can tell
   processes apart;
 - env TEST_DOUBLE_EVENTS=<file>: append "start <pid> <RM_DEVICES>" when the
   process starts and "exit <pid>" when it is told to shut down, so tests can
-  see the order in which processes come and go.
+  see the order in which processes come and go; "token <pid> ..." for each
+  token of a "slow" prompt and "cancelled <pid> ..." when one stops, so tests
+  can see work stop.
+
+Like rm_worker.serve() (which it does not use, to stay a stand-alone
+program), it reads stdin on a thread, so that `cancel` arrives while a
+request runs, and says so in its hello ("cancel": true).
 """
 import array
 import base64
 import json
 import os
+import queue
 import sys
+import threading
 import time
 
 PARENT = os.getppid()
@@ -42,6 +52,16 @@ def event(what):
 def send(obj):
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
+
+
+# Ids of the requests the agent cancelled (written by the reader thread).
+CANCELLED = set()
+LOCK = threading.Lock()
+
+
+def is_cancelled(rid):
+    with LOCK:
+        return rid in CANCELLED
 
 
 def parent_alive():
@@ -85,6 +105,23 @@ def generate(rid, p):
             while parent_alive():
                 time.sleep(0.1)
             sys.exit(0)
+        if prompt == "slow":
+            toks = []
+            for k in range(600):
+                if not parent_alive():
+                    sys.exit(0)
+                if is_cancelled(rid):
+                    event("cancelled")
+                    send({"id": rid, "error": {"kind": "cancelled", "message": "test double: cancelled after %d tokens" % k}})
+                    return
+                time.sleep(0.1)
+                t = k % 1000
+                toks.append(t)
+                event("token")
+                if p.get("stream"):
+                    send({"id": rid, "token": {"index": i, "token_id": t}})
+            outputs.append({"prompt_tokens": 4, "token_ids": toks, "text": "slow", "finish_reason": "length"})
+            continue
         ids = prompt if isinstance(prompt, list) else [ord(c) for c in prompt]
         n = p["params"]["max_new_tokens"]
         toks = [(ids[-1] + k + 1) % 1000 for k in range(n)] if ids else []
@@ -113,13 +150,32 @@ def forward(rid, p):
     send({"id": rid, "result": {"outputs": outputs}})
 
 
+def read(inbox):
+    """Requests go to `inbox` in order; `cancel` is applied at once. The
+    end of stdin (or a line it cannot read) ends the main loop too."""
+    try:
+        for line in sys.stdin:
+            msg = json.loads(line)
+            if msg["method"] == "cancel":
+                with LOCK:
+                    CANCELLED.add(msg["params"]["id"])
+                continue
+            inbox.put(msg)
+    finally:
+        inbox.put(None)
+
+
 def main():
     event("start")
-    for line in sys.stdin:
-        msg = json.loads(line)
+    inbox = queue.Queue()
+    threading.Thread(target=read, args=(inbox,), daemon=True).start()
+    while True:
+        msg = inbox.get()
+        if msg is None:
+            return
         rid, method, params = msg["id"], msg["method"], msg.get("params") or {}
         if method == "hello":
-            send({"id": rid, "result": {"protocol": 1, "compiler_version": "test-double-1", "available": True}})
+            send({"id": rid, "result": {"protocol": 1, "compiler_version": "test-double-1", "available": True, "cancel": True}})
         elif method == "compile":
             compile_(rid, params)
         elif method == "generate":
