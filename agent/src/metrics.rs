@@ -16,6 +16,9 @@ pub struct Metrics {
     pub forward_requests: AtomicU64,
     pub forward_errors: AtomicU64,
     pub refused_requests: AtomicU64,
+    /// Model files refused as malformed: by the in-process header walk or
+    /// because they crashed or failed the isolated check (`cpu::probe`).
+    pub models_malformed: AtomicU64,
 }
 
 /// Gauges read at scrape time.
@@ -45,12 +48,13 @@ impl Metrics {
             "generated_tokens": g(&self.generated_tokens),
             "forward_requests": g(&self.forward_requests),
             "refused_requests": g(&self.refused_requests),
+            "models_malformed": g(&self.models_malformed),
         })
     }
 
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut s = String::new();
-        let counters: [(&str, &str, &AtomicU64); 11] = [
+        let counters: [(&str, &str, &AtomicU64); 12] = [
             (
                 "rm_agent_prepare_requests_total",
                 "prepare requests",
@@ -105,6 +109,11 @@ impl Metrics {
                 "rm_agent_refused_requests_total",
                 "requests refused for their token or device",
                 &self.refused_requests,
+            ),
+            (
+                "rm_agent_models_malformed_total",
+                "model files refused as malformed (header checks, or a crash of the isolated loader check)",
+                &self.models_malformed,
             ),
         ];
         for (name, help, c) in counters {

@@ -65,6 +65,8 @@ pub type TokenFn = Arc<dyn Fn(usize, u32, Option<&str>) + Send + Sync>;
 #[derive(Clone, Debug)]
 pub struct CompileJob {
     pub key: CacheKey,
+    /// The model's content digest (`sha256:...`).
+    pub model_digest: String,
     pub model_path: PathBuf,
     pub model_format: ModelFormat,
     pub device_type: DeviceType,
@@ -205,6 +207,10 @@ pub enum BackendError {
     InvalidRequest(String),
     #[error("{0}")]
     Unsupported(String),
+    /// The model file breaks its format, or crashed a reader in the isolated
+    /// check (`cpu::probe`).
+    #[error("the model file is malformed: {0}")]
+    Malformed(String),
     #[error("backend unavailable: {0}")]
     Unavailable(String),
     #[error("worker failed: {0}")]
@@ -221,7 +227,7 @@ impl BackendError {
     pub fn http_status(&self) -> u16 {
         match self {
             BackendError::InvalidRequest(_) => 400,
-            BackendError::Unsupported(_) => 422,
+            BackendError::Unsupported(_) | BackendError::Malformed(_) => 422,
             BackendError::Unavailable(_) => 503,
             BackendError::Worker(_) => 502,
             BackendError::Timeout(_) => 504,
