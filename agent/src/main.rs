@@ -1,6 +1,9 @@
 //! `rm-agent`: wiring only. Parses flags, opens the cache, discovers
 //! backends, serves the API on the unix socket (and metrics on TCP), and
 //! shuts down cleanly on SIGTERM.
+//!
+//! `rm-agent probe-model <file>` (hidden) is the agent checking an untrusted
+//! model file in a child process of its own; see `backend::cpu::probe`.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -9,7 +12,7 @@ use std::sync::Arc;
 use clap::Parser;
 use rm_agent::api;
 use rm_agent::auth::TokenStore;
-use rm_agent::backend::cpu::{CpuBackend, EngineOptions, GgufEngine};
+use rm_agent::backend::cpu::{CpuBackend, EngineOptions, GgufEngine, ProbeConfig, probe};
 use rm_agent::backend::worker::{WorkerBackend, discover};
 use rm_agent::backend::{Backend, Registry};
 use rm_agent::cache::CacheStore;
@@ -208,7 +211,20 @@ async fn run(cli: Cli) -> Result<(), StartError> {
     if let Some(t) = cli.cpu_threads.filter(|t| *t > 0) {
         engine.threads = t;
     }
-    let mut backends: Vec<Arc<dyn Backend>> = vec![Arc::new(CpuBackend::new(engine))];
+    let mut cpu = CpuBackend::new(engine);
+    match ProbeConfig::this_binary() {
+        Ok(p) => {
+            tracing::debug!(program = %p.program.display(), "model files are checked in a child process");
+            cpu = cpu.with_probe(p);
+        }
+        // Still the in-process header checks; llama.cpp may abort the agent
+        // on a malformed file.
+        Err(e) => tracing::error!(
+            error = %e,
+            "cannot find the agent's own binary: model files are checked in-process only"
+        ),
+    }
+    let mut backends: Vec<Arc<dyn Backend>> = vec![Arc::new(cpu)];
     if let Some(dir) = &cli.plugin_dir {
         for (wdir, manifest) in discover(dir) {
             tracing::info!(backend = %manifest.name, dir = %wdir.display(), "worker plugin found");
@@ -357,6 +373,16 @@ async fn reap_workers(
 }
 
 fn main() -> std::process::ExitCode {
+    // The model check runs as `rm-agent probe-model ...`, the agent's own
+    // binary, so that a container needs nothing else. Looked for before the
+    // agent's flags are parsed, which stay exactly as they were (no
+    // subcommands, required --socket).
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == probe::SUBCOMMAND)
+    {
+        return probe::run(probe::ProbeArgs::parse_from(std::env::args_os().skip(1)));
+    }
     // llama.cpp logs every model load and context at info, tens of lines.
     rm_runtime::init_logging("info,llama-cpp-2=warn");
     let cli = Cli::parse();

@@ -21,6 +21,9 @@ pub struct Metrics {
     pub request_timeouts: AtomicU64,
     /// Stopped because their client went away.
     pub requests_cancelled: AtomicU64,
+    /// Model files refused as malformed: by the in-process header walk or
+    /// because they crashed or failed the isolated check (`cpu::probe`).
+    pub models_malformed: AtomicU64,
 }
 
 /// Gauges read at scrape time.
@@ -59,12 +62,13 @@ impl Metrics {
             "refused_busy": g(&self.refused_busy),
             "request_timeouts": g(&self.request_timeouts),
             "requests_cancelled": g(&self.requests_cancelled),
+            "models_malformed": g(&self.models_malformed),
         })
     }
 
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut s = String::new();
-        let counters: [(&str, &str, &AtomicU64); 14] = [
+        let counters: [(&str, &str, &AtomicU64); 15] = [
             (
                 "rm_agent_prepare_requests_total",
                 "prepare requests",
@@ -134,6 +138,11 @@ impl Metrics {
                 "rm_agent_requests_cancelled_total",
                 "generate/forward requests stopped because their client went away",
                 &self.requests_cancelled,
+            ),
+            (
+                "rm_agent_models_malformed_total",
+                "model files refused as malformed (header checks, or a crash of the isolated loader check)",
+                &self.models_malformed,
             ),
         ];
         for (name, help, c) in counters {

@@ -575,6 +575,7 @@ impl Agent {
                 };
                 let job = CompileJob {
                     key: key.clone(),
+                    model_digest: model.digest.clone(),
                     model_path: model.path.clone(),
                     model_format: model.format,
                     device_type: target.device_type,
@@ -641,6 +642,14 @@ impl Agent {
         self.finish_prepare(t).await
     }
 
+    /// Counts a model file refused as malformed when an entry is loaded (a
+    /// compile counts its own in `run_compile`).
+    fn count_malformed(&self, e: &AgentError) {
+        if matches!(e, AgentError::Backend(BackendError::Malformed(_))) {
+            Metrics::inc(&self.metrics.models_malformed);
+        }
+    }
+
     /// Runs a generation on a prepared entry.
     pub async fn generate(
         &self,
@@ -657,7 +666,10 @@ impl Agent {
                     .generated_tokens
                     .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
             }
-            Err(_) => Metrics::inc(&self.metrics.generate_errors),
+            Err(e) => {
+                Metrics::inc(&self.metrics.generate_errors);
+                self.count_malformed(e);
+            }
         }
         result
     }
@@ -782,8 +794,9 @@ impl Agent {
             }
             Err(e) => Err(e),
         };
-        if result.is_err() {
+        if let Err(e) = &result {
             Metrics::inc(&self.metrics.forward_errors);
+            self.count_malformed(e);
         }
         result
     }
@@ -975,6 +988,9 @@ async fn run_compile(
     };
     job.output_dir = staging.dir.clone();
     if let Err(e) = backend.compile(job, progress.clone()).await {
+        if matches!(e, BackendError::Malformed(_)) {
+            Metrics::inc(&metrics.models_malformed);
+        }
         return fail(leader, e.http_status(), e.to_string());
     }
     if let Err(e) = models.unchanged(&model, &stamps) {

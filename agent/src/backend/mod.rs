@@ -121,6 +121,8 @@ impl AllocationRef {
 #[derive(Clone, Debug)]
 pub struct CompileJob {
     pub key: CacheKey,
+    /// The model's content digest (`sha256:...`).
+    pub model_digest: String,
     pub model_path: PathBuf,
     pub model_format: ModelFormat,
     pub device_type: DeviceType,
@@ -269,6 +271,10 @@ pub enum BackendError {
     InvalidRequest(String),
     #[error("{0}")]
     Unsupported(String),
+    /// The model file breaks its format, or crashed a reader in the isolated
+    /// check (`cpu::probe`).
+    #[error("the model file is malformed: {0}")]
+    Malformed(String),
     #[error("backend unavailable: {0}")]
     Unavailable(String),
     #[error("worker failed: {0}")]
@@ -289,7 +295,7 @@ impl BackendError {
     pub fn http_status(&self) -> u16 {
         match self {
             BackendError::InvalidRequest(_) => 400,
-            BackendError::Unsupported(_) => 422,
+            BackendError::Unsupported(_) | BackendError::Malformed(_) => 422,
             BackendError::Unavailable(_) => 503,
             BackendError::Worker(_) => 502,
             BackendError::Timeout(_) => 504,

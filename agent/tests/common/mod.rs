@@ -74,8 +74,19 @@ pub fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Reply {
-    let mut s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    try_request(socket, method, path, headers, body).expect("an HTTP answer")
+}
+
+/// [`request`], or `None` when no answer came (the agent is gone).
+pub fn try_request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<Reply> {
+    let mut s = UnixStream::connect(socket).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(300))).ok()?;
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: rm-agent\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -87,13 +98,13 @@ pub fn request(
         head.push_str("Content-Type: application/json\r\n");
     }
     head.push_str("\r\n");
-    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(head.as_bytes()).ok()?;
     // The agent may answer before it reads the body (a refused upload, a
     // missing token) and close: its answer is still there to read.
     let _ = s.write_all(body);
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    parse_reply(&raw).expect("an HTTP answer")
+    s.read_to_end(&mut raw).ok()?;
+    parse_reply(&raw)
 }
 
 /// Sends a `POST` and leaves the answer unread: the caller hangs up by
@@ -605,4 +616,211 @@ pub fn ids(v: &Value) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
+}
+
+/// A GGUF metadata value, as the tests write it.
+#[derive(Clone, Debug)]
+pub enum Md {
+    U32(u32),
+    F32(f32),
+    Str(String),
+    Strs(Vec<String>),
+    I32s(Vec<i32>),
+    /// Any value type and its bytes as they go in the file (to write what
+    /// no honest writer would).
+    Raw(u32, Vec<u8>),
+}
+
+impl Md {
+    fn encode(&self) -> (u32, Vec<u8>) {
+        let s = |v: &str| {
+            let mut b = (v.len() as u64).to_le_bytes().to_vec();
+            b.extend(v.as_bytes());
+            b
+        };
+        match self {
+            Md::U32(v) => (4, v.to_le_bytes().to_vec()),
+            Md::F32(v) => (6, v.to_le_bytes().to_vec()),
+            Md::Str(v) => (8, s(v)),
+            Md::Strs(v) => {
+                let mut b = 8u32.to_le_bytes().to_vec();
+                b.extend((v.len() as u64).to_le_bytes());
+                for x in v {
+                    b.extend(s(x));
+                }
+                (9, b)
+            }
+            Md::I32s(v) => {
+                let mut b = 5u32.to_le_bytes().to_vec();
+                b.extend((v.len() as u64).to_le_bytes());
+                for x in v {
+                    b.extend(x.to_le_bytes());
+                }
+                (9, b)
+            }
+            Md::Raw(t, b) => (*t, b.clone()),
+        }
+    }
+}
+
+/// One f32 tensor: its GGUF name, its dimensions in ggml order (fastest
+/// first), and an offset that overrides the honest one.
+#[derive(Clone, Debug)]
+pub struct GgufTensor {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub offset: Option<u64>,
+}
+
+/// A GGUF v3 file written field by field, so that tests can make any field
+/// wrong. [`tiny_gguf`] is a valid one.
+#[derive(Clone, Debug)]
+pub struct GgufFile {
+    pub metadata: Vec<(String, Md)>,
+    pub tensors: Vec<GgufTensor>,
+}
+
+impl GgufFile {
+    /// Sets `key` (replacing it if present).
+    pub fn set(mut self, key: &str, v: Md) -> Self {
+        self.metadata.retain(|(k, _)| k != key);
+        self.metadata.push((key.into(), v));
+        self
+    }
+
+    /// Drops every key starting with `prefix`.
+    pub fn without(mut self, prefix: &str) -> Self {
+        self.metadata.retain(|(k, _)| !k.starts_with(prefix));
+        self
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        const ALIGN: usize = 32;
+        let mut out = b"GGUF".to_vec();
+        out.extend(3u32.to_le_bytes());
+        out.extend((self.tensors.len() as u64).to_le_bytes());
+        out.extend((self.metadata.len() as u64).to_le_bytes());
+        for (k, v) in &self.metadata {
+            out.extend((k.len() as u64).to_le_bytes());
+            out.extend(k.as_bytes());
+            let (t, b) = v.encode();
+            out.extend(t.to_le_bytes());
+            out.extend(b);
+        }
+        let mut data = Vec::new();
+        for (i, t) in self.tensors.iter().enumerate() {
+            out.extend((t.name.len() as u64).to_le_bytes());
+            out.extend(t.name.as_bytes());
+            out.extend((t.dims.len() as u32).to_le_bytes());
+            for d in &t.dims {
+                out.extend(d.to_le_bytes());
+            }
+            out.extend(0u32.to_le_bytes()); // f32
+            out.extend(t.offset.unwrap_or(data.len() as u64).to_le_bytes());
+            // Honest tensors are small; a hostile shape gets a token amount
+            // of data (its offset or size is the point).
+            let n = t
+                .dims
+                .iter()
+                .fold(1u64, |a, d| a.saturating_mul(*d))
+                .min(1 << 16);
+            // Norm weights near 1, the rest small: a stable tiny model.
+            let v: Vec<f32> = if t.dims.len() == 1 {
+                values(n as usize, i as u64, 0.1)
+                    .into_iter()
+                    .map(|x| 1.0 + x)
+                    .collect()
+            } else {
+                values(n as usize, i as u64, 0.3)
+            };
+            for x in v {
+                data.extend(x.to_le_bytes());
+            }
+            while data.len() % ALIGN != 0 {
+                data.push(0);
+            }
+        }
+        while out.len() % ALIGN != 0 {
+            out.push(0);
+        }
+        out.extend(data);
+        out
+    }
+
+    pub fn write(&self, path: &Path) -> PathBuf {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(path, self.bytes()).unwrap();
+        path.to_owned()
+    }
+}
+
+/// GPT-2's byte-level alphabet: byte b is the token text `byte_token(b)`.
+fn byte_token(b: u8) -> String {
+    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xa1..=0xac).contains(&b) || b >= 0xae;
+    if printable(b) {
+        return char::from(b).to_string();
+    }
+    let n = (0..b).filter(|x| !printable(*x)).count() as u32;
+    char::from_u32(256 + n).unwrap().to_string()
+}
+
+/// A valid tiny llama GGUF with a GPT-2 vocabulary of [`TINY_VOCAB`] byte
+/// tokens: llama.cpp runs it, and each test breaks one field of it.
+pub fn tiny_gguf() -> GgufFile {
+    let (hidden, inter, layers, heads, kv) = (64u64, 128u64, 2usize, 4u32, 2u32);
+    let head_dim = hidden / heads as u64;
+    let kv_dim = kv as u64 * head_dim;
+    let md = vec![
+        ("general.architecture", Md::Str("llama".into())),
+        ("llama.context_length", Md::U32(256)),
+        ("llama.embedding_length", Md::U32(hidden as u32)),
+        ("llama.block_count", Md::U32(layers as u32)),
+        ("llama.feed_forward_length", Md::U32(inter as u32)),
+        ("llama.attention.head_count", Md::U32(heads)),
+        ("llama.attention.head_count_kv", Md::U32(kv)),
+        ("llama.rope.dimension_count", Md::U32(head_dim as u32)),
+        ("llama.attention.layer_norm_rms_epsilon", Md::F32(1e-5)),
+        ("tokenizer.ggml.model", Md::Str("gpt2".into())),
+        (
+            "tokenizer.ggml.tokens",
+            Md::Strs((0..=255u8).map(byte_token).collect()),
+        ),
+        ("tokenizer.ggml.token_type", Md::I32s(vec![1; TINY_VOCAB])),
+        ("tokenizer.ggml.merges", Md::Strs(vec![])),
+        ("tokenizer.ggml.bos_token_id", Md::U32(1)),
+        ("tokenizer.ggml.eos_token_id", Md::U32(2)),
+    ];
+    let v = TINY_VOCAB as u64;
+    let mut tensors = vec![
+        ("token_embd.weight".to_string(), vec![hidden, v]),
+        ("output_norm.weight".to_string(), vec![hidden]),
+        ("output.weight".to_string(), vec![hidden, v]),
+    ];
+    for l in 0..layers {
+        let p = |n: &str| format!("blk.{l}.{n}.weight");
+        tensors.extend([
+            (p("attn_norm"), vec![hidden]),
+            (p("ffn_norm"), vec![hidden]),
+            (p("attn_q"), vec![hidden, hidden]),
+            (p("attn_k"), vec![hidden, kv_dim]),
+            (p("attn_v"), vec![hidden, kv_dim]),
+            (p("attn_output"), vec![hidden, hidden]),
+            (p("ffn_gate"), vec![hidden, inter]),
+            (p("ffn_up"), vec![hidden, inter]),
+            (p("ffn_down"), vec![inter, hidden]),
+        ]);
+    }
+    GgufFile {
+        metadata: md.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        tensors: tensors
+            .into_iter()
+            .map(|(name, dims)| GgufTensor {
+                name,
+                dims,
+                offset: None,
+            })
+            .collect(),
+    }
 }

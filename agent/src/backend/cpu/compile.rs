@@ -149,7 +149,7 @@ pub fn compile(job: &CompileJob, progress: &ProgressFn) -> Result<(), BackendErr
     match job.model_format {
         ModelFormat::Gguf => {
             let mut f = fs::File::open(&job.model_path).map_err(io(&job.model_path))?;
-            let content = gguf_file::Content::read(&mut f).map_err(|e| {
+            let content = super::engine::read_gguf_header(&mut f).map_err(|e| {
                 BackendError::Unsupported(format!(
                     "{} is not a readable GGUF file: {e}",
                     job.model_path.display()

@@ -284,6 +284,101 @@ pub fn read_llama_config(dir: &Path) -> Result<llama::LlamaConfig, BackendError>
     })
 }
 
+/// candle's GGUF header reader over a buffer: unbuffered, it makes a few
+/// system calls per field, which for a 49 152-token vocabulary took 160 ms of
+/// 200. Tensors are read later at absolute offsets, so the buffer's read-ahead
+/// does no harm.
+pub fn read_gguf_header(f: &mut fs::File) -> candle_core::Result<gguf_file::Content> {
+    gguf_file::Content::read(&mut std::io::BufReader::with_capacity(1 << 16, f))
+}
+
+/// Loads a GGUF file on the engine `opts` choose for it: the weights, the
+/// vocabulary size and the context length. Fills `tokenizer` from the GGUF's
+/// vocabulary when given and still empty.
+fn load_gguf(
+    path: &Path,
+    opts: &EngineOptions,
+    tokenizer: Option<&mut Option<Tokenizer>>,
+) -> Result<(Weights, usize, usize), BackendError> {
+    let mut f =
+        fs::File::open(path).map_err(|e| BackendError::Io(format!("{}: {e}", path.display())))?;
+    let content = read_gguf_header(&mut f)
+        .map_err(|e| BackendError::Unsupported(format!("model.gguf: {e}")))?;
+    if let Some(tokenizer) = tokenizer.filter(|t| t.is_none()) {
+        match tokenizer::from_gguf(&content) {
+            Ok(t) => *tokenizer = Some(t),
+            Err(why) => tracing::info!(%why, "no tokenizer: text prompts will be refused"),
+        }
+    }
+    let vocab = content
+        .tensor_infos
+        .get("token_embd.weight")
+        .and_then(|t| t.shape.dims().first().copied())
+        .unwrap_or(0);
+    let ctx = content
+        .metadata
+        .get("llama.context_length")
+        .and_then(|v| v.to_u32().ok())
+        .map(|v| v as usize)
+        .unwrap_or(quantized_llama::MAX_SEQ_LEN);
+    // llama.cpp needs `tokenizer.ggml.model` (a vocabulary, or "none" in the
+    // agent's own conversions).
+    let has_vocab = content.metadata.contains_key("tokenizer.ggml.model");
+    let llama_cpp = match opts.gguf_engine {
+        GgufEngine::Auto => has_vocab && super::llama_cpp::cpu_supported(),
+        GgufEngine::LlamaCpp => true,
+        GgufEngine::Candle => false,
+    };
+    let gguf_arch = content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .map_or("llama", String::as_str);
+    if !llama_cpp && gguf_arch != "llama" {
+        let why = if !has_vocab {
+            "the GGUF has no tokenizer.ggml.model, which llama.cpp needs"
+        } else if opts.gguf_engine == GgufEngine::Candle {
+            "the agent runs with --cpu-engine candle"
+        } else {
+            "this CPU lacks the features llama.cpp was built for (AVX2, FMA, F16C, BMI2)"
+        };
+        return Err(BackendError::Unsupported(format!(
+            "GGUF architecture {gguf_arch:?} runs only on llama.cpp (candle runs llama only), and {why}"
+        )));
+    }
+    if llama_cpp {
+        drop(content);
+        let m = LlamaCppModel::load(path, opts.threads)?;
+        let ctx = m.context_length();
+        Ok((Weights::LlamaCpp(m), vocab, ctx))
+    } else {
+        let w = quantized_llama::ModelWeights::from_gguf(content, &mut f, &Device::Cpu)
+            .map_err(|e| BackendError::Unsupported(format!("model.gguf: {e}")))?;
+        Ok((
+            Weights::Quantized(w),
+            vocab,
+            ctx.min(quantized_llama::MAX_SEQ_LEN),
+        ))
+    }
+}
+
+/// Opens a GGUF file the way [`LoadedModel::load`] does (candle's reader,
+/// then llama.cpp or candle's loader) and, on llama.cpp, runs one token
+/// through a fresh context: its graph and kernels check hyper-parameters (an
+/// RMS epsilon, say) that loading alone does not. Returns the engine. This is
+/// the work of `rm-agent probe-model`, in a child process, because llama.cpp
+/// aborts the process on some malformed files. The tokenizer is left out: it
+/// is Rust whose panics the agent catches, its allocations are bounded by
+/// the header walk, and building it is a fifth of the check's time.
+pub fn probe_gguf(path: &Path, opts: &EngineOptions) -> Result<&'static str, BackendError> {
+    let (weights, _, _) = load_gguf(path, opts, None)?;
+    if let Weights::LlamaCpp(m) = &weights {
+        m.session(1)?.forward(&[0], 0, 1)?;
+        return Ok("llama.cpp");
+    }
+    Ok("candle")
+}
+
 impl LoadedModel {
     pub fn load(dir: &Path, opts: &EngineOptions) -> Result<LoadedModel, BackendError> {
         let manifest = ArtifactManifest::read(dir)?;
@@ -308,67 +403,9 @@ impl LoadedModel {
             None => n,
         };
         let (weights, vocab_size, max_seq_len) = if manifest.format == "gguf" {
-            let path = dir.join("model.gguf");
-            let mut f = fs::File::open(&path)
-                .map_err(|e| BackendError::Io(format!("{}: {e}", path.display())))?;
-            let content = gguf_file::Content::read(&mut f)
-                .map_err(|e| BackendError::Unsupported(format!("model.gguf: {e}")))?;
-            if tokenizer.is_none() {
-                match tokenizer::from_gguf(&content) {
-                    Ok(t) => tokenizer = Some(t),
-                    Err(why) => tracing::info!(%why, "no tokenizer: text prompts will be refused"),
-                }
-            }
-            let vocab = content
-                .tensor_infos
-                .get("token_embd.weight")
-                .map(|t| t.shape.dims()[0])
-                .unwrap_or(0);
-            let ctx = content
-                .metadata
-                .get("llama.context_length")
-                .and_then(|v| v.to_u32().ok())
-                .map(|v| v as usize)
-                .unwrap_or(quantized_llama::MAX_SEQ_LEN);
-            // llama.cpp needs `tokenizer.ggml.model` (a vocabulary, or
-            // "none" in the agent's own conversions).
-            let has_vocab = content.metadata.contains_key("tokenizer.ggml.model");
-            let llama_cpp = match opts.gguf_engine {
-                GgufEngine::Auto => has_vocab && super::llama_cpp::cpu_supported(),
-                GgufEngine::LlamaCpp => true,
-                GgufEngine::Candle => false,
-            };
-            let gguf_arch = content
-                .metadata
-                .get("general.architecture")
-                .and_then(|v| v.to_string().ok())
-                .map_or("llama", String::as_str);
-            if !llama_cpp && gguf_arch != "llama" {
-                let why = if !has_vocab {
-                    "the GGUF has no tokenizer.ggml.model, which llama.cpp needs"
-                } else if opts.gguf_engine == GgufEngine::Candle {
-                    "the agent runs with --cpu-engine candle"
-                } else {
-                    "this CPU lacks the features llama.cpp was built for (AVX2, FMA, F16C, BMI2)"
-                };
-                return Err(BackendError::Unsupported(format!(
-                    "GGUF architecture {gguf_arch:?} runs only on llama.cpp (candle runs llama only), and {why}"
-                )));
-            }
-            if llama_cpp {
-                drop(content);
-                let m = LlamaCppModel::load(&path, opts.threads)?;
-                let ctx = m.context_length();
-                (Weights::LlamaCpp(m), vocab, cap(ctx))
-            } else {
-                let w = quantized_llama::ModelWeights::from_gguf(content, &mut f, &Device::Cpu)
-                    .map_err(|e| BackendError::Unsupported(format!("model.gguf: {e}")))?;
-                (
-                    Weights::Quantized(w),
-                    vocab,
-                    cap(ctx.min(quantized_llama::MAX_SEQ_LEN)),
-                )
-            }
+            let (weights, vocab, ctx) =
+                load_gguf(&dir.join("model.gguf"), opts, Some(&mut tokenizer))?;
+            (weights, vocab, cap(ctx))
         } else {
             let dtype = match manifest.dtype.as_str() {
                 "bf16" => DType::BF16,

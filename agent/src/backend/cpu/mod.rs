@@ -4,7 +4,9 @@
 pub mod arch;
 pub mod compile;
 pub mod engine;
+pub mod gguf_check;
 pub mod llama_cpp;
+pub mod probe;
 pub mod tokenizer;
 
 use std::collections::HashMap;
@@ -22,6 +24,7 @@ use super::{
 use crate::cache::CacheKey;
 use crate::source::ModelFormat;
 pub use engine::{EngineOptions, GgufEngine, LoadedModel};
+pub use probe::{ModelChecker, ProbeConfig};
 
 /// candle's version, part of every cpu cache key.
 pub const CANDLE_VERSION: &str = "0.11.1";
@@ -36,6 +39,8 @@ pub struct CpuBackend {
     /// sequence, so running two at once only makes both slower.
     compute: Arc<Semaphore>,
     options: EngineOptions,
+    /// Every GGUF file passes here before it is opened in-process.
+    checker: ModelChecker,
 }
 
 impl Default for CpuBackend {
@@ -50,8 +55,28 @@ impl CpuBackend {
             loaded: Arc::new(Mutex::new(HashMap::new())),
             compute: Arc::new(Semaphore::new(1)),
             options,
+            checker: ModelChecker::new(None, options.gguf_engine),
         }
     }
+
+    /// Checks each GGUF file in a child process (`probe`) before opening it,
+    /// besides the in-process header walk every file gets. The agent's
+    /// `main` sets it; library users (tests) whose binary is not the agent
+    /// keep to the walk.
+    pub fn with_probe(mut self, probe: ProbeConfig) -> Self {
+        self.checker = ModelChecker::new(Some(probe), self.options.gguf_engine);
+        self
+    }
+}
+
+/// The checker's name for a model's source file.
+fn source_id(model_digest: &str) -> String {
+    format!("model:{model_digest}")
+}
+
+/// The checker's name for an entry's artifact.
+fn entry_id(key: &CacheKey) -> String {
+    format!("entry:{key}")
 }
 
 impl CpuBackend {
@@ -67,6 +92,17 @@ impl CpuBackend {
         T: Send + 'static,
         F: FnOnce(&LoadedModel) -> Result<T, BackendError> + Send + 'static,
     {
+        let loaded_already = self
+            .loaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&key);
+        let gguf = dir.join("model.gguf");
+        // The entry was checked when it was compiled, but perhaps by an agent
+        // before this one (restart, upgrade): once per process.
+        if !loaded_already && gguf.is_file() {
+            self.checker.check(&entry_id(&key), &gguf).await?;
+        }
         let permit = self
             .compute
             .clone()
@@ -169,9 +205,31 @@ impl Backend for CpuBackend {
         progress: ProgressFn,
     ) -> BoxFuture<'_, Result<(), BackendError>> {
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || compile::compile(&job, &progress))
-                .await
-                .map_err(join_err)?
+            if job.model_format == ModelFormat::Gguf {
+                self.checker
+                    .check(&source_id(&job.model_digest), &job.model_path)
+                    .await?;
+            }
+            let (key, out) = (job.key.clone(), job.output_dir.clone());
+            let same_bytes = tokio::task::spawn_blocking(move || {
+                compile::compile(&job, &progress)?;
+                // A GGUF copied as it came is the file just checked.
+                let manifest = compile::ArtifactManifest::read(&job.output_dir)?;
+                Ok::<_, BackendError>(
+                    job.model_format == ModelFormat::Gguf && manifest.dtype == "source",
+                )
+            })
+            .await
+            .map_err(join_err)??;
+            let gguf = out.join("model.gguf");
+            if same_bytes {
+                self.checker.vouch(&entry_id(&key));
+            } else if gguf.is_file() {
+                // Written by the agent, but from the source's metadata (or a
+                // config.json's numbers): llama.cpp may still abort on it.
+                self.checker.check(&entry_id(&key), &gguf).await?;
+            }
+            Ok(())
         })
     }
 
