@@ -13,6 +13,7 @@ import json
 import os
 import select
 import socket
+import time
 
 from . import _log
 
@@ -50,12 +51,21 @@ def _wait_for_continue(sock, timeout):
     for the body (`100 Continue`, consumed here) or says nothing within
     `timeout` (RFC 9110: send it then); False when its final answer came
     first (left unread for `getresponse`)."""
-    ready, _, _ = select.select([sock], [], [], timeout)
-    if not ready:
+    # poll, not select: select fails on descriptors past 1023, common in
+    # processes that load large models.
+    p = select.poll()
+    p.register(sock, select.POLLIN)
+    if not p.poll(None if timeout is None else int(timeout * 1000)):
         return True
-    head = sock.recv(12, socket.MSG_PEEK)
-    if not head.startswith(b"HTTP/1.1 100") and not head.startswith(b"HTTP/1.0 100"):
-        return False
+    head = b""
+    while len(head) < 12:
+        # A status line may arrive in pieces: wait for the rest of a prefix
+        # of "HTTP/1.x 100" before deciding.
+        head = sock.recv(12, socket.MSG_PEEK)
+        if not head or not (b"HTTP/1.1 100"[:len(head)] == head or b"HTTP/1.0 100"[:len(head)] == head):
+            return False
+        if len(head) < 12:
+            time.sleep(0.005)
     # Consume the interim response (status line and empty header block).
     buf = b""
     while not buf.endswith(b"\r\n\r\n"):
@@ -211,7 +221,7 @@ class AgentClient:
                 for k, v in headers.items():
                     conn.putheader(k, v)
                 conn.endheaders()
-                if _wait_for_continue(conn.sock, timeout=min(self.timeout, 30.0)):
+                if _wait_for_continue(conn.sock, timeout=30.0 if self.timeout is None else min(self.timeout, 30.0)):
                     # http.client streams a file object in blocks: no copy in
                     # memory.
                     conn.send(f)
