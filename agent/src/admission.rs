@@ -23,6 +23,10 @@ use tokio::sync::oneshot;
 pub struct Bounds {
     /// Requests that run at once on one resource.
     pub slots: usize,
+    /// Of those, how many one tenant may hold: a tenant at its share waits
+    /// even when a slot is free, so that long work (compiles take hours)
+    /// cannot hold every slot.
+    pub per_tenant_slots: usize,
     /// Requests one tenant may have waiting on one resource.
     pub per_tenant_queue: usize,
     /// Requests waiting on one resource, all tenants together.
@@ -65,10 +69,39 @@ impl Refused {
 #[derive(Default)]
 struct Resource {
     running: usize,
+    /// Slots held, per tenant.
+    held: HashMap<String, usize>,
     /// Tenants with waiters, in the order they are next served.
     order: VecDeque<String>,
     waiting: HashMap<String, VecDeque<oneshot::Sender<Permit>>>,
     queued: usize,
+}
+
+impl Resource {
+    /// Drops waiters whose requests went away (client gone, deadline
+    /// passed): they must not count against their tenant's share.
+    fn forget_departed(&mut self) {
+        let mut gone = 0;
+        for q in self.waiting.values_mut() {
+            let before = q.len();
+            q.retain(|tx| !tx.is_closed());
+            gone += before - q.len();
+        }
+        self.queued -= gone;
+        self.waiting.retain(|_, q| !q.is_empty());
+        let waiting = &self.waiting;
+        self.order.retain(|t| waiting.contains_key(t));
+    }
+
+    fn release(&mut self, tenant: &str) {
+        self.running = self.running.saturating_sub(1);
+        if let Some(n) = self.held.get_mut(tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.held.remove(tenant);
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -87,6 +120,7 @@ pub struct Admission {
 /// tenant in turn.
 pub struct Permit {
     resource: String,
+    tenant: String,
     state: Arc<Mutex<State>>,
     bounds: Bounds,
     /// Set once the slot was handed on (a permit sent to a waiter that had
@@ -120,6 +154,7 @@ impl Admission {
         Admission {
             bounds: Bounds {
                 slots: bounds.slots.max(1),
+                per_tenant_slots: bounds.per_tenant_slots.max(1),
                 ..bounds
             },
             state: Arc::new(Mutex::new(State::default())),
@@ -135,10 +170,15 @@ impl Admission {
     pub fn enqueue(&self, resource: &str, tenant: &str) -> Result<Ticket, Refused> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let r = st.resources.entry(resource.to_string()).or_default();
-        if r.running < self.bounds.slots && r.queued == 0 {
+        r.forget_departed();
+        let holds = r.held.get(tenant).copied().unwrap_or(0);
+        let waits_before = r.waiting.get(tenant).is_some_and(|q| !q.is_empty());
+        if r.running < self.bounds.slots && holds < self.bounds.per_tenant_slots && !waits_before {
             r.running += 1;
+            *r.held.entry(tenant.to_string()).or_default() += 1;
             return Ok(Ticket::Ready(Permit {
                 resource: resource.to_string(),
+                tenant: tenant.to_string(),
                 state: self.state.clone(),
                 bounds: self.bounds,
                 released: false,
@@ -194,9 +234,17 @@ impl Drop for Permit {
         let Some(r) = st.resources.get_mut(&self.resource) else {
             return;
         };
+        r.release(&self.tenant);
         // Hand the slot to the next tenant in turn whose waiter is still
-        // there; a waiter whose client left is skipped.
+        // there and who holds less than its share; a waiter whose client
+        // left is skipped.
+        let mut skipped = Vec::new();
         while let Some(tenant) = r.order.pop_front() {
+            let holds = r.held.get(&tenant).copied().unwrap_or(0);
+            if holds >= self.bounds.per_tenant_slots {
+                skipped.push(tenant);
+                continue;
+            }
             let Some(q) = r.waiting.get_mut(&tenant) else {
                 continue;
             };
@@ -205,29 +253,41 @@ impl Drop for Permit {
                 continue;
             };
             r.queued -= 1;
-            if q.is_empty() {
+            let more = !q.is_empty();
+            if !more {
                 r.waiting.remove(&tenant);
-            } else {
-                r.order.push_back(tenant);
             }
+            r.running += 1;
+            *r.held.entry(tenant.clone()).or_default() += 1;
             let next = Permit {
                 resource: self.resource.clone(),
+                tenant: tenant.clone(),
                 state: self.state.clone(),
                 bounds: self.bounds,
-                // Not released: if the waiter is gone, `send` gives it back
-                // and it is forgotten below without freeing the slot twice.
                 released: false,
             };
             match tx.send(next) {
-                Ok(()) => return,
+                Ok(()) => {
+                    if more {
+                        r.order.push_back(tenant);
+                    }
+                    break;
+                }
                 Err(mut back) => {
-                    // The waiter went away: keep looking (the slot is still
-                    // ours to hand on).
+                    // The waiter went away: take the slot back and keep
+                    // looking.
                     back.released = true;
+                    r.release(&tenant);
+                    if more {
+                        r.order.push_front(tenant);
+                    }
                 }
             }
         }
-        r.running = r.running.saturating_sub(1);
+        // Tenants at their share keep their place, in order, at the front.
+        for t in skipped.into_iter().rev() {
+            r.order.push_front(t);
+        }
         if r.running == 0 && r.queued == 0 {
             st.resources.remove(&self.resource);
         }
@@ -241,6 +301,7 @@ mod tests {
     fn admission(slots: usize, per_tenant: usize, queue: usize) -> Admission {
         Admission::new(Bounds {
             slots,
+            per_tenant_slots: slots,
             per_tenant_queue: per_tenant,
             queue,
         })
@@ -322,5 +383,39 @@ mod tests {
         let _p2 = ready(a.enqueue("cpu", "a").unwrap());
         let _w = queued(a.enqueue("cpu", "b").unwrap());
         assert_eq!(a.running(), 2);
+    }
+
+    #[test]
+    fn a_tenant_at_its_share_waits_while_others_take_free_slots() {
+        let a = Admission::new(Bounds {
+            slots: 2,
+            per_tenant_slots: 1,
+            per_tenant_queue: 10,
+            queue: 10,
+        });
+        let a1 = ready(a.enqueue("compile", "a").unwrap());
+        // a's second waits although a slot is free; b takes it at once.
+        let mut a2 = queued(a.enqueue("compile", "a").unwrap());
+        let b1 = ready(a.enqueue("compile", "b").unwrap());
+        assert!(a2.try_recv().is_err());
+        // b's end does not hand a its second slot: a still holds its share.
+        drop(b1);
+        assert!(a2.try_recv().is_err());
+        assert_eq!(a.running(), 1);
+        // a's first ends: its second runs.
+        drop(a1);
+        let _a2 = a2.try_recv().expect("a's second runs after its first");
+        assert_eq!(a.running(), 1);
+    }
+
+    #[test]
+    fn waiters_that_left_do_not_count_against_their_tenant() {
+        let a = admission(1, 2, 10);
+        let _run = ready(a.enqueue("cpu", "x").unwrap());
+        drop(queued(a.enqueue("cpu", "a").unwrap()));
+        drop(queued(a.enqueue("cpu", "a").unwrap()));
+        // Both of a's waiters are gone: a may queue again.
+        assert!(a.enqueue("cpu", "a").is_ok());
+        assert_eq!(a.waiting(), 1);
     }
 }

@@ -112,6 +112,10 @@ struct Cli {
     /// wait in turn between namespaces.
     #[arg(long, env = "RM_MAX_CONCURRENT_COMPILES", default_value_t = rm_agent::service::COMPILE_BOUNDS.slots)]
     max_concurrent_compiles: usize,
+    /// Of those, how many one namespace may run at once: compiles take hours
+    /// on NPUs, and one namespace must not hold every slot.
+    #[arg(long, env = "RM_MAX_CONCURRENT_COMPILES_PER_NAMESPACE", default_value_t = rm_agent::service::COMPILE_BOUNDS.per_tenant_slots)]
+    max_concurrent_compiles_per_namespace: usize,
     /// Compiles one namespace may have waiting; more get 429.
     #[arg(long, env = "RM_MAX_QUEUED_COMPILES_PER_NAMESPACE", default_value_t = rm_agent::service::COMPILE_BOUNDS.per_tenant_queue)]
     max_queued_compiles_per_namespace: usize,
@@ -270,11 +274,13 @@ async fn run(cli: Cli) -> Result<(), StartError> {
     };
     agent.requests = rm_agent::admission::Admission::new(rm_agent::admission::Bounds {
         slots: cli.concurrent_requests,
+        per_tenant_slots: cli.concurrent_requests,
         per_tenant_queue: cli.max_queued_per_namespace,
         queue: cli.max_queued,
     });
     agent.compiles = rm_agent::admission::Admission::new(rm_agent::admission::Bounds {
         slots: cli.max_concurrent_compiles,
+        per_tenant_slots: cli.max_concurrent_compiles_per_namespace,
         per_tenant_queue: cli.max_queued_compiles_per_namespace,
         queue: rm_agent::service::COMPILE_BOUNDS.queue,
     });

@@ -156,6 +156,68 @@ pub fn room(
     Ok(left.min(disk_left))
 }
 
+/// Bytes promised to writes under way (uploads streaming, compiles
+/// running), per namespace and for the node. They count as held until the
+/// write ends: without them, ten uploads started at once would each be
+/// measured against the same free space and quota, and together pass both.
+#[derive(Clone, Default)]
+pub struct Ledger(std::sync::Arc<std::sync::Mutex<Promised>>);
+
+#[derive(Default)]
+struct Promised {
+    node: u64,
+    by_namespace: std::collections::HashMap<String, u64>,
+}
+
+/// What a write under way was promised; given back when dropped.
+pub struct Reservation {
+    ledger: Ledger,
+    namespace: Option<String>,
+    pub bytes: u64,
+}
+
+impl Ledger {
+    /// What writes under way hold: (this namespace's, the node's).
+    pub fn promised(&self, namespace: Option<&str>) -> (u64, u64) {
+        let p = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mine = namespace
+            .and_then(|ns| p.by_namespace.get(ns).copied())
+            .unwrap_or(0);
+        (mine, p.node)
+    }
+
+    /// Promises `bytes` to a write of `namespace` (take it with the decision
+    /// that allowed it, under no other lock).
+    pub fn reserve(&self, namespace: Option<&str>, bytes: u64) -> Reservation {
+        let mut p = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        p.node = p.node.saturating_add(bytes);
+        if let Some(ns) = namespace {
+            let n = p.by_namespace.entry(ns.to_string()).or_default();
+            *n = n.saturating_add(bytes);
+        }
+        Reservation {
+            ledger: self.clone(),
+            namespace: namespace.map(str::to_string),
+            bytes,
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut p = self.ledger.0.lock().unwrap_or_else(|e| e.into_inner());
+        p.node = p.node.saturating_sub(self.bytes);
+        if let Some(ns) = &self.namespace
+            && let Some(n) = p.by_namespace.get_mut(ns)
+        {
+            *n = n.saturating_sub(self.bytes);
+            if *n == 0 {
+                p.by_namespace.remove(ns);
+            }
+        }
+    }
+}
+
 /// Free bytes (for an unprivileged writer) and total bytes of the
 /// filesystem of `path`.
 pub fn disk_space(path: &Path) -> std::io::Result<DiskSpace> {

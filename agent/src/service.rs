@@ -166,6 +166,10 @@ pub struct Agent {
     pub metrics: Arc<Metrics>,
     /// What one tenant may store.
     pub limits: Limits,
+    /// Bytes promised to uploads and compiles under way.
+    pub promised: crate::quota::Ledger,
+    /// Held while a write is measured and promised its bytes.
+    deciding: Mutex<()>,
     /// Generate and forward requests: slots per backend and device set,
     /// served in turn between namespaces.
     pub requests: Admission,
@@ -187,12 +191,15 @@ const BIND_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 /// `--max-queued`.
 pub const REQUEST_BOUNDS: Bounds = Bounds {
     slots: 1,
+    per_tenant_slots: 1,
     per_tenant_queue: 16,
     queue: 256,
 };
-/// Defaults for `--max-concurrent-compiles` and the compile queue.
+/// Defaults for `--max-concurrent-compiles`, the share of one namespace,
+/// and the compile queue.
 pub const COMPILE_BOUNDS: Bounds = Bounds {
     slots: 2,
+    per_tenant_slots: 1,
     per_tenant_queue: 4,
     queue: 64,
 };
@@ -243,6 +250,8 @@ impl Agent {
             access,
             metrics: Arc::new(Metrics::default()),
             limits: Limits::default(),
+            promised: crate::quota::Ledger::default(),
+            deciding: Mutex::new(()),
             requests: Admission::new(REQUEST_BOUNDS),
             compiles: Admission::new(COMPILE_BOUNDS),
             request_timeout: std::time::Duration::from_secs(600),
@@ -366,9 +375,17 @@ impl Agent {
                 source: e,
             })
         })?;
+        // Writes under way count as if done: what they were promised is
+        // held, and no longer free.
+        let (mine, node) = self.promised.promised(caller.namespace());
         Ok(Usage {
-            namespace_bytes: caller.namespace().map(|ns| self.namespace_bytes(ns)),
-            disk,
+            namespace_bytes: caller
+                .namespace()
+                .map(|ns| self.namespace_bytes(ns).saturating_add(mine)),
+            disk: crate::quota::DiskSpace {
+                free: disk.free.saturating_sub(node),
+                ..disk
+            },
         })
     }
 
@@ -379,23 +396,40 @@ impl Agent {
     }
 
     /// How many bytes an upload by `caller` may write (`declared`: its
-    /// Content-Length, 0 when unknown). See [`crate::quota::allowance`].
-    pub fn upload_allowance(&self, caller: &Caller, declared: u64) -> Result<u64, AgentError> {
+    /// Content-Length, 0 when unknown), and a promise of them (the declared
+    /// length, or with none all it may write) held until dropped. See
+    /// [`crate::quota::allowance`].
+    pub fn upload_allowance(
+        &self,
+        caller: &Caller,
+        declared: u64,
+    ) -> Result<(u64, crate::quota::Reservation), AgentError> {
+        // One decision at a time: two uploads must not both be measured
+        // before either is promised.
+        let _one = self.deciding.lock().unwrap_or_else(|p| p.into_inner());
         let usage = self.usage(caller)?;
-        crate::quota::allowance(&self.limits, &usage, caller.namespace(), declared)
-            .map_err(|e| self.refused(caller, "upload", e))
+        let allowed = crate::quota::allowance(&self.limits, &usage, caller.namespace(), declared)
+            .map_err(|e| self.refused(caller, "upload", e))?;
+        let promise = if declared > 0 { declared } else { allowed };
+        Ok((allowed, self.promised.reserve(caller.namespace(), promise)))
     }
 
-    /// A compile writes for `caller`'s namespace: it starts only with room
-    /// left in the namespace's quota and, above the disk's floor, room for
-    /// an output as large as the model (the output's size is known only at
-    /// the end; a quantized one is smaller).
-    fn compile_room(&self, caller: &Caller, model: &ResolvedModel) -> Result<(), AgentError> {
+    /// A compile writes for `caller`'s namespace: it is queued only with
+    /// room left in the namespace's quota and, above the disk's floor, room
+    /// for an output as large as the model (the output's size is known only
+    /// at the end; a quantized one is smaller). That much is promised to it
+    /// until it ends, so compiles queued together are counted together.
+    fn compile_room(
+        &self,
+        caller: &Caller,
+        model: &ResolvedModel,
+    ) -> Result<crate::quota::Reservation, AgentError> {
+        let _one = self.deciding.lock().unwrap_or_else(|p| p.into_inner());
         let usage = self.usage(caller)?;
         crate::quota::room(&self.limits, &usage, caller.namespace(), 0)
             .and_then(|_| crate::quota::room(&self.limits, &usage, None, model.bytes))
-            .map(|_| ())
-            .map_err(|e| self.refused(caller, "compile", e))
+            .map_err(|e| self.refused(caller, "compile", e))?;
+        Ok(self.promised.reserve(caller.namespace(), model.bytes))
     }
 
     /// Watches a hub download for `caller`: answers an error once the bytes
@@ -547,12 +581,12 @@ impl Agent {
         let ticket = match self.flights.get(&key) {
             Some(_) => None,
             None => {
-                self.compile_room(caller, &model)?;
-                Some(
-                    self.compiles
-                        .enqueue("compile", &tenant_of(caller))
-                        .inspect_err(|_| Metrics::inc(&self.metrics.refused_busy))?,
-                )
+                let promise = self.compile_room(caller, &model)?;
+                let ticket = self
+                    .compiles
+                    .enqueue("compile", &tenant_of(caller))
+                    .inspect_err(|_| Metrics::inc(&self.metrics.refused_busy))?;
+                Some((ticket, promise))
             }
         };
         let rx = match self.flights.join(&key, &info.name, &model.digest) {
@@ -560,17 +594,23 @@ impl Agent {
             Role::Leader(leader, rx) => {
                 // (A compile that ended between the look and the join leaves
                 // this one without a place yet.)
-                let ticket = match ticket
-                    .map_or_else(|| self.compiles.enqueue("compile", &tenant_of(caller)), Ok)
-                {
+                let place = match ticket {
+                    Some(t) => Ok(t),
+                    None => self.compile_room(caller, &model).and_then(|promise| {
+                        self.compiles
+                            .enqueue("compile", &tenant_of(caller))
+                            .map(|t| (t, promise))
+                            .map_err(AgentError::from)
+                    }),
+                };
+                let (ticket, promise) = match place {
                     Ok(t) => t,
                     Err(e) => {
-                        Metrics::inc(&self.metrics.refused_busy);
                         leader.finish(CompileState::Failed {
                             status: e.http_status(),
                             message: e.to_string(),
                         });
-                        return Err(e.into());
+                        return Err(e);
                     }
                 };
                 let job = CompileJob {
@@ -590,6 +630,7 @@ impl Agent {
                     metrics: self.metrics.clone(),
                     backend,
                     model,
+                    promise,
                 };
                 // Detached: the compile finishes even if every caller leaves.
                 tokio::spawn(run_compile(ctx, leader, ticket, job, inputs));
@@ -925,6 +966,8 @@ struct CompileContext {
     metrics: Arc<Metrics>,
     backend: Arc<dyn Backend>,
     model: ResolvedModel,
+    /// The bytes promised to the compile's output, until it ends.
+    promise: crate::quota::Reservation,
 }
 
 async fn run_compile(
@@ -940,6 +983,7 @@ async fn run_compile(
         metrics,
         backend,
         model,
+        promise: _promise,
     } = ctx;
     let key = leader.key().clone();
     let fail = |leader: crate::cache::Leader, status: u16, message: String| {

@@ -182,3 +182,50 @@ fn hub_downloads_past_the_node_budget_evict_the_least_recently_used() {
     let r = agent.post("/v1/prepare", json!({"model": a_model, "device": "cpu"}));
     assert_eq!(r.status, 200, "{}", r.message());
 }
+
+#[test]
+fn uploads_running_at_once_cannot_together_pass_the_quota() {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), None, &["--namespace-quota", "1M"]);
+    // Four uploads of 400 KiB start before any ends: two fit in 1 MiB, the
+    // others must be refused at once, from their headers.
+    let bodies: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 400 << 10]).collect();
+    let mut streams: Vec<std::os::unix::net::UnixStream> = bodies
+        .iter()
+        .map(|b| {
+            let sha = format!("{:x}", Sha256::digest(b));
+            let mut s = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
+            write!(
+                s,
+                "PUT /v1/blobs/{sha} HTTP/1.1\r\nHost: rm-agent\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n",
+                common::TOKEN,
+                b.len()
+            )
+            .unwrap();
+            // A refused upload's socket may be closed already.
+            let _ = s.write_all(&b[..1024]);
+            std::thread::sleep(Duration::from_millis(100));
+            s
+        })
+        .collect();
+    let status = |s: &mut std::os::unix::net::UnixStream| {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 12];
+        match s.read_exact(&mut buf) {
+            Ok(()) => String::from_utf8_lossy(&buf[9..12]).to_string(),
+            Err(_) => "none yet".to_string(),
+        }
+    };
+    let early: Vec<String> = streams[2..].iter_mut().map(status).collect();
+    assert_eq!(
+        early,
+        ["403", "403"],
+        "the third and fourth are over the quota"
+    );
+    for (s, b) in streams[..2].iter_mut().zip(&bodies) {
+        s.write_all(&b[1024..]).unwrap();
+        assert_eq!(status(s), "200");
+    }
+}

@@ -324,7 +324,9 @@ async fn put_blob(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .unwrap_or(0);
-    let allowed = agent.upload_allowance(&who, declared)?;
+    // Promised to this upload until it ends (`promise` dropped): uploads
+    // running at once cannot together pass the quota or the disk's floor.
+    let (allowed, promise) = agent.upload_allowance(&who, declared)?;
     let (tmp, mut file) = agent.models.blob_temp(&sha).map_err(AgentError::from)?;
     let mut hasher = Sha256::new();
     let mut stream = body.into_data_stream();
@@ -339,7 +341,9 @@ async fn put_blob(
         hasher.update(&chunk);
         n += chunk.len() as u64;
         if n > allowed {
-            // The limit it passed, as the decision names it for this size.
+            // The limit it passed, as the decision names it for this size
+            // (without its own promise).
+            drop(promise);
             let e = match agent.upload_allowance(&who, n) {
                 Err(e) => e,
                 Ok(_) => AgentError::Quota(crate::quota::QuotaError::TooLarge {
@@ -362,6 +366,8 @@ async fn put_blob(
         .finish_blob(&sha, tmp, file, &got)
         .map_err(AgentError::from)?;
     agent.grant_blob(&sha, &who)?;
+    // Counted by its grant from now on.
+    drop(promise);
     Ok(Json(json!({"sha256": sha, "stored": true, "bytes": n})))
 }
 
