@@ -558,9 +558,11 @@ impl ModelRegistry {
         }
     }
 
-    /// Complete hub downloads other than `except`: (dir, last registered,
-    /// bytes), least recently registered first.
-    fn hub_downloads(&self, except: &Path) -> Vec<(PathBuf, std::time::SystemTime, u64)> {
+    /// Hub downloads other than `except`: (dir, when last registered, or
+    /// `None` while still downloading, bytes), least recently registered
+    /// first.
+    #[allow(clippy::type_complexity)]
+    fn hub_downloads(&self, except: &Path) -> Vec<(PathBuf, Option<std::time::SystemTime>, u64)> {
         let Ok(entries) = fs::read_dir(&self.hub_dir) else {
             return Vec::new();
         };
@@ -568,12 +570,12 @@ impl ModelRegistry {
             .flatten()
             .map(|e| e.path())
             .filter(|p| p.is_dir() && p != except)
-            .filter_map(|p| {
+            .map(|p| {
                 let used = fs::metadata(p.join(".complete"))
                     .and_then(|m| m.modified())
-                    .ok()?;
+                    .ok();
                 let bytes = dir_bytes(&p);
-                Some((p, used, bytes))
+                (p, used, bytes)
             })
             .collect();
         out.sort_by_key(|(_, used, _)| *used);
@@ -582,9 +584,9 @@ impl ModelRegistry {
 
     /// Makes room for a download that has written `written` bytes into
     /// `dir`: removes the least recently registered hub downloads that no
-    /// compile reads until all fit the budget. Their models are forgotten
-    /// (registering them again downloads them again); entries compiled
-    /// from them stay.
+    /// compile reads until all (downloads under way included) fit the
+    /// budget. Their models are forgotten (registering them again downloads
+    /// them again); entries compiled from them stay.
     fn hub_room(&self, dir: &Path, written: u64) -> Result<(), SourceError> {
         let downloads = self.hub_downloads(dir);
         let mut total: u64 = downloads.iter().map(|(_, _, b)| b).sum::<u64>() + written;
@@ -598,30 +600,41 @@ impl ModelRegistry {
             .keys()
             .cloned()
             .collect();
-        for (old, _, bytes) in downloads {
-            if total <= self.hub_max {
-                break;
-            }
+        let mut doomed = Vec::new();
+        {
             let mut models = self.models.lock().unwrap_or_else(|p| p.into_inner());
-            let digests: Vec<String> = models
-                .iter()
-                .filter(|(_, m)| m.path.starts_with(&old))
-                .map(|(d, _)| d.clone())
-                .collect();
-            if digests.iter().any(|d| reading.contains(d)) {
-                continue;
+            for (old, used, bytes) in downloads {
+                if total <= self.hub_max {
+                    break;
+                }
+                if used.is_none() {
+                    continue; // another download under way
+                }
+                let digests: Vec<String> = models
+                    .iter()
+                    .filter(|(_, m)| m.path.starts_with(&old))
+                    .map(|(d, _)| d.clone())
+                    .collect();
+                if digests.iter().any(|d| reading.contains(d)) {
+                    continue;
+                }
+                // Renamed away under the lock (instant), removed after it:
+                // a large tree takes long to delete.
+                let trash = TempPath::unique(&old, "evicted");
+                if fs::rename(&old, trash.path()).is_err() {
+                    continue;
+                }
+                for d in &digests {
+                    models.remove(d);
+                }
+                total = total.saturating_sub(bytes);
+                self.hub_evictions
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(dir = %old.display(), bytes, "hub download evicted to make room");
+                doomed.push(trash);
             }
-            if fs::remove_dir_all(&old).is_err() {
-                continue;
-            }
-            for d in &digests {
-                models.remove(d);
-            }
-            total = total.saturating_sub(bytes);
-            self.hub_evictions
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::info!(dir = %old.display(), bytes, "hub download evicted to make room");
         }
+        drop(doomed);
         if total > self.hub_max {
             return Err(SourceError::HubFull {
                 budget: self.hub_max,
@@ -834,9 +847,13 @@ impl ModelRegistry {
             reason,
         };
         fs::create_dir_all(&self.hub_dir).map_err(|e| hub(e.to_string()))?;
+        // Into a directory of this download's own, renamed into place when
+        // complete: two registrations of one model never write into (or
+        // remove) each other's files.
+        let part = TempPath::unique(&dir, "part");
         // stderr into a file: a pipe nobody reads while we watch could fill
         // and stall the download.
-        let log_path = dir.with_extension("log");
+        let log_path = PathBuf::from(format!("{}.log", part.path().display()));
         let log = fs::File::create(&log_path).map_err(|e| hub(e.to_string()))?;
         let mut child = std::process::Command::new(cli)
             .arg("download")
@@ -844,30 +861,28 @@ impl ModelRegistry {
             .arg("--revision")
             .arg(rev)
             .arg("--local-dir")
-            .arg(&dir)
+            .arg(part.path())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()
             .map_err(|e| hub(e.to_string()))?;
         // Watched while it runs: a download that would pass the namespace's
-        // quota or the disk's floor is stopped and removed, not left to fill
-        // the node.
-        // Checked once more when it ended (a fast one may end between two
-        // looks).
+        // quota, the disk's floor or the hub budget is stopped and removed,
+        // not left to fill the node. Checked once more when it ended (a fast
+        // one may end between two looks).
         let status = loop {
             let ended = match child.try_wait() {
                 Ok(ended) => ended,
                 Err(e) => return Err(hub(e.to_string())),
             };
-            let written = dir_bytes(&dir);
+            let written = dir_bytes(part.path());
             let verdict = watch(written)
                 .map_err(SourceError::from)
-                .and_then(|()| self.hub_room(&dir, written));
+                .and_then(|()| self.hub_room(part.path(), written));
             if let Err(e) = verdict {
                 let _ = child.kill();
                 let _ = child.wait();
-                let _ = fs::remove_dir_all(&dir);
                 let _ = fs::remove_file(&log_path);
                 tracing::info!(hub = id, written, error = %e, "hub download stopped");
                 return Err(e);
@@ -882,7 +897,13 @@ impl ModelRegistry {
         if !status.success() {
             return Err(hub(stderr.lines().last().unwrap_or("").to_string()));
         }
-        let _ = fs::write(dir.join(".complete"), b"");
+        fs::write(part.path().join(".complete"), b"").map_err(|e| hub(e.to_string()))?;
+        match fs::rename(part.path(), &dir) {
+            Ok(()) => part.keep(),
+            // Another download of the same model finished first: use it.
+            Err(_) if dir.join(".complete").is_file() => {}
+            Err(e) => return Err(hub(e.to_string())),
+        }
         Ok(dir)
     }
 }

@@ -30,6 +30,7 @@ mkdir -p "$dest"
 case "$id" in
   org/small) cp {small}/* "$dest"/ ;;
   org/small-*) cp {small}/* "$dest"/; echo "$id" > "$dest/README.md" ;;
+  org/slow) sleep 0.5; cp {small}/* "$dest"/; sleep 0.5 ;;
   org/big) i=0; while [ $i -lt 16 ]; do head -c 524288 /dev/zero > "$dest/part$i.bin"; i=$((i+1)); sleep 0.2; done ;;
   *) echo "404: $id" >&2; exit 1 ;;
 esac
@@ -228,4 +229,54 @@ fn uploads_running_at_once_cannot_together_pass_the_quota() {
         s.write_all(&b[1024..]).unwrap();
         assert_eq!(status(s), "200");
     }
+}
+
+#[test]
+fn a_download_stopped_for_one_namespace_leaves_anothers_of_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    tiny_llama(&small, 4);
+    let path = fake_hub_cli(dir.path(), &small);
+    let agent = Agent::start_with_env(
+        dir.path(),
+        None,
+        &["--namespace-quota", "1M"],
+        &[("PATH", &path)],
+    );
+    agent.add_slot_token("token-of-full", "full");
+    // Namespace "full" has 900 KiB of its 1 MiB in use: its download of the
+    // model (~420 KiB) is stopped, while default's of the same one goes on.
+    let blob = vec![7u8; 900 << 10];
+    let sha = {
+        use sha2::{Digest, Sha256};
+        format!("{:x}", Sha256::digest(&blob))
+    };
+    let r = agent.call(
+        "PUT",
+        &format!("/v1/blobs/{sha}"),
+        Some("token-of-full"),
+        &blob,
+    );
+    assert_eq!(r.status, 200, "{}", r.message());
+    let socket = agent.socket.clone();
+    let other = std::thread::spawn(move || {
+        common::request(
+            &socket,
+            "POST",
+            "/v1/models",
+            &[common::AUTH],
+            json!({"source": {"hub": "org/slow"}})
+                .to_string()
+                .as_bytes(),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let r = agent.post_auth(
+        "/v1/models",
+        "token-of-full",
+        json!({"source": {"hub": "org/slow"}}),
+    );
+    assert_eq!(r.status, 403, "{}", r.message());
+    let r = other.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.message());
 }
