@@ -124,9 +124,13 @@ fn ndjson_line(v: &impl Serialize) -> String {
 }
 
 fn ndjson_response(rx: mpsc::UnboundedReceiver<String>) -> Response {
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|line| (Ok::<_, Infallible>(line), rx))
-    });
+    ndjson_body(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|line| (line, rx))
+    }))
+}
+
+fn ndjson_body(lines: impl futures::Stream<Item = String> + Send + 'static) -> Response {
+    let stream = lines.map(Ok::<_, Infallible>);
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/x-ndjson")
@@ -486,12 +490,20 @@ async fn generate(
         }))
         .into_response());
     }
-    let (tx, rx) = mpsc::unbounded_channel::<String>();
+    // Bounded: a client that keeps its connection open but stops reading
+    // must not make tokens pile up in the agent's memory. When the buffer
+    // is full the client is taken as gone, and its generation stopped.
+    let (tx, rx) = mpsc::channel::<String>(STREAM_BUFFER_LINES);
+    let stalled = Arc::new(tokio::sync::Notify::new());
     let tok_tx = tx.clone();
+    let on_stall = stalled.clone();
     let on_token: TokenFn = Arc::new(move |index, token_id, text| {
-        let _ = tok_tx.send(ndjson_line(&json!({
+        let line = ndjson_line(&json!({
             "event": "token", "index": index, "token_id": token_id, "text": text,
-        })));
+        }));
+        if let Err(mpsc::error::TrySendError::Full(_)) = tok_tx.try_send(line) {
+            on_stall.notify_one();
+        }
     });
     tokio::spawn(async move {
         let started = std::time::Instant::now();
@@ -500,6 +512,10 @@ async fn generate(
         let generated = tokio::select! {
             r = agent.generate(req, &who, Some(on_token)) => r,
             () = tx.closed() => return,
+            () = stalled.notified() => {
+                tracing::info!(caller = %who.describe(), "streaming client stopped reading; generation stopped");
+                return;
+            }
         };
         let line = match generated {
             Ok(outputs) => ndjson_line(&json!({
@@ -513,10 +529,17 @@ async fn generate(
                 "event": "error", "status": e.http_status(), "code": e.code(), "message": e.to_string(),
             })),
         };
-        let _ = tx.send(line);
+        let _ = tx.send(line).await;
     });
-    Ok(ndjson_response(rx))
+    Ok(ndjson_body(futures::stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|line| (line, rx)) },
+    )))
 }
+
+/// Lines a streamed generation may have waiting for its client (tokens are
+/// ~80 bytes: about 1.3 MB); bursts of a batch on an accelerator fit.
+const STREAM_BUFFER_LINES: usize = 16384;
 
 /// `model(input_ids).logits`: base64 f32 rows per sequence (see
 /// [`crate::backend::ForwardOutput`]).
