@@ -180,6 +180,8 @@ pub struct Agent {
     /// SHA-256 of the cluster operator's admin token, if one is set.
     admin_sha256: Option<String>,
     verified: Mutex<HashSet<CacheKey>>,
+    /// One verification at a time per entry (see [`Agent::runnable`]).
+    verifying: Mutex<std::collections::HashMap<CacheKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// How long a request waits for the device plugin to bind a fresh token to
@@ -257,6 +259,7 @@ impl Agent {
             request_timeout: std::time::Duration::from_secs(600),
             admin_sha256: admin_token.map(rm_crds::token::token_sha256),
             verified: Mutex::new(HashSet::new()),
+            verifying: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -868,32 +871,7 @@ impl Agent {
             AgentError::Select(SelectError::UnknownBackend(entry.backend.clone()))
         })?;
         let pin = self.store.pin(key)?;
-        let first_use = !self
-            .verified
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(key);
-        if first_use {
-            let store = self.store.clone();
-            let k = key.clone();
-            let verdict = tokio::task::spawn_blocking(move || store.verify(&k))
-                .await
-                .map_err(join_err)?;
-            if let Err(e) = verdict {
-                tracing::error!(key = %key, error = %e, "cache entry failed verification; removed");
-                drop(pin);
-                self.store.quarantine(key);
-                backend.cleanup(key);
-                return Err(AgentError::Store(StoreError::Corrupt {
-                    key: key.clone(),
-                    reason: format!("{e}; it was removed, prepare the model again"),
-                }));
-            }
-            self.verified
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(key.clone());
-        }
+        let pin = self.verified_once(key, pin, &backend).await?;
         Ok(Runnable {
             backend,
             artifact_dir: entry.dir.clone(),
@@ -901,6 +879,66 @@ impl Agent {
             device_type: target.device_type,
             _pin: pin,
         })
+    }
+
+    /// Checks an entry's files against its record on its first use in this
+    /// process; an entry that fails is removed. One check per entry:
+    /// requests arriving together (after a restart, or right after the
+    /// compile) wait for the first's instead of each re-reading the entry.
+    async fn verified_once(
+        &self,
+        key: &CacheKey,
+        pin: crate::cache::Pin,
+        backend: &Arc<dyn Backend>,
+    ) -> Result<crate::cache::Pin, AgentError> {
+        let is_verified = || {
+            self.verified
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(key)
+        };
+        if is_verified() {
+            return Ok(pin);
+        }
+        let gate = self
+            .verifying
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _turn = gate.lock().await;
+        if is_verified() {
+            return Ok(pin);
+        }
+        let store = self.store.clone();
+        let k = key.clone();
+        let verdict = tokio::task::spawn_blocking(move || store.verify(&k))
+            .await
+            .map_err(join_err)?;
+        if let Err(e) = verdict {
+            tracing::error!(key = %key, error = %e, "cache entry failed verification; removed");
+            drop(pin);
+            self.store.quarantine(key);
+            backend.cleanup(key);
+            self.verifying
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(key);
+            return Err(AgentError::Store(StoreError::Corrupt {
+                key: key.clone(),
+                reason: format!("{e}; it was removed, prepare the model again"),
+            }));
+        }
+        self.verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone());
+        self.verifying
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+        Ok(pin)
     }
 
     /// One pass of the worker reaper: the backends stop every process tied
