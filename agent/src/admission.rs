@@ -71,6 +71,28 @@ struct Resource {
     queued: usize,
 }
 
+impl Resource {
+    /// Forgets the waiters whose request went away (client hung up) before
+    /// their turn, so that they no longer count against their namespace's
+    /// share or the queue. Otherwise they would count until the slot is
+    /// next handed on, which may be long: a worker busy with a cancelled
+    /// request keeps its slot until it answers.
+    fn forget_gone(&mut self) {
+        if self.queued == 0 {
+            return;
+        }
+        let mut queued = 0;
+        self.waiting.retain(|_, q| {
+            q.retain(|tx| !tx.is_closed());
+            queued += q.len();
+            !q.is_empty()
+        });
+        let waiting = &self.waiting;
+        self.order.retain(|t| waiting.contains_key(t));
+        self.queued = queued;
+    }
+}
+
 #[derive(Default)]
 struct State {
     resources: HashMap<String, Resource>,
@@ -135,6 +157,7 @@ impl Admission {
     pub fn enqueue(&self, resource: &str, tenant: &str) -> Result<Ticket, Refused> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let r = st.resources.entry(resource.to_string()).or_default();
+        r.forget_gone();
         if r.running < self.bounds.slots && r.queued == 0 {
             r.running += 1;
             return Ok(Ticket::Ready(Permit {
@@ -313,6 +336,31 @@ mod tests {
         assert_eq!(a.waiting(), 0);
         // And a fresh request gets the slot at once.
         assert!(matches!(a.enqueue("cpu", "d"), Ok(Ticket::Ready(_))));
+    }
+
+    #[test]
+    fn waiters_that_left_count_against_no_share() {
+        let a = admission(1, 2, 3);
+        let run = ready(a.enqueue("cpu", "a").unwrap());
+        // A namespace whose clients hang up while the slot stays taken is
+        // not refused for requests it no longer has.
+        for _ in 0..10 {
+            drop(queued(a.enqueue("cpu", "a").unwrap()));
+        }
+        let mut w1 = queued(a.enqueue("cpu", "a").unwrap());
+        let _w2 = queued(a.enqueue("cpu", "a").unwrap());
+        assert_eq!(a.waiting(), 2);
+        assert_eq!(
+            a.enqueue("cpu", "a").err().map(|e| e.http_status()),
+            Some(429)
+        );
+        let _b = queued(a.enqueue("cpu", "b").unwrap());
+        assert_eq!(
+            a.enqueue("cpu", "c").err().map(|e| e.http_status()),
+            Some(503)
+        );
+        drop(run);
+        assert!(w1.try_recv().is_ok(), "the first waiter still there runs");
     }
 
     #[test]
