@@ -78,19 +78,24 @@ struct Resource {
 }
 
 impl Resource {
-    /// Drops waiters whose requests went away (client gone, deadline
-    /// passed): they must not count against their tenant's share.
-    fn forget_departed(&mut self) {
-        let mut gone = 0;
-        for q in self.waiting.values_mut() {
-            let before = q.len();
-            q.retain(|tx| !tx.is_closed());
-            gone += before - q.len();
+    /// Forgets the waiters whose request went away (client hung up) before
+    /// their turn, so that they no longer count against their namespace's
+    /// share or the queue. Otherwise they would count until the slot is
+    /// next handed on, which may be long: a worker busy with a cancelled
+    /// request keeps its slot until it answers.
+    fn forget_gone(&mut self) {
+        if self.queued == 0 {
+            return;
         }
-        self.queued -= gone;
-        self.waiting.retain(|_, q| !q.is_empty());
+        let mut queued = 0;
+        self.waiting.retain(|_, q| {
+            q.retain(|tx| !tx.is_closed());
+            queued += q.len();
+            !q.is_empty()
+        });
         let waiting = &self.waiting;
         self.order.retain(|t| waiting.contains_key(t));
+        self.queued = queued;
     }
 
     fn release(&mut self, tenant: &str) {
@@ -170,7 +175,7 @@ impl Admission {
     pub fn enqueue(&self, resource: &str, tenant: &str) -> Result<Ticket, Refused> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let r = st.resources.entry(resource.to_string()).or_default();
-        r.forget_departed();
+        r.forget_gone();
         let holds = r.held.get(tenant).copied().unwrap_or(0);
         let waits_before = r.waiting.get(tenant).is_some_and(|q| !q.is_empty());
         if r.running < self.bounds.slots && holds < self.bounds.per_tenant_slots && !waits_before {
@@ -377,6 +382,31 @@ mod tests {
     }
 
     #[test]
+    fn waiters_that_left_count_against_no_share() {
+        let a = admission(1, 2, 3);
+        let run = ready(a.enqueue("cpu", "a").unwrap());
+        // A namespace whose clients hang up while the slot stays taken is
+        // not refused for requests it no longer has.
+        for _ in 0..10 {
+            drop(queued(a.enqueue("cpu", "a").unwrap()));
+        }
+        let mut w1 = queued(a.enqueue("cpu", "a").unwrap());
+        let _w2 = queued(a.enqueue("cpu", "a").unwrap());
+        assert_eq!(a.waiting(), 2);
+        assert_eq!(
+            a.enqueue("cpu", "a").err().map(|e| e.http_status()),
+            Some(429)
+        );
+        let _b = queued(a.enqueue("cpu", "b").unwrap());
+        assert_eq!(
+            a.enqueue("cpu", "c").err().map(|e| e.http_status()),
+            Some(503)
+        );
+        drop(run);
+        assert!(w1.try_recv().is_ok(), "the first waiter still there runs");
+    }
+
+    #[test]
     fn slots_run_at_once_up_to_their_number() {
         let a = admission(2, 10, 10);
         let _p1 = ready(a.enqueue("cpu", "a").unwrap());
@@ -406,16 +436,5 @@ mod tests {
         drop(a1);
         let _a2 = a2.try_recv().expect("a's second runs after its first");
         assert_eq!(a.running(), 1);
-    }
-
-    #[test]
-    fn waiters_that_left_do_not_count_against_their_tenant() {
-        let a = admission(1, 2, 10);
-        let _run = ready(a.enqueue("cpu", "x").unwrap());
-        drop(queued(a.enqueue("cpu", "a").unwrap()));
-        drop(queued(a.enqueue("cpu", "a").unwrap()));
-        // Both of a's waiters are gone: a may queue again.
-        assert!(a.enqueue("cpu", "a").is_ok());
-        assert_eq!(a.waiting(), 1);
     }
 }

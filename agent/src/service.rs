@@ -14,7 +14,7 @@ use crate::admission::{Admission, Bounds, Refused, Ticket};
 use crate::auth::{self, AuthError, Caller, Target, TokenStore};
 use crate::backend::{
     Backend, BackendError, Cancel, CompileJob, ForwardJob, ForwardOutput, GenerateJob,
-    GenerationParams, Prompt, Registry, SelectError, SequenceOutput, TokenFn,
+    GenerationParams, Prompt, Registry, SelectError, SequenceOutput, Slot, TokenFn,
 };
 use crate::cache::{CacheKey, CacheStore, CompileState, InFlight, KeyInputs, Role, StoreError};
 use crate::metrics::Metrics;
@@ -732,22 +732,31 @@ impl Agent {
             prompts: req.prompts,
             params: req.params,
             cancel: Cancel::default(),
+            slot: Slot::default(),
             allocation: caller.allocation_ref(),
         };
-        let cancel = job.cancel.clone();
-        self.admitted(&run, caller, cancel, run.backend.generate(job, on_token))
-            .await
+        let (cancel, slot) = (job.cancel.clone(), job.slot.clone());
+        self.admitted(
+            &run,
+            caller,
+            cancel,
+            slot,
+            run.backend.generate(job, on_token),
+        )
+        .await
     }
 
     /// Runs `work` on `run`'s backend and devices once a slot is free there
     /// (in turn between namespaces), within the request timeout. When the
     /// caller goes away (this future dropped) or the time is up, `cancel`
-    /// stops the work at its next step.
+    /// stops the work at its next step. The slot is put in `slot`, the
+    /// job's: a backend whose work outlives this future takes it along.
     async fn admitted<T>(
         &self,
         run: &Runnable,
         caller: &Caller,
         cancel: Cancel,
+        slot: Slot,
         work: futures::future::BoxFuture<'_, Result<T, BackendError>>,
     ) -> Result<T, AgentError> {
         let deadline = tokio::time::Instant::now() + self.request_timeout;
@@ -770,8 +779,8 @@ impl Agent {
             .requests
             .enqueue(&resource, &tenant_of(caller))
             .inspect_err(|_| Metrics::inc(&self.metrics.refused_busy))?;
-        let slot = match tokio::time::timeout_at(deadline, ticket.wait()).await {
-            Ok(Some(slot)) => slot,
+        let permit = match tokio::time::timeout_at(deadline, ticket.wait()).await {
+            Ok(Some(permit)) => permit,
             Ok(None) => {
                 return Err(BackendError::Unavailable("the agent is shutting down".into()).into());
             }
@@ -783,6 +792,10 @@ impl Agent {
                 });
             }
         };
+        // Before the work is first polled: a worker backend moves the permit
+        // into its request, which a hang-up does not end at once (a worker
+        // busy with a cancelled request keeps the slot until it answers).
+        slot.put(permit);
         // Dropped with this future: when the caller goes away before the end
         // (its client hung up), the work is told to stop and it is counted.
         let mut abandoned = Abandoned {
@@ -791,7 +804,8 @@ impl Agent {
             finished: false,
         };
         let result = tokio::time::timeout_at(deadline, work).await;
-        drop(slot);
+        // Freed here unless the backend took it.
+        drop(slot.take());
         abandoned.finished = true;
         match result {
             Ok(r) => {
@@ -830,10 +844,11 @@ impl Agent {
                     input_ids: req.input_ids,
                     logits_to_keep: req.logits_to_keep,
                     cancel: Cancel::default(),
+                    slot: Slot::default(),
                     allocation: caller.allocation_ref(),
                 };
-                let cancel = job.cancel.clone();
-                self.admitted(&run, caller, cancel, run.backend.forward(job))
+                let (cancel, slot) = (job.cancel.clone(), job.slot.clone());
+                self.admitted(&run, caller, cancel, slot, run.backend.forward(job))
                     .await
             }
             Err(e) => Err(e),

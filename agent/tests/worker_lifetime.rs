@@ -391,3 +391,157 @@ fn a_worker_request_past_the_manifests_timeout_is_cancelled_not_killed() {
     assert_eq!(double["status"]["restarts"], 0, "{double}");
     assert_eq!(metric(&agent, "rm_agent_request_timeouts_total"), 1.0);
 }
+
+/// The agent's resident memory in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
+
+/// The test double's `GET /v1/backends` status.
+fn double_status(agent: &Agent) -> Value {
+    let backends = agent.get("/v1/backends").json();
+    backends["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "test-double")
+        .unwrap()["status"]
+        .clone()
+}
+
+/// A pod loops "send a large generate, hang up" while its worker is still
+/// busy with a cancelled request that does not stop (the test double's
+/// `hang`; with this manifest its process is killed only after a minute).
+/// Nothing of those requests may stay in the agent: their slot is the
+/// busy request's, so they wait for it in the admission queue and leave
+/// with their client; and a worker's own queue is bounded.
+fn hang_ups_behind_a_busy_worker(slots: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    tiny_llama(&model, 15);
+    let plugins = test_double_plugins(dir.path());
+    let manifest = plugins.join("test-double/manifest.json");
+    let mut m: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    m["request_timeout_s"] = json!(60);
+    m["cancel_grace_s"] = json!(60);
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let log = dir.path().join("worker-events.log");
+    let agent = Agent::start_with_env(
+        dir.path(),
+        Some(plugins),
+        &["--concurrent-requests", slots],
+        &[("TEST_DOUBLE_EVENTS", log.to_str().unwrap())],
+    );
+    agent.add_token("tok", "gpu", &[0]);
+    let key = prepare(&agent, "tok", &model, json!({}));
+    let pid = worker_pid(&agent, "tok", &key);
+
+    let body =
+        |prompt: &str| json!({"key": key, "device": "gpu", "prompt": prompt, "max_new_tokens": 2});
+    let hung = send_only(&agent.socket, "tok", "/v1/generate", &body("hang"));
+    assert!(
+        eventually(Duration::from_secs(5), || events(&log, "hang", pid) == 1),
+        "the hanging request never reached the worker"
+    );
+    drop(hung);
+    assert!(
+        eventually(
+            Duration::from_secs(5),
+            || double_status(&agent)["cancelled"] == 1
+        ),
+        "the hang-up was not noticed"
+    );
+
+    let big = "x".repeat(4 << 20);
+    let sent = metric(&agent, "rm_agent_generate_requests_total");
+    let before = rss_mib(agent.child.id());
+    for i in 1..=50 {
+        let s = send_only(&agent.socket, "tok", "/v1/generate", &body(&big));
+        // Read and parsed; then a moment to be admitted or queued.
+        assert!(
+            eventually(Duration::from_secs(10), || metric(
+                &agent,
+                "rm_agent_generate_requests_total"
+            ) >= sent + i as f64),
+            "request {i} never arrived"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        drop(s);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let grown = rss_mib(agent.child.id()) - before;
+    eprintln!("slots {slots}: the agent grew by {grown:.0} MiB over 50 hang-ups of 4 MiB");
+    assert!(
+        grown < 100.0,
+        "the agent kept the hung-up requests: +{grown:.0} MiB over 50 of 4 MiB"
+    );
+    assert_eq!(events(&log, "hang", pid), 1);
+
+    let status = double_status(&agent);
+    assert_eq!(status["in_flight"], 1, "{status}");
+    let mut live = Vec::new();
+    if slots == "1" {
+        // The slot stays the busy request's: the next one waits for it.
+        live.push(send_only(
+            &agent.socket,
+            "tok",
+            "/v1/generate",
+            &body("pid"),
+        ));
+        assert!(
+            eventually(Duration::from_secs(5), || metric(
+                &agent,
+                "rm_agent_requests_waiting"
+            ) == 1.0),
+            "a request was admitted while the worker is still busy with a cancelled one"
+        );
+        assert_eq!(metric(&agent, "rm_agent_requests_running"), 1.0);
+        assert_eq!(double_status(&agent)["in_flight"], 1);
+    } else {
+        // More slots than the worker's queue: the process takes 4 requests
+        // waiting behind the busy one, and answers the next 503 at once.
+        for _ in 0..4 {
+            live.push(send_only(
+                &agent.socket,
+                "tok",
+                "/v1/generate",
+                &body("pid"),
+            ));
+        }
+        assert!(
+            eventually(
+                Duration::from_secs(5),
+                || double_status(&agent)["in_flight"] == 5
+            ),
+            "{}",
+            double_status(&agent)
+        );
+        let t = Instant::now();
+        let r = generate(&agent, "tok", &key, "pid");
+        assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+        assert!(
+            r.message().contains("4 requests waiting"),
+            "{}",
+            r.message()
+        );
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    }
+    drop(live);
+}
+
+#[test]
+fn hang_ups_behind_a_busy_worker_leave_nothing_behind() {
+    hang_ups_behind_a_busy_worker("1");
+}
+
+#[test]
+fn a_workers_queue_is_bounded_and_hang_ups_leave_it_at_once() {
+    hang_ups_behind_a_busy_worker("8");
+}

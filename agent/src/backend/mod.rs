@@ -87,6 +87,42 @@ impl Cancel {
     }
 }
 
+/// The admission slot a request runs in (`--concurrent-requests`; see
+/// `service::Agent::admitted`). The agent puts its permit here before the
+/// work starts. A backend whose work goes on after the request's future is
+/// dropped (a worker process still busy with a request whose client hung
+/// up) takes the permit along with the work, so that the slot is freed when
+/// the work has stopped, not when the client left: otherwise each hang-up
+/// would admit one more request behind the busy one. Left here, it is freed
+/// with the request.
+#[derive(Clone, Default)]
+pub struct Slot(Arc<std::sync::Mutex<Option<SlotGuard>>>);
+
+/// A taken [`Slot`]: dropping it frees the slot for the next request.
+pub struct SlotGuard {
+    _permit: Box<dyn Send + Sync>,
+}
+
+impl Slot {
+    pub fn put(&self, permit: impl Send + Sync + 'static) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(SlotGuard {
+            _permit: Box::new(permit),
+        });
+    }
+
+    /// The permit, once: `None` when there is none or it was taken.
+    pub fn take(&self) -> Option<SlotGuard> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let held = self.0.lock().map(|s| s.is_some()).unwrap_or(false);
+        f.debug_struct("Slot").field("held", &held).finish()
+    }
+}
+
 /// The allocation (device plugin token) a job runs for. Worker backends tie
 /// their processes to it: a process serves one allocation and is released
 /// when the allocation ends (see `worker`). The cpu backend ignores it.
@@ -164,6 +200,8 @@ pub struct GenerateJob {
     pub prompts: Vec<Prompt>,
     pub params: GenerationParams,
     pub cancel: Cancel,
+    /// The request's admission slot, for work that outlives its future.
+    pub slot: Slot,
     /// The caller's allocation (`None`: a caller without a token).
     pub allocation: Option<AllocationRef>,
 }
@@ -179,6 +217,8 @@ pub struct ForwardJob {
     /// transformers' `logits_to_keep`: 0 keeps every position, k the last k.
     pub logits_to_keep: usize,
     pub cancel: Cancel,
+    /// The request's admission slot, for work that outlives its future.
+    pub slot: Slot,
     /// The caller's allocation (`None`: a caller without a token).
     pub allocation: Option<AllocationRef>,
 }

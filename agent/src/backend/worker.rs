@@ -21,6 +21,14 @@
 //! running in it, and the requests queued behind it go to the restarted
 //! process instead of failing.
 //!
+//! A request holds its admission slot (`--concurrent-requests`, handed over
+//! by the agent in the job's [`Slot`]) until its process is done with it,
+//! not until its caller leaves: a hang-up then admits nobody new while the
+//! worker still works on the cancelled request, so nothing piles up in a
+//! process's queue. A queued request whose caller left is dropped at once,
+//! and at most [`MAX_WAITING`] wait per serving process whatever the
+//! settings.
+//!
 //! Cancellation: a worker that says `"cancel": true` in its hello is sent a
 //! `cancel` message when the caller of its running request goes away (the
 //! client hung up, or the agent's `--request-timeout` passed) or the
@@ -48,7 +56,8 @@ use tokio::sync::{Notify, mpsc, watch};
 use super::extra::{self, ExtraOptions};
 use super::{
     AllocationRef, Availability, Backend, BackendError, BackendInfo, CompileJob, ForwardJob,
-    ForwardOutput, GenerateJob, ProgressFn, SequenceOutput, TokenFn, kept_positions,
+    ForwardOutput, GenerateJob, ProgressFn, SequenceOutput, Slot, SlotGuard, TokenFn,
+    kept_positions,
 };
 use crate::cache::CacheKey;
 use crate::source::ModelFormat;
@@ -59,6 +68,12 @@ const MAX_LINE: usize = 16 << 20;
 /// How long a stopped worker may take to exit after `shutdown` before it is
 /// killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Requests that may wait in a serving process's queue behind the one it
+/// runs (it runs one at a time). Admission bounds them already (a request
+/// keeps its slot until the worker is done with it), unless
+/// `--concurrent-requests` is set higher; this bounds the memory they hold
+/// (up to 8 MiB of JSON each) whatever the settings.
+const MAX_WAITING: usize = 4;
 
 /// `<plugin-dir>/<name>/manifest.json`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -162,6 +177,32 @@ enum Incoming {
     Error(BackendError),
 }
 
+/// Counts a request in its instance's `in_flight` while it lives.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    /// Counts one more; answers the guard and how many were in flight before.
+    fn enter(count: &Arc<AtomicUsize>) -> (Self, usize) {
+        let before = count.fetch_add(1, Ordering::SeqCst);
+        (InFlight(count.clone()), before)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What a request holds until the supervisor is done with it (its answer
+/// came, or it was dropped unsent, or its process was killed), not merely
+/// until its caller leaves: its admission slot and its place in the count.
+#[derive(Default)]
+struct Held {
+    _slot: Option<SlotGuard>,
+    _in_flight: Option<InFlight>,
+}
+
 struct Outgoing {
     method: &'static str,
     params: Value,
@@ -170,10 +211,14 @@ struct Outgoing {
     timeout: Duration,
     /// `None`: nobody waits for the answer (`cleanup`).
     reply: Option<mpsc::UnboundedSender<Incoming>>,
+    held: Held,
 }
 
 impl Outgoing {
-    fn answer(&self, msg: Incoming) {
+    /// The final answer of a request that was never sent.
+    fn finish(self, msg: Incoming) {
+        // The slot first: the caller may send its next request at once.
+        drop(self.held);
         if let Some(r) = &self.reply {
             let _ = r.send(msg);
         }
@@ -234,6 +279,9 @@ struct Instance {
     key: InstanceKey,
     allocation: Option<AllocationRef>,
     tx: mpsc::UnboundedSender<Outgoing>,
+    /// Requests sent to it and not yet done with: waiting, running, or
+    /// cancelled but still running.
+    in_flight: Arc<AtomicUsize>,
     stop: Arc<Notify>,
     /// True once the supervisor has ended and its process is reaped.
     exited: watch::Receiver<bool>,
@@ -410,13 +458,44 @@ struct Running {
     /// A `cancel` was sent: the answer is awaited only to know the worker
     /// is free again.
     cancelled: bool,
+    /// Dropped when the worker is done with the request, even when its
+    /// caller left long before.
+    held: Held,
 }
 
 impl Running {
+    /// Progress or tokens; or the timeout's early answer, while the work
+    /// goes on until it stops.
     fn answer(&self, msg: Incoming) {
         if let Some(r) = &self.reply {
             let _ = r.send(msg);
         }
+    }
+
+    /// The final answer: the worker is done with the request.
+    fn finish(self, msg: Incoming) {
+        // The slot first: the caller may send its next request at once.
+        drop(self.held);
+        if let Some(r) = &self.reply {
+            let _ = r.send(msg);
+        }
+    }
+}
+
+/// Completes when the caller of a request still queued has gone away; with
+/// none queued, never. Such a request is dropped at once rather than when it
+/// reaches the front, so that it holds no slot or memory for the time the
+/// worker needs for the requests ahead of it.
+async fn queued_caller_gone(queue: &VecDeque<Outgoing>) {
+    let gone: Vec<_> = queue
+        .iter()
+        .filter_map(|o| o.reply.as_ref())
+        .map(|r| Box::pin(r.closed()))
+        .collect();
+    if gone.is_empty() {
+        std::future::pending::<()>().await;
+    } else {
+        futures::future::select_all(gone).await;
     }
 }
 
@@ -515,7 +594,7 @@ impl Supervisor {
                         queue.push_back(o);
                     }
                     for o in queue.drain(..) {
-                        o.answer(Incoming::Error(BackendError::Unavailable(format!(
+                        o.finish(Incoming::Error(BackendError::Unavailable(format!(
                             "worker {} cannot be started: {e}",
                             self.name
                         ))));
@@ -544,7 +623,7 @@ impl Supervisor {
             let why: String = loop {
                 // The next request goes out when the worker is idle, so its
                 // timeout measures its own work only.
-                let mut write_failed = None;
+                let mut write_failed: Option<String> = None;
                 while running.is_none() {
                     let Some(o) = queue.pop_front() else { break };
                     if o.abandoned() {
@@ -563,6 +642,7 @@ impl Supervisor {
                         deadline,
                         reply: o.reply,
                         cancelled: false,
+                        held: o.held,
                     };
                     // Bounded too: a worker that stops reading its stdin
                     // would otherwise hold up the whole instance.
@@ -572,21 +652,35 @@ impl Supervisor {
                     })
                     .await;
                     match sent {
+                        Ok(Ok(())) => running = Some(r),
                         Ok(Err(e)) => {
-                            r.answer(Incoming::Error(BackendError::Worker(format!(
+                            r.finish(Incoming::Error(BackendError::Worker(format!(
                                 "cannot write to worker {}: {e}",
                                 self.name
                             ))));
-                            write_failed = Some(e);
+                            write_failed = Some(format!("stdin closed: {e}"));
                             break;
                         }
-                        // Sent; or out of time, which the deadline branch
-                        // below answers at once.
-                        Ok(Ok(())) | Err(_) => running = Some(r),
+                        // Out of time with part of the line perhaps in the
+                        // pipe: whatever is written next (a `cancel`, the
+                        // next request) would be read as the rest of it, so
+                        // the process is restarted, not sent a cancel. The
+                        // request never reached the worker: it runs nobody
+                        // else's work.
+                        Err(_) => {
+                            let secs = r.timeout.as_secs();
+                            let why = format!(
+                                "the worker did not read a {} request within its timeout of {secs} s",
+                                r.method
+                            );
+                            r.finish(Incoming::Error(BackendError::Timeout(secs)));
+                            write_failed = Some(why);
+                            break;
+                        }
                     }
                 }
-                if let Some(e) = write_failed {
-                    break format!("stdin closed: {e}");
+                if let Some(why) = write_failed {
+                    break why;
                 }
                 tokio::select! {
                     msg = rx.recv() => {
@@ -602,19 +696,26 @@ impl Supervisor {
                             Ok(None) => break "worker closed its stdout".to_string(),
                             Err(e) => break e,
                             Ok(Some(text)) => match parse_line(&text) {
-                                Ok((id, msg)) => match &running {
+                                Ok((id, msg)) => match running.take() {
                                     Some(r) if r.id == id => {
-                                        let done = matches!(msg, Incoming::Result(_) | Incoming::Error(_));
-                                        r.answer(msg);
-                                        if done {
-                                            running = None;
+                                        if matches!(msg, Incoming::Result(_) | Incoming::Error(_)) {
+                                            r.finish(msg);
+                                        } else {
+                                            r.answer(msg);
+                                            running = Some(r);
                                         }
                                     }
                                     // An id sent before: an answer to a
                                     // `cancel` (none is due, but an older
                                     // worker may say "unknown method").
-                                    _ if id < next_id => tracing::debug!(worker = %self.name, id, "message for a request already answered; ignored"),
-                                    _ => tracing::warn!(worker = %self.name, id, "message for an unknown request id; ignored"),
+                                    other => {
+                                        running = other;
+                                        if id < next_id {
+                                            tracing::debug!(worker = %self.name, id, "message for a request already answered; ignored");
+                                        } else {
+                                            tracing::warn!(worker = %self.name, id, "message for an unknown request id; ignored");
+                                        }
+                                    }
                                 },
                                 Err(e) => break format!("protocol error: {e}"),
                             }
@@ -632,7 +733,10 @@ impl Supervisor {
                         let Some(mut r) = running.take() else { continue };
                         if r.cancelled {
                             // Last resort: the worker ignored the cancel.
-                            break format!("{} request {} was cancelled and did not stop by its timeout of {} s (and a grace of {} s)", r.method, r.id, r.timeout.as_secs(), self.cancel_grace.unwrap_or_default().as_secs());
+                            let why = format!("{} request {} was cancelled and did not stop by its timeout of {} s (and a grace of {} s)", r.method, r.id, r.timeout.as_secs(), self.cancel_grace.unwrap_or_default().as_secs());
+                            // Kept, with its slot, until the process is gone.
+                            running = Some(r);
+                            break why;
                         }
                         r.answer(Incoming::Error(BackendError::Timeout(r.timeout.as_secs())));
                         if self.cancel_grace.is_some() {
@@ -645,15 +749,24 @@ impl Supervisor {
                         }
                         // Only the request that outlived its time is in the
                         // worker: killing the process takes nobody else's work.
-                        break format!("{} request {} outlived its timeout of {} s", r.method, r.id, r.timeout.as_secs());
+                        let why = format!("{} request {} outlived its timeout of {} s", r.method, r.id, r.timeout.as_secs());
+                        // Answered; kept, with its slot, until the process is gone.
+                        r.reply = None;
+                        running = Some(r);
+                        break why;
+                    }
+                    _ = queued_caller_gone(&queue) => {
+                        queue.retain(|o| !o.abandoned());
                     }
                     _ = stop.notified() => {
-                        let err = self.released_error();
-                        if let Some(r) = running.take() {
-                            r.answer(Incoming::Error(err));
+                        let last = running.take();
+                        if let Some(r) = &last {
+                            r.answer(Incoming::Error(self.released_error()));
                         }
                         self.fail_all(&mut queue, &mut rx);
                         self.shut_down(&mut child, stdin, pid).await;
+                        // Its slot, once the process is gone.
+                        drop(last);
                         return;
                     }
                 }
@@ -666,7 +779,7 @@ impl Supervisor {
                 .unwrap_or_default();
             tracing::warn!(worker = %self.name, role = self.role.as_str(), pod = %self.pod, pid, reason = %why, %status, "worker stopped");
             if let Some(r) = running.take() {
-                r.answer(Incoming::Error(BackendError::Worker(format!(
+                r.finish(Incoming::Error(BackendError::Worker(format!(
                     "worker {} stopped ({why}; {status}); it is being restarted, retry the request",
                     self.name
                 ))));
@@ -728,7 +841,7 @@ impl Supervisor {
             queue.push_back(o);
         }
         for o in queue.drain(..) {
-            o.answer(Incoming::Error(self.released_error()));
+            o.finish(Incoming::Error(self.released_error()));
         }
     }
 
@@ -886,6 +999,7 @@ impl WorkerBackend {
             key,
             allocation,
             tx,
+            in_flight: Arc::new(AtomicUsize::new(0)),
             stop: stop.clone(),
             exited,
             releasing: AtomicBool::new(false),
@@ -1006,7 +1120,10 @@ impl WorkerBackend {
 
     /// Sends one request and waits for its result, passing progress and
     /// tokens on. The supervisor enforces `timeout` from when the worker is
-    /// sent the request, and always answers (or drops the request).
+    /// sent the request, and always answers (or drops the request). `slot`
+    /// (the request's admission slot) stays with the request until the
+    /// worker is done with it, also when this future is dropped first.
+    #[allow(clippy::too_many_arguments)]
     async fn call(
         &self,
         inst: &Instance,
@@ -1015,7 +1132,15 @@ impl WorkerBackend {
         timeout: Duration,
         progress: Option<ProgressFn>,
         on_token: Option<TokenFn>,
+        slot: Option<SlotGuard>,
     ) -> Result<Value, BackendError> {
+        let (in_flight, before) = InFlight::enter(&inst.in_flight);
+        if inst.key.role == Role::Serve && before > MAX_WAITING {
+            return Err(BackendError::Unavailable(format!(
+                "worker {} for these devices already has {MAX_WAITING} requests waiting behind the one it runs (it runs one at a time); retry later",
+                self.manifest.name
+            )));
+        }
         let (reply, mut rx) = mpsc::unbounded_channel();
         inst.tx
             .send(Outgoing {
@@ -1023,6 +1148,10 @@ impl WorkerBackend {
                 params,
                 timeout,
                 reply: Some(reply),
+                held: Held {
+                    _slot: slot,
+                    _in_flight: Some(in_flight),
+                },
             })
             .map_err(|_| {
                 BackendError::Unavailable(format!(
@@ -1063,6 +1192,7 @@ impl WorkerBackend {
         allocation: Option<&AllocationRef>,
         params: Value,
         on_token: Option<TokenFn>,
+        slot: &Slot,
     ) -> Result<Vec<T>, BackendError> {
         let device_type = self.manifest.device_types.first().copied();
         let inst = self
@@ -1070,7 +1200,7 @@ impl WorkerBackend {
             .await;
         let timeout = Duration::from_secs(self.manifest.request_timeout_s);
         let v = self
-            .call(&inst, method, params, timeout, None, on_token)
+            .call(&inst, method, params, timeout, None, on_token, slot.take())
             .await?;
         let outputs = v.get("outputs").cloned().unwrap_or(Value::Null);
         serde_json::from_value(outputs).map_err(|e| {
@@ -1098,6 +1228,7 @@ impl WorkerBackend {
                 "hello",
                 json!({"protocol": PROTOCOL_VERSION}),
                 Duration::from_secs(60),
+                None,
                 None,
                 None,
             )
@@ -1168,13 +1299,24 @@ impl Backend for WorkerBackend {
             .filter(|(k, _)| k.as_str() != extra::TRUST_REMOTE_CODE || self.allow_trust_remote_code)
             .map(|(k, d)| (k.clone(), Value::String(d.describe())))
             .collect();
+        let (processes, in_flight) = {
+            let map = self.lock_instances();
+            // Requests in the processes: waiting, running, or cancelled and
+            // not yet stopped.
+            let in_flight: usize = map
+                .values()
+                .map(|i| i.in_flight.load(Ordering::SeqCst))
+                .sum();
+            (map.len(), in_flight)
+        };
         // Counts only: which pods run here is not every caller's business.
         json!({
             "kind": "worker",
             "restarts": self.restarts(),
             "released": self.released(),
             "cancelled": self.cancels.load(Ordering::Relaxed),
-            "processes": self.lock_instances().len(),
+            "processes": processes,
+            "in_flight": in_flight,
             "unverified_on_hardware": self.manifest.unverified_on_hardware,
             "extra_options": extra_options,
         })
@@ -1227,6 +1369,7 @@ impl Backend for WorkerBackend {
                 timeout,
                 Some(progress),
                 None,
+                None,
             )
             .await
             .map(|_| ())
@@ -1253,6 +1396,7 @@ impl Backend for WorkerBackend {
                 job.allocation.as_ref(),
                 params,
                 on_token,
+                &job.slot,
             )
             .await
         })
@@ -1274,6 +1418,7 @@ impl Backend for WorkerBackend {
                     job.allocation.as_ref(),
                     params,
                     None,
+                    &job.slot,
                 )
                 .await?;
             if outputs.len() != job.input_ids.len() {
@@ -1308,6 +1453,7 @@ impl Backend for WorkerBackend {
                 params: json!({"key": key}),
                 timeout: Duration::from_secs(self.manifest.request_timeout_s),
                 reply: None,
+                held: Held::default(),
             });
         }
     }
@@ -1410,6 +1556,73 @@ mod tests {
         let line = read_line(&mut r, &mut buf).await.expect("read");
         assert_eq!(line.as_deref(), Some(r#"{"id":1,"result":{}}"#));
         assert!(parse_line(line.as_deref().unwrap_or("")).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_request_not_wholly_written_restarts_the_worker_instead_of_a_cancel() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let prefix = dir.path().join("stdin");
+        // Reads nothing for a second (its pipe fills up), then records its
+        // stdin, in a file per process (sh keeps its stdout open).
+        let manifest: Manifest = serde_json::from_value(json!({
+            "name": "sh", "display_name": "sh", "version": "0", "vendor": "tests",
+            "priority": 1, "device_types": ["gpu"],
+            "command": ["sh", "-c", "sleep 1; cat > \"$0.$$\"", prefix],
+        }))
+        .expect("manifest");
+        let restarts = Arc::new(AtomicU64::new(0));
+        let cancels = Arc::new(AtomicU64::new(0));
+        let sup = Supervisor {
+            name: "sh".into(),
+            role: Role::Serve,
+            pod: "-".into(),
+            dir: dir.path().to_path_buf(),
+            manifest,
+            env: vec![],
+            restarts: restarts.clone(),
+            cancel_grace: Some(Duration::from_secs(5)),
+            cancels: cancels.clone(),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stop = Arc::new(Notify::new());
+        let (exited_tx, mut exited) = watch::channel(false);
+        tokio::spawn(sup.run(rx, stop.clone(), exited_tx));
+        let (reply, mut answers) = mpsc::unbounded_channel();
+        // Far more than a pipe holds: the write cannot end in time.
+        let sent = tx.send(Outgoing {
+            method: "generate",
+            params: json!({"prompts": ["x".repeat(1 << 20)]}),
+            timeout: Duration::from_millis(300),
+            reply: Some(reply),
+            held: Held::default(),
+        });
+        assert!(sent.is_ok());
+        let answer = answers.recv().await;
+        assert!(
+            matches!(answer, Some(Incoming::Error(BackendError::Timeout(_)))),
+            "{answer:?}"
+        );
+        // Time for the first process to read what it was sent, had it lived.
+        tokio::time::sleep(Duration::from_millis(1800)).await;
+        for f in std::fs::read_dir(dir.path()).expect("dir").flatten() {
+            let text = std::fs::read_to_string(f.path()).unwrap_or_default();
+            for line in text.lines() {
+                assert!(
+                    serde_json::from_str::<Value>(line).is_ok(),
+                    "the worker read a garbled line: {:.60}…{}",
+                    line,
+                    &line[line.len().saturating_sub(60)..]
+                );
+            }
+        }
+        assert_eq!(
+            cancels.load(Ordering::Relaxed),
+            0,
+            "a cancel followed a request cut short"
+        );
+        assert_eq!(restarts.load(Ordering::Relaxed), 1, "not restarted");
+        stop.notify_one();
+        assert!(exited.wait_for(|done| *done).await.is_ok());
     }
 
     #[test]

@@ -14,7 +14,8 @@ it misbehave on purpose so the tests can check supervision:
   artifact records RM_ALLOW_TRUST_REMOTE_CODE as the agent set it;
 - prompt text "crash": exit at once (status 3);
 - prompt text "garbage": print a line that is not JSON;
-- prompt text "hang": never answer (and ignore `cancel`);
+- prompt text "hang": never answer (and ignore `cancel`); logs "hang <pid>"
+  with TEST_DOUBLE_EVENTS when it starts hanging;
 - prompt text "slow": 600 tokens, one every 100 ms (a minute), streamed or
   not; it honours `cancel` at its next token, answering kind "cancelled";
 - prompt text "pid": answer this process's pid as the text (the compile's
@@ -102,6 +103,7 @@ def generate(rid, p):
             outputs.append({"prompt_tokens": 3, "token_ids": [], "text": str(os.getpid()), "finish_reason": "length"})
             continue
         if prompt == "hang":
+            event("hang")
             while parent_alive():
                 time.sleep(0.1)
             sys.exit(0)
