@@ -24,6 +24,11 @@ pub struct Agent {
     pub model_roots: Vec<PathBuf>,
     /// Environment given to the agent (and so to its workers).
     pub env: Vec<(String, String)>,
+    /// An address-space limit (`ulimit -v`) the agent runs under: where a
+    /// test may make an agent allocate without bound (an agent without the
+    /// defence under test), the allocation fails there instead of drawing
+    /// on the machine's memory.
+    pub address_space: Option<u64>,
 }
 
 pub struct Reply {
@@ -163,6 +168,25 @@ impl Agent {
         Agent::start_with_env(dir, plugins, extra_args, &[])
     }
 
+    /// [`Agent::start`] under an address-space limit of `bytes`, with few
+    /// threads and malloc arenas (each reserves address space) so that the
+    /// limit means the same on a machine of many cores.
+    pub fn start_limited(dir: &Path, bytes: u64) -> Agent {
+        let mut a = Agent::new(
+            dir,
+            None,
+            &["--cpu-threads", "2"],
+            &[
+                ("TOKIO_WORKER_THREADS", "2"),
+                ("RAYON_NUM_THREADS", "2"),
+                ("MALLOC_ARENA_MAX", "2"),
+            ],
+        );
+        a.address_space = Some(bytes);
+        a.spawn();
+        a
+    }
+
     /// [`Agent::start`] with environment variables for the agent.
     pub fn start_with_env(
         dir: &Path,
@@ -170,7 +194,19 @@ impl Agent {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Agent {
-        let mut a = Agent {
+        let mut a = Agent::new(dir, plugins, extra_args, env);
+        a.spawn();
+        a
+    }
+
+    /// The agent's settings, not yet started.
+    fn new(
+        dir: &Path,
+        plugins: Option<PathBuf>,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
+        let a = Agent {
             child: Command::new("true").spawn().unwrap(),
             socket: dir.join("run/agent.sock"),
             cache: dir.join("cache"),
@@ -182,16 +218,28 @@ impl Agent {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            address_space: None,
         };
         std::fs::create_dir_all(a.state.join("tokens")).unwrap();
         a.add_slot_token(TOKEN, "default");
-        a.spawn();
         a
     }
 
     pub fn spawn(&mut self) {
         let _ = std::fs::remove_file(&self.socket);
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rm-agent"));
+        let bin = env!("CARGO_BIN_EXE_rm-agent");
+        let mut cmd = match self.address_space {
+            Some(bytes) => {
+                // The shell sets the limit and execs the agent: same pid.
+                let mut c = Command::new("/bin/sh");
+                c.arg("-c")
+                    .arg("ulimit -v \"$0\" && exec \"$@\"")
+                    .arg((bytes >> 10).to_string())
+                    .arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
         cmd.arg("--socket")
             .arg(&self.socket)
             .arg("--cache-dir")

@@ -45,7 +45,18 @@ impl Arch {
     /// `model_type` is taken as llama (older exports omit it).
     pub fn of_dir(dir: &Path) -> Result<Arch, BackendError> {
         let (_, cfg) = read_config(dir)?;
-        match cfg.model_type.as_deref() {
+        Arch::of_model_type(cfg.model_type.as_deref())
+    }
+
+    /// The architecture `config.json`'s bytes name.
+    pub fn of_config(raw: &[u8]) -> Result<Arch, BackendError> {
+        let cfg: HfConfig = serde_json::from_slice(raw)
+            .map_err(|e| BackendError::Unsupported(format!("config.json is not valid: {e}")))?;
+        Arch::of_model_type(cfg.model_type.as_deref())
+    }
+
+    fn of_model_type(model_type: Option<&str>) -> Result<Arch, BackendError> {
+        match model_type {
             None | Some("llama") => Ok(Arch::Llama),
             Some("qwen2") => Ok(Arch::Qwen2),
             Some(other) => Err(BackendError::Unsupported(format!(
@@ -84,6 +95,11 @@ pub fn bos_token_id(dir: &Path) -> Result<Option<u32>, BackendError> {
 /// that configs without the sliding-window fields load too: Qwen2 uses no
 /// sliding window unless `use_sliding_window` says so.
 pub fn read_qwen2_config(dir: &Path) -> Result<qwen2::Config, BackendError> {
+    parse_qwen2_config(&read_config(dir)?.0)
+}
+
+/// [`read_qwen2_config`] from `config.json`'s bytes.
+pub fn parse_qwen2_config(raw: &[u8]) -> Result<qwen2::Config, BackendError> {
     #[derive(Deserialize)]
     struct Raw {
         vocab_size: usize,
@@ -122,8 +138,7 @@ pub fn read_qwen2_config(dir: &Path) -> Result<qwen2::Config, BackendError> {
     fn default_act() -> candle_nn::Activation {
         candle_nn::Activation::Silu
     }
-    let (raw, _) = read_config(dir)?;
-    let r: Raw = serde_json::from_slice(&raw).map_err(|e| {
+    let r: Raw = serde_json::from_slice(raw).map_err(|e| {
         BackendError::Unsupported(format!(
             "config.json is not a Qwen2 config the cpu backend understands: {e}"
         ))

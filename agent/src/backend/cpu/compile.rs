@@ -25,8 +25,9 @@ use candle_core::{DType, Device, Tensor};
 use rm_crds::{CompileOptions, Precision};
 use serde::{Deserialize, Serialize};
 
-use super::arch::{self, Arch};
-use super::engine::{load_safetensors_dir, read_llama_config};
+use super::arch;
+use super::engine::load_safetensors_dir;
+use super::hf_config;
 use crate::backend::{BackendError, CompileJob, ProgressFn};
 use crate::source::ModelFormat;
 
@@ -184,7 +185,9 @@ pub fn compile(job: &CompileJob, progress: &ProgressFn) -> Result<(), BackendErr
         }
         ModelFormat::Safetensors => {
             let src = &job.model_path;
-            Arch::of_dir(src)?; // an unsupported model_type fails before any work
+            // An unsupported model_type, a config.json out of bounds or not
+            // matching the weights: refused before any work.
+            hf_config::check_dir(src)?;
             manifest.eos_token_ids = eos_ids(src);
             manifest.bos_token_id = arch::bos_token_id(src)?;
             for name in ["config.json", "tokenizer.json", "generation_config.json"] {
@@ -371,22 +374,16 @@ pub fn hf_to_gguf(
     progress: &dyn Fn(f32, &str),
 ) -> Result<(), BackendError> {
     use gguf_file::Value;
-    let arch = Arch::of_dir(src)?;
-    // Qwen2's config has the same field names for what is read here.
-    let cfg = read_llama_config(src)?;
-    if cfg.rope_scaling.is_some() {
+    // The numbers written into the GGUF, checked as the engine checks them.
+    let hf_config::CheckedModel { arch, dims, .. } = hf_config::check_dir(src)?;
+    if dims.rope_scaling {
         return Err(BackendError::Unsupported(
             "models with rope_scaling (Llama 3.1+) cannot be quantized by the cpu backend yet; leave precision unset or use fp32/bf16".into(),
         ));
     }
-    let n_head = cfg.num_attention_heads;
-    let n_kv = cfg.num_key_value_heads();
-    if n_head == 0 || cfg.hidden_size % n_head != 0 {
-        return Err(BackendError::Unsupported(
-            "hidden_size is not a multiple of num_attention_heads".into(),
-        ));
-    }
-    let head_dim = cfg.hidden_size / n_head;
+    let n_head = dims.num_attention_heads;
+    let n_kv = dims.num_key_value_heads;
+    let head_dim = dims.head_dim();
     progress(0.05, "load");
     let tensors = load_safetensors_dir(src)?;
     let mut out: Vec<(String, QTensor)> = Vec::new();
@@ -423,6 +420,7 @@ pub fn hf_to_gguf(
         out.push((gguf_name, q));
         progress(0.05 + (i + 1) as f32 / n * 0.85, "quantize");
     }
+    // Every number is bounded by the check, far below u32::MAX.
     let u = |v: usize| Value::U32(v as u32);
     let a = arch.gguf_name();
     let md: Vec<(String, Value)> = vec![
@@ -433,23 +431,29 @@ pub fn hf_to_gguf(
         ),
         (
             format!("{a}.context_length"),
-            u(cfg.max_position_embeddings),
+            u(dims.max_position_embeddings),
         ),
-        (format!("{a}.embedding_length"), u(cfg.hidden_size)),
-        (format!("{a}.block_count"), u(cfg.num_hidden_layers)),
-        (format!("{a}.feed_forward_length"), u(cfg.intermediate_size)),
+        (format!("{a}.embedding_length"), u(dims.hidden_size)),
+        (format!("{a}.block_count"), u(dims.num_hidden_layers)),
+        (
+            format!("{a}.feed_forward_length"),
+            u(dims.intermediate_size),
+        ),
         (format!("{a}.attention.head_count"), u(n_head)),
         (format!("{a}.attention.head_count_kv"), u(n_kv)),
         (format!("{a}.rope.dimension_count"), u(head_dim)),
         (
             format!("{a}.attention.layer_norm_rms_epsilon"),
-            Value::F32(cfg.rms_norm_eps as f32),
+            Value::F32(dims.rms_norm_eps as f32),
         ),
-        (format!("{a}.rope.freq_base"), Value::F32(cfg.rope_theta)),
+        (
+            format!("{a}.rope.freq_base"),
+            Value::F32(dims.rope_theta as f32),
+        ),
         // No vocabulary: llama.cpp then makes `vocab_size` placeholder
         // tokens and decodes token ids; the agent tokenizes.
         ("tokenizer.ggml.model".into(), Value::String("none".into())),
-        (format!("{a}.vocab_size"), u(cfg.vocab_size)),
+        (format!("{a}.vocab_size"), u(dims.vocab_size)),
     ];
     let refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     progress(0.92, "write");

@@ -17,8 +17,8 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 use candle_transformers::models::{llama, quantized_llama, qwen2};
 use tokenizers::Tokenizer;
 
-use super::arch::{self, Arch};
 use super::compile::ArtifactManifest;
+use super::hf_config::{self, ModelConfig};
 use super::llama_cpp::{LlamaCppModel, LlamaCppSession};
 use super::tokenizer::{self, IncrementalDecoder};
 use crate::backend::{
@@ -183,39 +183,6 @@ fn engine_err(what: &str) -> impl FnOnce(candle_core::Error) -> BackendError + '
     move |e| BackendError::Internal(format!("{what}: {e}"))
 }
 
-/// Tensor names candle's loaders need; checked up front because the llama
-/// loader panics on a missing one, and a name says more than a shape error.
-fn required_tensors(arch: Arch, layers: usize, tied: bool) -> Vec<String> {
-    let mut v = vec![
-        "model.embed_tokens.weight".to_string(),
-        "model.norm.weight".to_string(),
-    ];
-    if !tied {
-        v.push("lm_head.weight".into());
-    }
-    for i in 0..layers {
-        if arch.has_qkv_bias() {
-            for n in ["q_proj", "k_proj", "v_proj"] {
-                v.push(format!("model.layers.{i}.self_attn.{n}.bias"));
-            }
-        }
-        for n in [
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-            "input_layernorm",
-            "post_attention_layernorm",
-        ] {
-            v.push(format!("model.layers.{i}.{n}.weight"));
-        }
-    }
-    v
-}
-
 /// Reads every `*.safetensors` in a directory into one map.
 pub fn load_safetensors_dir(
     dir: &Path,
@@ -246,20 +213,14 @@ pub fn load_safetensors_dir(
     Ok(all)
 }
 
-/// The safetensors of `dir` as a VarBuilder, after checking that every
-/// tensor in `required` is there.
-fn checked_weights(
-    dir: &Path,
-    required: Vec<String>,
-    dtype: DType,
-) -> Result<VarBuilder<'static>, BackendError> {
-    let tensors = load_safetensors_dir(dir)?;
-    if let Some(name) = required.iter().find(|n| !tensors.contains_key(*n)) {
-        return Err(BackendError::Unsupported(format!(
-            "the weights have no tensor {name}; does config.json's model_type match them?"
-        )));
-    }
-    Ok(VarBuilder::from_tensors(tensors, dtype, &Device::Cpu))
+/// The safetensors of `dir` as a VarBuilder (after [`hf_config::check_dir`],
+/// which checked every tensor candle reads is there in its shape).
+fn weights(dir: &Path, dtype: DType) -> Result<VarBuilder<'static>, BackendError> {
+    Ok(VarBuilder::from_tensors(
+        load_safetensors_dir(dir)?,
+        dtype,
+        &Device::Cpu,
+    ))
 }
 
 /// Runs a candle loader, turning its panics (some loaders index shapes
@@ -272,16 +233,6 @@ fn load_catching<M>(load: impl FnOnce() -> candle_core::Result<M>) -> Result<M, 
         .map_err(|e| {
             BackendError::Unsupported(format!("the weights do not match config.json: {e}"))
         })
-}
-
-pub fn read_llama_config(dir: &Path) -> Result<llama::LlamaConfig, BackendError> {
-    let raw = fs::read(dir.join("config.json"))
-        .map_err(|e| BackendError::Unsupported(format!("config.json: {e}")))?;
-    serde_json::from_slice(&raw).map_err(|e| {
-        BackendError::Unsupported(format!(
-            "config.json is not a llama-family config the cpu backend understands: {e}"
-        ))
-    })
 }
 
 /// candle's GGUF header reader over a buffer: unbuffered, it makes a few
@@ -412,18 +363,13 @@ impl LoadedModel {
                 "f16" => DType::F16,
                 _ => DType::F32,
             };
-            match Arch::of_dir(dir)? {
-                Arch::Llama => {
-                    let cfg = read_llama_config(dir)?.into_config(false);
-                    let vb = checked_weights(
-                        dir,
-                        required_tensors(
-                            Arch::Llama,
-                            cfg.num_hidden_layers,
-                            cfg.tie_word_embeddings,
-                        ),
-                        dtype,
-                    )?;
+            // Before candle sizes anything from config.json: its numbers
+            // bounded and matching the weights' shapes.
+            let checked = hf_config::check_dir(dir)?;
+            match checked.config {
+                ModelConfig::Llama(c) => {
+                    let cfg = c.into_config(false);
+                    let vb = weights(dir, dtype)?;
                     let model = load_catching(|| llama::Llama::load(vb, &cfg))?;
                     let (vocab, ctx) = (cfg.vocab_size, cfg.max_position_embeddings);
                     (
@@ -436,15 +382,10 @@ impl LoadedModel {
                         cap(ctx),
                     )
                 }
-                Arch::Qwen2 => {
-                    let cfg = arch::read_qwen2_config(dir)?;
+                ModelConfig::Qwen2(cfg) => {
                     // candle's qwen2 takes lm_head when present, else the
-                    // embedding: only the shared tensors are required.
-                    let vb = checked_weights(
-                        dir,
-                        required_tensors(Arch::Qwen2, cfg.num_hidden_layers, true),
-                        dtype,
-                    )?;
+                    // embedding.
+                    let vb = weights(dir, dtype)?;
                     let model = load_catching(|| qwen2::ModelForCausalLM::new(&cfg, vb))?;
                     (
                         Weights::Qwen2(model),

@@ -5,6 +5,7 @@ pub mod arch;
 pub mod compile;
 pub mod engine;
 pub mod gguf_check;
+pub mod hf_config;
 pub mod llama_cpp;
 pub mod probe;
 pub mod tokenizer;
