@@ -188,20 +188,7 @@ pub fn load_safetensors_dir(
     dir: &Path,
 ) -> Result<std::collections::HashMap<String, Tensor>, BackendError> {
     let mut all = std::collections::HashMap::new();
-    let mut names: Vec<_> = fs::read_dir(dir)
-        .map_err(|e| BackendError::Io(format!("{}: {e}", dir.display())))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    names.sort();
-    if names.is_empty() {
-        return Err(BackendError::Unsupported(format!(
-            "no *.safetensors in {}",
-            dir.display()
-        )));
-    }
-    for p in names {
+    for p in super::hf_config::safetensors_files(dir)? {
         let m = candle_core::safetensors::load(&p, &Device::Cpu).map_err(|e| {
             BackendError::Unsupported(format!(
                 "{} is not a readable safetensors file: {e}",

@@ -357,7 +357,8 @@ fn dtype_bits(dtype: &str) -> Option<u64> {
     })
 }
 
-fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, BackendError> {
+/// The `*.safetensors` of a model directory, sorted; none is an error.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, BackendError> {
     let mut names: Vec<_> = fs::read_dir(dir)
         .map_err(|e| BackendError::Io(format!("{}: {e}", dir.display())))?
         .flatten()
