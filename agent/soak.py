@@ -489,7 +489,7 @@ class Soak:
                "--max-queued", str(a.max_queued),
                "--request-timeout", str(a.request_timeout),
                "--max-upload-bytes", str(a.max_upload),
-               "--namespace-upload-quota", str(a.namespace_quota),
+               "--namespace-quota", str(a.namespace_quota),
                "--min-free-disk", "64M",
                "--max-concurrent-compiles", "2",
                "--max-queued-compiles-per-namespace", str(a.max_queued_compiles),

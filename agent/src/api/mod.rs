@@ -490,20 +490,24 @@ async fn generate(
         }))
         .into_response());
     }
-    // Bounded: a client that keeps its connection open but stops reading
-    // must not make tokens pile up in the agent's memory. When the buffer
-    // is full the client is taken as gone, and its generation stopped.
-    let (tx, rx) = mpsc::channel::<String>(STREAM_BUFFER_LINES);
+    // Bounded by bytes (a token's text may be long): a client that keeps
+    // its connection open but stops reading must not make tokens pile up in
+    // the agent's memory. Past the bound the client is taken as gone, and
+    // its generation stopped.
+    let (tx, rx) = mpsc::unbounded_channel::<String>();
+    let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let stalled = Arc::new(tokio::sync::Notify::new());
     let tok_tx = tx.clone();
-    let on_stall = stalled.clone();
+    let (on_stall, queued) = (stalled.clone(), waiting.clone());
     let on_token: TokenFn = Arc::new(move |index, token_id, text| {
         let line = ndjson_line(&json!({
             "event": "token", "index": index, "token_id": token_id, "text": text,
         }));
-        if let Err(mpsc::error::TrySendError::Full(_)) = tok_tx.try_send(line) {
+        let n = line.len();
+        if queued.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n > STREAM_BUFFER_BYTES {
             on_stall.notify_one();
         }
+        let _ = tok_tx.send(line);
     });
     tokio::spawn(async move {
         let started = std::time::Instant::now();
@@ -529,17 +533,21 @@ async fn generate(
                 "event": "error", "status": e.http_status(), "code": e.code(), "message": e.to_string(),
             })),
         };
-        let _ = tx.send(line).await;
+        let _ = tx.send(line);
     });
-    Ok(ndjson_body(futures::stream::unfold(
-        rx,
-        |mut rx| async move { rx.recv().await.map(|line| (line, rx)) },
-    )))
+    Ok(ndjson_body(futures::stream::unfold(rx, move |mut rx| {
+        let waiting = waiting.clone();
+        async move {
+            let line = rx.recv().await?;
+            waiting.fetch_sub(line.len(), std::sync::atomic::Ordering::Relaxed);
+            Some((line, rx))
+        }
+    })))
 }
 
-/// Lines a streamed generation may have waiting for its client (tokens are
-/// ~80 bytes: about 1.3 MB); bursts of a batch on an accelerator fit.
-const STREAM_BUFFER_LINES: usize = 16384;
+/// Bytes of a streamed generation's lines that may wait for its client
+/// (about 13 000 ordinary tokens; bursts of a batch on an accelerator fit).
+const STREAM_BUFFER_BYTES: usize = 1 << 20;
 
 /// `model(input_ids).logits`: base64 f32 rows per sequence (see
 /// [`crate::backend::ForwardOutput`]).
