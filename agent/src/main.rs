@@ -63,6 +63,11 @@ struct Cli {
     /// least recently registered ones that no compile reads are removed.
     #[arg(long, env = "RM_HUB_MAX_BYTES", default_value = "200G", value_parser = parse_size)]
     hub_max_bytes: u64,
+    /// Bytes all namespaces' uploads together may take on this node; beyond,
+    /// the least recently used blobs (and the models assembled from them)
+    /// that no compile reads are removed.
+    #[arg(long, env = "RM_UPLOADS_MAX_BYTES", default_value = "500G", value_parser = parse_size)]
+    uploads_max_bytes: u64,
     /// Largest file one upload (`PUT /v1/blobs/*`) may store.
     #[arg(long, env = "RM_MAX_UPLOAD_BYTES", default_value = "64G", value_parser = parse_size)]
     max_upload_bytes: u64,
@@ -270,6 +275,7 @@ async fn run(cli: Cli) -> Result<(), StartError> {
     agent.limits = rm_agent::quota::Limits {
         max_upload: cli.max_upload_bytes,
         namespace_quota: cli.namespace_quota,
+        uploads_max: cli.uploads_max_bytes,
         min_free: cli.min_free_disk,
     };
     agent.requests = rm_agent::admission::Admission::new(rm_agent::admission::Bounds {

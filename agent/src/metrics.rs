@@ -24,6 +24,8 @@ pub struct Metrics {
     /// Model files refused as malformed: by the in-process header walk or
     /// because they crashed or failed the isolated check (`cpu::probe`).
     pub models_malformed: AtomicU64,
+    /// Uploaded blobs removed to keep within `--uploads-max-bytes`.
+    pub uploads_evicted: AtomicU64,
 }
 
 /// Gauges read at scrape time.
@@ -68,7 +70,7 @@ impl Metrics {
 
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut s = String::new();
-        let counters: [(&str, &str, &AtomicU64); 15] = [
+        let counters: [(&str, &str, &AtomicU64); 16] = [
             (
                 "rm_agent_prepare_requests_total",
                 "prepare requests",
@@ -143,6 +145,11 @@ impl Metrics {
                 "rm_agent_models_malformed_total",
                 "model files refused as malformed (header checks, or a crash of the isolated loader check)",
                 &self.models_malformed,
+            ),
+            (
+                "rm_agent_uploads_evicted_total",
+                "uploaded blobs removed to keep within --uploads-max-bytes",
+                &self.uploads_evicted,
             ),
         ];
         for (name, help, c) in counters {

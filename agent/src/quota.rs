@@ -23,6 +23,8 @@ pub struct Limits {
     pub namespace_quota: u64,
     /// Free space the cache's filesystem keeps (`--min-free-disk`).
     pub min_free: FreeFloor,
+    /// Bytes all namespaces' uploads together may take (`--uploads-max-bytes`).
+    pub uploads_max: u64,
 }
 
 /// A floor of free space: bytes, or a percentage of the filesystem (as the
@@ -49,6 +51,7 @@ impl Default for Limits {
             max_upload: 64 << 30,
             namespace_quota: 200 << 30,
             min_free: FreeFloor::Bytes(10 << 30),
+            uploads_max: 500 << 30,
         }
     }
 }
@@ -61,6 +64,9 @@ pub struct Usage {
     pub namespace_bytes: Option<u64>,
     /// The cache's filesystem.
     pub disk: DiskSpace,
+    /// Bytes of every namespace's uploads on the node (promised ones
+    /// included), after the least recently used were evicted.
+    pub uploads_bytes: u64,
 }
 
 /// Free and total bytes of a filesystem.
@@ -86,6 +92,10 @@ pub enum QuotaError {
         quota: u64,
     },
     #[error(
+        "uploads on this node may take {budget} bytes (rm-agent --uploads-max-bytes); they take {used}, and none that is not in use could be removed to make room for {size} more: retry later, or on another node"
+    )]
+    NodeUploads { budget: u64, used: u64, size: u64 },
+    #[error(
         "the node's cache filesystem has {free} bytes free and keeps at least {min_free} free (rm-agent --min-free-disk), so that the node stays out of DiskPressure; {size} bytes do not fit: retry later or on another node"
     )]
     Disk { free: u64, min_free: u64, size: u64 },
@@ -98,7 +108,7 @@ impl QuotaError {
             // As the apiserver answers a ResourceQuota: the caller must free
             // its own space or be given more.
             QuotaError::Quota { .. } => 403,
-            QuotaError::Disk { .. } => 507,
+            QuotaError::Disk { .. } | QuotaError::NodeUploads { .. } => 507,
         }
     }
 }
@@ -119,7 +129,17 @@ pub fn allowance(
             max: limits.max_upload,
         });
     }
-    Ok(room(limits, usage, namespace, size)?.min(limits.max_upload))
+    let node_left = limits.uploads_max.saturating_sub(usage.uploads_bytes);
+    if size > node_left || node_left == 0 {
+        return Err(QuotaError::NodeUploads {
+            budget: limits.uploads_max,
+            used: usage.uploads_bytes,
+            size,
+        });
+    }
+    Ok(room(limits, usage, namespace, size)?
+        .min(limits.max_upload)
+        .min(node_left))
 }
 
 /// How many more bytes may be written for `namespace`: the least of what is
@@ -236,6 +256,7 @@ mod tests {
         max_upload: 100,
         namespace_quota: 250,
         min_free: FreeFloor::Bytes(1000),
+        uploads_max: 1_000_000,
     };
 
     fn usage(ns: Option<u64>, free: u64) -> Usage {
@@ -245,6 +266,7 @@ mod tests {
                 free,
                 total: 100_000,
             },
+            uploads_bytes: 0,
         }
     }
 

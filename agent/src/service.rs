@@ -85,7 +85,9 @@ impl AgentError {
             AgentError::Forbidden(_) => "forbidden",
             AgentError::Quota(QuotaError::TooLarge { .. }) => "too_large",
             AgentError::Quota(QuotaError::Quota { .. }) => "quota_exceeded",
-            AgentError::Quota(QuotaError::Disk { .. }) => "insufficient_storage",
+            AgentError::Quota(QuotaError::Disk { .. } | QuotaError::NodeUploads { .. }) => {
+                "insufficient_storage"
+            }
             AgentError::Busy(Refused::TenantQueueFull { .. }) => "too_many_requests",
             AgentError::Busy(Refused::QueueFull { .. }) => "busy",
             AgentError::TimedOut { .. } => "timeout",
@@ -328,7 +330,12 @@ impl Agent {
 
     /// Whether the blob is on the node for `caller`: stored, and theirs.
     pub fn has_blob(&self, sha256: &str, caller: &Caller) -> Result<bool, AgentError> {
-        Ok(self.models.has_blob(sha256)? && self.may_use_blob(sha256, caller))
+        let held = self.models.has_blob(sha256)? && self.may_use_blob(sha256, caller);
+        if held {
+            // Asked for, so in use: evicted last.
+            self.models.touch_blob(sha256);
+        }
+        Ok(held)
     }
 
     /// Records an upload of the whole blob by `caller`.
@@ -389,6 +396,7 @@ impl Agent {
                 free: disk.free.saturating_sub(node),
                 ..disk
             },
+            uploads_bytes: self.models.blobs_bytes().saturating_add(node),
         })
     }
 
@@ -410,6 +418,19 @@ impl Agent {
         // One decision at a time: two uploads must not both be measured
         // before either is promised.
         let _one = self.deciding.lock().unwrap_or_else(|p| p.into_inner());
+        // The node's uploads stay within their budget: the least recently
+        // used go first (their holders upload them again when they need
+        // them; entries compiled from them stay).
+        let (_, promised) = self.promised.promised(None);
+        for sha in self
+            .models
+            .evict_blobs(declared.saturating_add(promised), self.limits.uploads_max)
+        {
+            Metrics::inc(&self.metrics.uploads_evicted);
+            if let Err(e) = self.access.revoke(Kind::Blob, &sha, None) {
+                return Err(self.access_error(e));
+            }
+        }
         let usage = self.usage(caller)?;
         let allowed = crate::quota::allowance(&self.limits, &usage, caller.namespace(), declared)
             .map_err(|e| self.refused(caller, "upload", e))?;
@@ -448,6 +469,7 @@ impl Agent {
             let usage = Usage {
                 namespace_bytes: before.namespace_bytes.map(|b| b + downloaded),
                 disk,
+                ..before
             };
             crate::quota::room(&limits, &usage, namespace.as_deref(), 0).map(|_| ())
         }))

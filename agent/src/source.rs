@@ -644,6 +644,116 @@ impl ModelRegistry {
         Ok(())
     }
 
+    /// Uploaded blobs: (sha256, bytes, last used), least recently used
+    /// first. Temporary files of uploads under way are not listed (their
+    /// bytes are promised in the agent's ledger).
+    fn blobs(&self) -> Vec<(String, u64, std::time::SystemTime)> {
+        let Ok(entries) = fs::read_dir(&self.blobs_dir) else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                let m = e.metadata().ok()?;
+                (is_sha256_hex(&name) && m.is_file())
+                    .then(|| (name, m.len(), m.modified().unwrap_or(std::time::UNIX_EPOCH)))
+            })
+            .collect();
+        out.sort_by_key(|(_, _, used)| *used);
+        out
+    }
+
+    /// Bytes of all uploaded blobs.
+    pub fn blobs_bytes(&self) -> u64 {
+        self.blobs().iter().map(|(_, b, _)| b).sum()
+    }
+
+    /// Marks a blob used now (it is evicted last).
+    pub fn touch_blob(&self, sha256: &str) {
+        if let Ok(p) = self.blob_path(sha256) {
+            let _ = fs::File::options()
+                .write(true)
+                .open(p)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        }
+    }
+
+    /// Makes room for `need` more bytes of uploads within `budget`: removes
+    /// the least recently used blobs, with the models assembled from them
+    /// (their files are links to the blob: both must go to free the space),
+    /// that no compile reads. Answers the blobs removed; their holders'
+    /// grants are the caller's to revoke. Entries compiled from them stay.
+    pub fn evict_blobs(&self, need: u64, budget: u64) -> Vec<String> {
+        use std::os::unix::fs::MetadataExt;
+        let blobs = self.blobs();
+        let mut total: u64 = blobs.iter().map(|(_, b, _)| b).sum();
+        if total.saturating_add(need) <= budget {
+            return Vec::new();
+        }
+        let reading: HashSet<String> = self
+            .reading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        // Which assembled models link each file (by inode).
+        let mut linked: HashMap<u64, Vec<PathBuf>> = HashMap::new();
+        for dir in fs::read_dir(&self.models_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            for rel in list_files(&dir.path()).unwrap_or_default() {
+                if let Ok(m) = fs::metadata(dir.path().join(&rel)) {
+                    linked.entry(m.ino()).or_default().push(dir.path());
+                }
+            }
+        }
+        let mut evicted = Vec::new();
+        let mut doomed = Vec::new();
+        {
+            let mut models = self.models.lock().unwrap_or_else(|p| p.into_inner());
+            for (sha, bytes, _) in blobs {
+                if total.saturating_add(need) <= budget {
+                    break;
+                }
+                let Ok(path) = self.blob_path(&sha) else {
+                    continue;
+                };
+                let Ok(ino) = fs::metadata(&path).map(|m| m.ino()) else {
+                    continue;
+                };
+                let dirs = linked.get(&ino).cloned().unwrap_or_default();
+                let digests: Vec<String> = models
+                    .iter()
+                    .filter(|(_, m)| dirs.iter().any(|d| m.path.starts_with(d)))
+                    .map(|(d, _)| d.clone())
+                    .collect();
+                if digests.iter().any(|d| reading.contains(d)) {
+                    continue;
+                }
+                for d in &dirs {
+                    let trash = TempPath::unique(d, "evicted");
+                    if fs::rename(d, trash.path()).is_ok() {
+                        doomed.push(trash);
+                    }
+                }
+                for d in &digests {
+                    models.remove(d);
+                }
+                if fs::remove_file(&path).is_ok() {
+                    total = total.saturating_sub(bytes);
+                    tracing::info!(sha256 = %sha, bytes, models = digests.len(), "upload evicted to make room");
+                    evicted.push(sha);
+                }
+            }
+        }
+        drop(doomed);
+        evicted
+    }
+
     /// Whether the agent downloaded this model from the hub (its files are
     /// the agent's, counted against the namespaces holding it).
     pub fn is_hub(&self, m: &ResolvedModel) -> bool {
@@ -758,6 +868,7 @@ impl ModelRegistry {
             if !self.has_blob(&f.sha256)? {
                 return Err(SourceError::MissingBlob(f.sha256.clone()));
             }
+            self.touch_blob(&f.sha256);
             sums.push((f.path.clone(), f.sha256.clone()));
         }
         let digest = digest_of(&sums);

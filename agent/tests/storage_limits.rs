@@ -280,3 +280,65 @@ fn a_download_stopped_for_one_namespace_leaves_anothers_of_the_same_model() {
     let r = other.join().unwrap();
     assert_eq!(r.status, 200, "{}", r.message());
 }
+
+#[test]
+fn uploads_past_the_node_budget_evict_the_least_recently_used_with_their_models() {
+    use sha2::{Digest, Sha256};
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    tiny_llama(&model, 5);
+    let agent = Agent::start(dir.path(), None, &["--uploads-max-bytes", "1M"]);
+    agent.add_slot_token("token-of-b", "team-b");
+    let put = |token: &str, bytes: &[u8]| {
+        let sha = format!("{:x}", Sha256::digest(bytes));
+        let r = agent.call("PUT", &format!("/v1/blobs/{sha}"), Some(token), bytes);
+        assert_eq!(r.status, 200, "{}", r.message());
+        std::thread::sleep(Duration::from_millis(20));
+        sha
+    };
+    let head = |token: &str, sha: &str| {
+        agent
+            .call("HEAD", &format!("/v1/blobs/{sha}"), Some(token), b"")
+            .status
+    };
+    // default uploads the tiny model (~420 KiB) and registers it.
+    let mut files = vec![];
+    for name in ["config.json", "model.safetensors"] {
+        let sha = put(common::TOKEN, &std::fs::read(model.join(name)).unwrap());
+        files.push(json!({"path": name, "sha256": sha}));
+    }
+    let r = agent.post("/v1/models", json!({"source": {"files": files}}));
+    assert_eq!(r.status, 200, "{}", r.message());
+    let digest = r.json()["model"].as_str().unwrap().to_string();
+    // team-b uploads 350 KiB, then default's blob is used again (HEAD).
+    let b1 = put("token-of-b", &vec![1u8; 350 << 10]);
+    assert_eq!(
+        head(common::TOKEN, files[0]["sha256"].as_str().unwrap()),
+        200
+    );
+    // 350 KiB more do not fit in 1 MiB: the least recently used goes, which
+    // is default's weights (its config.json was just asked for), and the
+    // model assembled from them.
+    let b2 = put("token-of-b", &vec![2u8; 350 << 10]);
+    assert_eq!(
+        head(common::TOKEN, files[1]["sha256"].as_str().unwrap()),
+        404
+    );
+    assert_eq!(head("token-of-b", &b1), 200);
+    assert_eq!(head("token-of-b", &b2), 200);
+    let r = agent.post("/v1/prepare", json!({"model": digest, "device": "cpu"}));
+    assert_eq!(r.status, 404, "{}", r.message());
+    let metrics = String::from_utf8_lossy(&agent.get("/metrics").body).to_string();
+    assert!(
+        metrics.contains("rm_agent_uploads_evicted_total 1"),
+        "{metrics}"
+    );
+    // Uploaded again (as the client does: what HEAD does not find), the
+    // model is back under the same digest.
+    for name in ["config.json", "model.safetensors"] {
+        put(common::TOKEN, &std::fs::read(model.join(name)).unwrap());
+    }
+    let r = agent.post("/v1/models", json!({"source": {"files": files}}));
+    assert_eq!(r.status, 200, "{}", r.message());
+    assert_eq!(r.json()["model"], digest.as_str());
+}
