@@ -499,6 +499,7 @@ async fn generate(
     let stalled = Arc::new(tokio::sync::Notify::new());
     let tok_tx = tx.clone();
     let (on_stall, queued) = (stalled.clone(), waiting.clone());
+    let queued_last = waiting.clone();
     let on_token: TokenFn = Arc::new(move |index, token_id, text| {
         let line = ndjson_line(&json!({
             "event": "token", "index": index, "token_id": token_id, "text": text,
@@ -533,6 +534,9 @@ async fn generate(
                 "event": "error", "status": e.http_status(), "code": e.code(), "message": e.to_string(),
             })),
         };
+        // Counted like the tokens, so that the reader's count never goes
+        // below zero.
+        queued_last.fetch_add(line.len(), std::sync::atomic::Ordering::Relaxed);
         let _ = tx.send(line);
     });
     Ok(ndjson_body(futures::stream::unfold(rx, move |mut rx| {
