@@ -386,22 +386,37 @@ fn waiting_workloads(
         .collect()
 }
 
-/// A pod of a workload triggers that workload; any other pod holding
-/// devices triggers the workloads still waiting for a device.
+/// A pod of a workload triggers that workload. A pod holding devices that
+/// is someone else's, or that is leaving (deleted, or finished) whoever's
+/// it is, also triggers the workloads still waiting for a device: the
+/// devices it frees may be what they wait for (a deleted workload's pods
+/// free theirs; without this, waiters saw it only at the periodic requeue).
 fn pod_triggers(
     pod: &Pod,
     store: &Store<InferenceWorkload>,
     config: &OperatorConfig,
 ) -> Vec<ObjectRef<InferenceWorkload>> {
-    if let (Some(name), Some(ns)) = (pod.labels().get(labels::WORKLOAD), pod.namespace()) {
-        return vec![ObjectRef::new(name).within(&ns)];
+    let own = match (pod.labels().get(labels::WORKLOAD), pod.namespace()) {
+        (Some(name), Some(ns)) => Some(ObjectRef::new(name).within(&ns)),
+        _ => None,
+    };
+    let holds_devices = !pod_device_requests(pod, config).is_empty();
+    let mut refs: Vec<_> = own.iter().cloned().collect();
+    if holds_devices && (own.is_none() || pod_is_leaving(pod)) {
+        refs.extend(waiting_workloads(store, |iw| {
+            iw.status.as_ref().and_then(|s| s.phase) == Some(Phase::Pending)
+        }));
     }
-    if pod_device_requests(pod, config).is_empty() {
-        return vec![];
-    }
-    waiting_workloads(store, |iw| {
-        iw.status.as_ref().and_then(|s| s.phase) == Some(Phase::Pending)
-    })
+    refs
+}
+
+/// Deleted (or being deleted), or finished: its devices are being freed.
+fn pod_is_leaving(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_some()
+        || matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        )
 }
 
 pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<Action, Error> {

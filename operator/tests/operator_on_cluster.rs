@@ -331,6 +331,39 @@ async fn pending_without_cpu_proceeds_when_a_node_with_capacity_arrives() {
 }
 
 #[tokio::test]
+async fn devices_freed_by_a_deleted_workload_wake_a_pending_one() {
+    let cluster = cluster();
+    let test = "freed";
+    let res = Resources::new(test);
+    cluster.add_node(&node_name(test, "atom"), &[(&res.atom, 1)]);
+    let ns = cluster.namespace(test).await;
+    cluster.install_crds().await;
+    let _op = start_operator(cluster, &ns, &res, &["--cpu-fallback=false"]);
+    let client = cluster.client().await;
+    let api: Api<InferenceWorkload> = Api::namespaced(client.clone(), &ns);
+    let only_rbln = json!({"devicePriority": ["rbln"]});
+    api.create(
+        &PostParams::default(),
+        &workload("holder", only_rbln.clone()),
+    )
+    .await
+    .unwrap();
+    running_on(&api, "holder", DeviceType::Rbln).await;
+    api.create(&PostParams::default(), &workload("waiter", only_rbln))
+        .await
+        .unwrap();
+    wait_iw(&api, "waiter", "Pending", 30, |iw| {
+        phase_of(iw) == Some(Phase::Pending)
+    })
+    .await;
+    // The holder goes: its pod's deletion frees the ATOM, and the waiter
+    // takes it at once (before, only the 300 s periodic requeue noticed).
+    api.delete("holder", &Default::default()).await.unwrap();
+    running_on(&api, "waiter", DeviceType::Rbln).await;
+    cluster.remove_node(&node_name(test, "atom")).await;
+}
+
+#[tokio::test]
 async fn override_explicit_scale_and_delete() {
     let cluster = cluster();
     let test = "override";
