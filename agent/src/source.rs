@@ -593,13 +593,7 @@ impl ModelRegistry {
         if total <= self.hub_max {
             return Ok(());
         }
-        let reading: HashSet<String> = self
-            .reading
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let reading = self.models_being_read();
         let mut doomed = Vec::new();
         {
             let mut models = self.models.lock().unwrap_or_else(|p| p.into_inner());
@@ -610,28 +604,18 @@ impl ModelRegistry {
                 if used.is_none() {
                     continue; // another download under way
                 }
-                let digests: Vec<String> = models
-                    .iter()
-                    .filter(|(_, m)| m.path.starts_with(&old))
-                    .map(|(d, _)| d.clone())
-                    .collect();
-                if digests.iter().any(|d| reading.contains(d)) {
+                let Some((trash, _)) = retire(&mut models, std::slice::from_ref(&old), &reading)
+                else {
                     continue;
-                }
-                // Renamed away under the lock (instant), removed after it:
-                // a large tree takes long to delete.
-                let trash = TempPath::unique(&old, "evicted");
-                if fs::rename(&old, trash.path()).is_err() {
+                };
+                if trash.is_empty() {
                     continue;
-                }
-                for d in &digests {
-                    models.remove(d);
                 }
                 total = total.saturating_sub(bytes);
                 self.hub_evictions
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(dir = %old.display(), bytes, "hub download evicted to make room");
-                doomed.push(trash);
+                doomed.extend(trash);
             }
         }
         drop(doomed);
@@ -691,13 +675,7 @@ impl ModelRegistry {
         if total.saturating_add(need) <= budget {
             return Vec::new();
         }
-        let reading: HashSet<String> = self
-            .reading
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let reading = self.models_being_read();
         // Which assembled models link each file (by inode).
         let mut linked: HashMap<u64, Vec<PathBuf>> = HashMap::new();
         for dir in fs::read_dir(&self.models_dir)
@@ -726,32 +704,29 @@ impl ModelRegistry {
                     continue;
                 };
                 let dirs = linked.get(&ino).cloned().unwrap_or_default();
-                let digests: Vec<String> = models
-                    .iter()
-                    .filter(|(_, m)| dirs.iter().any(|d| m.path.starts_with(d)))
-                    .map(|(d, _)| d.clone())
-                    .collect();
-                if digests.iter().any(|d| reading.contains(d)) {
+                let Some((trash, forgotten)) = retire(&mut models, &dirs, &reading) else {
                     continue;
-                }
-                for d in &dirs {
-                    let trash = TempPath::unique(d, "evicted");
-                    if fs::rename(d, trash.path()).is_ok() {
-                        doomed.push(trash);
-                    }
-                }
-                for d in &digests {
-                    models.remove(d);
-                }
+                };
+                doomed.extend(trash);
                 if fs::remove_file(&path).is_ok() {
                     total = total.saturating_sub(bytes);
-                    tracing::info!(sha256 = %sha, bytes, models = digests.len(), "upload evicted to make room");
+                    tracing::info!(sha256 = %sha, bytes, models = forgotten, "upload evicted to make room");
                     evicted.push(sha);
                 }
             }
         }
         drop(doomed);
         evicted
+    }
+
+    /// The digests a compile is reading now (never evicted).
+    fn models_being_read(&self) -> HashSet<String> {
+        self.reading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Whether the agent downloaded this model from the hub (its files are
@@ -1056,6 +1031,35 @@ impl Drop for TempPath {
             let _ = fs::remove_file(&self.path).or_else(|_| fs::remove_dir_all(&self.path));
         }
     }
+}
+
+/// Takes model directories out of use to free their space: renames them
+/// away (instant, so it is done under the registry's lock; the returned
+/// paths delete them when dropped, after it) and forgets the models in
+/// them. `None`, touching nothing, when a compile reads one of those
+/// models. Answers what to drop and how many models were forgotten.
+fn retire(
+    models: &mut HashMap<String, ResolvedModel>,
+    dirs: &[PathBuf],
+    reading: &HashSet<String>,
+) -> Option<(Vec<TempPath>, usize)> {
+    let inside = |m: &ResolvedModel| dirs.iter().any(|d| m.path.starts_with(d));
+    if models.iter().any(|(d, m)| inside(m) && reading.contains(d)) {
+        return None;
+    }
+    let mut trash = Vec::new();
+    let mut moved = Vec::new();
+    for d in dirs {
+        let t = TempPath::unique(d, "evicted");
+        if fs::rename(d, t.path()).is_ok() {
+            trash.push(t);
+            moved.push(d);
+        }
+    }
+    // Only the models whose files really went are forgotten.
+    let before = models.len();
+    models.retain(|_, m| !moved.iter().any(|d| m.path.starts_with(d)));
+    Some((trash, before - models.len()))
 }
 
 /// Bytes of the regular files under `dir` (0 when it cannot be read).
