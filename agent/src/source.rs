@@ -587,6 +587,11 @@ impl ModelRegistry {
     /// compile reads until all (downloads under way included) fit the
     /// budget. Their models are forgotten (registering them again downloads
     /// them again); entries compiled from them stay.
+    /// Bytes of the hub downloads other than `except`.
+    fn hub_bytes(&self, except: &Path) -> u64 {
+        self.hub_downloads(except).iter().map(|(_, _, b)| b).sum()
+    }
+
     fn hub_room(&self, dir: &Path, written: u64) -> Result<(), SourceError> {
         let downloads = self.hub_downloads(dir);
         let mut total: u64 = downloads.iter().map(|(_, _, b)| b).sum::<u64>() + written;
@@ -957,15 +962,26 @@ impl ModelRegistry {
         // quota, the disk's floor or the hub budget is stopped and removed,
         // not left to fill the node. Checked once more when it ended (a fast
         // one may end between two looks).
+        // The other downloads' bytes are summed once (walking every hub
+        // tree each 200 ms would cost more than the download), and again only
+        // when this one may no longer fit; a download under way beside this
+        // one is bounded by its own watch.
+        let mut others: Option<u64> = None;
         let status = loop {
             let ended = match child.try_wait() {
                 Ok(ended) => ended,
                 Err(e) => return Err(hub(e.to_string())),
             };
             let written = dir_bytes(part.path());
-            let verdict = watch(written)
-                .map_err(SourceError::from)
-                .and_then(|()| self.hub_room(part.path(), written));
+            let fits = |others: u64| others.saturating_add(written) <= self.hub_max;
+            let verdict = watch(written).map_err(SourceError::from).and_then(|()| {
+                let known = *others.get_or_insert_with(|| self.hub_bytes(part.path()));
+                if fits(known) {
+                    return Ok(());
+                }
+                others = None;
+                self.hub_room(part.path(), written)
+            });
             if let Err(e) = verdict {
                 let _ = child.kill();
                 let _ = child.wait();
