@@ -146,6 +146,8 @@ fn main() {
             seed: 0,
             eos_token_ids: vec![],
             stop_at_eos: false,
+            repetition_penalty: 1.0,
+            min_new_tokens: 0,
         };
         model
             .generate(&ids, &params, &Default::default(), |_, _| {})

@@ -966,6 +966,8 @@ fn greedy(n: usize) -> GenerationParams {
         seed: 0,
         eos_token_ids: vec![],
         stop_at_eos: false,
+        repetition_penalty: 1.0,
+        min_new_tokens: 0,
     }
 }
 
@@ -1572,4 +1574,111 @@ fn uploads_are_bounded_per_file_per_namespace_and_by_free_disk() {
     let r = put_declared(&full.socket, common::TOKEN, &small[1].1, 1000);
     assert_eq!(r.status, 507, "{}", r.message());
     assert!(r.message().contains("DiskPressure"), "{}", r.message());
+}
+
+/// transformers' repetition penalty on one row, written out here on its own
+/// (not the agent's code): each distinct id of `seq` once.
+fn penalised(mut row: Vec<f32>, seq: &[u32], penalty: f32) -> Vec<f32> {
+    let mut ids = seq.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    for id in ids {
+        let l = &mut row[id as usize];
+        *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
+    }
+    row
+}
+
+#[test]
+fn min_new_tokens_and_repetition_penalty_follow_transformers_on_both_engines() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    tiny_llama(&model, 29);
+    let agent = Agent::start(dir.path(), None, &[]);
+    let safetensors = prepare(&agent, &model, json!({}));
+    let gguf = prepare(
+        &agent,
+        &f32_gguf(&model, &dir.path().join("f32.gguf")),
+        json!({}),
+    );
+    let prompt = [1u32, 17, 42, 17, 3];
+    for (p, engine) in [(&safetensors, "candle"), (&gguf, "llama.cpp")] {
+        let key = p["key"].as_str().unwrap();
+        let generate = |extra: Value| {
+            let mut body = json!({"key": key, "input_ids": prompt, "max_new_tokens": 8});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let r = agent.post("/v1/generate", body);
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            r.json()["outputs"][0].clone()
+        };
+
+        // (a) The first greedy token, declared EOS, ends the generation at
+        // once; with min_new_tokens it cannot be chosen for that many steps,
+        // and the first token is the runner-up of the same logits.
+        let first_row = forward(&agent, key, json!(prompt), 1).remove(0).logits;
+        let eos = argmax(&first_row);
+        let out = generate(json!({"eos_token_id": eos}));
+        assert_eq!(ids(&out["token_ids"]), [eos], "{engine}");
+        assert_eq!(out["finish_reason"], "eos");
+        let out = generate(json!({"eos_token_id": eos, "min_new_tokens": 3}));
+        let got = ids(&out["token_ids"]);
+        assert!(got.len() >= 3, "{engine}: {got:?}");
+        assert!(!got[..3].contains(&eos), "{engine}: {got:?}");
+        let mut masked = first_row.clone();
+        masked[eos as usize] = f32::NEG_INFINITY;
+        assert_eq!(got[0], argmax(&masked), "{engine}");
+        // After the minimum, EOS stops it again if chosen.
+        let stopped = got.iter().position(|t| *t == eos);
+        match out["finish_reason"].as_str().unwrap() {
+            "eos" => assert_eq!(stopped, Some(got.len() - 1), "{engine}: {got:?}"),
+            _ => assert_eq!((stopped, got.len()), (None, 8), "{engine}: {got:?}"),
+        }
+
+        // (b) repetition_penalty changes the greedy tokens, and equals a
+        // greedy loop over the agent's own logits with the penalty applied
+        // here.
+        let plain = generate(json!({"ignore_eos": true}));
+        let penalty = 1.8f32;
+        let out = generate(json!({"ignore_eos": true, "repetition_penalty": penalty}));
+        let got = ids(&out["token_ids"]);
+        assert_ne!(got, ids(&plain["token_ids"]), "{engine}: no effect");
+        let mut seq = prompt.to_vec();
+        let mut want = vec![];
+        for _ in 0..8 {
+            let row = forward(&agent, key, json!(seq), 1).remove(0).logits;
+            let next = argmax(&penalised(row, &seq, penalty));
+            want.push(next);
+            seq.push(next);
+        }
+        assert_eq!(got, want, "{engine}");
+        // 1.0 is off.
+        let off = generate(json!({"ignore_eos": true, "repetition_penalty": 1.0}));
+        assert_eq!(off["token_ids"], plain["token_ids"], "{engine}");
+        assert_eq!(engine_of(&agent, &p["key"]), engine);
+    }
+
+    // Bad values are refused before any work, saying what is allowed.
+    let key = safetensors["key"].as_str().unwrap();
+    let r = agent.post(
+        "/v1/generate",
+        json!({"key": key, "input_ids": prompt, "repetition_penalty": 0}),
+    );
+    assert_eq!(r.status, 400);
+    assert!(
+        r.message()
+            .contains("repetition_penalty must be a finite number > 0"),
+        "{}",
+        r.message()
+    );
+    let r = agent.post(
+        "/v1/generate",
+        json!({"key": key, "input_ids": prompt, "max_new_tokens": 4, "min_new_tokens": 5}),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.message(),
+        "min_new_tokens (5) must be at most max_new_tokens (4)"
+    );
 }

@@ -69,6 +69,11 @@ pub struct GenerateBody {
     pub eos_token_id: Option<Value>,
     #[serde(default)]
     pub ignore_eos: bool,
+    /// transformers' meaning; 1.0 (the default) is off.
+    #[serde(default)]
+    pub repetition_penalty: Option<f64>,
+    #[serde(default)]
+    pub min_new_tokens: Option<usize>,
     #[serde(default)]
     pub stream: bool,
 }
@@ -137,9 +142,35 @@ const OPTION_KEYS: [(&str, &str); 6] = [
     ("extra", "extra"),
 ];
 
-/// Compile options in the CRD's camelCase or the seed's snake_case; unknown
-/// keys are refused (silently ignoring a misspelt option would compile the
-/// wrong artifact).
+/// vLLM's names, which the original Python library used: (alias, the CRD's
+/// camelCase key it stands for).
+const OPTION_ALIASES: [(&str, &str); 3] = [
+    ("dtype", "precision"),
+    ("max_model_len", "maxSeqLen"),
+    ("max_num_seqs", "batchSize"),
+];
+
+/// vLLM's (and torch's) `dtype` as a precision: `"auto"` is no precision
+/// (the model's own); other values go on unchanged, for the precision check
+/// to accept or refuse.
+fn dtype_precision(v: Value) -> Value {
+    let Value::String(s) = &v else { return v };
+    let lower = s.to_ascii_lowercase();
+    // str(torch.float16) is "torch.float16".
+    let name = lower.strip_prefix("torch.").unwrap_or(&lower);
+    match name {
+        "auto" => Value::Null,
+        "float32" | "float" | "fp32" => Value::String("fp32".into()),
+        "float16" | "half" | "fp16" => Value::String("fp16".into()),
+        "bfloat16" | "bf16" => Value::String("bf16".into()),
+        _ => v,
+    }
+}
+
+/// Compile options in the CRD's camelCase, the seed's snake_case or vLLM's
+/// names (`dtype`, `max_model_len`, `max_num_seqs`); unknown keys are
+/// refused (silently ignoring a misspelt option would compile the wrong
+/// artifact), and so are two names of one option with different values.
 pub fn parse_options(v: Option<Value>) -> Result<CompileOptions, String> {
     let Some(v) = v else {
         return Ok(CompileOptions::default());
@@ -148,35 +179,61 @@ pub fn parse_options(v: Option<Value>) -> Result<CompileOptions, String> {
         return Err("\"options\" must be an object".into());
     };
     let mut norm = Map::new();
-    for (k, val) in obj {
-        let Some((_, camel)) = OPTION_KEYS.iter().find(|(s, c)| *s == k || *c == k) else {
+    // The key (and value as sent) that set each option, for the message when
+    // another name of it disagrees.
+    let mut given: std::collections::HashMap<&str, (String, Value)> =
+        std::collections::HashMap::new();
+    for (k, sent) in obj {
+        let (camel, val) = if let Some((_, camel)) = OPTION_ALIASES.iter().find(|(a, _)| *a == k) {
+            let val = if k == "dtype" {
+                dtype_precision(sent.clone())
+            } else {
+                sent.clone()
+            };
+            (*camel, val)
+        } else if let Some((_, camel)) = OPTION_KEYS.iter().find(|(s, c)| *s == k || *c == k) {
+            (*camel, sent.clone())
+        } else {
             let known: Vec<&str> = OPTION_KEYS.iter().map(|(_, c)| *c).collect();
+            let aliases: Vec<String> = OPTION_ALIASES
+                .iter()
+                .map(|(a, c)| format!("{a} = {c}"))
+                .collect();
             return Err(format!(
-                "unknown compile option {k:?}; known: {}",
-                known.join(", ")
+                "unknown compile option {k:?}; known: {} (aliases: {})",
+                known.join(", "),
+                aliases.join(", ")
             ));
         };
-        if val.is_null() {
+        // Everything in `extra` is passed to the backend as a string.
+        let val = match val {
+            Value::Object(m) if camel == "extra" => Value::Object(
+                m.into_iter()
+                    .map(|(k, v)| match v {
+                        Value::String(s) => (k, Value::String(s)),
+                        other => (k, Value::String(other.to_string())),
+                    })
+                    .collect(),
+            ),
+            Value::Null => Value::Null,
+            _ if camel == "extra" => {
+                return Err("\"options.extra\" must be an object of strings".into());
+            }
+            other => other,
+        };
+        if let Some((first, first_sent)) = given.get(camel) {
+            if norm.get(camel) != Some(&val) {
+                return Err(format!(
+                    "compile options {first:?} ({first_sent}) and {k:?} ({sent}) both set {camel} but disagree; give one of them"
+                ));
+            }
             continue;
         }
-        // Everything in `extra` is passed to the backend as a string.
-        let val = if *camel == "extra" {
-            match val {
-                Value::Object(m) => Value::Object(
-                    m.into_iter()
-                        .map(|(k, v)| match v {
-                            Value::String(s) => (k, Value::String(s)),
-                            other => (k, Value::String(other.to_string())),
-                        })
-                        .collect(),
-                ),
-                _ => return Err("\"options.extra\" must be an object of strings".into()),
-            }
-        } else {
-            val
-        };
-        norm.insert((*camel).to_string(), val);
+        given.insert(camel, (k.clone(), sent));
+        norm.insert(camel.to_string(), val);
     }
+    // null (and dtype "auto") leave an option unset.
+    norm.retain(|_, v| !v.is_null());
     let opts: CompileOptions = serde_json::from_value(Value::Object(norm))
         .map_err(|e| format!("bad compile options: {e}"))?;
     // The CRD's bounds: a pod's options must not compile what the
@@ -242,6 +299,18 @@ impl GenerateBody {
                 return Err("top_p must be in (0, 1]".into());
             }
         }
+        let repetition_penalty = self.repetition_penalty.unwrap_or(1.0);
+        if !(repetition_penalty.is_finite() && repetition_penalty > 0.0) {
+            return Err(format!(
+                "repetition_penalty must be a finite number > 0 (1.0 is no penalty), got {repetition_penalty}"
+            ));
+        }
+        let min_new_tokens = self.min_new_tokens.unwrap_or(0);
+        if min_new_tokens > max_new_tokens {
+            return Err(format!(
+                "min_new_tokens ({min_new_tokens}) must be at most max_new_tokens ({max_new_tokens})"
+            ));
+        }
         let eos_token_ids = match &self.eos_token_id {
             None | Some(Value::Null) => vec![],
             Some(Value::Number(n)) => vec![
@@ -266,6 +335,8 @@ impl GenerateBody {
             seed,
             eos_token_ids,
             stop_at_eos: !self.ignore_eos,
+            repetition_penalty,
+            min_new_tokens,
         })
     }
 }
@@ -288,6 +359,66 @@ mod tests {
         assert!(parse_options(Some(json!({"optimizationLevel": 9}))).is_err());
         let o = parse_options(Some(json!({"extra": {"a": 1}}))).expect("valid");
         assert_eq!(o.extra.get("a").map(String::as_str), Some("1"));
+    }
+
+    #[test]
+    fn vllm_option_names_are_aliases() {
+        let o = parse_options(Some(
+            json!({"dtype": "float16", "max_model_len": 128, "max_num_seqs": 4}),
+        ))
+        .expect("valid");
+        let precision = |o: &CompileOptions| serde_json::to_value(o.precision).expect("serializes");
+        assert_eq!(precision(&o), json!("fp16"));
+        assert_eq!((o.max_seq_len, o.batch_size), (Some(128), Some(4)));
+        for (dtype, want) in [
+            ("auto", None),
+            ("float32", Some("fp32")),
+            ("fp32", Some("fp32")),
+            ("half", Some("fp16")),
+            ("fp16", Some("fp16")),
+            ("bfloat16", Some("bf16")),
+            ("bf16", Some("bf16")),
+            ("torch.bfloat16", Some("bf16")),
+            // Not a dtype name: passed on as a precision.
+            ("q8_0", Some("q8_0")),
+        ] {
+            let o = parse_options(Some(json!({ "dtype": dtype }))).expect(dtype);
+            assert_eq!(precision(&o), json!(want), "{dtype}");
+        }
+        let e = parse_options(Some(json!({"dtype": "float64"}))).expect_err("refused");
+        assert!(e.contains("float64"), "{e}");
+        // Two names of one option: the same value is fine, different ones
+        // are refused naming both.
+        let o =
+            parse_options(Some(json!({"dtype": "bfloat16", "precision": "bf16"}))).expect("agree");
+        assert_eq!(precision(&o), json!("bf16"));
+        let e = parse_options(Some(json!({"dtype": "float16", "precision": "bf16"})))
+            .expect_err("disagree");
+        assert!(
+            e.contains("\"dtype\" (\"float16\")") && e.contains("\"precision\" (\"bf16\")"),
+            "{e}"
+        );
+        let e = parse_options(Some(json!({"max_model_len": 64, "maxSeqLen": 128})))
+            .expect_err("disagree");
+        assert!(
+            e.contains("max_model_len") && e.contains("maxSeqLen"),
+            "{e}"
+        );
+        let e =
+            parse_options(Some(json!({"max_num_seqs": 2, "batch_size": 3}))).expect_err("disagree");
+        assert!(
+            e.contains("max_num_seqs") && e.contains("batch_size"),
+            "{e}"
+        );
+        let e =
+            parse_options(Some(json!({"dtype": "auto", "precision": "q4"}))).expect_err("disagree");
+        assert!(e.contains("dtype") && e.contains("precision"), "{e}");
+        // The aliases are named when a key is unknown.
+        let e = parse_options(Some(json!({"max_len": 1}))).expect_err("unknown");
+        assert!(
+            e.contains("dtype = precision") && e.contains("max_model_len = maxSeqLen"),
+            "{e}"
+        );
     }
 
     fn body(v: Value) -> GenerateBody {
@@ -395,5 +526,39 @@ mod tests {
             .params()
             .expect("valid");
         assert_eq!(p.eos_token_ids, vec![2, 3]);
+        assert_eq!((p.repetition_penalty, p.min_new_tokens), (1.0, 0));
+    }
+
+    #[test]
+    fn repetition_penalty_and_min_new_tokens_are_checked() {
+        let p = body(json!({"key": "k", "repetition_penalty": 1.3, "min_new_tokens": 4, "max_new_tokens": 4}))
+            .params()
+            .expect("valid");
+        assert_eq!((p.repetition_penalty, p.min_new_tokens), (1.3, 4));
+        for bad in [json!(0), json!(-1.5)] {
+            let e = body(json!({"key": "k", "repetition_penalty": bad}))
+                .params()
+                .expect_err("refused");
+            assert!(
+                e.contains("repetition_penalty must be a finite number > 0"),
+                "{e}"
+            );
+        }
+        assert!(
+            serde_json::from_value::<GenerateBody>(json!({"key": "k", "repetition_penalty": "x"}))
+                .is_err()
+        );
+        let e = body(json!({"key": "k", "min_new_tokens": 33}))
+            .params()
+            .expect_err("refused");
+        assert_eq!(e, "min_new_tokens (33) must be at most max_new_tokens (32)");
+        assert!(
+            serde_json::from_value::<GenerateBody>(json!({"key": "k", "min_new_tokens": -1}))
+                .is_err()
+        );
+        // Workers always get both fields.
+        let wire = serde_json::to_value(&p).expect("serializes");
+        assert_eq!(wire["repetition_penalty"], 1.3);
+        assert_eq!(wire["min_new_tokens"], 4);
     }
 }

@@ -190,6 +190,20 @@ pub struct GenerationParams {
     pub eos_token_ids: Vec<u32>,
     /// Stop at EOS at all (false: always generate `max_new_tokens`).
     pub stop_at_eos: bool,
+    /// transformers' `repetition_penalty`: every token id already in the
+    /// prompt or the output has its logit divided (positive) or multiplied
+    /// (negative) by it before sampling or argmax. 1.0 is off. Defaulted, so
+    /// that a message from before these fields still reads.
+    #[serde(default = "no_penalty")]
+    pub repetition_penalty: f64,
+    /// transformers' `min_new_tokens`: until this many tokens were generated
+    /// the EOS ids cannot be chosen.
+    #[serde(default)]
+    pub min_new_tokens: usize,
+}
+
+fn no_penalty() -> f64 {
+    1.0
 }
 
 #[derive(Clone, Debug)]

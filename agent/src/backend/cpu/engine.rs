@@ -6,6 +6,7 @@
 //! sampling, EOS and streaming are shared by all of them. Blocking; the
 //! backend runs it on blocking threads.
 
+use std::collections::HashSet;
 use std::fs;
 use std::path::Path;
 use std::sync::Arc;
@@ -524,10 +525,34 @@ impl LoadedModel {
         if params.max_new_tokens == 0 {
             return Ok((out, FinishReason::Length));
         }
+        let penalty = params.repetition_penalty as f32;
+        let penalise = penalty != 1.0;
+        // The ids of the sequence so far, each once: transformers penalises
+        // an id once however often it occurs.
+        let mut seen: HashSet<u32> = if penalise {
+            prompt.iter().copied().collect()
+        } else {
+            HashSet::new()
+        };
         let mut logits = session.prefill(prompt, 0, cancel)?;
         loop {
             cancel.check()?;
+            let forbid_eos = out.len() < params.min_new_tokens;
+            if penalise || forbid_eos {
+                let mut row = logits.to_vec1::<f32>().map_err(engine_err("logits"))?;
+                if penalise {
+                    apply_repetition_penalty(&mut row, &seen, penalty);
+                }
+                if forbid_eos {
+                    forbid_tokens(&mut row, eos);
+                }
+                let n = row.len();
+                logits = Tensor::from_vec(row, n, &Device::Cpu).map_err(engine_err("logits"))?;
+            }
             let next = lp.sample(&logits).map_err(engine_err("sampling"))?;
+            if penalise {
+                seen.insert(next);
+            }
             out.push(next);
             let piece = decoder.as_mut().map(|d| d.push(next));
             on_token(next, piece.as_deref());
@@ -543,6 +568,28 @@ impl LoadedModel {
     }
 }
 
+/// transformers' `RepetitionPenaltyLogitsProcessor`, run before temperature,
+/// top-k/top-p and argmax: the logit of every id in `seen` is divided by
+/// `penalty` when positive, else multiplied, so that a penalty > 1 always
+/// makes a seen token less likely. Ids outside the row are skipped.
+pub fn apply_repetition_penalty(logits: &mut [f32], seen: &HashSet<u32>, penalty: f32) {
+    for &id in seen {
+        if let Some(l) = logits.get_mut(id as usize) {
+            *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
+        }
+    }
+}
+
+/// transformers' `MinNewTokensLengthLogitsProcessor`: the ids get -inf, so
+/// neither argmax nor sampling can choose them.
+pub fn forbid_tokens(logits: &mut [f32], ids: &[u32]) {
+    for &id in ids {
+        if let Some(l) = logits.get_mut(id as usize) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+}
+
 /// transformers' meaning: greedy unless `do_sample`; temperature 0 is greedy.
 pub fn sampling_of(p: &GenerationParams) -> Sampling {
     if !p.do_sample || p.temperature <= 0.0 {
@@ -554,5 +601,44 @@ pub fn sampling_of(p: &GenerationParams) -> Sampling {
         (Some(k), None) => Sampling::TopK { k, temperature },
         (None, Some(p)) => Sampling::TopP { p, temperature },
         (Some(k), Some(p)) => Sampling::TopKThenTopP { k, p, temperature },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative_logits_once() {
+        let mut row = vec![2.0, -2.0, 0.0, 4.0, -1.0];
+        // A repeated id appears once in the set: penalised once.
+        let seen: HashSet<u32> = [0, 1, 2, 0, 99].into_iter().collect();
+        apply_repetition_penalty(&mut row, &seen, 2.0);
+        assert_eq!(row, vec![1.0, -4.0, 0.0, 4.0, -1.0]);
+        // Below 1 it favours the seen ids instead.
+        let mut row = vec![2.0, -2.0];
+        apply_repetition_penalty(&mut row, &[0, 1].into_iter().collect(), 0.5);
+        assert_eq!(row, vec![4.0, -1.0]);
+    }
+
+    #[test]
+    fn a_penalty_can_move_the_argmax_to_an_unseen_token() {
+        let mut row = vec![3.0, 2.0, -0.5];
+        apply_repetition_penalty(&mut row, &[0].into_iter().collect(), 1.6);
+        let best = row.iter().enumerate().fold(
+            (0, f32::MIN),
+            |b, (i, x)| if *x > b.1 { (i, *x) } else { b },
+        );
+        assert_eq!(best.0, 1);
+    }
+
+    #[test]
+    fn forbidden_tokens_get_minus_infinity_and_others_stay() {
+        let mut row = vec![5.0, 1.0, 3.0];
+        forbid_tokens(&mut row, &[0, 7]);
+        assert_eq!(row, vec![f32::NEG_INFINITY, 1.0, 3.0]);
+        let mut lp = LogitsProcessor::from_sampling(0, Sampling::ArgMax);
+        let t = Tensor::from_vec(row, 3, &Device::Cpu).expect("tensor");
+        assert_eq!(lp.sample(&t).expect("sample"), 2);
     }
 }
