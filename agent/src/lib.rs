@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod quota;
 pub mod service;
 pub mod source;
+pub mod system;
 
 /// Version of this agent, reported by `/healthz` and `/v1/backends`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

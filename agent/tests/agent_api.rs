@@ -1682,3 +1682,80 @@ fn min_new_tokens_and_repetition_penalty_follow_transformers_on_both_engines() {
         "min_new_tokens (5) must be at most max_new_tokens (4)"
     );
 }
+
+#[test]
+fn system_reports_this_node_and_the_callers_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), None, &[]);
+    let r = agent.get("/v1/system");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let s = r.json();
+    assert_eq!(s["agent"]["version"], env!("CARGO_PKG_VERSION"));
+
+    // The node, as /proc says (read here on its own).
+    let node = &s["node"];
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let mem_total_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(node["memory_total_bytes"], mem_total_kib * 1024);
+    let available = node["memory_available_bytes"].as_u64().unwrap();
+    assert!(available > 0 && available <= mem_total_kib * 1024);
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    let processors = cpuinfo
+        .lines()
+        .filter(|l| l.split(':').next().map(str::trim) == Some("processor"))
+        .count();
+    assert!(node["cpu_count"].as_u64().unwrap() >= 1);
+    if processors > 0 {
+        assert_eq!(node["cpu_count"], processors);
+    }
+    let osrelease = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(node["kernel"], osrelease.trim());
+    assert_eq!(node["os"], std::env::consts::OS);
+    assert_eq!(node["arch"], std::env::consts::ARCH);
+    assert!(node["hostname"].as_str().is_some_and(|h| !h.is_empty()));
+    for field in ["cpu_model", "node_name"] {
+        assert!(node.get(field).is_some(), "{field} missing: {node}");
+    }
+
+    // A CPU slot's caller: the CPU only, its memory the node's.
+    let devices = s["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 1, "{s}");
+    assert_eq!(devices[0]["device_type"], "cpu");
+    assert_eq!(devices[0]["device_id"], 0);
+    assert_eq!(devices[0]["name"], node["cpu_model"]);
+    assert_eq!(devices[0]["memory_total_bytes"], node["memory_total_bytes"]);
+    assert_eq!(s["backends"], agent.get("/v1/backends").json()["backends"]);
+
+    // A GPU allocation's caller also sees its GPUs, numbered as its
+    // requests number them; the agent does not know their memory.
+    agent.add_token("tok-gpu", "gpu", &[4, 6]);
+    let r = agent.call("GET", "/v1/system", Some("tok-gpu"), b"");
+    assert_eq!(r.status, 200);
+    let devices = r.json()["devices"].as_array().unwrap().clone();
+    assert_eq!(devices.len(), 3);
+    for (i, host) in [(0, "4"), (1, "6")] {
+        let d = &devices[i + 1];
+        assert_eq!(d["device_type"], "gpu");
+        assert_eq!(d["device_id"], i);
+        assert_eq!(d["host_id"], host);
+        assert_eq!(d["name"], "NVIDIA GPU");
+        assert_eq!(d["vendor"], "NVIDIA");
+        assert!(d["memory_total_bytes"].is_null() && d["memory_available_bytes"].is_null());
+    }
+
+    // The same callers as /v1/backends: none without a token.
+    let r = agent.call("GET", "/v1/system", None, b"");
+    assert_eq!(
+        r.status,
+        agent.call("GET", "/v1/backends", None, b"").status
+    );
+    assert_eq!(r.status, 401);
+}

@@ -71,6 +71,8 @@ pub struct DeviceInfo {
     pub is_npu: bool,
     /// Human name for messages and tables.
     pub display_name: &'static str,
+    /// Who makes the hardware (`None` for the CPU: it varies by node).
+    pub vendor: Option<&'static str>,
     /// Alternative extended-resource name some clusters use for the same
     /// hardware (Rebellions' generic mode advertises `rebellions.ai/npu`).
     pub generic_resource_name: Option<&'static str>,
@@ -89,6 +91,7 @@ const TABLE: [DeviceInfo; 4] = [
         default_priority: Priority::HIGHEST,
         is_npu: true,
         display_name: "Rebellions ATOM",
+        vendor: Some("Rebellions"),
         generic_resource_name: Some("rebellions.ai/npu"),
         visible_devices_env: Some("RBLN_DEVICES"),
     },
@@ -101,6 +104,7 @@ const TABLE: [DeviceInfo; 4] = [
         default_priority: Priority::HIGHEST,
         is_npu: true,
         display_name: "FuriosaAI RNGD",
+        vendor: Some("FuriosaAI"),
         generic_resource_name: None,
         visible_devices_env: Some("FURIOSA_DEVICES"),
     },
@@ -113,6 +117,7 @@ const TABLE: [DeviceInfo; 4] = [
         default_priority: Priority::HIGH,
         is_npu: false,
         display_name: "NVIDIA GPU",
+        vendor: Some("NVIDIA"),
         generic_resource_name: None,
         visible_devices_env: Some("NVIDIA_VISIBLE_DEVICES"),
     },
@@ -125,6 +130,7 @@ const TABLE: [DeviceInfo; 4] = [
         default_priority: Priority::LOWEST,
         is_npu: false,
         display_name: "CPU",
+        vendor: None,
         generic_resource_name: None,
         visible_devices_env: None,
     },

@@ -153,6 +153,7 @@ pub fn socket_router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/v1/backends", get(backends))
+        .route("/v1/system", get(system))
         .route("/v1/cache", get(cache_list))
         .route("/v1/cache/{key}", delete(cache_delete).get(cache_get))
         .route("/v1/compiles", get(compiles))
@@ -199,7 +200,32 @@ async fn healthz(State(agent): State<Arc<Agent>>) -> Json<Value> {
 
 async fn backends(State(agent): State<Arc<Agent>>, headers: HeaderMap) -> ApiResult<Json<Value>> {
     caller(&agent, &headers).await?;
-    let list: Vec<Value> = agent
+    Ok(Json(json!({ "backends": backend_list(&agent) })))
+}
+
+/// What this node has: the node, the CPU and the caller's accelerators,
+/// and the backends as `/v1/backends` lists them.
+async fn system(State(agent): State<Arc<Agent>>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    let who = caller(&agent, &headers).await?;
+    // /proc reads are small but blocking.
+    let (node, cpu) = tokio::task::spawn_blocking(crate::system::node)
+        .await
+        .map_err(|e| {
+            ApiError::from(AgentError::Backend(crate::backend::BackendError::Internal(
+                e.to_string(),
+            )))
+        })?;
+    let devices = crate::system::devices(&node, &cpu, &who);
+    Ok(Json(json!({
+        "agent": {"version": crate::VERSION},
+        "node": node,
+        "devices": devices,
+        "backends": backend_list(&agent),
+    })))
+}
+
+fn backend_list(agent: &Agent) -> Vec<Value> {
+    agent
         .backends
         .all()
         .iter()
@@ -219,8 +245,7 @@ async fn backends(State(agent): State<Arc<Agent>>, headers: HeaderMap) -> ApiRes
                 "status": b.status(),
             })
         })
-        .collect();
-    Ok(Json(json!({ "backends": list })))
+        .collect()
 }
 
 /// The entries and compiles the caller may see; sizes are the node's.
