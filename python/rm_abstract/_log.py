@@ -26,6 +26,17 @@ def warn(msg):
     _write(msg)
 
 
+_said = set()
+
+
+def warn_once(key, msg):
+    """A warning shown once per process for `key` (an ignored argument
+    warned at every generate() would flood the output of a loop)."""
+    if key not in _said:
+        _said.add(key)
+        _write(msg)
+
+
 def _write(msg):
     try:
         sys.stderr.write(PREFIX + msg + "\n")

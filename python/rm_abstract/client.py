@@ -16,18 +16,7 @@ import socket
 import time
 
 from . import _log
-
-
-class AgentError(RuntimeError):
-    """The agent answered with an error (status, code and its message)."""
-
-    def __init__(self, status, message, code=None):
-        super().__init__("agent: %s (HTTP %s)" % (message, status))
-        self.status, self.code, self.agent_message = status, code, message
-
-
-class AgentUnavailable(AgentError):
-    """The agent or the device cannot serve us (no socket, refused, 503/502/504)."""
+from .exceptions import AgentError, AgentUnavailable
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+from .exceptions import ConfigError, InvalidDeviceError  # noqa: F401 - ConfigError is re-exported
+
 DEFAULT_SOCKET = "/var/run/rm-abstract/agent.sock"
 DEFAULT_ON_UNAVAILABLE = "fail"
 ON_UNAVAILABLE = ("fail", "fallback")
@@ -20,22 +22,20 @@ ON_UNAVAILABLE = ("fail", "fallback")
 # as a spelling of "gpu" because scripts written for torch use it.
 # (No `re`/`json` imports at module level: this runs at interpreter start.)
 _KINDS = ("auto", "cpu", "gpu", "cuda", "rbln", "furiosa", "npu")
+_FORMATS = ("cpu", "auto", "gpu[:N]", "rbln[:N]", "furiosa[:N]", "npu[:N]")
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
 
-class ConfigError(ValueError):
-    """A setting has a value we cannot use; the message says which and why."""
-
-
 def normalize_device(device):
     """'NPU:0' -> 'npu:0', 'cuda' -> 'gpu'; refuse anything the agent would not take."""
     if not isinstance(device, str):
-        raise ConfigError("device must be a string like 'cpu', 'gpu:0', 'rbln:0', 'furiosa:0', 'npu:0' or 'auto', not %r" % (device,))
+        raise InvalidDeviceError(device, _FORMATS, "device must be a string like 'cpu', 'gpu:0', 'rbln:0', 'furiosa:0', "
+                                 "'npu:0' or 'auto', not %r" % (device,))
     kind, sep, index = device.strip().lower().partition(":")
     if kind not in _KINDS or (sep and (not index.isdigit() or not index.isascii() or kind in ("auto", "cpu"))):
-        raise ConfigError("device %r is not one of cpu, auto, gpu[:N], rbln[:N], furiosa[:N], npu[:N]" % (device,))
+        raise InvalidDeviceError(device, _FORMATS, "device %r is not one of %s" % (device, ", ".join(_FORMATS)))
     kind = "gpu" if kind == "cuda" else kind
     return "%s:%d" % (kind, int(index)) if sep else kind
 

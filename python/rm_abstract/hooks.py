@@ -3,47 +3,50 @@
 init() must be cheap (it runs at every interpreter start in an injected pod),
 so instead of importing transformers we put a finder on sys.meta_path that
 patches the relevant modules right after they are first imported. If they are
-already imported, we patch them at once.
+already imported, we patch them at once: the order of `import transformers`
+and `init()` does not matter.
 
-What is caught: `from_pretrained` of causal-LM classes (names ending in
-`ForCausalLM`, so AutoModelForCausalLM and LlamaForCausalLM alike):
+What is caught: `from_pretrained` of every model class.
 - with torch: `_BaseAutoModelClass.from_pretrained` (every AutoModel* class)
-  and `PreTrainedModel.from_pretrained` (every concrete model class);
-- without torch, transformers exports placeholder classes that raise "requires
-  PyTorch" on any use; those are replaced by stand-ins whose from_pretrained
-  loads through the agent, which is what lets a torch-free image run models.
-Other model classes (classifiers, vision, ...) are left alone: the agent
-only generates text.
+  and `PreTrainedModel.from_pretrained` (every concrete model class). The
+  patch is on the base classes, so a class the script imported before init()
+  is caught too.
+- without torch, transformers exports placeholder classes (metaclass
+  DummyObject) that raise "requires PyTorch" on any use. They are patched in
+  place, wherever the script holds them: their metaclass is swapped for a
+  subclass that lets `from_pretrained`/`from_config` through, so a placeholder
+  imported before init() loads through the agent as well.
+Then `model.classify` decides: a causal language model goes to the agent;
+any other class (sequence-to-sequence, classifiers, encoders, vision, ...) is
+one the agent cannot serve, and `RM_ON_UNAVAILABLE` decides (an error that
+says so, or one line and transformers' own loader in this process).
 """
 from __future__ import annotations
 
 import sys
 import threading
 
-_WATCH = ("transformers", "transformers.models.auto.auto_factory", "transformers.modeling_utils")
+_WATCH = ("transformers", "transformers.models.auto.auto_factory", "transformers.models.auto.modeling_auto",
+          "transformers.modeling_utils")
 _local = threading.local()  # set while a fallback runs transformers' own loader
 _installed = False
 
 
-def _wanted(cls_name):
-    return cls_name.endswith("ForCausalLM")
-
-
-def _intercept(cls_name, name, args, kwargs, original):
+def _intercept(cls, name, args, kwargs, original):
     """Common path of every patched from_pretrained."""
     from . import _state
     from .model import load
 
-    if getattr(_local, "inside", False) or not _state.active or not _wanted(cls_name):
+    if getattr(_local, "inside", False) or not _state.active:
         return original(name, *args, **kwargs)
 
     def fallback(n, **kw):
-        _local.inside = True
+        _local.inside = True  # transformers' loader calls from_pretrained of other classes
         try:
             return original(n, *args, **kw)
         finally:
             _local.inside = False
-    return load(_state, name, kwargs, fallback)
+    return load(_state, cls.__name__, name, kwargs, fallback)
 
 
 def _patch_classmethod(cls, attr="from_pretrained"):
@@ -53,37 +56,90 @@ def _patch_classmethod(cls, attr="from_pretrained"):
         return
 
     def from_pretrained(klass, pretrained_model_name_or_path, *args, **kwargs):
-        return _intercept(klass.__name__, pretrained_model_name_or_path, args, kwargs,
+        return _intercept(klass, pretrained_model_name_or_path, args, kwargs,
                           lambda n, *a, **k: func(klass, n, *a, **k))
     from_pretrained.__doc__ = func.__doc__
     from_pretrained._rm_patched = True  # never wrap twice
     setattr(cls, attr, classmethod(from_pretrained))
 
 
-def _standin(name, dummy):
-    """A class replacing transformers' torch-less placeholder `name`."""
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        # the placeholder's from_pretrained raises transformers' own "requires PyTorch" error
-        return _intercept(name, pretrained_model_name_or_path, args, kwargs,
-                          lambda n, *a, **k: dummy.from_pretrained(n, *a, **k))
-
-    def from_config(cls, *a, **k):
-        raise NotImplementedError("rm_abstract: %s.from_config() builds weights in this process and needs torch; "
-                                  "use from_pretrained() to run the model in the node agent" % name)
-    return type(name, (), {"from_pretrained": classmethod(from_pretrained), "from_config": classmethod(from_config),
-                           "__module__": "transformers", "_rm_standin": True,
-                           "__doc__": "rm_abstract stand-in for transformers.%s (torch not installed)" % name})
+def _patch_auto_classes(base):
+    """transformers gives each AutoModel* class its own copy of
+    from_pretrained (so that its docstring names the class): the base
+    class's alone is not enough."""
+    todo = [base]
+    while todo:
+        cls = todo.pop()
+        _patch_classmethod(cls)
+        todo.extend(cls.__subclasses__())
 
 
-def _is_placeholder(v):
-    return type(v).__name__ == "DummyObject" and _wanted(getattr(v, "__name__", ""))
+# -- torch-free: transformers' placeholders, patched in place ---------------------
+
+_OURS = ("from_pretrained", "from_config", "_rm_standin")
+_metas = {}  # DummyObject (transformers' metaclass) -> our subclass of it
 
 
-def _patch_transformers(mod):
-    # transformers' top level is a _LazyModule resolving names on access; a
-    # module-level __getattr__ in its __dict__ is consulted before the class's
-    # own, so we see (and can replace) each name as it is first resolved.
-    if "__getattr__" in mod.__dict__ and getattr(mod.__dict__["__getattr__"], "_rm_patched", False):
+def _standin_meta(dummy_meta):
+    """A subclass of transformers' DummyObject metaclass that lets our two
+    class methods through; every other attribute still raises transformers'
+    own "requires PyTorch" error."""
+    meta = _metas.get(dummy_meta)
+    if meta is None:
+        def __getattribute__(cls, key):
+            if key in _OURS:
+                return type.__getattribute__(cls, key)
+            return dummy_meta.__getattribute__(cls, key)
+        meta = type("RMStandin" + dummy_meta.__name__, (dummy_meta,), {"__getattribute__": __getattribute__})
+        _metas[dummy_meta] = meta
+    return meta
+
+
+def _is_model_placeholder(v):
+    if type(v).__name__ != "DummyObject" or not isinstance(v, type):
+        return False
+    name = v.__name__
+    return (name.startswith("AutoModel") or "For" in name or name.endswith("Model")
+            or name.endswith("LMHeadModel") or name.endswith("WithLMHead"))
+
+
+def _patch_placeholder(v):
+    """Turns the placeholder class itself into a stand-in (so every holder
+    of it sees the change): from_pretrained loads through the agent."""
+    if not _is_model_placeholder(v):
+        return
+    try:
+        dummy_meta = type(v)
+        v.__class__ = _standin_meta(dummy_meta)
+
+        def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+            def original(n, *a, **k):  # the placeholder's: transformers' "requires PyTorch" error
+                dummy_meta.__getattribute__(cls, "from_pretrained")
+            return _intercept(cls, pretrained_model_name_or_path, args, kwargs, original)
+
+        def from_config(cls, *a, **k):
+            raise NotImplementedError("rm_abstract: %s.from_config() builds weights in this process and needs torch; "
+                                      "use from_pretrained() to run the model in the node agent" % cls.__name__)
+        type.__setattr__(v, "from_pretrained", classmethod(from_pretrained))
+        type.__setattr__(v, "from_config", classmethod(from_config))
+        type.__setattr__(v, "_rm_standin", True)
+    except TypeError:  # a layout we do not know: leave it to transformers
+        pass
+
+
+def _patch_placeholders_in(mod):
+    for v in list(vars(mod).values()):
+        if type(v).__name__ == "DummyObject":
+            _patch_placeholder(v)
+
+
+def _patch_lazy_module(mod):
+    # transformers' top level (and each models.* package) is a _LazyModule
+    # resolving names on access; a module-level __getattr__ in its __dict__
+    # is consulted before the class's own, so we see each placeholder as it
+    # is first resolved.
+    d = mod.__dict__
+    if "__getattr__" in d and getattr(d["__getattr__"], "_rm_patched", False):
         return
     lazy_getattr = getattr(type(mod), "__getattr__", None)
     if lazy_getattr is None:
@@ -91,15 +147,23 @@ def _patch_transformers(mod):
 
     def __getattr__(name):
         v = lazy_getattr(mod, name)
-        if _is_placeholder(v):
-            v = _standin(name, v)
-            setattr(mod, name, v)
+        if type(v).__name__ == "DummyObject":
+            _patch_placeholder(v)
         return v
     __getattr__._rm_patched = True
-    mod.__dict__["__getattr__"] = __getattr__
-    for k, v in list(mod.__dict__.items()):  # names resolved before init()
-        if _is_placeholder(v):
-            setattr(mod, k, _standin(k, v))
+    d["__getattr__"] = __getattr__
+
+
+def _patch_transformers(mod):
+    _patch_lazy_module(mod)
+    # Placeholders resolved before init(): the lazy modules cache what they
+    # resolved in their own __dict__, and these are the very objects the
+    # script holds.
+    for name, m in list(sys.modules.items()):
+        if m is not None and (name == "transformers" or name.startswith("transformers.")):
+            if type(m).__name__ == "_LazyModule":
+                _patch_lazy_module(m)
+            _patch_placeholders_in(m)
 
 
 def _patch(name):
@@ -110,7 +174,9 @@ def _patch(name):
         if name == "transformers":
             _patch_transformers(mod)
         elif name == "transformers.models.auto.auto_factory":
-            _patch_classmethod(mod._BaseAutoModelClass)
+            _patch_auto_classes(mod._BaseAutoModelClass)
+        elif name == "transformers.models.auto.modeling_auto":
+            _patch_auto_classes(sys.modules["transformers.models.auto.auto_factory"]._BaseAutoModelClass)
         elif name == "transformers.modeling_utils":
             _patch_classmethod(mod.PreTrainedModel)
     except Exception as e:  # a new transformers layout must not break the import

@@ -74,6 +74,24 @@ def output(kind, loss, logits, past):
     return CausalLMOutput(loss=loss, logits=logits, past_key_values=past)
 
 
+class GenerateOutput(CausalLMOutput):
+    """transformers' GenerateDecoderOnlyOutput without torch."""
+
+    _fields = ("sequences", "scores", "logits", "attentions", "hidden_states", "past_key_values")
+
+
+def generate_output(kind, sequences):
+    """generate(..., return_dict_in_generate=True): `.sequences` (scores
+    and the rest are None: the agent returns tokens only)."""
+    if kind == "torch":
+        try:
+            from transformers.generation.utils import GenerateDecoderOnlyOutput
+            return GenerateDecoderOnlyOutput(sequences=sequences)
+        except Exception:  # noqa: BLE001 - any transformers without it: the stand-in
+            pass
+    return GenerateOutput(sequences=sequences)
+
+
 # -- planning the requests ---------------------------------------------------------
 
 def plan(sequences, keeps, max_rows=None, max_sequences=None):

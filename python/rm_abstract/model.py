@@ -16,17 +16,12 @@ import types
 from . import _log
 from . import logits as _logits
 from .client import AgentClient, AgentError, AgentUnavailable
+from .exceptions import RMUnavailableError
 
 # Weight formats the agent does not read; the agent leaves them out of the
 # model digest, so we must not upload them either (the digests would differ).
 _UNREAD = (".bin", ".gguf", ".pt")
 
-
-class RMUnavailableError(RuntimeError):
-    """The model could not be put on the requested device (mode 'fail')."""
-
-
-RMUnavailableError.__module__ = "rm_abstract"  # tracebacks show the public name
 
 def _walk(root):
     out = []
@@ -58,7 +53,84 @@ def model_files(path, gguf_file=None):
                      "or one .gguf (pass gguf_file= to pick one)" % path)
 
 
-def load(state, name, kwargs, original):
+# -- which classes the agent serves -------------------------------------------------
+
+_causal_names = None
+
+
+def _causal_class_names():
+    """transformers' own list of causal-LM classes (GPT2LMHeadModel,
+    CTRLLMHeadModel, ... besides the *ForCausalLM ones); importable
+    without torch, and only imported when a model is loaded."""
+    global _causal_names
+    if _causal_names is None:
+        names = set()
+        try:
+            import importlib
+            mapping = importlib.import_module("transformers.models.auto.modeling_auto").MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            for v in mapping.values():
+                names.update(v if isinstance(v, (tuple, list)) else (v,))
+        except Exception:  # an unknown transformers layout: the name rules below still apply
+            pass
+        _causal_names = names
+    return _causal_names
+
+
+def serves(cls_name):
+    """Whether the agent can serve a model loaded through this class: causal
+    language models only (it generates text and scores tokens).
+    *ForConditionalGeneration classes (sequence-to-sequence, and
+    vision-language models whose class transformers also lists as causal)
+    need an encoder or image inputs the agent does not take."""
+    if cls_name.startswith("AutoModel"):
+        return cls_name == "AutoModelForCausalLM"
+    if cls_name.endswith("ForConditionalGeneration"):
+        return False
+    return cls_name.endswith("ForCausalLM") or cls_name in _causal_class_names()
+
+
+# from_pretrained arguments that say where the model is: used, never warned about
+_LOCATE = ("revision", "subfolder", "gguf_file", "token", "cache_dir", "local_files_only", "trust_remote_code",
+           "config", "force_download", "proxies", "use_safetensors", "variant", "code_revision", "use_auth_token")
+_DTYPES = {"float16": "fp16", "half": "fp16", "fp16": "fp16", "bfloat16": "bf16", "bf16": "bf16",
+           "float32": "fp32", "float": "fp32", "fp32": "fp32", "auto": None}
+
+
+def _compile_options(cfg, name, kwargs, gguf):
+    """The compile options for this load: the settings' (the workload's
+    spec.compile), plus `dtype=`/`torch_dtype=` as a precision when those
+    do not set one. Placement and kernel arguments (device_map,
+    attn_implementation, quantization_config, ...) are the agent's to
+    decide: one warning line names the ones ignored."""
+    opts = dict(cfg.compile_options)
+    given = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    if given is not None and not gguf:
+        key = str(given).replace("torch.", "").lower()
+        if key not in _DTYPES:
+            _log.warn_once("dtype:" + key, "from_pretrained(): dtype %s has no compile precision; the agent "
+                           "compiles at its default (fp32 on CPU); choose one of fp32, fp16, bf16, q8_0, q4 "
+                           "with compile option precision" % key)
+        elif _DTYPES[key] is not None:
+            if "precision" in opts and opts["precision"] != _DTYPES[key]:
+                _log.warn_once("dtype-vs-precision", "from_pretrained(): dtype %s ignored: the compile options "
+                               "(RM_COMPILE_OPTIONS / the workload's spec.compile) set precision %s"
+                               % (key, opts["precision"]))
+            else:
+                opts["precision"] = _DTYPES[key]
+    ignored = sorted(k for k in kwargs if k not in _LOCATE and k not in ("dtype", "torch_dtype")
+                     and not k.startswith("_"))
+    if ignored:
+        hint = ""
+        if any(k in ("quantization_config", "load_in_8bit", "load_in_4bit") for k in ignored):
+            hint = "; for a quantized model set compile option precision q8_0 or q4"
+        _log.warn_once("fp-ignored:" + ",".join(ignored),
+                       "from_pretrained(): ignoring %s: the node agent places and compiles %s "
+                       "(compile options: RM_COMPILE_OPTIONS, the workload's spec.compile)%s"
+                       % (", ".join(ignored), name, hint))
+    return opts
+
+
+def load(state, cls_name, name, kwargs, original):
     """Registers + prepares `name` on the agent; returns a RemoteModel.
 
     `original` is transformers' own from_pretrained, used only in mode
@@ -68,6 +140,9 @@ def load(state, name, kwargs, original):
     try:
         if state.config_error is not None:
             raise RMUnavailableError("rm_abstract is not configured: %s" % state.config_error)
+        if not serves(cls_name):
+            raise RMUnavailableError("the node agent serves causal language models (AutoModelForCausalLM, "
+                                     "*ForCausalLM, *LMHeadModel), not %s" % cls_name)
         return _load(cfg, name, kwargs)
     except (AgentError, RMUnavailableError) as e:
         why = getattr(e, "agent_message", None) or str(e)
@@ -77,7 +152,7 @@ def load(state, name, kwargs, original):
                       % (name, cfg.device if cfg else "?", why))
             return original(name, **kwargs)
         raise RMUnavailableError("cannot run %s on %s: %s (set RM_ON_UNAVAILABLE=fallback to run it in this process instead)"
-                                 % (name, cfg.device if cfg else "?", why)) from None
+                                 % (name, cfg.device if cfg else "?", why), reason=why) from None
 
 
 def _load(cfg, name, kwargs):
@@ -86,8 +161,11 @@ def _load(cfg, name, kwargs):
     name = os.fspath(name)
     local = os.path.join(name, kwargs["subfolder"]) if kwargs.get("subfolder") else name
     gguf = kwargs.get("gguf_file")
+    is_gguf = bool(gguf)
     if os.path.exists(local):
-        reg = client.register_files(model_files(local, gguf))
+        files = model_files(local, gguf)
+        is_gguf = files[0][0] == "model.gguf"
+        reg = client.register_files(files)
     elif gguf:
         raise RMUnavailableError("a hub id with gguf_file= cannot be sent to the agent; download the file and pass its directory")
     else:
@@ -102,11 +180,12 @@ def _load(cfg, name, kwargs):
             if step != last[0]:
                 last[0] = step
                 _log.info("compiling %s for %s: %3d%% %s" % (name, cfg.device, step * 10, stage or ""))
-    prep = client.prepare(reg["model"], cfg.device, cfg.compile_options, progress)
+    options = _compile_options(cfg, name, kwargs, is_gguf)
+    prep = client.prepare(reg["model"], cfg.device, options, progress)
     _log.info("%s on %s via backend %s (%s)" % (
         name, cfg.device, prep.get("backend"), "cached" if prep.get("cached") else "compiled"))
     config, gen_config = _configs(name, local, kwargs)
-    return RemoteModel(client, cfg.device, prep, reg, name, config, gen_config)
+    return _proxy_class(config)(client, cfg.device, prep, reg, name, config, gen_config)
 
 
 def _configs(name, local, kwargs):
@@ -199,6 +278,57 @@ def _gc(gen_config, name, default=None):
     return default if v is None else v
 
 
+# generation-config fields the agent does not apply, with their neutral value
+_GC_UNSUPPORTED = {"no_repeat_ngram_size": 0, "bad_words_ids": None, "suppress_tokens": None,
+                   "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+                   "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None,
+                   "length_penalty": 1.0, "diversity_penalty": 0.0, "encoder_repetition_penalty": 1.0,
+                   "exponential_decay_length_penalty": None, "sequence_bias": None, "guidance_scale": None,
+                   "penalty_alpha": None, "renormalize_logits": False, "num_beam_groups": 1,
+                   "output_scores": False, "output_logits": False, "output_attentions": False,
+                   "output_hidden_states": False}
+
+
+def _neutral(k, v):
+    """An argument that asks for nothing (None, False, or the neutral value)."""
+    if v is None or v is False:
+        return True
+    n = _GC_UNSUPPORTED.get(k)
+    return isinstance(v, (int, float)) and n is not None and v == n
+
+
+def _warn_unsupported_gc(gc):
+    """One line for fields of the model's generation_config that would
+    change transformers' output and that the agent does not apply."""
+    if gc is None:
+        return
+    odd = sorted(k for k in _GC_UNSUPPORTED if not _neutral(k, getattr(gc, k, None))
+                 and getattr(gc, k, None) not in ([], {}))
+    if odd:
+        _log.warn_once("gc:" + ",".join(odd), "generate(): the generation config sets %s, which the node agent "
+                       "does not apply; tokens may differ from transformers' own generate()" % ", ".join(odd))
+
+
+_proxy_classes = {}
+
+
+def _proxy_class(config):
+    """The proxy's class, named after the model's architecture
+    (LlamaForCausalLM, GPT2LMHeadModel, ...): pipelines check the model's
+    class name against their task's list and log a long error for any
+    other, so a proxy named RemoteModel would be reported as unsupported."""
+    archs = getattr(config, "architectures", None) or []
+    name = next((a for a in archs if isinstance(a, str) and a.isidentifier() and serves(a)), None)
+    if name is None:
+        return RemoteModel
+    cls = _proxy_classes.get(name)
+    if cls is None:
+        cls = type(name, (RemoteModel,), {"__module__": "rm_abstract.model",
+                                          "__doc__": "rm_abstract's proxy for a %s in the node agent" % name})
+        _proxy_classes[name] = cls
+    return cls
+
+
 class RemoteModel:
     """Stands in for a PreTrainedModel whose weights live in the node agent."""
 
@@ -223,6 +353,14 @@ class RemoteModel:
         if "torch" in sys.modules:
             return sys.modules["torch"].device("cpu")
         return "cpu"
+
+    @property
+    def dtype(self):
+        """The dtype of what the model returns here (logits: float32),
+        whatever precision the agent computes in."""
+        if "torch" in sys.modules:
+            return sys.modules["torch"].float32
+        return "float32"
 
     def to(self, *args, **kwargs):
         return self
@@ -344,6 +482,16 @@ class RemoteModel:
             pad = eos[0] if eos else 0
         seed = kwargs.pop("seed", None)
         body = {"key": self.rm_key, "device": self.rm_device, "max_new_tokens": int(max_new), "do_sample": do_sample}
+        penalty = float(opt("repetition_penalty", 1.0))
+        if penalty != 1.0:
+            body["repetition_penalty"] = penalty
+        # min_new_tokens wins over min_length, which counts the prompt
+        min_new = opt("min_new_tokens")
+        if min_new is None:
+            min_new = int(opt("min_length", 0)) - width
+        if int(min_new) > 0:
+            body["min_new_tokens"] = min(int(min_new), int(max_new))
+        as_dict = bool(opt("return_dict_in_generate", False))
         if do_sample:
             body["temperature"] = float(opt("temperature", 1.0))
             top_k, top_p = opt("top_k", 50), opt("top_p", 1.0)
@@ -356,11 +504,14 @@ class RemoteModel:
             body["seed"] = int(seed) if seed is not None else random.getrandbits(31)
         if eos:
             body["eos_token_id"] = eos
-        for k in ("temperature", "top_k", "top_p", "max_length", "use_cache", "output_scores",
-                  "return_dict_in_generate", "token_type_ids"):
+        # used above, or meaningless here (the agent keeps its own cache)
+        for k in ("temperature", "top_k", "top_p", "max_length", "use_cache", "token_type_ids", "min_length"):
             kwargs.pop(k, None)
-        if kwargs:
-            _log.warn("generate(): ignoring arguments the agent does not support: %s" % ", ".join(sorted(kwargs)))
+        ignored = sorted(k for k, v in kwargs.items() if not _neutral(k, v))
+        if ignored:
+            _log.warn_once("gen-ignored:" + ",".join(ignored), "generate(): ignoring what the node agent does not "
+                           "support: %s (the output has the sequences only)" % ", ".join(ignored))
+        _warn_unsupported_gc(gc)
 
         # Padding: the agent wants each prompt without pad tokens; the result
         # keeps the caller's rows as given, like transformers does.
@@ -369,7 +520,8 @@ class RemoteModel:
         prompts = [p for p in prompts for _ in range(n_ret)]
         rows = [r for r in rows for _ in range(n_ret)]
         if max_new == 0:
-            return _as_kind(rows, kind, flat)
+            out = _as_kind(rows, kind, flat)
+            return _logits.generate_output(kind, out) if as_dict else out
         body["input_ids"] = prompts
 
         if streamer is not None:
@@ -382,4 +534,6 @@ class RemoteModel:
         outs = [r + list(o["token_ids"]) for r, o in zip(rows, result["outputs"])]
         longest = max(len(o) for o in outs)
         outs = [o + [pad] * (longest - len(o)) for o in outs]
+        if as_dict:
+            return _logits.generate_output(kind, _as_kind(outs, kind, flat))
         return _as_kind(outs, kind, flat)

@@ -275,3 +275,47 @@ def run_script(tmp_path, code, env, python=sys.executable, args=(), timeout=300)
 
 def rm_lines(stderr):
     return [l for l in stderr.splitlines() if l.startswith("rm_abstract:")]
+
+
+# -- what the agent did ------------------------------------------------------------
+
+def agent_counters(agent):
+    """The agent's request counters (its /metrics), summed over labels: the
+    proof that the agent, not the test's process, served a request."""
+    st, text = agent.call("GET", "/metrics")
+    assert st == 200, text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("rm_agent_") and " " in line:
+            name, value = line.rsplit(" ", 1)
+            name = name.split("{")[0]
+            out[name] = out.get(name, 0) + float(value)
+    return out
+
+
+def served(before, after, name="rm_agent_generate_requests_total"):
+    return after.get(name, 0) - before.get(name, 0)
+
+
+# -- a tiny random GPT-2 (an architecture the built-in cpu backend lacks) ----------
+
+def make_tiny_gpt2(d, tokenizer_from, seed=3):
+    """Written by the real transformers (needs torch): GPT2LMHeadModel with
+    random weights, the tiny llama's tokenizer, eos = </s>."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    d = Path(d)
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_from))
+    cfg = GPT2Config(vocab_size=TINY_VOCAB, n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                     bos_token_id=1, eos_token_id=2)
+    GPT2LMHeadModel(cfg).eval().save_pretrained(str(d), safe_serialization=True)
+    tok.save_pretrained(str(d))
+    return d
+
+
+def transformers_itself(monkeypatch):
+    """Lets transformers' own from_pretrained run in this process (the
+    reference the agent is compared with), whatever init() a test did."""
+    import rm_abstract
+    monkeypatch.setattr(rm_abstract._state, "active", False)

@@ -138,13 +138,16 @@ def test_agent_missing_fallback_warns_once_and_runs_transformers(tiny_model, tmp
     assert r.stderr.strip().splitlines()[-1] == plain.stderr.strip().splitlines()[-1]
 
 
-def test_agent_equals_transformers_itself_when_torch_is_there(agent, tiny_model):
-    """transformers' own LlamaForCausalLM (torch, not in CI) on the tiny
-    model: the agent's greedy tokens and logits are the same."""
+def test_agent_equals_transformers_itself_when_torch_is_there(agent, tiny_model, monkeypatch):
+    """transformers' own LlamaForCausalLM (the torch pass of run-tests.sh) on
+    the tiny model: the agent's greedy tokens and logits are the same."""
     torch = pytest.importorskip("torch")
     import numpy as np
+    import rm_abstract
     from transformers import LlamaForCausalLM
+    monkeypatch.setattr(rm_abstract._state, "active", False)  # transformers' own loader, in this process
     model = LlamaForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    assert isinstance(model, torch.nn.Module)
     ids = [1, 17, 42, 99, 3]
     with torch.no_grad():
         want_logits = model(torch.tensor([ids])).logits[0].numpy()
@@ -173,7 +176,7 @@ def test_socket_without_permission_is_reported(agent, tmp_path):
     # Python (pyenv's lives under /root) and no transformers: the load path
     # is called directly with the same arguments a hook would pass.
     code = ("import rm_abstract, sys\nfrom rm_abstract.model import load\nrm_abstract.init(device='cpu')\n"
-            "try:\n    load(rm_abstract._state, '/models/x', {}, None)\n"
+            "try:\n    load(rm_abstract._state, 'AutoModelForCausalLM', '/models/x', {}, None)\n"
             "except rm_abstract.RMUnavailableError as e:\n    print(e)\n")
     env = injected_env(agent, RM_INJECTED=None)
     r = subprocess.run(["/usr/bin/python3", "-c", code], env=env, capture_output=True, text=True, cwd="/",
@@ -266,7 +269,10 @@ def test_imports_on_every_python(name, python, tmp_path):
     r = run_script(tmp_path, code, env, python=str(python), timeout=60)
     assert r.returncode == 0, r.stderr
     if minor >= 9:
-        assert r.stdout.split() == ["active", "npu:0"] and rm_lines(r.stderr) == [], r.stderr
+        # init() says the device once (verbose is the default), nothing else
+        assert r.stdout.split() == ["active", "npu:0"], r.stderr
+        assert rm_lines(r.stderr) == ["rm_abstract: initialized with device npu:0 (node agent at "
+                                      "/var/run/rm-abstract/agent.sock)"], r.stderr
     else:  # unsupported: one line, the program runs without us
         assert r.stdout.split() == ["inactive"]
         assert rm_lines(r.stderr) == ["rm_abstract: not active: Python 3.%d is older than 3.9; the program runs without rm_abstract" % minor]
