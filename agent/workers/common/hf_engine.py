@@ -34,7 +34,8 @@ def missing_packages():
             missing.append("%s (%s: %s)" % (name, type(e).__name__, e))
     if not missing:
         return None
-    return "cannot import %s in the worker's Python" % ", ".join(missing)
+    return ("cannot import %s in the worker's Python; give the agent a Python with torch and transformers "
+            "(--worker-python)" % ", ".join(missing))
 
 
 def _torch_dtype(name):
