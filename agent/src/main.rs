@@ -94,8 +94,14 @@ struct Cli {
     #[arg(long, env = "RM_CPU_ENGINE", value_enum, default_value_t = GgufEngine::Auto)]
     cpu_engine: GgufEngine,
     /// Threads of one CPU generation. Default: the CPUs this process may use.
+    /// Passed on to workers in `RM_CPU_THREADS`.
     #[arg(long, env = "RM_CPU_THREADS")]
     cpu_threads: Option<usize>,
+    /// The Python that runs worker plugins: replaces a leading `python3` of
+    /// each manifest's command (a venv with torch for `cpu-transformers`,
+    /// say). Default: `python3` from `PATH`.
+    #[arg(long, env = "RM_WORKER_PYTHON")]
+    worker_python: Option<PathBuf>,
     /// Generate and forward requests that run at once on one backend and
     /// device set (the CPU is one). The CPU engine runs one at a time anyway
     /// (each uses every core); the others wait in turn between namespaces.
@@ -239,7 +245,9 @@ async fn run(cli: Cli) -> Result<(), StartError> {
             tracing::info!(backend = %manifest.name, dir = %wdir.display(), "worker plugin found");
             let w = Arc::new(
                 WorkerBackend::new(wdir, manifest)
-                    .allow_trust_remote_code(cli.allow_trust_remote_code),
+                    .allow_trust_remote_code(cli.allow_trust_remote_code)
+                    .worker_python(cli.worker_python.clone())
+                    .cpu_threads(Some(engine.threads)),
             );
             w.probe_now().await;
             backends.push(w);

@@ -14,7 +14,7 @@ use crate::admission::{Admission, Bounds, Refused, Ticket};
 use crate::auth::{self, AuthError, Caller, Target, TokenStore};
 use crate::backend::{
     Backend, BackendError, Cancel, CompileJob, ForwardJob, ForwardOutput, GenerateJob,
-    GenerationParams, Prompt, Registry, SelectError, SequenceOutput, Slot, TokenFn,
+    GenerationParams, ModelRef, Prompt, Registry, SelectError, SequenceOutput, Slot, TokenFn,
 };
 use crate::cache::{CacheKey, CacheStore, CompileState, InFlight, KeyInputs, Role, StoreError};
 use crate::metrics::Metrics;
@@ -59,6 +59,7 @@ impl AgentError {
             AgentError::Select(SelectError::UnknownBackend(_)) => 404,
             AgentError::Select(SelectError::WrongDevice { .. }) => 400,
             AgentError::Select(SelectError::NoneAvailable { .. }) => 503,
+            AgentError::Select(SelectError::Refused { .. } | SelectError::NoneFits { .. }) => 422,
             AgentError::Backend(e) => e.http_status(),
             AgentError::Store(StoreError::NotFound(_)) => 404,
             AgentError::Store(StoreError::InUse(_)) => 409,
@@ -572,9 +573,14 @@ impl Agent {
                 ));
             }
         };
-        let backend = self
-            .backends
-            .select(target.device_type, req.backend.as_deref())?;
+        let backend = self.backends.select(
+            target.device_type,
+            req.backend.as_deref(),
+            &ModelRef {
+                path: &model.path,
+                format: model.format,
+            },
+        )?;
         let info = backend.info();
         backend.validate(&req.options, model.format)?;
         let inputs = KeyInputs {

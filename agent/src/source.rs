@@ -62,6 +62,16 @@ pub enum ModelFormat {
     Safetensors,
 }
 
+impl ModelFormat {
+    /// The name on the wire and in manifests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelFormat::Gguf => "gguf",
+            ModelFormat::Safetensors => "safetensors",
+        }
+    }
+}
+
 /// A model the agent can read, with its digest.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ResolvedModel {

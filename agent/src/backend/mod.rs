@@ -11,7 +11,7 @@ pub mod extra;
 pub mod worker;
 
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
@@ -360,11 +360,28 @@ impl BackendError {
     }
 }
 
+/// The model a prepare is about, as selection sees it: where it is and in
+/// which format. Nothing is loaded to look at it.
+#[derive(Clone, Copy, Debug)]
+pub struct ModelRef<'a> {
+    /// The `.gguf` file, or the directory with `config.json`.
+    pub path: &'a Path,
+    pub format: ModelFormat,
+}
+
 /// The plugin interface. Every method must fail with an error, never panic,
 /// whatever the request holds.
 pub trait Backend: Send + Sync {
     fn info(&self) -> BackendInfo;
     fn probe(&self) -> Availability;
+    /// Whether this backend can serve `model` at all (its format, its
+    /// architecture), judged from metadata only. `Err` says why not, in one
+    /// line; selection then passes on to the next backend. A malformed model
+    /// is not refused here: the compile says what is wrong with it.
+    fn accepts(&self, model: &ModelRef<'_>) -> Result<(), String> {
+        let _ = model;
+        Ok(())
+    }
     /// Extra facts for `GET /v1/backends` (worker restarts, loaded models).
     fn status(&self) -> serde_json::Value {
         serde_json::Value::Null
@@ -424,8 +441,16 @@ pub enum SelectError {
         device: DeviceType,
         supported: String,
     },
+    #[error("backend {backend:?} cannot run this model: {reason}")]
+    Refused { backend: String, reason: String },
+    /// No backend for the device is up, or those that are refuse the model
+    /// while another one that might take it is down: installing or fixing
+    /// a backend helps (503).
     #[error("no available backend for device {device}{why}")]
     NoneAvailable { device: DeviceType, why: String },
+    /// Every backend for the device is up and refuses the model (422).
+    #[error("no backend for device {device} can run this model:{why}")]
+    NoneFits { device: DeviceType, why: String },
 }
 
 /// A candidate for selection: what the pure chooser needs to know.
@@ -433,11 +458,20 @@ pub enum SelectError {
 pub struct Candidate {
     pub info: BackendInfo,
     pub availability: Availability,
+    /// [`Backend::accepts`] for the model being prepared.
+    pub fit: Result<(), String>,
 }
 
-/// Picks the backend: the named one if given (it must support the device),
-/// else the highest-priority available backend for the device type; ties go
-/// to the earlier registered (built-in first, then plugins by name).
+/// One line per backend, for the errors that list them.
+fn reason_lines(reasons: &[String]) -> String {
+    reasons.iter().map(|r| format!("\n  {r}")).collect()
+}
+
+/// Picks the backend: the named one if given (it must support the device,
+/// be available and accept the model), else the highest-priority available
+/// backend for the device type that accepts the model; ties go to the
+/// earlier registered (built-in first, then plugins by name). So a worker of
+/// the same priority as the built-in `cpu` serves only what `cpu` refuses.
 pub fn select(
     candidates: &[Candidate],
     device: DeviceType,
@@ -471,33 +505,55 @@ pub fn select(
                 ),
             });
         }
+        if let Err(reason) = &c.fit {
+            return Err(SelectError::Refused {
+                backend: name.to_string(),
+                reason: reason.clone(),
+            });
+        }
         return Ok(i);
     }
     let mut best: Option<usize> = None;
     let mut reasons = Vec::new();
+    let mut any_unavailable = false;
     for (i, c) in candidates.iter().enumerate() {
         if !c.info.device_types.contains(&device) {
             continue;
         }
         if !c.availability.available {
+            any_unavailable = true;
             reasons.push(format!(
-                "{}: {}",
+                "{}: unavailable ({})",
                 c.info.name,
                 c.availability.reason.clone().unwrap_or_default()
             ));
+            continue;
+        }
+        if let Err(reason) = &c.fit {
+            reasons.push(format!("{}: {reason}", c.info.name));
             continue;
         }
         if best.is_none_or(|b| c.info.priority > candidates[b].info.priority) {
             best = Some(i);
         }
     }
-    best.ok_or_else(|| SelectError::NoneAvailable {
-        device,
-        why: if reasons.is_empty() {
-            "; install a worker plugin for it in --plugin-dir".into()
+    best.ok_or_else(|| {
+        if reasons.is_empty() {
+            SelectError::NoneAvailable {
+                device,
+                why: "; install a worker plugin for it in --plugin-dir".into(),
+            }
+        } else if any_unavailable {
+            SelectError::NoneAvailable {
+                device,
+                why: format!(" that takes this model:{}", reason_lines(&reasons)),
+            }
         } else {
-            format!(" ({})", reasons.join("; "))
-        },
+            SelectError::NoneFits {
+                device,
+                why: reason_lines(&reasons),
+            }
+        }
     })
 }
 
@@ -510,12 +566,23 @@ impl Registry {
         &self.backends
     }
 
-    pub fn candidates(&self) -> Vec<Candidate> {
+    /// Every backend as a candidate for `model` on `device`; only those of
+    /// that device are asked whether they accept it.
+    pub fn candidates(&self, device: DeviceType, model: &ModelRef<'_>) -> Vec<Candidate> {
         self.backends
             .iter()
-            .map(|b| Candidate {
-                info: b.info(),
-                availability: b.probe(),
+            .map(|b| {
+                let info = b.info();
+                let fit = if info.device_types.contains(&device) {
+                    b.accepts(model)
+                } else {
+                    Ok(())
+                };
+                Candidate {
+                    info,
+                    availability: b.probe(),
+                    fit,
+                }
             })
             .collect()
     }
@@ -531,8 +598,9 @@ impl Registry {
         &self,
         device: DeviceType,
         name: Option<&str>,
+        model: &ModelRef<'_>,
     ) -> Result<Arc<dyn Backend>, SelectError> {
-        let i = select(&self.candidates(), device, name)?;
+        let i = select(&self.candidates(device, model), device, name)?;
         Ok(self.backends[i].clone())
     }
 }
@@ -557,7 +625,13 @@ mod tests {
             } else {
                 Availability::no("no SDK")
             },
+            fit: Ok(()),
         }
+    }
+
+    fn refusing(mut c: Candidate, why: &str) -> Candidate {
+        c.fit = Err(why.into());
+        c
     }
 
     #[test]
@@ -640,5 +714,74 @@ mod tests {
             select(&c, DeviceType::Rbln, None),
             Err(SelectError::NoneAvailable { .. })
         ));
+    }
+
+    #[test]
+    fn the_first_backend_that_accepts_the_model_wins_a_tie() {
+        let builtin = cand("cpu", 0, &[DeviceType::Cpu], true);
+        let worker = cand("cpu-transformers", 0, &[DeviceType::Cpu], true);
+        // Both take it: the built-in, registered first.
+        let c = vec![builtin.clone(), worker.clone()];
+        assert_eq!(select(&c, DeviceType::Cpu, None), Ok(0));
+        // The built-in refuses the architecture: the worker serves it.
+        let c = vec![
+            refusing(builtin.clone(), "model_type \"gpt2\" is not supported"),
+            worker.clone(),
+        ];
+        assert_eq!(select(&c, DeviceType::Cpu, None), Ok(1));
+        // A higher priority that refuses loses to a lower one that accepts.
+        let c = vec![
+            refusing(cand("gpu-a", 90, &[DeviceType::Gpu], true), "GGUF"),
+            cand("gpu-b", 10, &[DeviceType::Gpu], true),
+        ];
+        assert_eq!(select(&c, DeviceType::Gpu, None), Ok(1));
+    }
+
+    #[test]
+    fn when_none_accepts_each_backend_says_why_on_its_own_line() {
+        let c = vec![
+            refusing(
+                cand("cpu", 0, &[DeviceType::Cpu], true),
+                "model_type \"gpt2\" is not supported by the cpu backend",
+            ),
+            cand("cpu-transformers", 0, &[DeviceType::Cpu], false),
+            // Another device's backend is neither asked nor listed.
+            refusing(cand("gpu", 75, &[DeviceType::Gpu], true), "not listed"),
+        ];
+        let err = select(&c, DeviceType::Cpu, None).expect_err("none fits");
+        assert!(matches!(err, SelectError::NoneAvailable { .. }), "{err:?}");
+        let msg = err.to_string();
+        let lines: Vec<&str> = msg.lines().collect();
+        assert_eq!(lines.len(), 3, "{msg}");
+        assert_eq!(
+            lines[1].trim(),
+            "cpu: model_type \"gpt2\" is not supported by the cpu backend"
+        );
+        assert_eq!(lines[2].trim(), "cpu-transformers: unavailable (no SDK)");
+        // All up and all refusing: the model is the problem (422), not the node.
+        let c = vec![refusing(cand("cpu", 0, &[DeviceType::Cpu], true), "no")];
+        assert!(matches!(
+            select(&c, DeviceType::Cpu, None),
+            Err(SelectError::NoneFits { .. })
+        ));
+    }
+
+    #[test]
+    fn a_named_backend_that_refuses_the_model_says_why() {
+        let c = vec![
+            refusing(
+                cand("cpu", 0, &[DeviceType::Cpu], true),
+                "model_type \"gpt2\"",
+            ),
+            cand("cpu-transformers", 0, &[DeviceType::Cpu], true),
+        ];
+        assert_eq!(
+            select(&c, DeviceType::Cpu, Some("cpu")),
+            Err(SelectError::Refused {
+                backend: "cpu".into(),
+                reason: "model_type \"gpt2\"".into()
+            })
+        );
+        assert_eq!(select(&c, DeviceType::Cpu, Some("cpu-transformers")), Ok(1));
     }
 }

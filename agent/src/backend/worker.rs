@@ -56,7 +56,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use super::extra::{self, ExtraOptions};
 use super::{
     AllocationRef, Availability, Backend, BackendError, BackendInfo, CompileJob, ForwardJob,
-    ForwardOutput, GenerateJob, ProgressFn, SequenceOutput, Slot, SlotGuard, TokenFn,
+    ForwardOutput, GenerateJob, ModelRef, ProgressFn, SequenceOutput, Slot, SlotGuard, TokenFn,
     kept_positions,
 };
 use crate::cache::CacheKey;
@@ -105,6 +105,25 @@ pub struct Manifest {
     /// other key is refused before a compile (see `backend::extra`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub extra_options: ExtraOptions,
+    /// The model formats the worker compiles; absent: every format. Selection
+    /// passes a model of another format on to the next backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_formats: Option<Vec<ModelFormat>>,
+}
+
+/// The manifest command's program word that `--worker-python` replaces.
+pub const PYTHON_WORD: &str = "python3";
+
+/// The program a manifest command starts: `python` (`--worker-python`) for
+/// a leading `python3`, so that a node's Python with the worker's packages
+/// is used without editing manifests; a relative path with a `/` against the
+/// worker's directory; anything else as it is (found on `PATH`).
+pub fn program(command0: &str, dir: &Path, python: Option<&Path>) -> PathBuf {
+    match python {
+        Some(py) if command0 == PYTHON_WORD => py.to_path_buf(),
+        _ if command0.contains('/') && !Path::new(command0).is_absolute() => dir.join(command0),
+        _ => PathBuf::from(command0),
+    }
 }
 
 fn default_request_timeout() -> u64 {
@@ -413,20 +432,28 @@ fn device_env(device_type: Option<DeviceType>, devices: &[String]) -> Vec<(Strin
     env
 }
 
-/// A worker process's environment: its devices, and whether the operator
+/// The variable that tells a worker how many threads one computation may
+/// use on the CPU (the agent's `--cpu-threads`), as the built-in backend does.
+pub const CPU_THREADS_ENV: &str = "RM_CPU_THREADS";
+
+/// A worker process's environment: its devices, whether the operator
 /// allows `trust_remote_code` (the worker's own check in `rm_worker.py` reads
-/// it). Set either way, so neither an inherited value nor the manifest's
-/// `env` (applied before this) decides.
+/// it), and the agent's CPU thread count. Set either way, so neither an
+/// inherited value nor the manifest's `env` (applied before this) decides.
 fn worker_env(
     device_type: Option<DeviceType>,
     devices: &[String],
     allow_trust_remote_code: bool,
+    cpu_threads: Option<usize>,
 ) -> Vec<(String, String)> {
     let mut env = device_env(device_type, devices);
     env.push((
         extra::ALLOW_TRUST_REMOTE_CODE_ENV.into(),
         if allow_trust_remote_code { "1" } else { "0" }.into(),
     ));
+    if let Some(n) = cpu_threads {
+        env.push((CPU_THREADS_ENV.into(), n.to_string()));
+    }
     env
 }
 
@@ -438,6 +465,8 @@ struct Supervisor {
     pod: String,
     dir: PathBuf,
     manifest: Manifest,
+    /// `--worker-python`, for a manifest command that starts with `python3`.
+    python: Option<PathBuf>,
     env: Vec<(String, String)>,
     restarts: Arc<AtomicU64>,
     /// `Some(grace)`: the worker understands `cancel`, and a cancelled
@@ -523,13 +552,8 @@ async fn until(deadline: Option<tokio::time::Instant>) {
 
 impl Supervisor {
     fn spawn_child(&self) -> std::io::Result<Child> {
-        let prog = &self.manifest.command[0];
-        let prog_path = if prog.contains('/') && !Path::new(prog).is_absolute() {
-            self.dir.join(prog)
-        } else {
-            PathBuf::from(prog)
-        };
-        let mut cmd = Command::new(prog_path);
+        let prog = program(&self.manifest.command[0], &self.dir, self.python.as_deref());
+        let mut cmd = Command::new(prog);
         cmd.args(&self.manifest.command[1..])
             .current_dir(&self.dir)
             .envs(&self.manifest.env)
@@ -911,6 +935,10 @@ pub struct WorkerBackend {
     /// `--allow-trust-remote-code`: the cluster operator lets requests set
     /// `trust_remote_code` (where the manifest lists it).
     allow_trust_remote_code: bool,
+    /// `--worker-python`.
+    python: Option<PathBuf>,
+    /// `--cpu-threads`, passed on in `RM_CPU_THREADS`.
+    cpu_threads: Option<usize>,
 }
 
 /// Holds a compile instance in use; the last one out stops the process, so
@@ -945,7 +973,23 @@ impl WorkerBackend {
             cancels: Arc::new(AtomicU64::new(0)),
             released: AtomicU64::new(0),
             allow_trust_remote_code: false,
+            python: None,
+            cpu_threads: None,
         }
+    }
+
+    /// Runs a manifest command's leading `python3` with this program
+    /// instead (`--worker-python`; `None`: as the manifest says).
+    pub fn worker_python(mut self, python: Option<PathBuf>) -> Self {
+        self.python = python;
+        self
+    }
+
+    /// The threads one CPU computation may use, told to the worker in
+    /// `RM_CPU_THREADS` (`None`: the worker decides).
+    pub fn cpu_threads(mut self, threads: Option<usize>) -> Self {
+        self.cpu_threads = threads;
+        self
     }
 
     /// Lets requests set `trust_remote_code` when the manifest lists it
@@ -1016,10 +1060,12 @@ impl WorkerBackend {
             pod: inst.pod(),
             dir: self.dir.clone(),
             manifest: self.manifest.clone(),
+            python: self.python.clone(),
             env: worker_env(
                 inst.key.device_type,
                 &inst.key.devices,
                 self.allow_trust_remote_code,
+                self.cpu_threads,
             ),
             restarts: self.restarts.clone(),
             cancel_grace: self
@@ -1290,6 +1336,21 @@ impl Backend for WorkerBackend {
             .clone()
     }
 
+    fn accepts(&self, model: &ModelRef<'_>) -> Result<(), String> {
+        match &self.manifest.model_formats {
+            Some(formats) if !formats.contains(&model.format) => Err(format!(
+                "takes {} models, not {}",
+                formats
+                    .iter()
+                    .map(|f| f.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                model.format.as_str()
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn status(&self) -> Value {
         // The keys a request may set in options.extra, with their types.
         let extra_options: serde_json::Map<String, Value> = self
@@ -1319,6 +1380,7 @@ impl Backend for WorkerBackend {
             "in_flight": in_flight,
             "unverified_on_hardware": self.manifest.unverified_on_hardware,
             "extra_options": extra_options,
+            "model_formats": self.manifest.model_formats,
         })
     }
 
@@ -1578,6 +1640,7 @@ mod tests {
             pod: "-".into(),
             dir: dir.path().to_path_buf(),
             manifest,
+            python: None,
             env: vec![],
             restarts: restarts.clone(),
             cancel_grace: Some(Duration::from_secs(5)),
@@ -1641,11 +1704,46 @@ mod tests {
 
     #[test]
     fn workers_are_told_the_trust_remote_code_decision() {
-        let off = worker_env(Some(DeviceType::Furiosa), &["npu:0".into()], false);
+        let off = worker_env(Some(DeviceType::Furiosa), &["npu:0".into()], false, None);
         assert!(off.contains(&("RM_ALLOW_TRUST_REMOTE_CODE".into(), "0".into())));
         assert!(off.contains(&("FURIOSA_DEVICES".into(), "npu:0".into())));
-        let on = worker_env(None, &[], true);
+        assert!(!off.iter().any(|(k, _)| k == CPU_THREADS_ENV));
+        let on = worker_env(None, &[], true, Some(3));
         assert!(on.contains(&("RM_ALLOW_TRUST_REMOTE_CODE".into(), "1".into())));
+        assert!(on.contains(&(CPU_THREADS_ENV.into(), "3".into())));
+    }
+
+    #[test]
+    fn worker_python_replaces_only_a_leading_python3() {
+        let dir = Path::new("/plugins/w");
+        let py = Path::new("/opt/torch/bin/python");
+        assert_eq!(program("python3", dir, Some(py)), py);
+        assert_eq!(program("python3", dir, None), Path::new("python3"));
+        assert_eq!(program("python", dir, Some(py)), Path::new("python"));
+        assert_eq!(program("./run.sh", dir, Some(py)), dir.join("./run.sh"));
+        assert_eq!(program("/bin/sh", dir, Some(py)), Path::new("/bin/sh"));
+    }
+
+    #[test]
+    fn a_worker_takes_the_model_formats_its_manifest_lists() {
+        let model = |format| ModelRef {
+            path: Path::new("/m"),
+            format,
+        };
+        let cpu = shipped("cpu-transformers");
+        assert!(cpu.accepts(&model(ModelFormat::Safetensors)).is_ok());
+        assert_eq!(
+            cpu.accepts(&model(ModelFormat::Gguf)),
+            Err("takes safetensors models, not gguf".into())
+        );
+        let double = WorkerBackend::new(
+            PathBuf::from("/d"),
+            manifest_at(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workers/test-double")),
+        );
+        assert!(
+            double.accepts(&model(ModelFormat::Gguf)).is_ok(),
+            "no list: any format"
+        );
     }
 
     fn manifest_at(dir: &Path) -> Manifest {
@@ -1690,7 +1788,7 @@ mod tests {
             .into_iter()
             .map(|(_, m)| m.name)
             .collect();
-        assert_eq!(found, ["furiosa", "gpu-vllm", "rbln"]);
+        assert_eq!(found, ["cpu-transformers", "furiosa", "gpu-vllm", "rbln"]);
         let double = manifest_at(&root.join("tests/workers/test-double"));
         assert!(extra::check_declarations(&double.extra_options).is_ok());
         // A manifest whose declarations are inconsistent is skipped.

@@ -132,3 +132,50 @@ def test_rbln_refuses_undeclared_keys_and_bad_values(tmp_path, extra):
     err = out[1].get("error")
     assert err and err["kind"] == "invalid_request", out
     assert recorded(p) is None
+
+
+def generate_params(tmp_path, **sampling):
+    art = tmp_path / "artifact"
+    art.mkdir(exist_ok=True)
+    p = {"max_new_tokens": 4, "do_sample": False, "temperature": 1.0, "top_p": None, "top_k": None, "seed": 0,
+         "eos_token_ids": [], "stop_at_eos": True}
+    p.update(sampling)
+    return {"key": "k", "artifact_dir": str(art), "devices": [], "prompts": [[5, 6, 7]], "params": p}
+
+
+def recorded_generate(params):
+    path = Path(params["artifact_dir"]) / RECORD
+    return json.loads(path.read_text())["kwargs"] if path.exists() else None
+
+
+def test_furiosa_passes_repetition_penalty_and_min_tokens_to_sampling_params(tmp_path):
+    g = generate_params(tmp_path, repetition_penalty=1.2, min_new_tokens=2)
+    out = run_worker("furiosa", [("generate", g)])
+    assert out[1]["result"]["outputs"][0]["token_ids"] == [1, 2], out
+    sp = recorded_generate(g)
+    assert sp["repetition_penalty"] == 1.2 and sp["min_tokens"] == 2, sp
+    # Absent: off, as the SDK's own defaults.
+    off = tmp_path / "off"
+    off.mkdir()
+    g = generate_params(off)
+    out = run_worker("furiosa", [("generate", g)])
+    sp = recorded_generate(g)
+    assert sp["repetition_penalty"] == 1.0 and sp["min_tokens"] == 0, sp
+
+
+@pytest.mark.parametrize("bad", [{"repetition_penalty": 0}, {"min_new_tokens": -2}])
+def test_furiosa_refuses_bad_penalties_before_the_sdk(tmp_path, bad):
+    g = generate_params(tmp_path, **bad)
+    out = run_worker("furiosa", [("generate", g)])
+    err = out[1].get("error")
+    assert err and err["kind"] == "invalid_request" and list(bad)[0] in err["message"], out
+    assert recorded_generate(g) is None
+
+
+def test_rbln_passes_repetition_penalty_and_min_new_tokens_to_generate(tmp_path):
+    pytest.importorskip("torch", reason="the rbln worker builds its inputs with torch")
+    g = generate_params(tmp_path, repetition_penalty=1.5, min_new_tokens=3)
+    out = run_worker("rbln", [("generate", g)])
+    assert out[1]["result"]["outputs"][0]["token_ids"] == [1, 2], out
+    kw = recorded_generate(g)
+    assert kw == {"max_new_tokens": 4, "do_sample": False, "repetition_penalty": 1.5, "min_new_tokens": 3}, kw

@@ -327,6 +327,28 @@ def _answer(worker, rid, method, params):
     send(answer)
 
 
+def repetition_penalty(p):
+    """The generation params' `repetition_penalty` (transformers' meaning;
+    1.0, or absent, is off), checked."""
+    v = p.get("repetition_penalty")
+    if v is None:
+        return 1.0
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+        raise WorkerError("repetition_penalty must be a number above 0 (1.0 is off), not %r" % (v,),
+                          "invalid_request")
+    return float(v)
+
+
+def min_new_tokens(p):
+    """The generation params' `min_new_tokens` (absent: 0, off), checked."""
+    v = p.get("min_new_tokens")
+    if v is None:
+        return 0
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise WorkerError("min_new_tokens must be a whole number of at least 0, not %r" % (v,), "invalid_request")
+    return v
+
+
 def finish_reason(tokens, eos_ids, max_new):
     if tokens and tokens[-1] in eos_ids:
         return "eos"

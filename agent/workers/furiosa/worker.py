@@ -76,6 +76,9 @@ class FuriosaWorker(rm_worker.Worker):
             temperature=p["temperature"] if p["do_sample"] else 0.0,
             top_p=p.get("top_p") or 1.0,
             top_k=p.get("top_k") or -1,
+            # Both in furiosa-llm's SamplingParams (2025.x to 2026.x docs).
+            repetition_penalty=rm_worker.repetition_penalty(p),
+            min_tokens=min(rm_worker.min_new_tokens(p), p["max_new_tokens"]),
         )
         prompts = [{"prompt_token_ids": x} if isinstance(x, list) else x for x in params["prompts"]]
         outputs = []

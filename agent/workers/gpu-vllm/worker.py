@@ -13,6 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
+import hf_engine  # noqa: E402
 import rm_worker  # noqa: E402
 from rm_worker import WorkerError  # noqa: E402
 
@@ -44,9 +45,7 @@ class GpuWorker(rm_worker.Worker):
             import vllm
             version = "vllm-" + vllm.__version__
         elif self.engine == "transformers":
-            import torch
-            import transformers
-            version = "transformers-%s+torch-%s" % (transformers.__version__, torch.__version__)
+            version = hf_engine.versions()
         self.compiler_version = version
 
     def probe(self):
@@ -80,17 +79,7 @@ class GpuWorker(rm_worker.Worker):
                 kwargs["max_model_len"] = m["max_model_len"]
             obj = ("vllm", LLM(**kwargs))
         else:
-            import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-            dtype = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[m["dtype"]]
-            import transformers
-            dkw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-            model = AutoModelForCausalLM.from_pretrained(artifact_dir, **{dkw: dtype}).to("cuda").eval()
-            try:
-                tok = AutoTokenizer.from_pretrained(artifact_dir)
-            except Exception:  # noqa: BLE001 - token-id prompts still work
-                tok = None
-            obj = ("transformers", (model, tok))
+            obj = ("transformers", hf_engine.load(artifact_dir, m["dtype"], "cuda"))
         self.loaded[key] = obj
         return obj
 
@@ -109,6 +98,8 @@ class GpuWorker(rm_worker.Worker):
                 seed=p["seed"],
                 stop_token_ids=p["eos_token_ids"] or None,
                 ignore_eos=not p["stop_at_eos"],
+                repetition_penalty=rm_worker.repetition_penalty(p),
+                min_tokens=min(rm_worker.min_new_tokens(p), p["max_new_tokens"]),
             )
             inputs = [{"prompt_token_ids": x} if isinstance(x, list) else x for x in prompts]
             for i, r in enumerate(obj.generate(inputs, sp)):
@@ -120,54 +111,14 @@ class GpuWorker(rm_worker.Worker):
                 outputs.append({"prompt_tokens": len(r.prompt_token_ids), "token_ids": toks, "text": o.text,
                                 "finish_reason": "eos" if o.finish_reason == "stop" else "length"})
             return outputs
-        import torch
-        model, tok = obj
-        for i, x in enumerate(prompts):
-            # model.generate runs a whole prompt; a cancel stops before the next.
-            rm_worker.raise_if_cancelled()
-            if isinstance(x, str):
-                if tok is None:
-                    raise WorkerError("no tokenizer in the artifact; send input_ids", "invalid_request")
-                x = tok(x)["input_ids"]
-            ids = torch.tensor([x], device="cuda")
-            kwargs = {"max_new_tokens": p["max_new_tokens"], "do_sample": p["do_sample"]}
-            if p["do_sample"]:
-                torch.manual_seed(p["seed"])
-                kwargs.update(temperature=p["temperature"], top_p=p.get("top_p") or 1.0, top_k=p.get("top_k") or 0)
-            if p["eos_token_ids"]:
-                kwargs["eos_token_id"] = p["eos_token_ids"]
-            if not p["stop_at_eos"]:
-                kwargs["min_new_tokens"] = p["max_new_tokens"]
-            with torch.no_grad():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-            toks = out[0, ids.shape[1]:].tolist()
-            if params.get("stream"):
-                for t in toks:
-                    emit(i, t)
-            eos = set(p["eos_token_ids"] or ([model.generation_config.eos_token_id] if isinstance(model.generation_config.eos_token_id, int) else (model.generation_config.eos_token_id or [])))
-            outputs.append({"prompt_tokens": len(x), "token_ids": toks,
-                            "text": tok.decode(toks, skip_special_tokens=True) if tok else None,
-                            "finish_reason": rm_worker.finish_reason(toks, eos, p["max_new_tokens"])})
-        return outputs
+        return obj.generate(params, emit)
 
     def forward(self, params):
         kind, obj = self._load(params["key"], params["artifact_dir"])
         if kind != "transformers":
             raise WorkerError("this worker runs the model on vLLM, which serves generation only; logits "
                               "need the transformers engine (a worker image without vLLM)", "unsupported")
-        import torch
-        model, _ = obj
-        outputs = []
-        for x in params["input_ids"]:
-            rm_worker.raise_if_cancelled()
-            keep = rm_worker.kept_rows(len(x), params.get("logits_to_keep"))
-            ids = torch.tensor([x], device="cuda")
-            with torch.no_grad():
-                logits = model(ids, attention_mask=torch.ones_like(ids)).logits[0, -keep:]
-            rows = logits.float().cpu()
-            outputs.append({"positions": keep, "vocab_size": rows.shape[-1],
-                            "logits": rm_worker.f32le_base64(rows.flatten().tolist())})
-        return outputs
+        return obj.forward(params)
 
     def cleanup(self, key):
         self.loaded.pop(key, None)

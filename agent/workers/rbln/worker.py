@@ -17,6 +17,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "common"))
+import hf_engine  # noqa: E402
 import rm_worker  # noqa: E402
 from rm_worker import WorkerError  # noqa: E402
 
@@ -94,6 +95,10 @@ class RblnWorker(rm_worker.Worker):
         import torch
         model, tok = self._load(params["key"], params["artifact_dir"])
         p = params["params"]
+        # optimum-rbln models generate through transformers' GenerationMixin:
+        # the same arguments as the transformers engine (repetition_penalty,
+        # min_new_tokens, and EOS suppressed when stop_at_eos is off).
+        kwargs = hf_engine.generate_kwargs(p)
         outputs = []
         for i, x in enumerate(params["prompts"]):
             # model.generate runs a whole prompt; a cancel stops before the next.
@@ -103,12 +108,8 @@ class RblnWorker(rm_worker.Worker):
                     raise WorkerError("no tokenizer in the artifact; send input_ids", "invalid_request")
                 x = tok(x)["input_ids"]
             ids = torch.tensor([x])
-            kwargs = {"max_new_tokens": p["max_new_tokens"], "do_sample": p["do_sample"]}
             if p["do_sample"]:
                 torch.manual_seed(p["seed"])
-                kwargs.update(temperature=p["temperature"], top_p=p.get("top_p") or 1.0, top_k=p.get("top_k") or 0)
-            if p["eos_token_ids"]:
-                kwargs["eos_token_id"] = p["eos_token_ids"]
             out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
             toks = out[0, ids.shape[1]:].tolist()
             if params.get("stream"):

@@ -86,6 +86,19 @@ impl Arch {
     }
 }
 
+/// Whether the cpu backend runs the safetensors model in `dir`, by
+/// `config.json`'s `model_type` alone (no weights read), for selection.
+/// Only a `model_type` it does not run is refused: a config that is missing
+/// or unreadable is left to the compile, which says what is wrong with it.
+pub fn accepts_dir(dir: &Path) -> Result<(), String> {
+    match read_config(dir) {
+        Ok((_, cfg)) => Arch::of_model_type(cfg.model_type.as_deref())
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Err(_) => Ok(()),
+    }
+}
+
 /// `bos_token_id` of `config.json`, whatever the architecture.
 pub fn bos_token_id(dir: &Path) -> Result<Option<u32>, BackendError> {
     Ok(read_config(dir)?.1.bos_token_id)
@@ -186,6 +199,22 @@ mod tests {
         let err = Arch::of_dir(d.path()).expect_err("mamba");
         assert!(err.to_string().contains("\"mamba\""), "{err}");
         assert!(err.to_string().contains("qwen2"), "{err}");
+    }
+
+    #[test]
+    fn selection_is_refused_only_for_an_architecture_the_backend_does_not_run() {
+        let d = dir_with(r#"{"model_type": "gpt2", "n_layer": 2}"#);
+        let why = accepts_dir(d.path()).expect_err("gpt2");
+        assert!(
+            why.starts_with("model_type \"gpt2\" is not supported by the cpu backend"),
+            "{why}"
+        );
+        assert!(accepts_dir(dir_with(r#"{"model_type": "qwen2"}"#).path()).is_ok());
+        assert!(accepts_dir(dir_with(r#"{"hidden_size": 8}"#).path()).is_ok());
+        // Malformed or missing: the compile's error says what is wrong.
+        assert!(accepts_dir(dir_with("not json").path()).is_ok());
+        let empty = tempfile::tempdir().expect("tempdir");
+        assert!(accepts_dir(empty.path()).is_ok());
     }
 
     #[test]

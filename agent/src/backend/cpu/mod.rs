@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 
 use super::{
     Availability, Backend, BackendError, BackendInfo, CompileJob, ForwardJob, ForwardOutput,
-    GenerateJob, ProgressFn, Prompt, SequenceOutput, TokenFn,
+    GenerateJob, ModelRef, ProgressFn, Prompt, SequenceOutput, TokenFn,
 };
 use crate::cache::CacheKey;
 use crate::source::ModelFormat;
@@ -181,6 +181,16 @@ impl Backend for CpuBackend {
 
     fn probe(&self) -> Availability {
         Availability::yes()
+    }
+
+    /// Safetensors by `model_type` (`arch`); every GGUF, as before: its
+    /// architecture is checked in the isolated probe at compile, not read
+    /// in-process here.
+    fn accepts(&self, model: &ModelRef<'_>) -> Result<(), String> {
+        match model.format {
+            ModelFormat::Safetensors => arch::accepts_dir(model.path),
+            ModelFormat::Gguf => Ok(()),
+        }
     }
 
     fn status(&self) -> serde_json::Value {
