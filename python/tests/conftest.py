@@ -61,8 +61,16 @@ class Agent:
         write_slot_token(self.state, SLOT_TOKEN)
         self.socket.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(self.root / "agent.log", "wb")
+        # The node's transformers worker (models the built-in cpu backend
+        # lacks, e.g. GPT-2), run by this test's Python: available in the
+        # torch pass, reported unavailable in the torch-free one.
+        plugins = self.root / "plugins"
+        plugins.mkdir(exist_ok=True)
+        for w in ("cpu-transformers", "common"):
+            (plugins / w).symlink_to(REPO / "agent" / "workers" / w)
         self.proc = subprocess.Popen(
-            [str(binary), "--socket", str(self.socket), "--cache-dir", str(self.cache), "--state-dir", str(self.state)]
+            [str(binary), "--socket", str(self.socket), "--cache-dir", str(self.cache), "--state-dir", str(self.state),
+             "--plugin-dir", str(plugins), "--worker-python", sys.executable]
             # node paths the direct_* helpers register: the tests' models only
             + ["--model-path-allow=%s" % r for r in model_roots] + list(extra_args),
             stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ, RM_LOG="warn"))

@@ -150,3 +150,47 @@ def test_an_upload_the_agent_refuses_comes_back_with_its_reason(tmp_path):
         a.stop()
         import shutil
         shutil.rmtree(root, ignore_errors=True)
+
+
+# -- which classes go to the agent; from_pretrained's arguments ---------------------
+
+@pytest.mark.parametrize("cls,want", [("AutoModelForCausalLM", True), ("LlamaForCausalLM", True),
+                                      ("GPT2LMHeadModel", True), ("CTRLLMHeadModel", True),
+                                      ("AutoModelForSeq2SeqLM", False), ("AutoModel", False),
+                                      ("T5ForConditionalGeneration", False), ("Gemma3ForConditionalGeneration", False),
+                                      ("BertForSequenceClassification", False), ("LlamaModel", False)])
+def test_which_classes_the_agent_serves(cls, want):
+    from rm_abstract.model import serves
+    assert serves(cls) is want
+
+
+def _options(compile_options, kwargs, gguf=False):
+    from rm_abstract.config import Config
+    from rm_abstract.model import _compile_options
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        opts = _compile_options(Config(compile_options=compile_options), "m", kwargs, gguf)
+    return opts, err.getvalue()
+
+
+@pytest.mark.parametrize("dtype,want", [("float16", "fp16"), ("bfloat16", "bf16"), ("float32", "fp32"),
+                                        ("half", "fp16")])
+def test_dtype_becomes_the_compile_precision(dtype, want):
+    assert _options({}, {"torch_dtype": dtype}) == ({"precision": want}, "")
+    assert _options({}, {"dtype": dtype})[0] == {"precision": want}
+
+
+def test_dtype_auto_and_gguf_keep_the_default_and_the_workload_wins():
+    assert _options({}, {"dtype": "auto"}) == ({}, "")
+    assert _options({}, {"dtype": "float16"}, gguf=True) == ({}, "")
+    opts, err = _options({"precision": "q8_0"}, {"torch_dtype": "bfloat16"})
+    assert opts == {"precision": "q8_0"} and "dtype bfloat16 ignored" in err and "precision q8_0" in err
+
+
+def test_placement_arguments_are_named_once():
+    opts, err = _options({}, {"device_map": "auto", "quantization_config": object(), "revision": "main",
+                              "_from_pipeline": "text-generation"})
+    assert opts == {}
+    lines = err.splitlines()
+    assert len(lines) == 1 and "ignoring device_map, quantization_config" in lines[0] and "q8_0 or q4" in lines[0]
+    assert _options({}, {"device_map": "auto", "quantization_config": 1})[1] == ""  # once per process
