@@ -114,7 +114,7 @@ def test_what_cannot_work_says_so(model):
 
 
 def test_torch_in_torch_out(model, tiny_model):
-    """With torch installed (not in CI: see python/README.md), tensors come
+    """With torch installed (the torch pass of run-tests.sh), tensors come
     back as torch tensors and the output is transformers' own class."""
     torch = pytest.importorskip("torch")
     from transformers.modeling_outputs import CausalLMOutputWithPast

@@ -11,13 +11,13 @@ Run: RM_TORCH_PYTHON=/path/to/python python3 -m pytest -q agent/tests/workers
 """
 import json
 import os
-import queue
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from worker_process import WorkerProcess
 
 WORKER = Path(__file__).resolve().parents[2] / "workers" / "cpu-transformers" / "worker.py"
 PY = os.environ.get("RM_TORCH_PYTHON")
@@ -40,37 +40,10 @@ def gpt2(tmp_path_factory):
     return d
 
 
-class Worker:
+class Worker(WorkerProcess):
     def __init__(self):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RM_")}
-        env["RM_CPU_THREADS"] = "1"
-        self.proc = subprocess.Popen([PY, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True, env=env, bufsize=1, cwd=WORKER.parent)
-        self.lines = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.put(json.loads(line))
-
-    def send(self, rid, method, params):
-        self.proc.stdin.write(json.dumps({"id": rid, "method": method, "params": params}) + "\n")
-        self.proc.stdin.flush()
-
-    def next(self, timeout=120):
-        return self.lines.get(timeout=timeout)
-
-    def final(self, rid, timeout=120):
-        end = time.monotonic() + timeout
-        while True:
-            msg = self.next(max(0.01, end - time.monotonic()))
-            assert msg["id"] == rid, msg
-            if "result" in msg or "error" in msg:
-                return msg
-
-    def close(self):
-        self.send(0, "shutdown", {})
-        assert self.proc.wait(timeout=30) == 0
+        super().__init__([PY, str(WORKER)], cwd=WORKER.parent, env={"RM_CPU_THREADS": "1"}, timeout=120,
+                         stderr=subprocess.DEVNULL)
 
 
 def compile_params(model, out, **options):

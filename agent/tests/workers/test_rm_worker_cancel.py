@@ -8,14 +8,11 @@ agent does. Standard library + pytest only; no agent binary.
 
 Run: python3 -m pytest -q agent/tests/workers   (e2e/test.sh does)
 """
-import json
-import os
-import queue
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from worker_process import WorkerProcess
 
 HERE = Path(__file__).resolve().parent
 COMMON = HERE.parents[1] / "workers" / "common"
@@ -56,44 +53,16 @@ rm_worker.serve(W())
 '''
 
 
-class Worker:
-    """A worker process; lines it writes are read on a thread."""
+class Worker(WorkerProcess):
+    """The test worker above, in a process of its own."""
 
     def __init__(self, tmp_path):
         script = tmp_path / "worker.py"
         script.write_text(WORKER)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RM_")}
-        self.proc = subprocess.Popen([sys.executable, str(script), str(COMMON)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env, bufsize=1)
-        self.lines = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.put(json.loads(line))
-
-    def send(self, rid, method, params):
-        self.proc.stdin.write(json.dumps({"id": rid, "method": method, "params": params}) + "\n")
-        self.proc.stdin.flush()
+        super().__init__([sys.executable, str(script), str(COMMON)], timeout=5)
 
     def generate(self, rid, prompt):
         self.send(rid, "generate", {"prompts": [prompt], "params": {}, "stream": True})
-
-    def next(self, timeout=5):
-        return self.lines.get(timeout=timeout)
-
-    def final(self, rid, timeout=5):
-        """The final answer of `rid`, skipping its tokens."""
-        end = time.monotonic() + timeout
-        while True:
-            msg = self.next(max(0.01, end - time.monotonic()))
-            assert msg["id"] == rid, msg
-            if "result" in msg or "error" in msg:
-                return msg
-
-    def close(self):
-        self.send(0, "shutdown", {})
-        assert self.proc.wait(timeout=10) == 0
 
 
 def test_hello_says_the_worker_takes_cancel(tmp_path):
