@@ -70,7 +70,10 @@ class Agent:
             (plugins / w).symlink_to(REPO / "agent" / "workers" / w)
         self.proc = subprocess.Popen(
             [str(binary), "--socket", str(self.socket), "--cache-dir", str(self.cache), "--state-dir", str(self.state),
-             "--plugin-dir", str(plugins), "--worker-python", sys.executable]
+             "--plugin-dir", str(plugins), "--worker-python", sys.executable,
+             # the node default (10G free) would make the result depend on
+             # this machine's disk; the tests write a few MB
+             "--min-free-disk", "64M"]
             # node paths the direct_* helpers register: the tests' models only
             + ["--model-path-allow=%s" % r for r in model_roots] + list(extra_args),
             stdout=self.log, stderr=subprocess.STDOUT, env=dict(os.environ, RM_LOG="warn"))
