@@ -721,7 +721,7 @@ async fn a_served_workload_without_a_template_gets_the_server_a_service_and_an_e
     cluster.add_node(&node_name(test, "atom"), &[(&res.atom, 2)]);
     let ns = cluster.namespace(test).await;
     cluster.install_crds().await;
-    let _op = start_operator(
+    let op = start_operator(
         cluster,
         &ns,
         &res,
@@ -834,6 +834,42 @@ async fn a_served_workload_without_a_template_gets_the_server_a_service_and_an_e
     assert!(
         table.contains("ENDPOINT") && table.contains(&endpoint),
         "{table}"
+    );
+
+    // Steady state: reconciles of a served workload write nothing either
+    // (the Service is compared by its rendered hash, like the Deployment).
+    let settle = Instant::now();
+    let mut writes = op.counter("rm_operator_api_writes_total");
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = op.counter("rm_operator_api_writes_total");
+        if now == writes || settle.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+        writes = now;
+    }
+    let reconciles = op.counter("rm_operator_reconciles_total");
+    for i in 0..3 {
+        let patch = json!({"metadata": {"annotations": {"touch": i.to_string()}}});
+        api.patch(
+            "chat",
+            &Default::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+        // Spaced, so that the controller does not merge them into one.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        op.counter("rm_operator_reconciles_total") > reconciles,
+        "the touches must have caused reconciles"
+    );
+    assert_eq!(
+        op.counter("rm_operator_api_writes_total"),
+        writes,
+        "a steady-state reconcile of a served workload must not write"
     );
     cluster.remove_node(&node_name(test, "atom")).await;
 }
