@@ -80,10 +80,13 @@ pub const MODEL_SOURCE_REGEX: &str = r"^([A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-
 #[x_kube(
     validation = Rule::new("has(self.template) || has(self.serve)")
         .message("spec needs a template (your pod) or serve (rm-abstract's OpenAI-compatible server, `serve: {}` for the defaults), or both"),
-    validation = Rule::new("!has(self.containerName) || (has(self.template) && self.template.spec.containers.exists(c, c.name == self.containerName))")
+    validation = Rule::new("!has(self.template) || has(self.serve) || (has(self.template.spec.containers) && size(self.template.spec.containers) >= 1)")
+        .message("spec.template.spec.containers must have at least 1 container, unless spec.serve is set (then the template may hold only pod settings, e.g. nodeSelector and tolerations)")
+        .field_path(".template.spec.containers"),
+    validation = Rule::new("!has(self.containerName) || (has(self.template) && has(self.template.spec.containers) && self.template.spec.containers.exists(c, c.name == self.containerName))")
         .message("spec.containerName must be the name of one of spec.template.spec.containers")
         .field_path(".containerName"),
-    validation = Rule::new(format!("!has(self.serve) || !has(self.template) || !self.template.spec.containers.exists(c, c.name == '{SERVE_CONTAINER}')"))
+    validation = Rule::new(format!("!has(self.serve) || !has(self.template) || !has(self.template.spec.containers) || !self.template.spec.containers.exists(c, c.name == '{SERVE_CONTAINER}')"))
         .message("spec.template must not have a container named rm-serve: with spec.serve the operator adds the serving container under that name")
         .field_path(".template"),
     validation = Rule::new("!has(self.compile) || !has(self.compile.tensorParallelSize) || self.compile.tensorParallelSize <= self.devicesPerReplica")
@@ -132,7 +135,9 @@ pub struct InferenceWorkloadSpec {
     /// one named container); the full Pod schema is checked by the apiserver
     /// when the operator writes the Deployment, and errors are reported in
     /// the workload's conditions. See docs/crd.md for why. Optional with
-    /// `serve`: the operator then renders the pod itself.
+    /// `serve`: the operator then renders the pod itself; a template
+    /// without containers beside `serve` gives the serving pod its settings
+    /// (nodeSelector, tolerations, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "pod_template_schema")]
     pub template: Option<PodTemplateSpec>,
@@ -446,12 +451,11 @@ fn pod_template_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
             },
             "spec": {
                 "type": "object",
-                "required": ["containers"],
                 "x-kubernetes-preserve-unknown-fields": true,
                 "properties": {
                     "containers": {
+                        "description": "At least one, unless spec.serve is set (a CEL rule of the spec).",
                         "type": "array",
-                        "minItems": 1,
                         "maxItems": 64,
                         "items": {
                             "type": "object",

@@ -493,6 +493,22 @@ mod tests {
     }
 
     #[test]
+    fn a_template_without_containers_gives_the_serving_pod_its_settings() {
+        let template = serde_json::json!({"spec": {
+            "nodeSelector": {"pool": "gpu"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]
+        }});
+        let d = render_deployment(&served(Some(template)), &rbln(), &OperatorConfig::default())
+            .unwrap();
+        let pod = d.spec.template.spec.unwrap();
+        assert_eq!(pod.node_selector.unwrap()["pool"], "gpu");
+        assert_eq!(pod.tolerations.unwrap().len(), 1);
+        assert_eq!(pod.containers.len(), 1);
+        assert_eq!(pod.containers[0].name, "rm-serve");
+        assert_eq!(env_of(&pod.containers[0], "RM_DEVICE"), Some("rbln"));
+    }
+
+    #[test]
     fn neither_template_nor_serve_is_an_error() {
         let mut iw = served(None);
         iw.spec.serve = None;

@@ -1053,6 +1053,29 @@ async fn the_apiserver_refuses_a_workload_with_neither_template_nor_serve() {
         .await
         .expect_err("a template container named rm-serve must be refused");
     assert!(err.to_string().contains("rm-serve"), "{err}");
+    // Beside serve, a template may hold only pod settings; alone, it may not.
+    let settings = json!({"spec": {
+        "nodeSelector": {"pool": "gpu"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]
+    }});
+    api.create(
+        &PostParams::default(),
+        &served_workload("pinned", json!({"serve": {}, "template": settings.clone()})),
+    )
+    .await
+    .expect("a container-less template beside serve is accepted");
+    let err = api
+        .create(
+            &PostParams::default(),
+            &served_workload("empty", json!({"template": settings})),
+        )
+        .await
+        .expect_err("a container-less template without serve must be refused");
+    assert!(
+        err.to_string()
+            .contains("spec.template.spec.containers must have at least 1 container"),
+        "{err}"
+    );
     let low_port = served_workload("low", json!({"serve": {"port": 80}}));
     let err = api
         .create(&PostParams::default(), &low_port)
