@@ -70,6 +70,8 @@ def common(o, variant):
     a = args_of(dep)
     check(arg(a, "--config") == "/etc/rm-operator/config.yaml", "operator reads --config from the ConfigMap mount")
     check(arg(a, "--lease-name") is not None, "operator has --lease-name")
+    check((arg(a, "--serve-image") or "").startswith("ghcr.io/rm-abstract/serve:"),
+          "operator --serve-image from serve.image")
     sc = c["securityContext"]
     psc = spec["securityContext"]
     check(psc.get("runAsNonRoot") is True and sc.get("readOnlyRootFilesystem") is True
@@ -121,8 +123,11 @@ def common(o, variant):
     check(grants(cr, "rm-abstract.io", "inferenceworkloads/scale", "get") is not None, "ClusterRole: get scale")
     check(grants(cr, "apps", "deployments", "patch") is not None, "ClusterRole: patch deployments")
     check(grants(cr, "", "secrets", "get") is None, "ClusterRole grants nothing on secrets")
-    check(not any("delete" in r["verbs"] or "*" in r["verbs"] for r in rules(cr) + rules(role)),
-          "no delete and no wildcard verbs")
+    check(grants(cr, "", "services", "patch") is not None and grants(cr, "", "services", "delete") is not None,
+          "ClusterRole: patch and delete services (served workloads)")
+    check(not any("*" in r["verbs"] for r in rules(cr) + rules(role)), "no wildcard verbs")
+    check(not any("delete" in r["verbs"] and r["resources"] != ["services"] for r in rules(cr) + rules(role)),
+          "no delete but of services")
     check(not any("*" in r["resources"] or "*" in r["apiGroups"] for r in rules(cr) + rules(role)),
           "no wildcard resources or groups")
     lease = grants(role, "coordination.k8s.io", "leases", "update")

@@ -10,7 +10,7 @@ pub mod workload;
 pub use device::{DeviceRequest, DeviceStringError, DeviceType, Priority};
 pub use workload::{
     CompileOptions, DeviceStatus, GROUP, InferenceWorkload, InferenceWorkloadSpec,
-    InferenceWorkloadStatus, ModelSpec, Phase, Precision,
+    InferenceWorkloadStatus, ModelSpec, Phase, Precision, ServeSpec,
 };
 
 /// Labels and annotations under the `rm-abstract.io` prefix.

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::api::core::v1::{PodTemplateSpec, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -34,7 +34,7 @@ pub const MODEL_SOURCE_REGEX: &str = r"^([A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-
     shortname = "iw",
     status = "InferenceWorkloadStatus",
     derive = "PartialEq",
-    doc = "An inference workload: a model and an unchanged pod template that rm-abstract runs on the best accelerator with free capacity.",
+    doc = "An inference workload: a model and an unchanged pod template (or rm-abstract's own OpenAI-compatible server) that rm-abstract runs on the best accelerator with free capacity.",
     scale(
         spec_replicas_path = ".spec.replicas",
         status_replicas_path = ".status.replicas",
@@ -54,6 +54,12 @@ pub const MODEL_SOURCE_REGEX: &str = r"^([A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-
     ),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(
+        name = "Endpoint",
+        type_ = "string",
+        json_path = ".status.endpoint",
+        description = "URL of the OpenAI-compatible API (served workloads with ready pods)"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -72,9 +78,17 @@ pub const MODEL_SOURCE_REGEX: &str = r"^([A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-
     )
 )]
 #[x_kube(
-    validation = Rule::new("!has(self.containerName) || self.template.spec.containers.exists(c, c.name == self.containerName)")
+    validation = Rule::new("has(self.template) || has(self.serve)")
+        .message("spec needs a template (your pod) or serve (rm-abstract's OpenAI-compatible server, `serve: {}` for the defaults), or both"),
+    validation = Rule::new("!has(self.template) || has(self.serve) || (has(self.template.spec.containers) && size(self.template.spec.containers) >= 1)")
+        .message("spec.template.spec.containers must have at least 1 container, unless spec.serve is set (then the template may hold only pod settings, e.g. nodeSelector and tolerations)")
+        .field_path(".template.spec.containers"),
+    validation = Rule::new("!has(self.containerName) || (has(self.template) && has(self.template.spec.containers) && self.template.spec.containers.exists(c, c.name == self.containerName))")
         .message("spec.containerName must be the name of one of spec.template.spec.containers")
         .field_path(".containerName"),
+    validation = Rule::new(format!("!has(self.serve) || !has(self.template) || !has(self.template.spec.containers) || !self.template.spec.containers.exists(c, c.name == '{SERVE_CONTAINER}')"))
+        .message("spec.template must not have a container named rm-serve: with spec.serve the operator adds the serving container under that name")
+        .field_path(".template"),
     validation = Rule::new("!has(self.compile) || !has(self.compile.tensorParallelSize) || self.compile.tensorParallelSize <= self.devicesPerReplica")
         .message("spec.compile.tensorParallelSize cannot exceed spec.devicesPerReplica: each replica shards the model over its own devices")
         .field_path(".compile.tensorParallelSize"),
@@ -120,14 +134,65 @@ pub struct InferenceWorkloadSpec {
     /// labels and `RM_DEVICE`. Only its outline is validated here (at least
     /// one named container); the full Pod schema is checked by the apiserver
     /// when the operator writes the Deployment, and errors are reported in
-    /// the workload's conditions. See docs/crd.md for why.
+    /// the workload's conditions. See docs/crd.md for why. Optional with
+    /// `serve`: the operator then renders the pod itself; a template
+    /// without containers beside `serve` gives the serving pod its settings
+    /// (nodeSelector, tolerations, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "pod_template_schema")]
-    pub template: PodTemplateSpec,
+    pub template: Option<PodTemplateSpec>,
 
     /// Name of the inference container in the template; default the first.
+    /// With `serve` the device goes to the serving container instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     pub container_name: Option<String>,
+
+    /// Serve the model over an OpenAI-compatible HTTP API (`/v1`): the
+    /// operator adds rm-abstract's serving container (holding the device) and
+    /// a ClusterIP Service named after the workload. `serve: {}` serves with
+    /// the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serve: Option<ServeSpec>,
+}
+
+/// Name of the serving container the operator adds for `spec.serve`.
+pub const SERVE_CONTAINER: &str = "rm-serve";
+/// Default port of the serving container and its Service.
+pub const DEFAULT_SERVE_PORT: i32 = 8000;
+
+/// How a workload is served.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServeSpec {
+    /// Port of the API, on the container (named `http`) and on the Service.
+    /// 1024 or above: the container runs as non-root without capabilities.
+    #[serde(default = "default_serve_port")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub port: i32,
+
+    /// The model's id in the API (`"model"` of requests, `/v1/models`);
+    /// default the workload's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub model_name: Option<String>,
+
+    /// CPU and memory of the serving container (requests, limits); the
+    /// device request is added by the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "resources_schema")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl Default for ServeSpec {
+    /// What `serve: {}` means.
+    fn default() -> Self {
+        Self {
+            port: DEFAULT_SERVE_PORT,
+            model_name: None,
+            resources: None,
+        }
+    }
 }
 
 /// Where the model comes from.
@@ -283,7 +348,11 @@ pub struct InferenceWorkloadStatus {
     pub selector: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `DeviceSelected`, `Compiled` and `Available`.
+    /// URL of the OpenAI-compatible API (`http://NAME.NAMESPACE.svc:PORT/v1`),
+    /// set while a served workload has ready pods behind its Service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// `DeviceSelected`, `Compiled`, `Available` and, with `spec.serve`, `Serving`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
@@ -309,6 +378,8 @@ pub mod condition {
     pub const DEVICE_SELECTED: &str = "DeviceSelected";
     pub const COMPILED: &str = "Compiled";
     pub const AVAILABLE: &str = "Available";
+    /// Served workloads: whether the Service has ready pods behind it.
+    pub const SERVING: &str = "Serving";
 }
 
 impl InferenceWorkloadSpec {
@@ -339,6 +410,29 @@ fn default_one_i32() -> i32 {
     1
 }
 
+fn default_serve_port() -> i32 {
+    DEFAULT_SERVE_PORT
+}
+
+/// Outline schema of the serving container's resources: requests and limits
+/// as maps of quantities (the generated schema would add `claims`, which a
+/// container of the operator's cannot use).
+fn resources_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let quantities = serde_json::json!({
+        "type": "object",
+        "maxProperties": 32,
+        "additionalProperties": {"x-kubernetes-int-or-string": true}
+    });
+    schemars::json_schema!({
+        "description": "Requests and limits (cpu, memory, ...) of the serving container.",
+        "type": "object",
+        "properties": {
+            "requests": quantities.clone(),
+            "limits": quantities
+        }
+    })
+}
+
 /// Outline schema of the embedded pod template.
 ///
 /// The full generated PodTemplateSpec schema would add several hundred KiB to
@@ -357,12 +451,11 @@ fn pod_template_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
             },
             "spec": {
                 "type": "object",
-                "required": ["containers"],
                 "x-kubernetes-preserve-unknown-fields": true,
                 "properties": {
                     "containers": {
+                        "description": "At least one, unless spec.serve is set (a CEL rule of the spec).",
                         "type": "array",
-                        "minItems": 1,
                         "maxItems": 64,
                         "items": {
                             "type": "object",
@@ -434,6 +527,32 @@ mod tests {
         ] {
             assert!(!re.is_match(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn serve_defaults_and_rules_are_in_the_schema() {
+        let spec = spec_schema();
+        assert_eq!(
+            spec["properties"]["serve"]["properties"]["port"]["default"],
+            8000
+        );
+        let required: Vec<&str> = spec["required"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        assert!(!required.contains(&"template"), "{required:?}");
+        let rules = spec["x-kubernetes-validations"].to_string();
+        assert!(
+            rules.contains("has(self.template) || has(self.serve)"),
+            "{rules}"
+        );
+        let served: InferenceWorkload = serde_yaml::from_str(
+            "apiVersion: rm-abstract.io/v1alpha1\nkind: InferenceWorkload\nmetadata: {name: s}\nspec:\n  model: {source: gpt2}\n  serve: {}\n",
+        )
+        .unwrap();
+        assert_eq!(served.spec.serve, Some(ServeSpec::default()));
+        assert_eq!(ServeSpec::default().port, DEFAULT_SERVE_PORT);
+        assert!(served.spec.template.is_none());
     }
 
     #[test]

@@ -73,8 +73,8 @@ async fn crd_is_established_and_every_example_is_accepted() {
         seen += 1;
     }
     assert!(
-        seen >= 4,
-        "expected the four documented examples, found {seen}"
+        seen >= 5,
+        "expected the five documented examples, found {seen}"
     );
 
     // Defaults applied by the apiserver, and the typed view parses them.
@@ -84,6 +84,13 @@ async fn crd_is_established_and_every_example_is_accepted() {
     let rbln = typed.get("llama-rbln").await.unwrap();
     assert_eq!(rbln.spec.device, "rbln");
     assert_eq!(rbln.spec.replicas, 1, "replicas defaults to 1");
+    let served = typed.get("smollm2-served").await.unwrap();
+    assert!(served.spec.template.is_none());
+    assert_eq!(
+        served.spec.serve.map(|s| s.port),
+        Some(8000),
+        "port defaults to 8000"
+    );
 }
 
 #[tokio::test]
@@ -280,7 +287,7 @@ async fn status_and_scale_subresources_work() {
     assert_eq!(
         header,
         [
-            "NAME", "DEVICE", "READY", "PHASE", "AGE", "RESOURCE", "MODEL"
+            "NAME", "DEVICE", "READY", "PHASE", "ENDPOINT", "AGE", "RESOURCE", "MODEL"
         ]
     );
     let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();

@@ -129,6 +129,7 @@ impl ConfigArgs {
             resource_names: self.resource_names.clone(),
             cpu_fallback: self.cpu_fallback,
             unschedulable_grace: None,
+            ..Default::default()
         })
     }
 }

@@ -1,7 +1,7 @@
 //! `kubectl inference status [NAME]`: each workload with its device type and
-//! resource, replicas ready/wanted, phase and the reason of the device
-//! choice; with NAME also its conditions and its pods with their nodes and
-//! devices. `-w` keeps printing changes; `-o wide|json|yaml`.
+//! resource, replicas ready/wanted, phase, the reason of the device choice
+//! and, for served workloads, the endpoint of their API; with NAME also its
+//! conditions and its pods with their nodes and devices. `-w` keeps printing changes; `-o wide|json|yaml`.
 //!
 //! The rendering functions take plain objects and are tested without a
 //! cluster; `run` only fetches and prints.
@@ -25,7 +25,7 @@ use crate::output;
 use crate::table::{Cell, Paint, Table, Tone, age_since};
 
 /// Index of AGE in a row built with `wide` and `all_namespaces`.
-const AGE_COLUMN_WIDE_ALL: usize = 7;
+const AGE_COLUMN_WIDE_ALL: usize = 8;
 
 /// Columns of the workload table.
 fn headers(wide: bool, all_namespaces: bool) -> Vec<&'static str> {
@@ -34,7 +34,7 @@ fn headers(wide: bool, all_namespaces: bool) -> Vec<&'static str> {
         h.push("namespace");
     }
     h.extend([
-        "name", "device", "resource", "ready", "phase", "reason", "age",
+        "name", "device", "resource", "ready", "phase", "reason", "endpoint", "age",
     ]);
     if wide {
         h.extend(["model", "message"]);
@@ -87,6 +87,7 @@ pub fn workload_row(
             .unwrap_or_else(|| "-".into())
             .into(),
     );
+    row.push(endpoint_cell(iw));
     row.push(age_since(creation(iw), now).into());
     if wide {
         row.push(iw.spec.model.source.clone().into());
@@ -99,6 +100,34 @@ pub fn workload_row(
         );
     }
     row
+}
+
+/// The API's URL while it has ready pods; `<pending>` while a served
+/// workload has none (as kubectl shows a LoadBalancer waiting for its
+/// address); `-` when the workload is not served.
+fn endpoint_cell(iw: &InferenceWorkload) -> Cell {
+    match iw.status.as_ref().and_then(|s| s.endpoint.as_ref()) {
+        Some(url) => Cell::new(url.clone(), Tone::Good),
+        None if iw.spec.serve.is_some() => Cell::new("<pending>", Tone::Warn),
+        None => "-".into(),
+    }
+}
+
+/// The detail view's endpoint line: the URL and the model's id in the API,
+/// or why it does not answer yet.
+fn endpoint_detail(iw: &InferenceWorkload) -> Option<String> {
+    let serve = iw.spec.serve.as_ref()?;
+    let model = rm_operator::serve::model_name(iw, serve);
+    if let Some(url) = iw.status.as_ref().and_then(|s| s.endpoint.as_ref()) {
+        return Some(format!("{url} (model {model:?})"));
+    }
+    let why = iw
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == condition::SERVING))
+        .map(|c| format!("{}: {}", c.reason, c.message))
+        .unwrap_or_else(|| "not reconciled yet".into());
+    Some(format!("<pending> (model {model:?}) {why}"))
 }
 
 fn phase_tone(p: Phase) -> Tone {
@@ -277,6 +306,9 @@ pub fn workload_detail(
         .and_then(|s| s.phase)
         .map_or_else(|| "<none>".to_string(), |p| format!("{p:?}"));
     field(&mut out, "Phase:", &phase);
+    if let Some(endpoint) = endpoint_detail(iw) {
+        field(&mut out, "Endpoint:", &endpoint);
+    }
     if let Some(d) = device {
         field(&mut out, "Reason:", &d.reason);
     }
@@ -523,9 +555,9 @@ pub(crate) mod tests {
         assert_eq!(
             t.render(Paint::Plain),
             "\
-NAME    DEVICE   RESOURCE               READY   PHASE     REASON     AGE
-big     <none>   <none>                 0/3     Pending   -          5m
-llama   rbln     rebellions.ai/ATOM=1   2/2     Running   Selected   5m
+NAME    DEVICE   RESOURCE               READY   PHASE     REASON     ENDPOINT   AGE
+big     <none>   <none>                 0/3     Pending   -          -          5m
+llama   rbln     rebellions.ai/ATOM=1   2/2     Running   Selected   -          5m
 "
         );
     }
@@ -545,6 +577,7 @@ llama   rbln     rebellions.ai/ATOM=1   2/2     Running   Selected   5m
                 "READY",
                 "PHASE",
                 "REASON",
+                "ENDPOINT",
                 "AGE",
                 "MODEL",
                 "MESSAGE"
@@ -555,6 +588,52 @@ llama   rbln     rebellions.ai/ATOM=1   2/2     Running   Selected   5m
         assert!(
             row.contains("HuggingFaceTB/SmolLM2-135M-Instruct   chose rbln: first in"),
             "{row}"
+        );
+    }
+
+    fn served(status: serde_json::Value) -> InferenceWorkload {
+        let mut iw = workload("chat", json!({"serve": {"modelName": "smol"}}), status);
+        iw.spec.template = None;
+        iw
+    }
+
+    #[test]
+    fn served_workloads_show_their_endpoint_or_pending() {
+        let ready = served(json!({
+            "phase": "Running", "replicas": 1, "readyReplicas": 1,
+            "endpoint": "http://chat.ml.svc:8000/v1",
+            "device": {"type": "cpu", "count": 1, "reason": "cpu fallback"},
+            "conditions": [{"type": "Serving", "status": "True", "reason": "EndpointReady",
+                            "message": "ready", "lastTransitionTime": "2026-01-01T11:59:00Z"}]
+        }));
+        let waiting = served(json!({
+            "phase": "Progressing", "replicas": 1, "readyReplicas": 0,
+            "conditions": [{"type": "Serving", "status": "False", "reason": "NoReadyPods",
+                            "message": "http://chat.ml.svc:8000/v1 answers once a serving container is ready",
+                            "lastTransitionTime": "2026-01-01T11:59:00Z"}]
+        }));
+        let mut waiting_named = waiting.clone();
+        waiting_named.metadata.name = Some("chat2".into());
+        let t = workload_table(&[ready.clone(), waiting_named], false, false, now());
+        assert_eq!(
+            t.render(Paint::Plain),
+            "\
+NAME    DEVICE   RESOURCE   READY   PHASE         REASON   ENDPOINT                     AGE
+chat    cpu      -          1/1     Running       -        http://chat.ml.svc:8000/v1   5m
+chat2   <none>   <none>     0/1     Progressing   -        <pending>                    5m
+"
+        );
+        let text = workload_detail(&ready, &[], Paint::Plain, now());
+        assert!(
+            text.contains("Endpoint:    http://chat.ml.svc:8000/v1 (model \"smol\")\n"),
+            "{text}"
+        );
+        let text = workload_detail(&waiting, &[], Paint::Plain, now());
+        assert!(
+            text.contains(
+                "Endpoint:    <pending> (model \"smol\") NoReadyPods: http://chat.ml.svc:8000/v1 answers once"
+            ),
+            "{text}"
         );
     }
 

@@ -238,8 +238,8 @@ async fn status_and_explain_show_where_a_workload_runs_and_why() {
     assert_eq!(
         normalise(&table),
         "\
-NAME DEVICE RESOURCE READY PHASE REASON AGE
-llama gpu why-PID.kinf.e2e.rm-abstract.io/gpu=1 2/2 Running Selected AGE
+NAME DEVICE RESOURCE READY PHASE REASON ENDPOINT AGE
+llama gpu why-PID.kinf.e2e.rm-abstract.io/gpu=1 2/2 Running Selected - AGE
 ",
         "{table}"
     );

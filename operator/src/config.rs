@@ -23,6 +23,26 @@ pub struct OperatorConfig {
     /// How long a workload's pods may stay unschedulable on the chosen type
     /// before the operator picks another.
     pub unschedulable_grace: Duration,
+    /// The serving container of workloads with `spec.serve`.
+    pub serve: ServeSettings,
+}
+
+/// Image of the serving container (flags `--serve-image`,
+/// `--serve-image-pull-policy`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServeSettings {
+    pub image: String,
+    /// `None`: the cluster's default (Always for `:latest`, else IfNotPresent).
+    pub image_pull_policy: Option<String>,
+}
+
+impl Default for ServeSettings {
+    fn default() -> Self {
+        Self {
+            image: "ghcr.io/rm-abstract/serve:latest".into(),
+            image_pull_policy: None,
+        }
+    }
 }
 
 impl Default for OperatorConfig {
@@ -38,6 +58,7 @@ impl Default for OperatorConfig {
                 .collect(),
             cpu_fallback: true,
             unschedulable_grace: Duration::from_secs(300),
+            serve: ServeSettings::default(),
         }
     }
 }
@@ -85,6 +106,8 @@ pub struct Overrides {
     pub resource_names: Vec<(DeviceType, String)>,
     pub cpu_fallback: Option<bool>,
     pub unschedulable_grace: Option<Duration>,
+    pub serve_image: Option<String>,
+    pub serve_image_pull_policy: Option<String>,
 }
 
 /// The `--config` file (YAML). Every field is optional.
@@ -168,6 +191,13 @@ impl OperatorConfig {
         }
         if let Some(v) = overrides.unschedulable_grace {
             config.unschedulable_grace = v;
+        }
+        if let Some(v) = &overrides.serve_image {
+            config.serve.image = v.clone();
+        }
+        if let Some(v) = overrides.serve_image_pull_policy.as_deref() {
+            // "" leaves the cluster's default, so a chart can pass the value unconditionally.
+            config.serve.image_pull_policy = Some(v.to_string()).filter(|v| !v.is_empty());
         }
         Ok(config)
     }

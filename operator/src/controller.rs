@@ -3,18 +3,19 @@
 //! workload into a Deployment on the device type `selection` picks.
 //!
 //! A reconcile reads only from the watch caches and writes only what changed:
-//! the Deployment when its rendered hash differs, the status when it differs,
-//! an Event when the decision changes. At steady state it writes nothing.
+//! the Deployment (and, for served workloads, the Service) when its rendered
+//! hash differs, the status when it differs, an Event when the decision
+//! changes. At steady state it writes nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -32,7 +33,8 @@ use crate::placement::{
 };
 use crate::render::{is_current, render_deployment};
 use crate::selection::{Decision, Selection, select_device};
-use crate::status::{Observed, desired_status};
+use crate::serve::{is_controlled_by, render_service, service_is_current};
+use crate::status::{Observed, ServiceState, desired_status};
 
 /// Field manager of every write the operator makes (server-side apply).
 pub const FIELD_MANAGER: &str = "rm-operator";
@@ -44,6 +46,8 @@ pub struct Context {
     pub nodes: Store<Node>,
     pub pods: Store<Pod>,
     pub deployments: Store<Deployment>,
+    /// Services of served workloads (labelled with the workload).
+    pub services: Store<Service>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub own_writes: Arc<OwnStatusWrites>,
@@ -97,6 +101,7 @@ pub async fn run(
 ) {
     let workloads: Api<InferenceWorkload> = scope.api(client.clone());
     let deployments_api: Api<Deployment> = scope.api(client.clone());
+    let services_api: Api<Service> = scope.api(client.clone());
     let pods_api: Api<Pod> = Api::all(client.clone());
     let nodes_api: Api<Node> = Api::all(client.clone());
 
@@ -137,6 +142,15 @@ pub async fn run(
     })
     .reflect(deployment_writer)
     .touched_objects();
+    let (services, service_writer) = reflector::store();
+    let service_stream = watcher(
+        services_api,
+        watcher::Config::default().labels(labels::WORKLOAD),
+    )
+    .default_backoff()
+    .modify(|s: &mut Service| s.managed_fields_mut().clear())
+    .reflect(service_writer)
+    .touched_objects();
 
     let own_writes = Arc::new(OwnStatusWrites::default());
     let seen = own_writes.clone();
@@ -172,16 +186,20 @@ pub async fn run(
         }
         refs
     });
-    spawn_trigger(deployment_stream, trigger, |d: Deployment| {
-        owner_workload(&d)
+    spawn_trigger(deployment_stream, trigger.clone(), |d: Deployment| {
+        owner_workload(&d.metadata)
+    });
+    spawn_trigger(service_stream, trigger, |s: Service| {
+        owner_workload(&s.metadata)
     });
 
     let _ = tokio::join!(
         nodes.wait_until_ready(),
         pods.wait_until_ready(),
-        deployments.wait_until_ready()
+        deployments.wait_until_ready(),
+        services.wait_until_ready()
     );
-    tracing::info!("node, pod and deployment caches synced");
+    tracing::info!("node, pod, deployment and service caches synced");
 
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
@@ -190,6 +208,7 @@ pub async fn run(
         nodes,
         pods,
         deployments,
+        services,
         metrics: metrics.clone(),
         own_writes,
     });
@@ -248,13 +267,16 @@ fn spawn_trigger<K, S, F, I>(
     });
 }
 
-/// The workload that controls a Deployment.
-fn owner_workload(d: &Deployment) -> Option<ObjectRef<InferenceWorkload>> {
-    let owner = d
-        .owner_references()
+/// The workload that controls a Deployment or Service.
+fn owner_workload(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<ObjectRef<InferenceWorkload>> {
+    let owner = meta
+        .owner_references
         .iter()
+        .flatten()
         .find(|o| o.controller == Some(true) && o.kind == "InferenceWorkload")?;
-    Some(ObjectRef::new(&owner.name).within(&d.namespace()?))
+    Some(ObjectRef::new(&owner.name).within(meta.namespace.as_deref()?))
 }
 
 /// Keeps only what capacity, placement and triggers read of a pod: the
@@ -482,7 +504,10 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
         }
     }
 
+    let service = reconcile_service(&iw, &ns, &name, &ctx).await?;
+
     let observed = Observed {
+        service,
         deployment: deployment.as_ref(),
         deployment_error,
         unschedulable: unschedulable.as_ref().map(|u| (u.count, u.message.clone())),
@@ -503,6 +528,7 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
         // here, against the stored status.
         publish_decision_events(
             stored,
+            &status,
             &selection,
             observed.deployment_error.as_deref(),
             observed.failing.as_ref().map(|(_, m)| m.as_str()),
@@ -542,6 +568,83 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
     ))
 }
 
+/// The Service of a served workload: applied when it differs from what is
+/// rendered, deleted when `spec.serve` is removed. A Service of the same name
+/// that the workload does not control is left alone and reported.
+async fn reconcile_service(
+    iw: &InferenceWorkload,
+    ns: &str,
+    name: &str,
+    ctx: &Context,
+) -> Result<ServiceState, Error> {
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
+    let cached = ctx.services.get(&ObjectRef::new(name).within(ns));
+    let desired = match render_service(iw) {
+        Ok(Some(desired)) => desired,
+        Ok(None) => {
+            if let Some(svc) = cached.filter(|s| is_controlled_by(&s.metadata, iw)) {
+                ctx.metrics.write("service");
+                match api.delete(&svc.name_any(), &DeleteParams::default()).await {
+                    Ok(_) => {
+                        tracing::info!(workload = %name, namespace = %ns, "spec.serve removed; deleted the Service")
+                    }
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            return Ok(ServiceState::Absent);
+        }
+        Err(e) => {
+            return Ok(ServiceState::Failed {
+                reason: "ServiceRejected",
+                message: e.to_string(),
+            });
+        }
+    };
+    if let Some(existing) = cached.as_deref()
+        && is_controlled_by(&existing.metadata, iw)
+        && service_is_current(existing, &desired)
+    {
+        return Ok(ServiceState::Present);
+    }
+    // Not in the cache as ours: only then is a read needed, to make sure a
+    // Service of that name is not someone else's before taking it over.
+    if !cached
+        .as_deref()
+        .is_some_and(|s| is_controlled_by(&s.metadata, iw))
+        && let Some(other) = api.get_opt(name).await?
+        && !is_controlled_by(&other.metadata, iw)
+    {
+        return Ok(ServiceState::Failed {
+            reason: "ServiceConflict",
+            message: format!(
+                "a Service named {name} exists and is not this workload's; delete or rename it, and the operator creates its own"
+            ),
+        });
+    }
+    ctx.metrics.write("service");
+    match api
+        .patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&desired),
+        )
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(workload = %name, namespace = %ns, port = iw.spec.serve.as_ref().map(|s| s.port), "applied Service");
+            Ok(ServiceState::Present)
+        }
+        Err(kube::Error::Api(e)) if (400..500).contains(&e.code) && e.code != 409 => {
+            Ok(ServiceState::Failed {
+                reason: "ServiceRejected",
+                message: format!("the Service was rejected: {}", e.message),
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Watches re-trigger on capacity changes; the timer only covers what no
 /// watch event announces: a grace period running out.
 fn requeue_after(
@@ -567,6 +670,7 @@ pub fn error_policy(iw: Arc<InferenceWorkload>, error: &Error, ctx: Arc<Context>
 /// One Event per change of decision, never one per reconcile.
 async fn publish_decision_events(
     iw: &InferenceWorkload,
+    status: &rm_crds::InferenceWorkloadStatus,
     selection: &Selection,
     deployment_error: Option<&str>,
     failing: Option<&str>,
@@ -611,8 +715,32 @@ async fn publish_decision_events(
         .map(|c| c.reason.as_str());
     let rejected = deployment_error.filter(|_| previous_available != Some("DeploymentRejected"));
     let failing = failing.filter(|_| previous_available != Some("ContainersFailing"));
+    // Serving: announced when the endpoint starts answering, and when the
+    // Service cannot be written; each once per change of reason.
+    let serving = |s: Option<&rm_crds::InferenceWorkloadStatus>| {
+        s.and_then(|s| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == rm_crds::workload::condition::SERVING)
+        })
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+    };
+    let serving_event = match (serving(previous), serving(Some(status))) {
+        (before, Some((now_status, reason, message)))
+            if before.as_ref().map(|b| &b.1) != Some(&reason) =>
+        {
+            match (now_status.as_str(), reason.as_str()) {
+                ("True", _) => Some((EventType::Normal, "EndpointReady", message)),
+                (_, "ServiceConflict") => Some((EventType::Warning, "ServiceConflict", message)),
+                (_, "ServiceRejected") => Some((EventType::Warning, "ServiceRejected", message)),
+                _ => None,
+            }
+        }
+        _ => None,
+    };
     let events = event
         .into_iter()
+        .chain(serving_event)
         .chain(rejected.map(|e| {
             (
                 EventType::Warning,

@@ -14,6 +14,7 @@ pub mod own_writes;
 pub mod placement;
 pub mod render;
 pub mod selection;
+pub mod serve;
 pub mod server;
 pub mod status;
 pub mod webhook;

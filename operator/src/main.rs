@@ -46,6 +46,12 @@ struct Cli {
     /// How long pods may stay unschedulable before another type is picked (e.g. 5m).
     #[arg(long, env = "RM_UNSCHEDULABLE_GRACE", value_parser = parse_duration_arg)]
     unschedulable_grace: Option<Duration>,
+    /// Image of the serving container of workloads with spec.serve.
+    #[arg(long, env = "RM_SERVE_IMAGE")]
+    serve_image: Option<String>,
+    /// imagePullPolicy of the serving container (Always, IfNotPresent, Never; "" = default).
+    #[arg(long, env = "RM_SERVE_IMAGE_PULL_POLICY")]
+    serve_image_pull_policy: Option<String>,
     /// Name of the leader-election Lease.
     #[arg(long, env = "RM_LEASE_NAME", default_value = "rm-operator")]
     lease_name: String,
@@ -81,6 +87,8 @@ async fn main() -> std::process::ExitCode {
         resource_names: cli.resource_names.clone(),
         cpu_fallback: cli.cpu_fallback,
         unschedulable_grace: cli.unschedulable_grace,
+        serve_image: cli.serve_image.clone(),
+        serve_image_pull_policy: cli.serve_image_pull_policy.clone(),
     }) {
         Ok(c) => c,
         Err(e) => {
@@ -93,6 +101,7 @@ async fn main() -> std::process::ExitCode {
         resource_names = ?config.resource_names,
         cpu_fallback = config.cpu_fallback,
         unschedulable_grace_s = config.unschedulable_grace.as_secs(),
+        serve_image = %config.serve.image,
         "configuration"
     );
     let client = match Client::try_default().await {

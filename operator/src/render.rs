@@ -1,13 +1,22 @@
 //! The Deployment of a workload: the user's pod template, unchanged except
 //! for the device request of the inference container, the labels that tie
 //! the pods to the workload and trigger injection, and `RM_DEVICE`.
+//!
+//! With `spec.serve` the serving container (`serve.rs`) is added to the
+//! template, or makes up the whole pod when there is no template, and it is
+//! the inference container: it gets the device request and `RM_DEVICE`, so
+//! the webhook injects it and the device plugin gives it the agent socket
+//! and token. The template's own containers keep their resources; they reach
+//! the model through the serving container's API (e.g. `localhost:8000`).
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
-use k8s_openapi::api::core::v1::{Container, EnvVar, ResourceRequirements};
+use k8s_openapi::api::core::v1::{
+    Container, EnvVar, PodSpec, PodTemplateSpec, ResourceRequirements,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -15,10 +24,12 @@ use kube::Resource;
 use kube::ResourceExt;
 use rm_crds::InferenceWorkload;
 use rm_crds::labels;
+use rm_crds::workload::SERVE_CONTAINER;
 use sha2::{Digest, Sha256};
 
 use crate::config::OperatorConfig;
 use crate::selection::{Chosen, selection_basis};
+use crate::webhook::inject::CONTAINER_NAMES;
 
 /// Annotation on the Deployment: the spec fields its device was chosen for.
 pub const SELECTION_BASIS: &str = "rm-abstract.io/selection-basis";
@@ -36,18 +47,76 @@ pub enum RenderError {
     NoContainers,
     #[error("the workload has no {0}; it must come from the apiserver")]
     MissingMetadata(&'static str),
+    #[error("the workload has neither spec.template nor spec.serve; give one of them")]
+    NothingToRun,
+    #[error("spec.template already has a volume named {0:?}, which spec.serve adds; rename it")]
+    VolumeTaken(String),
 }
 
-/// Name of the inference container: `containerName`, else the first.
+/// Name of the inference container (the one holding the device): the
+/// serving container when served, else `containerName`, else the first.
 pub fn inference_container_name(iw: &InferenceWorkload) -> Option<String> {
+    if iw.spec.serve.is_some() {
+        return Some(SERVE_CONTAINER.to_string());
+    }
     iw.spec.container_name.clone().or_else(|| {
         iw.spec
             .template
+            .as_ref()?
             .spec
             .as_ref()
             .and_then(|s| s.containers.first())
             .map(|c| c.name.clone())
     })
+}
+
+/// `spec.compile` as the JSON object that pods get as `RM_COMPILE_OPTIONS`:
+/// the operator writes it in the pod annotation the webhook reads for
+/// template containers, and directly into the serving container's env.
+pub fn compile_options_json(iw: &InferenceWorkload) -> Option<String> {
+    // Serialising plain option structs cannot fail.
+    iw.spec
+        .compile
+        .as_ref()
+        .map(|c| serde_json::to_string(c).unwrap_or_default())
+}
+
+/// The pod template: the user's, with the serving container added when
+/// served; or, served without a template, a pod of the serving container
+/// alone that Pod Security `restricted` admits.
+fn pod_template(
+    iw: &InferenceWorkload,
+    config: &OperatorConfig,
+) -> Result<PodTemplateSpec, RenderError> {
+    let Some(serve) = &iw.spec.serve else {
+        return iw.spec.template.clone().ok_or(RenderError::NothingToRun);
+    };
+    let mut template = iw.spec.template.clone().unwrap_or_else(|| PodTemplateSpec {
+        metadata: None,
+        spec: Some(PodSpec {
+            security_context: Some(crate::serve::restricted_pod()),
+            // The server talks to the node agent, never to the apiserver.
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            ..Default::default()
+        }),
+    });
+    let spec = template.spec.get_or_insert_with(PodSpec::default);
+    let volumes = spec.volumes.get_or_insert_with(Vec::new);
+    for v in crate::serve::serve_volumes(iw) {
+        if volumes.iter().any(|u| u.name == v.name) {
+            return Err(RenderError::VolumeTaken(v.name));
+        }
+        volumes.push(v);
+    }
+    let compile = compile_options_json(iw);
+    spec.containers.push(crate::serve::serve_container(
+        iw,
+        serve,
+        &config.serve,
+        compile.as_deref(),
+    ));
+    Ok(template)
 }
 
 pub fn render_deployment(
@@ -65,17 +134,30 @@ pub fn render_deployment(
         .ok_or(RenderError::MissingMetadata("uid"))?;
     let selector: BTreeMap<String, String> = [(labels::WORKLOAD.to_string(), name.clone())].into();
 
-    let mut template = iw.spec.template.clone();
+    let mut template = pod_template(iw, config)?;
     let meta = template.metadata.get_or_insert_with(ObjectMeta::default);
     let pod_labels = meta.labels.get_or_insert_with(BTreeMap::new);
     pod_labels.insert(labels::WORKLOAD.into(), name.clone());
     pod_labels.insert(labels::INJECT.into(), "true".into());
     let pod_annotations = meta.annotations.get_or_insert_with(BTreeMap::new);
     pod_annotations.insert(DEVICE_TYPE.into(), chosen.device_type.to_string());
-    if let Some(compile) = &iw.spec.compile {
-        // Serialising plain option structs cannot fail.
-        let json = serde_json::to_string(compile).unwrap_or_default();
+    if let Some(json) = compile_options_json(iw) {
         pod_annotations.insert(labels::COMPILE_OPTIONS.into(), json);
+    }
+
+    if iw.spec.serve.is_some() {
+        // The webhook's target is named, not guessed from RM_DEVICE (which a
+        // template container may set too): the serving container, besides
+        // any the user listed.
+        let names = pod_annotations
+            .entry(CONTAINER_NAMES.to_string())
+            .or_default();
+        if !names.split(',').any(|n| n.trim() == SERVE_CONTAINER) {
+            if !names.trim().is_empty() {
+                names.push(',');
+            }
+            names.push_str(SERVE_CONTAINER);
+        }
     }
 
     let pod_spec = template.spec.as_mut().ok_or(RenderError::NoContainers)?;
@@ -291,6 +373,147 @@ mod tests {
             opts,
             serde_json::json!({"precision": "q8_0", "maxSeqLen": 2048})
         );
+    }
+
+    fn served(template: Option<serde_json::Value>) -> InferenceWorkload {
+        let mut spec = serde_json::json!({
+            "model": {"source": "pvc://weights/smollm2"},
+            "serve": {},
+            "compile": {"precision": "bf16"}
+        });
+        if let Some(t) = template {
+            spec["template"] = t;
+        }
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "rm-abstract.io/v1alpha1", "kind": "InferenceWorkload",
+            "metadata": {"name": "chat", "namespace": "ns", "uid": "u-1"},
+            "spec": spec
+        }))
+        .unwrap()
+    }
+
+    fn env_of<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
+        c.env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.as_deref())
+    }
+
+    #[test]
+    fn served_without_a_template_the_pod_is_the_serving_container_alone() {
+        let d = render_deployment(&served(None), &rbln(), &OperatorConfig::default()).unwrap();
+        let meta = d.spec.template.metadata.unwrap();
+        let annotations = meta.annotations.unwrap();
+        assert_eq!(annotations[CONTAINER_NAMES], "rm-serve");
+        assert_eq!(
+            annotations[labels::COMPILE_OPTIONS],
+            r#"{"precision":"bf16"}"#
+        );
+        assert_eq!(meta.labels.unwrap()[labels::INJECT], "true");
+        let pod = d.spec.template.spec.unwrap();
+        assert_eq!(pod.containers.len(), 1);
+        let c = &pod.containers[0];
+        assert_eq!(c.name, "rm-serve");
+        let res = c.resources.as_ref().unwrap();
+        assert_eq!(res.limits.as_ref().unwrap()["rebellions.ai/ATOM"].0, "1");
+        assert_eq!(res.requests.as_ref().unwrap()["rebellions.ai/ATOM"].0, "1");
+        assert_eq!(env_of(c, "RM_DEVICE"), Some("rbln"));
+        // The same JSON as the annotation the webhook turns into the env.
+        assert_eq!(
+            env_of(c, "RM_COMPILE_OPTIONS"),
+            Some(annotations[labels::COMPILE_OPTIONS].as_str())
+        );
+        assert_eq!(
+            env_of(c, "RM_SERVE_MODEL_SOURCE"),
+            Some("/rm-serve/model/smollm2")
+        );
+        let claim = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find_map(|v| v.persistent_volume_claim.as_ref())
+            .unwrap();
+        assert_eq!(claim.claim_name, "weights");
+        let psc = pod.security_context.unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        assert_eq!(pod.automount_service_account_token, Some(false));
+    }
+
+    #[test]
+    fn served_with_a_template_the_serving_container_takes_the_device() {
+        let template = serde_json::json!({
+            "metadata": {"annotations": {CONTAINER_NAMES: "app"}},
+            "spec": {"containers": [{"name": "app", "image": "python",
+                                     "env": [{"name": "RM_DEVICE", "value": "cpu"}]}],
+                     "volumes": [{"name": "data", "emptyDir": {}}]}
+        });
+        let d = render_deployment(
+            &served(Some(template.clone())),
+            &rbln(),
+            &OperatorConfig::default(),
+        )
+        .unwrap();
+        let annotations = d.spec.template.metadata.unwrap().annotations.unwrap();
+        assert_eq!(
+            annotations[CONTAINER_NAMES], "app,rm-serve",
+            "the user's list kept"
+        );
+        let pod = d.spec.template.spec.unwrap();
+        let names: Vec<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["app", "rm-serve"]);
+        assert!(
+            pod.containers[0].resources.is_none(),
+            "the device is the server's"
+        );
+        assert_eq!(
+            env_of(&pod.containers[0], "RM_DEVICE"),
+            Some("cpu"),
+            "user env kept"
+        );
+        assert_eq!(env_of(&pod.containers[1], "RM_DEVICE"), Some("rbln"));
+        let volumes: Vec<&str> = pod
+            .volumes
+            .iter()
+            .flatten()
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(volumes, ["data", "rm-serve-tmp", "rm-serve-model"]);
+        assert!(
+            pod.security_context.is_none(),
+            "the user's pod settings stay"
+        );
+
+        let mut clash = template;
+        clash["spec"]["volumes"][0]["name"] = "rm-serve-tmp".into();
+        let err = render_deployment(&served(Some(clash)), &rbln(), &OperatorConfig::default())
+            .unwrap_err();
+        assert!(matches!(err, RenderError::VolumeTaken(_)), "{err}");
+    }
+
+    #[test]
+    fn a_template_without_containers_gives_the_serving_pod_its_settings() {
+        let template = serde_json::json!({"spec": {
+            "nodeSelector": {"pool": "gpu"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]
+        }});
+        let d = render_deployment(&served(Some(template)), &rbln(), &OperatorConfig::default())
+            .unwrap();
+        let pod = d.spec.template.spec.unwrap();
+        assert_eq!(pod.node_selector.unwrap()["pool"], "gpu");
+        assert_eq!(pod.tolerations.unwrap().len(), 1);
+        assert_eq!(pod.containers.len(), 1);
+        assert_eq!(pod.containers[0].name, "rm-serve");
+        assert_eq!(env_of(&pod.containers[0], "RM_DEVICE"), Some("rbln"));
+    }
+
+    #[test]
+    fn neither_template_nor_serve_is_an_error() {
+        let mut iw = served(None);
+        iw.spec.serve = None;
+        let err = render_deployment(&iw, &rbln(), &OperatorConfig::default()).unwrap_err();
+        assert!(matches!(err, RenderError::NothingToRun), "{err}");
     }
 
     #[test]

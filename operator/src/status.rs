@@ -22,6 +22,23 @@ pub struct Observed<'a> {
     pub unschedulable: Option<(usize, String)>,
     /// Pods of the workload whose containers fail, with what the first says.
     pub failing: Option<(usize, String)>,
+    /// The Service of a served workload.
+    pub service: ServiceState,
+}
+
+/// Where the Service of a served workload stands.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub enum ServiceState {
+    /// None written (not served, or not reconciled yet).
+    #[default]
+    Absent,
+    /// The Service exists as the operator renders it.
+    Present,
+    /// It could not be written: the `Serving` reason and what to do.
+    Failed {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 pub fn desired_status(
@@ -156,15 +173,58 @@ pub fn desired_status(
         )
     };
 
+    let mut conditions = vec![device_selected, compiled, available];
+    let mut endpoint = None;
+    if let Some(url) = crate::serve::endpoint_url(iw) {
+        let serving = match &observed.service {
+            ServiceState::Failed { reason, message } => {
+                cond(condition::SERVING, "False", reason, message.clone())
+            }
+            ServiceState::Present if ready > 0 => {
+                endpoint = Some(url.clone());
+                cond(
+                    condition::SERVING,
+                    "True",
+                    "EndpointReady",
+                    format!(
+                        "{url} serves {}: {ready} ready pod(s) behind Service {}",
+                        iw.spec
+                            .serve
+                            .as_ref()
+                            .map(|s| crate::serve::model_name(iw, s))
+                            .unwrap_or_default(),
+                        iw.name_any()
+                    ),
+                )
+            }
+            ServiceState::Present => cond(
+                condition::SERVING,
+                "False",
+                "NoReadyPods",
+                format!(
+                    "{url} answers once a serving container is ready (GET /ready: the model compiled and loaded); {ready}/{wanted} ready"
+                ),
+            ),
+            ServiceState::Absent => cond(
+                condition::SERVING,
+                "False",
+                "NoService",
+                format!("the Service for {url} is not written yet"),
+            ),
+        };
+        conditions.push(serving);
+    }
+
     InferenceWorkloadStatus {
         phase: Some(phase),
+        endpoint,
         device,
         replicas,
         ready_replicas: ready,
         ready: Some(format!("{ready}/{wanted}")),
         selector: Some(format!("{}={}", labels::WORKLOAD, iw.name_any())),
         observed_generation: generation,
-        conditions: vec![device_selected, compiled, available],
+        conditions,
     }
 }
 
@@ -245,5 +305,73 @@ mod tests {
         let progressing = desired_status(&iw, &selection, &observed, &config, &now);
         assert_eq!(progressing.phase, Some(Phase::Progressing));
         assert_eq!(available(&progressing).0, "ReplicasNotReady");
+    }
+
+    #[test]
+    fn a_served_workload_gets_its_endpoint_once_pods_are_ready() {
+        let config = OperatorConfig::default();
+        let iw: InferenceWorkload = serde_json::from_value(serde_json::json!({
+            "apiVersion": "rm-abstract.io/v1alpha1", "kind": "InferenceWorkload",
+            "metadata": {"name": "chat", "namespace": "ml", "generation": 1},
+            "spec": {"model": {"source": "m"}, "device": "cpu", "serve": {}}
+        }))
+        .unwrap();
+        let capacity = CapacitySnapshot::from_cluster([], [], &config);
+        let selection = select_device(&iw.spec, &config, &capacity, None);
+        let now = Time(jiff::Timestamp::now());
+        let serving = |s: &InferenceWorkloadStatus| {
+            let c = s
+                .conditions
+                .iter()
+                .find(|c| c.type_ == condition::SERVING)
+                .unwrap();
+            (c.status.clone(), c.reason.clone(), c.message.clone())
+        };
+        let deployment = Deployment::default();
+        let mut observed = Observed {
+            deployment: Some(&deployment),
+            service: ServiceState::Present,
+            ..Default::default()
+        };
+        let waiting = desired_status(&iw, &selection, &observed, &config, &now);
+        assert_eq!(waiting.endpoint, None);
+        assert_eq!(serving(&waiting).1, "NoReadyPods");
+        assert!(serving(&waiting).2.contains("http://chat.ml.svc:8000/v1"));
+
+        let ready_deployment = Deployment {
+            status: Some(k8s_openapi::api::apps::v1::DeploymentStatus {
+                replicas: Some(1),
+                ready_replicas: Some(1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        observed.deployment = Some(&ready_deployment);
+        let ready = desired_status(&iw, &selection, &observed, &config, &now);
+        assert_eq!(
+            ready.endpoint.as_deref(),
+            Some("http://chat.ml.svc:8000/v1")
+        );
+        assert_eq!(serving(&ready).0, "True");
+        assert_eq!(serving(&ready).1, "EndpointReady");
+
+        observed.service = ServiceState::Failed {
+            reason: "ServiceConflict",
+            message: "a Service named chat exists".into(),
+        };
+        let conflict = desired_status(&iw, &selection, &observed, &config, &now);
+        assert_eq!(conflict.endpoint, None);
+        assert_eq!(serving(&conflict).1, "ServiceConflict");
+
+        let mut unserved = iw.clone();
+        unserved.spec.serve = None;
+        let plain = desired_status(&unserved, &selection, &observed, &config, &now);
+        assert!(
+            plain
+                .conditions
+                .iter()
+                .all(|c| c.type_ != condition::SERVING)
+        );
+        assert_eq!(plain.endpoint, None);
     }
 }

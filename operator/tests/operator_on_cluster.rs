@@ -690,3 +690,396 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
     running_on(&api, "c", DeviceType::Cpu).await;
     assert!(second.counter("rm_operator_reconciles_total") > 0.0);
 }
+
+fn served_workload(name: &str, spec: Value) -> InferenceWorkload {
+    let mut full = json!({"model": {"source": "HuggingFaceTB/SmolLM2-135M-Instruct"}});
+    for (k, v) in spec.as_object().expect("object").iter() {
+        full[k] = v.clone();
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "rm-abstract.io/v1alpha1",
+        "kind": "InferenceWorkload",
+        "metadata": {"name": name},
+        "spec": full,
+    }))
+    .expect("workload")
+}
+
+fn env_value<'a>(c: &'a k8s_openapi::api::core::v1::Container, name: &str) -> Option<&'a str> {
+    c.env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.as_deref())
+}
+
+#[tokio::test]
+async fn a_served_workload_without_a_template_gets_the_server_a_service_and_an_endpoint() {
+    let cluster = cluster();
+    let test = "serve";
+    let res = Resources::new(test);
+    cluster.add_node(&node_name(test, "atom"), &[(&res.atom, 2)]);
+    let ns = cluster.namespace(test).await;
+    cluster.install_crds().await;
+    let op = start_operator(
+        cluster,
+        &ns,
+        &res,
+        &[
+            "--serve-image=localhost/rm-abstract/serve:test",
+            "--serve-image-pull-policy=Never",
+        ],
+    );
+    let client = cluster.client().await;
+    let api: Api<InferenceWorkload> = Api::namespaced(client.clone(), &ns);
+    api.create(
+        &PostParams::default(),
+        &served_workload(
+            "chat",
+            json!({"serve": {}, "compile": {"precision": "bf16"}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let endpoint = format!("http://chat.{ns}.svc:8000/v1");
+    let iw = wait_iw(&api, "chat", "served with an endpoint", 60, |iw| {
+        iw.status.as_ref().and_then(|s| s.endpoint.as_deref()) == Some(endpoint.as_str())
+    })
+    .await;
+    assert_eq!(device_of(&iw), Some(DeviceType::Rbln));
+    assert_eq!(
+        condition_reason(&iw, "Serving").as_deref(),
+        Some("EndpointReady")
+    );
+
+    // The Deployment's pod is the serving container alone, holding the device.
+    let dep: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let d = dep.get("chat").await.unwrap();
+    let template = d.spec.template;
+    let annotations = template.metadata.unwrap().annotations.unwrap();
+    assert_eq!(annotations["rm-abstract.io/container-names"], "rm-serve");
+    let pod = template.spec.unwrap();
+    assert_eq!(pod.containers.len(), 1);
+    let c = &pod.containers[0];
+    assert_eq!(c.name, "rm-serve");
+    assert_eq!(c.image.as_deref(), Some("localhost/rm-abstract/serve:test"));
+    assert_eq!(c.image_pull_policy.as_deref(), Some("Never"));
+    let resources = c.resources.as_ref().unwrap();
+    assert_eq!(resources.limits.as_ref().unwrap()[&res.atom].0, "1");
+    assert_eq!(resources.requests.as_ref().unwrap()[&res.atom].0, "1");
+    for (name, want) in [
+        ("RM_DEVICE", "rbln"),
+        (
+            "RM_SERVE_MODEL_SOURCE",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+        ),
+        ("RM_SERVE_MODEL_NAME", "chat"),
+        ("RM_SERVE_PORT", "8000"),
+        ("RM_WORKLOAD_NAME", "chat"),
+        ("RM_COMPILE_OPTIONS", r#"{"precision":"bf16"}"#),
+    ] {
+        assert_eq!(env_value(c, name), Some(want), "{name}");
+    }
+    let port = &c.ports.as_ref().unwrap()[0];
+    assert_eq!(
+        (port.name.as_deref(), port.container_port),
+        (Some("http"), 8000)
+    );
+    let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        p.as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .and_then(|h| h.path.clone())
+    };
+    assert_eq!(probe_path(&c.readiness_probe).as_deref(), Some("/ready"));
+    assert_eq!(probe_path(&c.liveness_probe).as_deref(), Some("/health"));
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.run_as_non_root, Some(true));
+
+    // The Service selects the workload's pods on port http, owned by it.
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client.clone(), &ns);
+    let svc = services.get("chat").await.unwrap();
+    let owner = &svc.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("InferenceWorkload", "chat")
+    );
+    let spec = svc.spec.unwrap();
+    assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+    assert_eq!(spec.selector.unwrap()["rm-abstract.io/workload"], "chat");
+    let sp = &spec.ports.unwrap()[0];
+    assert_eq!((sp.name.as_deref(), sp.port), (Some("http"), 8000));
+    // The Service's endpoints are the workload's ready pod.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let running = pods
+        .list(&ListParams::default().labels("rm-abstract.io/workload=chat"))
+        .await
+        .unwrap();
+    assert_eq!(running.items.len(), 1);
+    let events = events_for(client.clone(), &ns, "chat").await;
+    assert!(
+        events
+            .iter()
+            .any(|(r, m)| r == "EndpointReady" && m.contains(&endpoint)),
+        "{events:?}"
+    );
+
+    // `kubectl get iw` shows the endpoint.
+    let out = cluster
+        .kubectl()
+        .args(["get", "iw", "chat", "-n", &ns])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("ENDPOINT") && table.contains(&endpoint),
+        "{table}"
+    );
+
+    // Steady state: reconciles of a served workload write nothing either
+    // (the Service is compared by its rendered hash, like the Deployment).
+    let settle = Instant::now();
+    let mut writes = op.counter("rm_operator_api_writes_total");
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = op.counter("rm_operator_api_writes_total");
+        if now == writes || settle.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+        writes = now;
+    }
+    let reconciles = op.counter("rm_operator_reconciles_total");
+    for i in 0..3 {
+        let patch = json!({"metadata": {"annotations": {"touch": i.to_string()}}});
+        api.patch(
+            "chat",
+            &Default::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .unwrap();
+        // Spaced, so that the controller does not merge them into one.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        op.counter("rm_operator_reconciles_total") > reconciles,
+        "the touches must have caused reconciles"
+    );
+    assert_eq!(
+        op.counter("rm_operator_api_writes_total"),
+        writes,
+        "a steady-state reconcile of a served workload must not write"
+    );
+    cluster.remove_node(&node_name(test, "atom")).await;
+}
+
+#[tokio::test]
+async fn a_pvc_source_is_mounted_and_removing_serve_deletes_the_service() {
+    let cluster = cluster();
+    let test = "serve-pvc";
+    let res = Resources::new(test);
+    let ns = cluster.namespace(test).await;
+    cluster.install_crds().await;
+    let _op = start_operator(cluster, &ns, &res, &[]);
+    let client = cluster.client().await;
+    let api: Api<InferenceWorkload> = Api::namespaced(client.clone(), &ns);
+    let dep: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client.clone(), &ns);
+
+    // A claim bound to a PersistentVolume, so that the scheduler places the
+    // pod (kwok mounts nothing).
+    let pv_name = format!("weights-{}", std::process::id());
+    let pvs: Api<k8s_openapi::api::core::v1::PersistentVolume> = Api::all(client.clone());
+    let pv = serde_json::from_value(json!({
+        "metadata": {"name": pv_name},
+        "spec": {
+            "capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"],
+            "storageClassName": "", "hostPath": {"path": "/tmp/rm-abstract-weights"},
+            "claimRef": {"namespace": ns, "name": "weights"}
+        }
+    }))
+    .unwrap();
+    pvs.create(&PostParams::default(), &pv).await.unwrap();
+    let pvcs: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        Api::namespaced(client.clone(), &ns);
+    let pvc = serde_json::from_value(json!({
+        "metadata": {"name": "weights"},
+        "spec": {
+            "accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": pv_name,
+            "resources": {"requests": {"storage": "1Gi"}}
+        }
+    }))
+    .unwrap();
+    pvcs.create(&PostParams::default(), &pvc).await.unwrap();
+
+    // A template and serve: the serving container joins the user's pod.
+    api.create(
+        &PostParams::default(),
+        &workload(
+            "both",
+            json!({
+                "model": {"source": "pvc://weights/smollm2"},
+                "device": "cpu",
+                "serve": {"port": 9000, "modelName": "smol"}
+            }),
+        ),
+    )
+    .await
+    .unwrap();
+    let endpoint = format!("http://both.{ns}.svc:9000/v1");
+    wait_iw(&api, "both", "served", 60, |iw| {
+        iw.status.as_ref().and_then(|s| s.endpoint.as_deref()) == Some(endpoint.as_str())
+    })
+    .await;
+    let pod = dep.get("both").await.unwrap().spec.template.spec.unwrap();
+    let names: Vec<&str> = pod.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["app", "rm-serve"]);
+    let serve = &pod.containers[1];
+    assert_eq!(
+        env_value(serve, "RM_SERVE_MODEL_SOURCE"),
+        Some("/rm-serve/model/smollm2")
+    );
+    assert_eq!(env_value(serve, "RM_SERVE_MODEL_NAME"), Some("smol"));
+    assert_eq!(env_value(serve, "RM_DEVICE"), Some("cpu"));
+    let mount = serve
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == "/rm-serve/model")
+        .expect("the claim is mounted");
+    assert_eq!(mount.read_only, Some(true));
+    let claim = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .and_then(|v| v.persistent_volume_claim.clone())
+        .unwrap();
+    assert_eq!(
+        (claim.claim_name.as_str(), claim.read_only),
+        ("weights", Some(true))
+    );
+    assert_eq!(
+        services
+            .get("both")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .ports
+            .unwrap()[0]
+            .port,
+        9000
+    );
+
+    // Without serve: the Service goes, the endpoint and the condition too.
+    let patch = json!({"spec": {"serve": null}});
+    api.patch(
+        "both",
+        &Default::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while services.get_opt("both").await.unwrap().is_some() {
+        assert!(Instant::now() < deadline, "Service not deleted");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let iw = wait_iw(&api, "both", "no longer served", 30, |iw| {
+        iw.status.as_ref().is_some_and(|s| s.endpoint.is_none())
+            && condition_reason(iw, "Serving").is_none()
+    })
+    .await;
+    assert!(iw.spec.serve.is_none());
+    let pod = dep.get("both").await.unwrap().spec.template.spec.unwrap();
+    assert_eq!(pod.containers.len(), 1, "the serving container is gone");
+
+    // A Service of that name that is not the workload's is never taken over.
+    let theirs: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+        "metadata": {"name": "taken"},
+        "spec": {"selector": {"app": "other"}, "ports": [{"port": 80}]}
+    }))
+    .unwrap();
+    services
+        .create(&PostParams::default(), &theirs)
+        .await
+        .unwrap();
+    api.create(
+        &PostParams::default(),
+        &served_workload("taken", json!({"device": "cpu", "serve": {}})),
+    )
+    .await
+    .unwrap();
+    wait_iw(&api, "taken", "ServiceConflict", 30, |iw| {
+        condition_reason(iw, "Serving").as_deref() == Some("ServiceConflict")
+    })
+    .await;
+    let svc = services.get("taken").await.unwrap();
+    assert!(svc.metadata.owner_references.is_none(), "left alone");
+    assert_eq!(svc.spec.unwrap().ports.unwrap()[0].port, 80);
+    let _ = pvs.delete(&pv_name, &DeleteParams::default()).await;
+}
+
+#[tokio::test]
+async fn the_apiserver_refuses_a_workload_with_neither_template_nor_serve() {
+    let cluster = cluster();
+    let ns = cluster.namespace("serve-cel").await;
+    cluster.install_crds().await;
+    let client = cluster.client().await;
+    let api: Api<InferenceWorkload> = Api::namespaced(client, &ns);
+    let err = api
+        .create(
+            &PostParams::default(),
+            &served_workload("nothing", json!({})),
+        )
+        .await
+        .expect_err("neither template nor serve must be refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("spec needs a template") && msg.contains("serve"),
+        "{msg}"
+    );
+    let clash = workload(
+        "clash",
+        json!({
+            "serve": {},
+            "template": {"spec": {"containers": [{"name": "rm-serve", "image": "x"}]}}
+        }),
+    );
+    let err = api
+        .create(&PostParams::default(), &clash)
+        .await
+        .expect_err("a template container named rm-serve must be refused");
+    assert!(err.to_string().contains("rm-serve"), "{err}");
+    // Beside serve, a template may hold only pod settings; alone, it may not.
+    let settings = json!({"spec": {
+        "nodeSelector": {"pool": "gpu"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]
+    }});
+    api.create(
+        &PostParams::default(),
+        &served_workload("pinned", json!({"serve": {}, "template": settings.clone()})),
+    )
+    .await
+    .expect("a container-less template beside serve is accepted");
+    let err = api
+        .create(
+            &PostParams::default(),
+            &served_workload("empty", json!({"template": settings})),
+        )
+        .await
+        .expect_err("a container-less template without serve must be refused");
+    assert!(
+        err.to_string()
+            .contains("spec.template.spec.containers must have at least 1 container"),
+        "{err}"
+    );
+    let low_port = served_workload("low", json!({"serve": {"port": 80}}));
+    let err = api
+        .create(&PostParams::default(), &low_port)
+        .await
+        .expect_err("a port below 1024 must be refused");
+    assert!(err.to_string().contains("spec.serve.port"), "{err}");
+}
