@@ -294,14 +294,24 @@ impl Agent {
     /// Renders `messages` with the entry's model's chat template and
     /// tokenizes the text without adding special tokens (the template writes
     /// them), as transformers' `apply_chat_template(tokenize=True)`.
-    pub async fn render_chat(
+    /// The ids a text prompt runs as (no special tokens added, as for a
+    /// generate with `prompt`).
+    pub async fn tokenize(
         &self,
         key: &CacheKey,
-        messages: &[serde_json::Value],
-        add_generation_prompt: bool,
+        text: &str,
         caller: &Caller,
-    ) -> Result<RenderedChat, AgentError> {
-        crate::chat::check_messages(messages)?;
+    ) -> Result<Vec<u32>, AgentError> {
+        let chat = self.chat_model(key, caller).await?;
+        tokenize_with(&chat, text)
+    }
+
+    /// An entry's template and tokenizer, read on first use.
+    async fn chat_model(
+        &self,
+        key: &CacheKey,
+        caller: &Caller,
+    ) -> Result<Arc<ChatModel>, AgentError> {
         let entry = self
             .store
             .lookup(key)
@@ -313,40 +323,39 @@ impl Agent {
             .unwrap_or_else(|p| p.into_inner())
             .get(key)
             .cloned();
-        let chat = match cached {
-            Some(c) => c,
-            None => {
-                let model = self.models.get(&entry.model_digest).ok();
-                let models = self.models.clone();
-                let dir = entry.dir.clone();
-                let loaded = tokio::task::spawn_blocking(move || {
-                    load_chat_model(&dir, model.as_ref(), &models)
-                })
+        if let Some(c) = cached {
+            return Ok(c);
+        }
+        let model = self.models.get(&entry.model_digest).ok();
+        let models = self.models.clone();
+        let dir = entry.dir.clone();
+        let loaded =
+            tokio::task::spawn_blocking(move || load_chat_model(&dir, model.as_ref(), &models))
                 .await
                 .map_err(join_err)??;
-                let loaded = Arc::new(loaded);
-                self.chats
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(key.clone(), loaded.clone());
-                loaded
-            }
-        };
+        let loaded = Arc::new(loaded);
+        self.chats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), loaded.clone());
+        Ok(loaded)
+    }
+
+    pub async fn render_chat(
+        &self,
+        key: &CacheKey,
+        messages: &[serde_json::Value],
+        add_generation_prompt: bool,
+        caller: &Caller,
+    ) -> Result<RenderedChat, AgentError> {
+        crate::chat::check_messages(messages)?;
+        let chat = self.chat_model(key, caller).await?;
         let template = chat
             .template
             .as_ref()
             .ok_or(crate::chat::ChatError::NoTemplate)?;
         let prompt = template.render(messages, add_generation_prompt)?;
-        let tokenizer = chat.tokenizer.as_ref().ok_or_else(|| {
-            AgentError::BadRequest(
-                "this model has no tokenizer in the agent, so a chat cannot be tokenized; send \"input_ids\"".into(),
-            )
-        })?;
-        let input_ids = tokenizer
-            .encode(prompt.as_str(), false)
-            .map_err(|e| AgentError::BadRequest(format!("the chat cannot be tokenized: {e}")))?
-            .get_ids()
-            .to_vec();
+        let input_ids = tokenize_with(&chat, &prompt)?;
         Ok(RenderedChat { prompt, input_ids })
     }
 
@@ -1294,4 +1303,17 @@ fn load_chat_model(
         template,
         tokenizer,
     })
+}
+
+fn tokenize_with(chat: &ChatModel, text: &str) -> Result<Vec<u32>, AgentError> {
+    let tokenizer = chat.tokenizer.as_ref().ok_or_else(|| {
+        AgentError::BadRequest(
+            "this model has no tokenizer in the agent, so text cannot be tokenized; send \"input_ids\"".into(),
+        )
+    })?;
+    Ok(tokenizer
+        .encode(text, false)
+        .map_err(|e| AgentError::BadRequest(format!("the text cannot be tokenized: {e}")))?
+        .get_ids()
+        .to_vec())
 }

@@ -163,6 +163,9 @@ fn a_safetensors_chat_uses_tokenizer_config_and_its_default_named_template() {
     let want = "<s>[SYS]be brief\nuser: Hi\nassistant: Yo\nuser: Go\nassistant:";
     assert_eq!(r.json()["prompt"], json!(want));
     assert_eq!(r.json()["input_ids"], json!(bytes_of(want)));
+    // A text prompt's ids, as a generate with "prompt" runs them.
+    let r = agent.post("/v1/render", json!({"key": key, "prompt": "Hi!"}));
+    assert_eq!(r.json()["input_ids"], json!(bytes_of("Hi!")));
     let g = agent.post(
         "/v1/generate",
         json!({"key": key, "device": "cpu", "messages": chat(), "max_new_tokens": 2}),

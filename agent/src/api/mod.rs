@@ -514,14 +514,27 @@ async fn render(
     let who = caller(&agent, &headers).await?;
     let b: RenderBody = parse_json(&body)?;
     let key = parse_key(&b.key)?;
-    let chat = agent
-        .render_chat(
-            &key,
-            &b.messages,
-            b.add_generation_prompt.unwrap_or(true),
-            &who,
-        )
-        .await?;
+    let chat = match (&b.messages, b.prompt) {
+        (Some(messages), None) => {
+            agent
+                .render_chat(
+                    &key,
+                    messages,
+                    b.add_generation_prompt.unwrap_or(true),
+                    &who,
+                )
+                .await?
+        }
+        (None, Some(prompt)) if b.add_generation_prompt.is_none() => {
+            let input_ids = agent.tokenize(&key, &prompt, &who).await?;
+            crate::service::RenderedChat { prompt, input_ids }
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "give \"messages\" (with \"add_generation_prompt\" if you like) or \"prompt\"",
+            ));
+        }
+    };
     Ok(Json(
         json!({"key": key, "prompt": chat.prompt, "input_ids": chat.input_ids}),
     ))

@@ -34,7 +34,12 @@ pub struct PrepareBody {
 #[serde(deny_unknown_fields)]
 pub struct RenderBody {
     pub key: String,
-    pub messages: Vec<Value>,
+    /// A chat, or
+    #[serde(default)]
+    pub messages: Option<Vec<Value>>,
+    /// a text prompt (its ids as a generate with `prompt` runs them).
+    #[serde(default)]
+    pub prompt: Option<String>,
     #[serde(default)]
     pub add_generation_prompt: Option<bool>,
 }
