@@ -94,15 +94,16 @@ impl Config {
                     .map_err(|e| invalid("RM_COMPILE_OPTIONS", &s, e.to_string()))?;
                 // The CRD's camelCase form checked here; the agent also takes
                 // its aliases, so only an object is required of those.
-                if let Ok(o) = serde_json::from_value::<CompileOptions>(v.clone()) {
-                    o.validate()
-                        .map_err(|why| invalid("RM_COMPILE_OPTIONS", &s, why))?;
-                } else if !v.is_object() {
+                if !v.is_object() {
                     return Err(invalid(
                         "RM_COMPILE_OPTIONS",
                         &s,
                         "not a JSON object".into(),
                     ));
+                }
+                if let Ok(o) = serde_json::from_value::<CompileOptions>(v.clone()) {
+                    o.validate()
+                        .map_err(|why| invalid("RM_COMPILE_OPTIONS", &s, why))?;
                 }
                 Some(v)
             }
