@@ -532,18 +532,20 @@ pub enum Endpoint {
     Chat,
 }
 
+/// What every chunk of one streamed answer repeats.
+pub struct StreamHead<'a> {
+    pub endpoint: Endpoint,
+    pub id: &'a str,
+    pub created: u64,
+    pub model: &'a str,
+    pub include_usage: bool,
+}
+
 /// One streamed chunk: text of a choice, or its end (`finish` set, text
 /// empty), or the chat's opening `role` delta.
-pub fn chunk(
-    endpoint: Endpoint,
-    id: &str,
-    created: u64,
-    model: &str,
-    index: usize,
-    text: Option<&str>,
-    finish: Option<&str>,
-    include_usage: bool,
-) -> Value {
+pub fn chunk(h: &StreamHead<'_>, index: usize, text: Option<&str>, finish: Option<&str>) -> Value {
+    let (endpoint, id, created, model, include_usage) =
+        (h.endpoint, h.id, h.created, h.model, h.include_usage);
     let mut v = match endpoint {
         Endpoint::Completions => json!({
             "id": id, "object": "text_completion", "created": created, "model": model,
@@ -762,12 +764,34 @@ mod tests {
             json!({"role": "assistant", "content": "Paris"})
         );
         assert_eq!(r["object"], "chat.completion");
-        let first = chunk(Endpoint::Chat, "i", 1, "m", 0, None, None, false);
+        let first = chunk(
+            &StreamHead {
+                endpoint: Endpoint::Chat,
+                id: "i",
+                created: 1,
+                model: "m",
+                include_usage: false,
+            },
+            0,
+            None,
+            None,
+        );
         assert_eq!(
             first["choices"][0]["delta"],
             json!({"role": "assistant", "content": ""})
         );
-        let mid = chunk(Endpoint::Chat, "i", 1, "m", 1, Some("x"), None, true);
+        let mid = chunk(
+            &StreamHead {
+                endpoint: Endpoint::Chat,
+                id: "i",
+                created: 1,
+                model: "m",
+                include_usage: true,
+            },
+            1,
+            Some("x"),
+            None,
+        );
         assert_eq!(
             (
                 mid["choices"][0]["delta"]["content"].as_str(),
@@ -776,7 +800,18 @@ mod tests {
             (Some("x"), Some(1))
         );
         assert!(mid["usage"].is_null() && mid.as_object().is_some_and(|o| o.contains_key("usage")));
-        let last = chunk(Endpoint::Chat, "i", 1, "m", 0, None, Some("length"), false);
+        let last = chunk(
+            &StreamHead {
+                endpoint: Endpoint::Chat,
+                id: "i",
+                created: 1,
+                model: "m",
+                include_usage: false,
+            },
+            0,
+            None,
+            Some("length"),
+        );
         assert_eq!(
             (
                 last["choices"][0]["delta"].clone(),

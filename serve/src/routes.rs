@@ -439,16 +439,14 @@ async fn generate(
     let opening: Vec<String> = match endpoint {
         Endpoint::Chat => (0..n_choices)
             .map(|i| {
-                sse_data(&openai::chunk(
+                let head = openai::StreamHead {
                     endpoint,
-                    &id,
+                    id: &id,
                     created,
-                    &model,
-                    i,
-                    None,
-                    None,
+                    model: &model,
                     include_usage,
-                ))
+                };
+                sse_data(&openai::chunk(&head, i, None, None))
             })
             .collect(),
         Endpoint::Completions => vec![],
@@ -464,16 +462,14 @@ async fn generate(
                     return None;
                 }
                 let chunk = |i, text: Option<&str>, finish: Option<&str>| {
-                    sse_data(&openai::chunk(
+                    let head = openai::StreamHead {
                         endpoint,
-                        &id,
+                        id: &id,
                         created,
-                        &model,
-                        i,
-                        text,
-                        finish,
+                        model: &model,
                         include_usage,
-                    ))
+                    };
+                    sse_data(&openai::chunk(&head, i, text, finish))
                 };
                 match merged.next().await {
                     Some((i, ChoiceEvent::Text(t))) => {
