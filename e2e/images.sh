@@ -142,23 +142,23 @@ base_python() {
 
 # The operator, device plugin and agent, release build, cached by the content
 # of the sources they are built from.
-RUST_PATHS=(Cargo.toml Cargo.lock .cargo crds runtime operator device-plugin agent)
+RUST_PATHS=(Cargo.toml Cargo.lock .cargo crds runtime operator device-plugin agent serve)
 RELEASE_TARGET=${RM_IMAGES_TARGET_DIR:-$CACHE/target-release}
 release_binaries() {
     local key dir
     key=$(tree_key "${RUST_PATHS[@]}")
     dir="$IMAGES/release-$key"
-    if [[ ! -x "$dir/rm-agent" ]]; then
+    if [[ ! -x "$dir/rm-agent" || ! -x "$dir/rm-serve" ]]; then
         local start=$SECONDS
-        log "cargo build --release: rm-operator, rm-device-plugin, rm-agent (the first time many minutes; then what changed)"
+        log "cargo build --release: rm-operator, rm-device-plugin, rm-agent, rm-serve (the first time many minutes; then what changed)"
         # A target directory of its own in the cache: a change to one crate
         # rebuilds that crate, not llama.cpp and every dependency (a clean
         # checkout, as CI's, has no target/).
         CARGO_TARGET_DIR="$RELEASE_TARGET" cargo build --release --locked \
-            -p rm-operator -p rm-device-plugin -p rm-agent >&2
+            -p rm-operator -p rm-device-plugin -p rm-agent -p rm-serve >&2
         local target="$RELEASE_TARGET/release"
         mkdir -p "$dir.tmp"
-        cp "$target/rm-operator" "$target/rm-device-plugin" "$target/rm-agent" "$dir.tmp/"
+        cp "$target/rm-operator" "$target/rm-device-plugin" "$target/rm-agent" "$target/rm-serve" "$dir.tmp/"
         rm -rf "$dir" && mv "$dir.tmp" "$dir"
         log "release binaries built in $((SECONDS - start))s"
     fi
@@ -217,7 +217,7 @@ prune() {
     while read -r ref; do
         grep -qF "=$ref " "$IMAGES/refs" || buildah rmi -f "$ref" >/dev/null 2>&1 || true
     done < <(buildah images --format '{{.Name}}:{{.Tag}}' 2>/dev/null |
-        grep -E '^localhost/rm-abstract/(operator|device-plugin|agent|python-init|demo-app):' || true)
+        grep -E '^localhost/rm-abstract/(operator|device-plugin|agent|serve|python-init|demo-app):' || true)
     # Stages of earlier builds that no image refers to any more, and the
     # containers that buildah 1.28 leaves on a stage chosen by a build
     # argument (FROM binaries-${BINARIES}; its --force-rm fails there).
@@ -244,6 +244,7 @@ cmd_build() {
         build_image operator docker/operator.Dockerfile "$bin_key" BINARIES=prebuilt "RUNTIME_IMAGE=$cc"
         build_image device-plugin docker/device-plugin.Dockerfile "$bin_key" BINARIES=prebuilt "RUNTIME_IMAGE=$cc"
         build_image agent docker/agent.Dockerfile "$bin_key" BINARIES=prebuilt "RUNTIME_IMAGE=$cc"
+        build_image serve docker/serve.Dockerfile "$bin_key" BINARIES=prebuilt "RUNTIME_IMAGE=$cc"
         build_image python-init docker/python-init.Dockerfile "$init_key" "BUSYBOX_IMAGE=$busybox"
         build_image demo-app examples/app.Dockerfile "$app_key" "PYTHON_IMAGE=$python"
     } >"$IMAGES/refs.tmp"

@@ -28,7 +28,8 @@ echo "=== Device plugin against the kubelet's device manager: e2e/devicemanager.
 e2e/devicemanager.sh "${CARGO_TARGET_DIR:-$ROOT/target}/debug/rm-device-plugin"
 
 echo "=== Python: python/run-tests.sh"
-RM_AGENT_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/rm-agent" python/run-tests.sh
+RM_AGENT_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/rm-agent" \
+    RM_SERVE_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/rm-serve" python/run-tests.sh
 
 echo "=== Python: vendor workers with SDK test doubles (agent/tests/workers)"
 python3 -m pytest -q -p no:cacheprovider agent/tests/workers

@@ -17,7 +17,7 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 # The package itself needs nothing; these are for the tests only.
 "$PY" -m pip install --quiet --disable-pip-version-check \
-    pytest transformers tokenizers safetensors numpy gguf 2>&1 | grep -v "Running pip as the 'root' user" >&2
+    pytest transformers tokenizers safetensors numpy gguf openai==3.51.0 2>&1 | grep -v "Running pip as the 'root' user" >&2
 if "$PY" -c 'import torch' 2>/dev/null; then
     echo "run-tests.sh: error: $PY has torch; the first pass must be a torch-free Python" >&2
     exit 1

@@ -11,6 +11,7 @@ pub mod api;
 pub mod auth;
 pub mod backend;
 pub mod cache;
+pub mod chat;
 pub mod metrics;
 pub mod quota;
 pub mod service;

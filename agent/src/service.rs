@@ -44,6 +44,8 @@ pub enum AgentError {
     Quota(#[from] QuotaError),
     #[error(transparent)]
     Busy(#[from] Refused),
+    #[error(transparent)]
+    Chat(#[from] crate::chat::ChatError),
     #[error(
         "the request did not finish within the agent's request timeout of {secs} s ({phase}); it was stopped. Ask for fewer tokens or a shorter prompt, or ask the cluster operator to raise --request-timeout"
     )]
@@ -69,6 +71,7 @@ impl AgentError {
             AgentError::Forbidden(_) => 403,
             AgentError::Quota(e) => e.http_status(),
             AgentError::Busy(e) => e.http_status(),
+            AgentError::Chat(e) => e.http_status(),
             AgentError::TimedOut { .. } => 504,
         }
     }
@@ -91,6 +94,7 @@ impl AgentError {
             }
             AgentError::Busy(Refused::TenantQueueFull { .. }) => "too_many_requests",
             AgentError::Busy(Refused::QueueFull { .. }) => "busy",
+            AgentError::Chat(_) => "chat_template",
             AgentError::TimedOut { .. } => "timeout",
         }
     }
@@ -185,7 +189,27 @@ pub struct Agent {
     verified: Mutex<HashSet<CacheKey>>,
     /// One verification at a time per entry (see [`Agent::runnable`]).
     verifying: Mutex<std::collections::HashMap<CacheKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// Chat templates and tokenizers of entries, read once per entry.
+    chats: Mutex<std::collections::HashMap<CacheKey, Arc<ChatModel>>>,
 }
+
+/// What rendering a chat for a cache entry needs: the model's template (if
+/// it has one) and the tokenizer the entry's engine uses.
+pub struct ChatModel {
+    pub template: Option<crate::chat::ChatTemplate>,
+    pub tokenizer: Option<tokenizers::Tokenizer>,
+}
+
+/// A rendered chat: the text and its token ids.
+#[derive(Clone, Debug, Serialize)]
+pub struct RenderedChat {
+    pub prompt: String,
+    pub input_ids: Vec<u32>,
+}
+
+/// Largest tokenizer or template file read for a chat (tokenizer.json of
+/// large vocabularies is tens of MB).
+const MAX_CHAT_FILE: u64 = 64 << 20;
 
 /// How long a request waits for the device plugin to bind a fresh token to
 /// its pod before it is answered 503 (the binding normally takes tens of
@@ -263,7 +287,76 @@ impl Agent {
             admin_sha256: admin_token.map(rm_crds::token::token_sha256),
             verified: Mutex::new(HashSet::new()),
             verifying: Mutex::new(std::collections::HashMap::new()),
+            chats: Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// Renders `messages` with the entry's model's chat template and
+    /// tokenizes the text without adding special tokens (the template writes
+    /// them), as transformers' `apply_chat_template(tokenize=True)`.
+    /// The ids a text prompt runs as (no special tokens added, as for a
+    /// generate with `prompt`).
+    pub async fn tokenize(
+        &self,
+        key: &CacheKey,
+        text: &str,
+        caller: &Caller,
+    ) -> Result<Vec<u32>, AgentError> {
+        let chat = self.chat_model(key, caller).await?;
+        tokenize_with(&chat, text)
+    }
+
+    /// An entry's template and tokenizer, read on first use.
+    async fn chat_model(
+        &self,
+        key: &CacheKey,
+        caller: &Caller,
+    ) -> Result<Arc<ChatModel>, AgentError> {
+        let entry = self
+            .store
+            .lookup(key)
+            .filter(|e| self.may_use_model(&e.model_digest, caller))
+            .ok_or_else(|| AgentError::Store(StoreError::NotFound(key.clone())))?;
+        let cached = self
+            .chats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned();
+        if let Some(c) = cached {
+            return Ok(c);
+        }
+        let model = self.models.get(&entry.model_digest).ok();
+        let models = self.models.clone();
+        let dir = entry.dir.clone();
+        let loaded =
+            tokio::task::spawn_blocking(move || load_chat_model(&dir, model.as_ref(), &models))
+                .await
+                .map_err(join_err)??;
+        let loaded = Arc::new(loaded);
+        self.chats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), loaded.clone());
+        Ok(loaded)
+    }
+
+    pub async fn render_chat(
+        &self,
+        key: &CacheKey,
+        messages: &[serde_json::Value],
+        add_generation_prompt: bool,
+        caller: &Caller,
+    ) -> Result<RenderedChat, AgentError> {
+        crate::chat::check_messages(messages)?;
+        let chat = self.chat_model(key, caller).await?;
+        let template = chat
+            .template
+            .as_ref()
+            .ok_or(crate::chat::ChatError::NoTemplate)?;
+        let prompt = template.render(messages, add_generation_prompt)?;
+        let input_ids = tokenize_with(&chat, &prompt)?;
+        Ok(RenderedChat { prompt, input_ids })
     }
 
     /// Who sends `token`. A token the device plugin has not bound to its pod
@@ -1131,4 +1224,96 @@ async fn run_compile(
         Ok(Err(e)) => fail(leader, 500, e.to_string()),
         Err(e) => fail(leader, 500, e.to_string()),
     }
+}
+
+/// Reads an entry's chat template and tokenizer (blocking). The template
+/// comes from the entry's GGUF (`tokenizer.chat_template`), else from the
+/// model's HuggingFace files (compiles keep only what the engine reads); the
+/// tokenizer is the engine's: `tokenizer.json` beside the artifact (or the
+/// model's), else the GGUF's vocabulary.
+fn load_chat_model(
+    dir: &std::path::Path,
+    model: Option<&ResolvedModel>,
+    models: &ModelRegistry,
+) -> Result<ChatModel, AgentError> {
+    use candle_core::quantized::gguf_file::Content;
+    let gguf_path = dir.join("model.gguf");
+    let gguf = if gguf_path.is_file() {
+        let mut f = std::fs::File::open(&gguf_path)
+            .map_err(|e| AgentError::BadRequest(format!("cannot read the entry's GGUF: {e}")))?;
+        Content::read(&mut f).ok()
+    } else {
+        None
+    };
+    let model_file = |name: &str| -> Result<Option<Vec<u8>>, AgentError> {
+        match model {
+            Some(m) => Ok(models.read_model_file(m, name, MAX_CHAT_FILE)?),
+            None => Ok(None),
+        }
+    };
+    let as_json =
+        |b: Option<Vec<u8>>| b.and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let mut template = None;
+    if let Some(c) = &gguf {
+        let md = &c.metadata;
+        if let Some(src) = md
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+        {
+            let tokens = md
+                .get("tokenizer.ggml.tokens")
+                .and_then(|v| v.to_vec().ok());
+            let token = |name: &str| -> Option<String> {
+                let id = md.get(name)?.to_u32().ok()? as usize;
+                tokens.as_ref()?.get(id)?.to_string().ok().cloned()
+            };
+            template = Some(crate::chat::ChatTemplate {
+                source: src.clone(),
+                bos_token: token("tokenizer.ggml.bos_token_id"),
+                eos_token: token("tokenizer.ggml.eos_token_id"),
+                unk_token: token("tokenizer.ggml.unknown_token_id"),
+                pad_token: token("tokenizer.ggml.padding_token_id"),
+            });
+        }
+    }
+    if template.is_none() {
+        let config = as_json(model_file("tokenizer_config.json")?);
+        let jinja =
+            model_file("chat_template.jinja")?.map(|b| String::from_utf8_lossy(&b).into_owned());
+        let ct_json = as_json(model_file("chat_template.json")?);
+        template =
+            crate::chat::ChatTemplate::from_hf_files(config.as_ref(), jinja, ct_json.as_ref())?;
+    }
+    let from_bytes = |b: Vec<u8>| {
+        tokenizers::Tokenizer::from_bytes(b)
+            .map_err(|e| AgentError::BadRequest(format!("tokenizer.json cannot be read: {e}")))
+    };
+    let artifact_tok = dir.join("tokenizer.json");
+    let tokenizer = if artifact_tok.is_file() {
+        let b = std::fs::read(&artifact_tok)
+            .map_err(|e| AgentError::BadRequest(format!("tokenizer.json cannot be read: {e}")))?;
+        Some(from_bytes(b)?)
+    } else if let Some(b) = model_file("tokenizer.json")? {
+        Some(from_bytes(b)?)
+    } else {
+        gguf.as_ref()
+            .and_then(|c| crate::backend::cpu::tokenizer::from_gguf(c).ok())
+    };
+    Ok(ChatModel {
+        template,
+        tokenizer,
+    })
+}
+
+fn tokenize_with(chat: &ChatModel, text: &str) -> Result<Vec<u32>, AgentError> {
+    let tokenizer = chat.tokenizer.as_ref().ok_or_else(|| {
+        AgentError::BadRequest(
+            "this model has no tokenizer in the agent, so text cannot be tokenized; send \"input_ids\"".into(),
+        )
+    })?;
+    Ok(tokenizer
+        .encode(text, false)
+        .map_err(|e| AgentError::BadRequest(format!("the text cannot be tokenized: {e}")))?
+        .get_ids()
+        .to_vec())
 }

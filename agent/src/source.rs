@@ -413,6 +413,41 @@ impl ModelRegistry {
             .insert(m.digest.clone(), m);
     }
 
+    /// A small file of a model directory (a tokenizer or its config), read
+    /// beneath the model's root like the weights; `None` when the model is a
+    /// single file or has no such file.
+    pub fn read_model_file(
+        &self,
+        m: &ResolvedModel,
+        name: &str,
+        max_bytes: u64,
+    ) -> Result<Option<Vec<u8>>, SourceError> {
+        use std::io::Read;
+        if m.format != ModelFormat::Safetensors {
+            return Ok(None);
+        }
+        let path = m.path.join(name);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let (f, meta) = open_beneath(&m.root, &path)?;
+        if meta.len() > max_bytes {
+            return Err(SourceError::Invalid(format!(
+                "{} is {} bytes, more than the {max_bytes} read for it",
+                path.display(),
+                meta.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(meta.len() as usize);
+        f.take(max_bytes)
+            .read_to_end(&mut out)
+            .map_err(|e| SourceError::Unreadable {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        Ok(Some(out))
+    }
+
     /// A model registered earlier, by `sha256:<hex>`.
     pub fn get(&self, digest: &str) -> Result<ResolvedModel, SourceError> {
         self.models

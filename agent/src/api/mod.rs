@@ -26,7 +26,7 @@ use crate::backend::TokenFn;
 use crate::cache::{CacheKey, CompileState};
 use crate::metrics::Gauges;
 use crate::service::{Agent, AgentError, ForwardRequest, GenerateRequest, PrepareRequest};
-use types::{ForwardBody, GenerateBody, PrepareBody, RegisterBody, parse_options};
+use types::{ForwardBody, GenerateBody, PrepareBody, RegisterBody, RenderBody, parse_options};
 
 /// Largest JSON request body.
 pub const MAX_JSON_BODY: usize = 8 << 20;
@@ -160,6 +160,7 @@ pub fn socket_router(agent: Arc<Agent>) -> Router {
         .route("/v1/models", post(register_model))
         .route("/v1/prepare", post(prepare))
         .route("/v1/generate", post(generate))
+        .route("/v1/render", post(render))
         .route("/v1/forward", post(forward))
         .route("/metrics", get(metrics_for_caller))
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
@@ -479,13 +480,64 @@ async fn prepare(
     Ok(ndjson_response(rx))
 }
 
-fn generate_request(b: &GenerateBody) -> ApiResult<GenerateRequest> {
+/// The request to run; a chat is rendered and tokenized here, so that the
+/// backend gets the same ids `/v1/render` shows.
+async fn generate_request(
+    agent: &Agent,
+    b: &GenerateBody,
+    who: &Caller,
+) -> ApiResult<GenerateRequest> {
+    let key = parse_key(&b.key)?;
+    let mut prompts = b.prompts().map_err(ApiError::bad_request)?;
+    let params = b.params().map_err(ApiError::bad_request)?;
+    if let Some(messages) = &b.messages {
+        let chat = agent
+            .render_chat(&key, messages, b.add_generation_prompt.unwrap_or(true), who)
+            .await?;
+        prompts = vec![crate::backend::Prompt::Ids(chat.input_ids)];
+    }
     Ok(GenerateRequest {
-        key: parse_key(&b.key)?,
+        key,
         device: b.device.clone(),
-        prompts: b.prompts().map_err(ApiError::bad_request)?,
-        params: b.params().map_err(ApiError::bad_request)?,
+        prompts,
+        params,
     })
+}
+
+/// A chat as the model's template renders it, and its token ids (what a
+/// generate with the same `messages` runs).
+async fn render(
+    State(agent): State<Arc<Agent>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let who = caller(&agent, &headers).await?;
+    let b: RenderBody = parse_json(&body)?;
+    let key = parse_key(&b.key)?;
+    let chat = match (&b.messages, b.prompt) {
+        (Some(messages), None) => {
+            agent
+                .render_chat(
+                    &key,
+                    messages,
+                    b.add_generation_prompt.unwrap_or(true),
+                    &who,
+                )
+                .await?
+        }
+        (None, Some(prompt)) if b.add_generation_prompt.is_none() => {
+            let input_ids = agent.tokenize(&key, &prompt, &who).await?;
+            crate::service::RenderedChat { prompt, input_ids }
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "give \"messages\" (with \"add_generation_prompt\" if you like) or \"prompt\"",
+            ));
+        }
+    };
+    Ok(Json(
+        json!({"key": key, "prompt": chat.prompt, "input_ids": chat.input_ids}),
+    ))
 }
 
 fn usage(outputs: &[crate::backend::SequenceOutput]) -> Value {
@@ -502,7 +554,7 @@ async fn generate(
 ) -> ApiResult<Response> {
     let who = caller(&agent, &headers).await?;
     let b: GenerateBody = parse_json(&body)?;
-    let req = generate_request(&b)?;
+    let req = generate_request(&agent, &b, &who).await?;
     let key = req.key.clone();
     if !b.stream {
         let started = std::time::Instant::now();

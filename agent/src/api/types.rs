@@ -29,6 +29,21 @@ pub struct PrepareBody {
     pub stream: bool,
 }
 
+/// `POST /v1/render`: a chat as the model's template writes it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenderBody {
+    pub key: String,
+    /// A chat, or
+    #[serde(default)]
+    pub messages: Option<Vec<Value>>,
+    /// a text prompt (its ids as a generate with `prompt` runs them).
+    #[serde(default)]
+    pub prompt: Option<String>,
+    #[serde(default)]
+    pub add_generation_prompt: Option<bool>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterBody {
@@ -52,6 +67,12 @@ pub struct GenerateBody {
     pub prompt: Option<String>,
     #[serde(default)]
     pub prompts: Option<Vec<String>>,
+    /// A chat, rendered with the model's own template (see `crate::chat`).
+    #[serde(default)]
+    pub messages: Option<Vec<Value>>,
+    /// transformers' meaning; true unless said.
+    #[serde(default)]
+    pub add_generation_prompt: Option<bool>,
     #[serde(default)]
     pub max_new_tokens: Option<usize>,
     #[serde(default)]
@@ -251,18 +272,28 @@ fn ids_of(v: &Value) -> Option<Vec<u32>> {
 
 impl GenerateBody {
     /// The prompts of the request: exactly one of `input_ids`, `prompt`,
-    /// `prompts`.
+    /// `prompts` (a request with `messages` has its prompt rendered by the
+    /// service, and none here).
     pub fn prompts(&self) -> Result<Vec<Prompt>, String> {
         let given = [
             self.input_ids.is_some(),
             self.prompt.is_some(),
             self.prompts.is_some(),
+            self.messages.is_some(),
         ]
         .iter()
         .filter(|b| **b)
         .count();
         if given != 1 {
-            return Err("give exactly one of \"input_ids\", \"prompt\" or \"prompts\"".into());
+            return Err(
+                "give exactly one of \"input_ids\", \"prompt\", \"prompts\" or \"messages\"".into(),
+            );
+        }
+        if self.messages.is_some() {
+            return Ok(Vec::new());
+        }
+        if self.add_generation_prompt.is_some() {
+            return Err("\"add_generation_prompt\" goes with \"messages\"".into());
         }
         let prompts = if let Some(v) = &self.input_ids {
             input_ids(v)?.into_iter().map(Prompt::Ids).collect()
@@ -467,6 +498,21 @@ mod tests {
         );
         assert!(
             body(json!({"key": "k", "prompt": "a", "prompts": ["b"]}))
+                .prompts()
+                .is_err()
+        );
+        // messages are exclusive with the others, and rendered elsewhere.
+        let chat = json!([{"role": "user", "content": "hi"}]);
+        assert_eq!(
+            body(json!({"key": "k", "messages": chat})).prompts(),
+            Ok(vec![])
+        );
+        let e = body(json!({"key": "k", "messages": chat, "prompt": "x"}))
+            .prompts()
+            .expect_err("exclusive");
+        assert!(e.contains("\"messages\""), "{e}");
+        assert!(
+            body(json!({"key": "k", "prompt": "x", "add_generation_prompt": false}))
                 .prompts()
                 .is_err()
         );

@@ -811,7 +811,7 @@ impl GgufFile {
 }
 
 /// GPT-2's byte-level alphabet: byte b is the token text `byte_token(b)`.
-fn byte_token(b: u8) -> String {
+pub fn byte_token(b: u8) -> String {
     let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xa1..=0xac).contains(&b) || b >= 0xae;
     if printable(b) {
         return char::from(b).to_string();
