@@ -77,8 +77,15 @@ impl Config {
             why,
         };
         let raw = get("RM_SERVE_MODEL_SOURCE").ok_or(ConfigError::NoSource)?;
-        let source = parse_source(&raw, &exists)
+        let mut source = parse_source(&raw, &exists)
             .map_err(|why| invalid("RM_SERVE_MODEL_SOURCE", &raw, why))?;
+        // The operator passes spec.model.revision on its own; an `@rev` in
+        // the source itself wins.
+        if let ModelSource::Hub { revision, .. } = &mut source {
+            if revision.is_none() {
+                *revision = get("RM_SERVE_MODEL_REVISION");
+            }
+        }
         let workload = get("RM_WORKLOAD_NAME");
         let model_name = get("RM_SERVE_MODEL_NAME")
             .or_else(|| workload.clone())
