@@ -122,6 +122,8 @@ devicePlugin:
 agent:
   image: {repository: $(ref_repo "${image[agent]}"), tag: $(ref_tag "${image[agent]}"), pullPolicy: Never}
   $on_real_node
+serve:
+  image: {repository: $(ref_repo "${image[serve]}"), tag: $(ref_tag "${image[serve]}"), pullPolicy: Never}
 webhook:
   initImage: {repository: $(ref_repo "${image[python-init]}"), tag: $(ref_tag "${image[python-init]}"), pullPolicy: Never}
   namespaceSelector: {rm-abstract.io/demo: "true"}
@@ -192,6 +194,64 @@ echo "pod start: $(e2e/real-workload.sh timings rm-real "$pod" "$state/answer.lo
 echo "what the runtime gave its container:"
 e2e/real-workload.sh runtime rm-real "$pod"
 steps_done+=("unchanged image on the real node answered: Paris")
+
+step "a served workload on the real node: rm-serve's OpenAI-compatible endpoint, asked with curl and the openai client"
+# No container of the user's: spec.serve runs rm-abstract's own serving image
+# (the template only pins the pod to the real node). The model files come
+# from the same claim, uploaded to the agent by the server.
+kubectl apply -f - >/dev/null <<EOF
+apiVersion: rm-abstract.io/v1alpha1
+kind: InferenceWorkload
+metadata: {name: smollm2-served, namespace: rm-real}
+spec:
+  model: {source: "pvc://models/smollm2"}
+  device: cpu
+  serve: {modelName: smollm2}
+  template:
+    spec:
+      nodeSelector: {rm-abstract.io/real-node: "true"}
+      tolerations: [{key: rm-abstract.io/real-node, operator: Exists}]
+EOF
+t0=$SECONDS
+deadline=$((SECONDS + 600))
+until endpoint=$(kubectl get iw -n rm-real smollm2-served -o jsonpath='{.status.endpoint}') && [[ -n $endpoint ]]; do
+    ((SECONDS < deadline)) || {
+        kubectl get iw,pods,svc -n rm-real -o wide
+        kubectl logs -n rm-real -l rm-abstract.io/workload=smollm2-served --all-containers --tail 20 || true
+        echo "smollm2-served got no endpoint" >&2
+        exit 1
+    }
+    sleep 2
+done
+echo "status.endpoint $endpoint, $((SECONDS - t0))s after the workload was applied (Ready: compiled and loaded)"
+kubectl get iw -n rm-real smollm2-served
+# The Service through the apiserver's proxy (kubectl proxy on loopback): from
+# this host, the path the apiserver takes to the Service's pod.
+kubectl proxy --port=0 >"$state/proxy.log" 2>&1 &
+proxy_pid=$!
+trap 'kill $proxy_pid 2>/dev/null || true' EXIT
+deadline=$((SECONDS + 30))
+until port=$(sed -n 's/^Starting to serve on 127\.0\.0\.1:\([0-9]*\)$/\1/p' "$state/proxy.log") && [[ -n $port ]]; do
+    ((SECONDS < deadline)) || { cat "$state/proxy.log" >&2; exit 1; }
+    sleep 0.2
+done
+base="http://127.0.0.1:$port/api/v1/namespaces/rm-real/services/http:smollm2-served:http/proxy/v1"
+echo "curl .../v1/completions (the Service, through the apiserver):"
+answer=$(curl -sS --max-time 120 "$base/completions" -H 'Content-Type: application/json' \
+    -d '{"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}')
+echo "  $answer"
+[[ $answer == *Paris* ]] || { echo "the served model did not answer Paris" >&2; exit 1; }
+echo "the official openai client (chat, streamed), unchanged but for base_url:"
+python3 e2e/openai-chat.py "$base" smollm2
+curl -sS --max-time 30 "$base/devices/status" | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+print("  /v1/devices/status:", {k: d.get(k) for k in ("device", "backend")})'
+echo "  rm-serve's metrics:"
+curl -sS --max-time 30 "${base%/v1}/metrics" | grep -E '^rm_serve_[a-z_]*(requests|tokens)_total' | head -n 6 | sed 's/^/    /'
+kill $proxy_pid 2>/dev/null || true
+trap - EXIT
+steps_done+=("served workload answered Paris through its Service (curl and the openai client)")
 
 step "the same image on a (TEST DOUBLE) ATOM: devices and token for real, then the clear no-SDK error"
 # The kubelet allocates a fake ATOM through rm-device-plugin; the container

