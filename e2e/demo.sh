@@ -241,6 +241,15 @@ answer=$(curl -sS --max-time 120 "$base/completions" -H 'Content-Type: applicati
     -d '{"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}')
 echo "  $answer"
 [[ $answer == *Paris* ]] || { echo "the served model did not answer Paris" >&2; exit 1; }
+echo "curl -N, the same with \"stream\": true (server-sent events):"
+curl -sSN --max-time 120 "$base/completions" -H 'Content-Type: application/json' \
+    -d '{"model": "smollm2", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "stream": true}' \
+    >"$state/sse.txt"
+sed 's/^/  /' "$state/sse.txt" | head -n 4
+events=$(grep -c '^data: {' "$state/sse.txt" || true)
+echo "  ... $events data events, last line: $(grep -v '^$' "$state/sse.txt" | tail -n 1)"
+[[ $events -ge 2 && $(grep -v '^$' "$state/sse.txt" | tail -n 1) == "data: [DONE]" ]] ||
+    { echo "the stream was not server-sent events ending in [DONE]" >&2; exit 1; }
 echo "the official openai client (chat, streamed), unchanged but for base_url:"
 python3 e2e/openai-chat.py "$base" smollm2
 curl -sS --max-time 30 "$base/devices/status" | python3 -c '
