@@ -255,7 +255,11 @@ impl Agent {
         // The default free-disk floor (10G) is for nodes; a test's agent
         // writes a few MB, and how full the machine's disk is must not
         // decide its result. Tests of the floor pass their own.
-        if !self.extra_args.iter().any(|a| a.starts_with("--min-free-disk")) {
+        if !self
+            .extra_args
+            .iter()
+            .any(|a| a.starts_with("--min-free-disk"))
+        {
             cmd.arg("--min-free-disk").arg("64M");
         }
         cmd.args(&self.extra_args)
