@@ -255,7 +255,8 @@ python3 e2e/openai-chat.py "$base" smollm2
 curl -sS --max-time 30 "$base/devices/status" | python3 -c '
 import json, sys
 d = json.load(sys.stdin)
-print("  /v1/devices/status:", {k: d.get(k) for k in ("device", "backend")})'
+print("  /v1/devices/status: device", d.get("device"), "runs on", (d.get("running") or {}).get("device_type"),
+      "via backend", (d.get("running") or {}).get("backend"))'
 echo "  rm-serve's metrics:"
 curl -sS --max-time 30 "${base%/v1}/metrics" | grep -E '^rm_serve_[a-z_]*(requests|tokens)_total' | head -n 6 | sed 's/^/    /'
 kill $proxy_pid 2>/dev/null || true
