@@ -95,7 +95,8 @@ timeout "$limit" python3 agent/bench_serving.py --agent-socket "$work/batched/ag
 if [[ -z "$server_bin" || -n "${RM_BENCH_BATCH1:-}" ]]; then
     log "the same agent with --cpu-max-batch 1 (requests one after another, as before issue 19)"
     start_agent serial 1
+    # 64 clients one after another would take minutes on a small machine.
     timeout "$limit" python3 agent/bench_serving.py --agent-socket "$work/serial/agent.sock" \
-        --agent-gguf "$gguf" --label "agent (batch 1)" --concurrency "$conc" \
+        --agent-gguf "$gguf" --label "agent (batch 1)" --concurrency "${RM_BENCH_BATCH1_CONCURRENCY:-1,4,16}" \
         --new-tokens "$new_tokens"
 fi

@@ -153,7 +153,7 @@ def main():
     ap.add_argument("--llama-url", default="")
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--requests", type=int, default=16,
+    ap.add_argument("--requests", type=int, default=8,
                     help="requests per level at least (each client sends requests/clients)")
     ap.add_argument("--request-timeout", type=float, default=300)
     ap.add_argument("--label", default="agent")
