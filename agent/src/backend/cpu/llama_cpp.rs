@@ -73,9 +73,12 @@ pub const MAX_BATCH_LIMIT: usize = 256;
 /// (f16 keys and values). It always holds at least one sequence of the
 /// model's full training context.
 const KV_BUDGET_BYTES: u64 = 1 << 30;
-/// How long a step waits for sequences that were just answered (they
-/// sample and send their next token within microseconds).
-const OWED_WAIT: Duration = Duration::from_millis(2);
+/// How long a step waits for sequences that were just answered: they
+/// sample and send their next token within microseconds, unless their
+/// thread waits for a CPU (on a busy node); stepping without them would
+/// split the batch in two halves that alternate. Only a session held idle
+/// costs the others this wait.
+const OWED_WAIT: Duration = Duration::from_millis(20);
 /// How often a session waiting for room or logits looks at its `Cancel`.
 const CANCEL_POLL: Duration = Duration::from_millis(50);
 
