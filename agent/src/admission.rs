@@ -12,6 +12,14 @@
 //!
 //! A permit is a slot; dropping it hands the slot to the next waiter. A
 //! waiter that goes away (its client disconnected) is skipped.
+//!
+//! Requests may name a group (the model they run) and its own slot count
+//! ([`Admission::enqueue_in`]): the CPU's llama.cpp engine batches up to
+//! `--cpu-max-batch` sequences of one model in one context, so that many
+//! requests of the same model run at once, while a request for another
+//! model waits until the running group has drained. When such a waiter is
+//! at the head of the turn, no newcomer of the running group jumps ahead
+//! of it, so a busy model cannot starve another one.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -31,6 +39,18 @@ pub struct Bounds {
     pub per_tenant_queue: usize,
     /// Requests waiting on one resource, all tenants together.
     pub queue: usize,
+}
+
+impl Bounds {
+    /// One tenant's share of a group of `slots`: all of them where the
+    /// bounds give a tenant every slot (requests), else the bounds' share.
+    fn share(&self, slots: usize) -> usize {
+        if self.per_tenant_slots >= self.slots {
+            slots.max(self.per_tenant_slots)
+        } else {
+            self.per_tenant_slots
+        }
+    }
 }
 
 /// Why a request was not queued.
@@ -66,14 +86,23 @@ impl Refused {
     }
 }
 
+/// A request waiting for its turn.
+struct Waiter {
+    group: String,
+    slots: usize,
+    tx: oneshot::Sender<Permit>,
+}
+
 #[derive(Default)]
 struct Resource {
     running: usize,
+    /// The group (model) of the running requests.
+    group: String,
     /// Slots held, per tenant.
     held: HashMap<String, usize>,
     /// Tenants with waiters, in the order they are next served.
     order: VecDeque<String>,
-    waiting: HashMap<String, VecDeque<oneshot::Sender<Permit>>>,
+    waiting: HashMap<String, VecDeque<Waiter>>,
     queued: usize,
 }
 
@@ -89,7 +118,7 @@ impl Resource {
         }
         let mut queued = 0;
         self.waiting.retain(|_, q| {
-            q.retain(|tx| !tx.is_closed());
+            q.retain(|w| !w.tx.is_closed());
             queued += q.len();
             !q.is_empty()
         });
@@ -173,13 +202,31 @@ impl Admission {
     /// A slot on `resource` for `tenant` now, a place in its queue, or a
     /// refusal that says why.
     pub fn enqueue(&self, resource: &str, tenant: &str) -> Result<Ticket, Refused> {
+        self.enqueue_in(resource, tenant, "", self.bounds.slots)
+    }
+
+    /// [`Admission::enqueue`] for a request of `group` (a model), of which
+    /// `slots` may run at once on `resource` (at least the bounds' slots);
+    /// requests of another group wait until the running group has drained.
+    pub fn enqueue_in(
+        &self,
+        resource: &str,
+        tenant: &str,
+        group: &str,
+        slots: usize,
+    ) -> Result<Ticket, Refused> {
+        let slots = slots.max(self.bounds.slots);
+        let share = self.bounds.share(slots);
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let r = st.resources.entry(resource.to_string()).or_default();
         r.forget_gone();
         let holds = r.held.get(tenant).copied().unwrap_or(0);
         let waits_before = r.waiting.get(tenant).is_some_and(|q| !q.is_empty());
-        if r.running < self.bounds.slots && holds < self.bounds.per_tenant_slots && !waits_before {
+        let other_waits = r.waiting.values().flatten().any(|w| w.group != group);
+        let fits = r.running == 0 || (r.group == group && r.running < slots && !other_waits);
+        if fits && holds < share && !waits_before {
             r.running += 1;
+            r.group = group.to_string();
             *r.held.entry(tenant.to_string()).or_default() += 1;
             return Ok(Ticket::Ready(Permit {
                 resource: resource.to_string(),
@@ -210,7 +257,11 @@ impl Admission {
         if q.is_empty() {
             r.order.push_back(tenant.to_string());
         }
-        q.push_back(tx);
+        q.push_back(Waiter {
+            group: group.to_string(),
+            slots,
+            tx,
+        });
         let ahead = r.queued + r.running;
         r.queued += 1;
         Ok(Ticket::Queued { ahead, rx })
@@ -240,21 +291,31 @@ impl Drop for Permit {
             return;
         };
         r.release(&self.tenant);
-        // Hand the slot to the next tenant in turn whose waiter is still
-        // there and who holds less than its share; a waiter whose client
-        // left is skipped.
+        // Hand the freed slots to the next tenants in turn whose waiter is
+        // still there and who hold less than their share; a waiter whose
+        // client left is skipped. A waiter of another group than the
+        // running one waits at the head until the group has drained; then
+        // as many of its group as fit start together.
         let mut skipped = Vec::new();
         while let Some(tenant) = r.order.pop_front() {
-            let holds = r.held.get(&tenant).copied().unwrap_or(0);
-            if holds >= self.bounds.per_tenant_slots {
-                skipped.push(tenant);
-                continue;
-            }
             let Some(q) = r.waiting.get_mut(&tenant) else {
                 continue;
             };
-            let Some(tx) = q.pop_front() else {
+            let Some(w) = q.front() else {
                 r.waiting.remove(&tenant);
+                continue;
+            };
+            let holds = r.held.get(&tenant).copied().unwrap_or(0);
+            if holds >= self.bounds.share(w.slots) {
+                skipped.push(tenant);
+                continue;
+            }
+            let fits = r.running == 0 || (w.group == r.group && r.running < w.slots);
+            if !fits {
+                r.order.push_front(tenant);
+                break;
+            }
+            let Some(w) = q.pop_front() else {
                 continue;
             };
             r.queued -= 1;
@@ -263,6 +324,7 @@ impl Drop for Permit {
                 r.waiting.remove(&tenant);
             }
             r.running += 1;
+            r.group = w.group;
             *r.held.entry(tenant.clone()).or_default() += 1;
             let next = Permit {
                 resource: self.resource.clone(),
@@ -271,12 +333,11 @@ impl Drop for Permit {
                 bounds: self.bounds,
                 released: false,
             };
-            match tx.send(next) {
+            match w.tx.send(next) {
                 Ok(()) => {
                     if more {
                         r.order.push_back(tenant);
                     }
-                    break;
                 }
                 Err(mut back) => {
                     // The waiter went away: take the slot back and keep
@@ -436,5 +497,53 @@ mod tests {
         drop(a1);
         let _a2 = a2.try_recv().expect("a's second runs after its first");
         assert_eq!(a.running(), 1);
+    }
+
+    #[test]
+    fn a_group_runs_up_to_its_slots_at_once_and_another_group_waits_for_it_to_drain() {
+        let a = admission(1, 100, 100);
+        // Model m batches 3: three requests of one tenant run at once.
+        let m: Vec<Permit> = (0..3)
+            .map(|_| ready(a.enqueue_in("cpu", "a", "m", 3).unwrap()))
+            .collect();
+        assert_eq!(a.running(), 3);
+        let mut m4 = queued(a.enqueue_in("cpu", "a", "m", 3).unwrap());
+        // Model n waits while m runs...
+        let mut n1 = queued(a.enqueue_in("cpu", "b", "n", 1).unwrap());
+        // ...and from now on newcomers of m queue behind it.
+        let mut m5 = queued(a.enqueue_in("cpu", "c", "m", 3).unwrap());
+        let mut it = m.into_iter();
+        drop(it.next());
+        // m4 was first in turn and m still runs: it takes the free slot.
+        let p4 = m4.try_recv().expect("m's waiter runs beside its group");
+        assert!(n1.try_recv().is_err());
+        drop(it.next());
+        drop(it.next());
+        // n is at the head now: m5 may not pass it, and n waits for m4.
+        assert!(n1.try_recv().is_err());
+        assert!(m5.try_recv().is_err());
+        drop(p4);
+        let pn = n1.try_recv().expect("n runs once m drained");
+        assert!(m5.try_recv().is_err(), "n runs alone (1 slot)");
+        drop(pn);
+        let _p5 = m5.try_recv().expect("then m again");
+        assert_eq!(a.running(), 1);
+    }
+
+    #[test]
+    fn a_drained_group_hands_every_slot_of_the_next_one_at_once() {
+        let a = admission(1, 100, 100);
+        let n = ready(a.enqueue_in("cpu", "a", "n", 1).unwrap());
+        let mut waiters: Vec<_> = (0..4)
+            .map(|i| queued(a.enqueue_in("cpu", &format!("t{i}"), "m", 3).unwrap()))
+            .collect();
+        drop(n);
+        let started: Vec<Permit> = waiters
+            .iter_mut()
+            .filter_map(|w| w.try_recv().ok())
+            .collect();
+        assert_eq!(started.len(), 3, "three of m's four start together");
+        assert_eq!(a.running(), 3);
+        assert_eq!(a.waiting(), 1);
     }
 }

@@ -97,14 +97,22 @@ struct Cli {
     /// Passed on to workers in `RM_CPU_THREADS`.
     #[arg(long, env = "RM_CPU_THREADS")]
     cpu_threads: Option<usize>,
+    /// Sequences one llama.cpp model runs at once on the CPU (continuous
+    /// batching: one decode per step for all of them). Requests of the same
+    /// model up to this many are admitted together; more wait. 1 serves
+    /// them one after another.
+    #[arg(long, env = "RM_CPU_MAX_BATCH", default_value_t = rm_agent::backend::cpu::engine::DEFAULT_MAX_BATCH as u64,
+          value_parser = clap::value_parser!(u64).range(1..=rm_agent::backend::cpu::llama_cpp::MAX_BATCH_LIMIT as u64))]
+    cpu_max_batch: u64,
     /// The Python that runs worker plugins: replaces a leading `python3` of
     /// each manifest's command (a venv with torch for `cpu-transformers`,
     /// say). Default: `python3` from `PATH`.
     #[arg(long, env = "RM_WORKER_PYTHON")]
     worker_python: Option<PathBuf>,
     /// Generate and forward requests that run at once on one backend and
-    /// device set (the CPU is one). The CPU engine runs one at a time anyway
-    /// (each uses every core); the others wait in turn between namespaces.
+    /// device set (the CPU is one); the others wait in turn between
+    /// namespaces. On the CPU, llama.cpp models admit `--cpu-max-batch`
+    /// requests of one model at once (batched); candle runs one.
     #[arg(long, env = "RM_CONCURRENT_REQUESTS", default_value_t = rm_agent::service::REQUEST_BOUNDS.slots)]
     concurrent_requests: usize,
     /// Requests one namespace may have waiting for one backend and device
@@ -221,6 +229,8 @@ async fn run(cli: Cli) -> Result<(), StartError> {
     );
     let mut engine = EngineOptions {
         gguf_engine: cli.cpu_engine,
+        // Within 1..=MAX_BATCH_LIMIT (the parser's range).
+        max_batch: usize::try_from(cli.cpu_max_batch).unwrap_or(1),
         ..EngineOptions::default()
     };
     if let Some(t) = cli.cpu_threads.filter(|t| *t > 0) {

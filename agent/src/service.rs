@@ -857,7 +857,9 @@ impl Agent {
             allocation: caller.allocation_ref(),
         };
         let (cancel, slot) = (job.cancel.clone(), job.slot.clone());
+        let key = job.key.clone();
         self.admitted(
+            &key,
             &run,
             caller,
             cancel,
@@ -874,6 +876,7 @@ impl Agent {
     /// job's: a backend whose work outlives this future takes it along.
     async fn admitted<T>(
         &self,
+        key: &CacheKey,
         run: &Runnable,
         caller: &Caller,
         cancel: Cancel,
@@ -896,10 +899,18 @@ impl Agent {
                 a.token_sha256
             ),
         };
-        let ticket = self
-            .requests
-            .enqueue(&resource, &tenant_of(caller))
-            .inspect_err(|_| Metrics::inc(&self.metrics.refused_busy))?;
+        // The CPU engine batches requests of one model (llama.cpp): that
+        // many of the same entry run at once; other entries wait their turn.
+        let ticket = match run.device_type {
+            DeviceType::Cpu => self.requests.enqueue_in(
+                &resource,
+                &tenant_of(caller),
+                key.as_str(),
+                run.backend.concurrent_requests(key, &run.artifact_dir),
+            ),
+            _ => self.requests.enqueue(&resource, &tenant_of(caller)),
+        }
+        .inspect_err(|_| Metrics::inc(&self.metrics.refused_busy))?;
         let permit = match tokio::time::timeout_at(deadline, ticket.wait()).await {
             Ok(Some(permit)) => permit,
             Ok(None) => {
@@ -969,7 +980,8 @@ impl Agent {
                     allocation: caller.allocation_ref(),
                 };
                 let (cancel, slot) = (job.cancel.clone(), job.slot.clone());
-                self.admitted(&run, caller, cancel, slot, run.backend.forward(job))
+                let key = job.key.clone();
+                self.admitted(&key, &run, caller, cancel, slot, run.backend.forward(job))
                     .await
             }
             Err(e) => Err(e),

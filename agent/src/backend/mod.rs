@@ -319,7 +319,7 @@ pub struct SequenceOutput {
     pub finish_reason: FinishReason,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("{0}")]
     InvalidRequest(String),
@@ -409,6 +409,13 @@ pub trait Backend: Send + Sync {
                 "backend {name} does not return logits; use generate"
             )))
         })
+    }
+    /// Requests of one entry that may run at once on one device set
+    /// (admission lets that many in; see `admission::Admission::enqueue_in`).
+    /// One, unless the backend batches them.
+    fn concurrent_requests(&self, key: &CacheKey, artifact_dir: &Path) -> usize {
+        let _ = (key, artifact_dir);
+        1
     }
     /// Frees what the backend holds for an entry (deleted or evicted).
     fn cleanup(&self, key: &CacheKey);

@@ -51,7 +51,13 @@ pub struct EngineOptions {
     pub gguf_engine: GgufEngine,
     /// Threads of one generation (llama.cpp); candle uses its own pool.
     pub threads: usize,
+    /// Sequences one llama.cpp model runs at once (continuous batching,
+    /// `--cpu-max-batch`); candle runs one.
+    pub max_batch: usize,
 }
+
+/// Default of `--cpu-max-batch`.
+pub const DEFAULT_MAX_BATCH: usize = 16;
 
 impl Default for EngineOptions {
     fn default() -> Self {
@@ -60,6 +66,7 @@ impl Default for EngineOptions {
             threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(1),
+            max_batch: DEFAULT_MAX_BATCH,
         }
     }
 }
@@ -287,7 +294,7 @@ fn load_gguf(
     }
     if llama_cpp {
         drop(content);
-        let m = LlamaCppModel::load(path, opts.threads)?;
+        let m = LlamaCppModel::load(path, opts.threads, opts.max_batch)?;
         let ctx = m.context_length();
         Ok((Weights::LlamaCpp(m), vocab, ctx))
     } else {
@@ -312,7 +319,7 @@ fn load_gguf(
 pub fn probe_gguf(path: &Path, opts: &EngineOptions) -> Result<&'static str, BackendError> {
     let (weights, _, _) = load_gguf(path, opts, None)?;
     if let Weights::LlamaCpp(m) = &weights {
-        m.session(1)?.forward(&[0], 0, 1)?;
+        m.session(1, &Cancel::default())?.forward(&[0], 0, 1)?;
         return Ok("llama.cpp");
     }
     Ok("candle")
@@ -403,10 +410,20 @@ impl LoadedModel {
         }
     }
 
-    /// A fresh sequence with room for `n_ctx` tokens.
-    fn session(&self, n_ctx: usize) -> Result<Session<'_>, BackendError> {
+    /// Sequences this model runs at once: llama.cpp batches them, candle
+    /// runs one.
+    pub fn max_concurrent(&self) -> usize {
+        match &self.weights {
+            Weights::LlamaCpp(m) => m.max_batch(),
+            _ => 1,
+        }
+    }
+
+    /// A fresh sequence with room for `n_ctx` tokens (on llama.cpp, waits
+    /// for room in the shared KV cache).
+    fn session(&self, n_ctx: usize, cancel: &Cancel) -> Result<Session<'_>, BackendError> {
         Ok(match &self.weights {
-            Weights::LlamaCpp(m) => Session::LlamaCpp(m.session(n_ctx)?),
+            Weights::LlamaCpp(m) => Session::LlamaCpp(m.session(n_ctx, cancel)?),
             Weights::Quantized(w) => {
                 let mut w = w.clone();
                 w.clear_kv_cache();
@@ -492,7 +509,7 @@ impl LoadedModel {
                 MAX_LOGITS_BYTES >> 20
             )));
         }
-        let mut session = self.session(ids.len())?;
+        let mut session = self.session(ids.len(), cancel)?;
         let (logits, vocab_size) = session.logits_rows(ids, keep, cancel)?;
         ForwardOutput {
             positions: keep,
@@ -519,12 +536,12 @@ impl LoadedModel {
         };
         let sampling = sampling_of(params);
         let mut lp = LogitsProcessor::from_sampling(params.seed, sampling);
-        let mut session = self.session(prompt.len() + params.max_new_tokens)?;
+        if params.max_new_tokens == 0 {
+            return Ok((Vec::new(), FinishReason::Length));
+        }
+        let mut session = self.session(prompt.len() + params.max_new_tokens, cancel)?;
         let mut decoder = self.tokenizer.as_ref().map(IncrementalDecoder::new);
         let mut out = Vec::with_capacity(params.max_new_tokens);
-        if params.max_new_tokens == 0 {
-            return Ok((out, FinishReason::Length));
-        }
         let penalty = params.repetition_penalty as f32;
         let penalise = penalty != 1.0;
         // The ids of the sequence so far, each once: transformers penalises

@@ -7,16 +7,41 @@
 //! `llama-cpp-2` crate, which builds its vendored source with cmake; the CPU
 //! features it is compiled for are set in `.cargo/config.toml`.
 //!
-//! Each loaded model has one engine thread that owns the model and a context
-//! (KV cache and compute buffers) and keeps that context between requests:
-//! a context borrows its model, so owning both in one thread's frame needs no
-//! self-reference, and reusing it avoids allocating and freeing tens of MiB
-//! per request, which glibc's allocator answers with a growing heap.
+//! Each loaded model has one scheduler thread that owns the model and a
+//! context (KV cache and compute buffers) and keeps that context between
+//! requests: a context borrows its model, so owning both in one thread's
+//! frame needs no self-reference, and reusing it avoids allocating and
+//! freeing tens of MiB per request, which glibc's allocator answers with a
+//! growing heap.
+//!
+//! Continuous batching (issue 19): the context holds up to `max_batch`
+//! sequences (`n_seq_max`), each in a KV stream of its own
+//! (`kv_unified = false`). Each request's session is one sequence; its
+//! thread sends the tokens to feed and waits for logits, and samples on its
+//! own (engine.rs, the same code as a lone request). The scheduler
+//! alternates two kinds of `llama_decode` step: one that feeds the next
+//! token of every generating sequence at once, and one that feeds one
+//! prompt chunk of one sequence, in turn between the sequences reading a
+//! prompt. So a long prompt delays the others' next token by one chunk at a
+//! time, not by its whole length.
+//!
+//! The steps are shaped so that a sequence's logits are bit for bit those it
+//! gets alone, whatever runs beside it: with a stream of its own its KV
+//! cells sit where they would alone (a unified cache interleaves them, and
+//! the attention sums then run in another order), and a prompt chunk is
+//! never split with other sequences' tokens (llama.cpp would cut it into
+//! micro-batches of other sizes, which its kernels round differently). A
+//! generation step is one token per stream, as alone. A sequence's cells are
+//! freed when its session ends. A session needs room for its prompt and new
+//! tokens in one stream; one that does not fit waits, in arrival order.
 
+use std::collections::VecDeque;
 use std::num::NonZeroU32;
 use std::path::Path;
-use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, SyncSender, channel, sync_channel};
+use std::time::{Duration, Instant};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -26,7 +51,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::token::LlamaToken;
 
-use crate::backend::BackendError;
+use crate::backend::{BackendError, Cancel};
 
 /// llama.cpp's version, as vendored by `llama-cpp-sys-2`.
 pub const LLAMA_CPP_SYS_VERSION: &str = "0.1.161";
@@ -34,10 +59,28 @@ pub const LLAMA_CPP_SYS_VERSION: &str = "0.1.161";
 /// `LLAMA_FLASH_ATTN_TYPE_DISABLED` of llama.h.
 const FLASH_ATTENTION_DISABLED: i32 = 0;
 
-/// Tokens per `llama_decode` call while reading a prompt.
-const PROMPT_CHUNK: usize = 512;
-/// Context sizes are rounded up to this, so nearby lengths share one.
-const CONTEXT_STEP: usize = 512;
+/// Prompt tokens per step, alone or beside others (the same chunks either
+/// way, so that the results are the same): the other sequences' next token
+/// waits for one chunk, about 2-3 generation steps of a small model.
+const PROMPT_CHUNK: usize = 128;
+/// A stream's size is a multiple of this (llama.cpp pads its attention to
+/// 256 cells), so nearby lengths share one.
+const CONTEXT_STEP: usize = 256;
+/// The most sequences one context runs at once (`--cpu-max-batch`;
+/// llama.cpp's `LLAMA_MAX_SEQ`).
+pub const MAX_BATCH_LIMIT: usize = 256;
+/// KV cache memory one model's context may grow to, all sequences together
+/// (f16 keys and values). It always holds at least one sequence of the
+/// model's full training context.
+const KV_BUDGET_BYTES: u64 = 1 << 30;
+/// How long a step waits for sequences that were just answered: they
+/// sample and send their next token within microseconds, unless their
+/// thread waits for a CPU (on a busy node); stepping without them would
+/// split the batch in two halves that alternate. Only a session held idle
+/// costs the others this wait.
+const OWED_WAIT: Duration = Duration::from_millis(20);
+/// How often a session waiting for room or logits looks at its `Cancel`.
+const CANCEL_POLL: Duration = Duration::from_millis(50);
 
 /// Whether this CPU has the features llama.cpp was compiled for (see
 /// `.cargo/config.toml`). Checked at run time, so an older CPU falls back to
@@ -71,30 +114,41 @@ fn backend() -> Result<&'static LlamaBackend, BackendError> {
 
 type Reply<T> = SyncSender<Result<T, BackendError>>;
 
-enum Job {
-    /// Start a sequence of up to `n_ctx` tokens: an empty KV cache.
-    Begin { n_ctx: usize, reply: Reply<()> },
+enum Msg {
+    /// Admit a sequence that needs `need` KV cells (prompt + new tokens).
+    Begin {
+        id: u64,
+        need: usize,
+        cancel: Cancel,
+        reply: Reply<()>,
+    },
     /// Feed `ids` at positions `pos..`; answer the logits after each of the
     /// last `keep` of them, row after row.
-    Forward {
+    Feed {
+        id: u64,
         ids: Vec<u32>,
         pos: usize,
         keep: usize,
+        cancel: Cancel,
         reply: Reply<Vec<f32>>,
     },
+    /// The session ended: free its sequence and KV cells.
+    End { id: u64 },
 }
 
 /// A GGUF model loaded by llama.cpp (memory-mapped), served by its own
-/// engine thread.
+/// scheduler thread.
 pub struct LlamaCppModel {
-    jobs: Sender<Job>,
+    jobs: Sender<Msg>,
     context_length: usize,
-    // One sequence at a time: they share the engine thread's KV cache.
-    sequence: Mutex<()>,
+    max_batch: usize,
+    next_id: AtomicU64,
 }
 
 impl LlamaCppModel {
-    pub fn load(path: &Path, threads: usize) -> Result<Self, BackendError> {
+    /// Loads `path`; its context runs up to `max_batch` sequences at once
+    /// on `threads` threads.
+    pub fn load(path: &Path, threads: usize, max_batch: usize) -> Result<Self, BackendError> {
         if !cpu_supported() {
             return Err(BackendError::Unsupported(
                 "llama.cpp in this agent needs a CPU with AVX2, FMA, F16C and BMI2 (x86-64-v3); run with --cpu-engine auto or candle".into(),
@@ -110,17 +164,22 @@ impl LlamaCppModel {
             })?;
         let context_length = model.n_ctx_train() as usize;
         let threads = i32::try_from(threads.max(1)).unwrap_or(1);
+        let max_batch = max_batch.clamp(1, MAX_BATCH_LIMIT);
         let (jobs, rx) = channel();
         std::thread::Builder::new()
             .name("llama.cpp".into())
-            .spawn(move || engine_thread(backend, model, threads, rx))
+            .spawn(move || {
+                let mut s = Scheduler::new(backend, &model, threads, max_batch);
+                s.run(rx);
+            })
             .map_err(|e| {
                 BackendError::Internal(format!("cannot start the llama.cpp thread: {e}"))
             })?;
         Ok(LlamaCppModel {
             jobs,
             context_length,
-            sequence: Mutex::new(()),
+            max_batch,
+            next_id: AtomicU64::new(0),
         })
     }
 
@@ -129,28 +188,65 @@ impl LlamaCppModel {
         self.context_length
     }
 
-    fn ask<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<T, BackendError> {
-        let (reply, answer) = sync_channel(1);
-        let gone = || BackendError::Internal("the llama.cpp thread has stopped".into());
-        self.jobs.send(job(reply)).map_err(|_| gone())?;
-        answer.recv().map_err(|_| gone())?
+    /// Sequences its context runs at once.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
     }
 
-    /// A fresh sequence with room for `n_ctx` tokens.
-    pub fn session(&self, n_ctx: usize) -> Result<LlamaCppSession<'_>, BackendError> {
-        let guard = self.sequence.lock().unwrap_or_else(|p| p.into_inner());
-        self.ask(|reply| Job::Begin { n_ctx, reply })?;
-        Ok(LlamaCppSession {
+    /// Sends `msg` and waits for its answer, looking at `cancel` meanwhile:
+    /// a cancelled wait is answered `Cancelled` (the scheduler drops the
+    /// request at its next step, as it sees the same flag).
+    fn ask<T>(
+        &self,
+        cancel: &Cancel,
+        msg: impl FnOnce(Reply<T>) -> Msg,
+    ) -> Result<T, BackendError> {
+        let (reply, answer) = sync_channel(1);
+        let gone = || BackendError::Internal("the llama.cpp thread has stopped".into());
+        self.jobs.send(msg(reply)).map_err(|_| gone())?;
+        loop {
+            match answer.recv_timeout(CANCEL_POLL) {
+                Ok(r) => return r,
+                Err(RecvTimeoutError::Timeout) => {
+                    if cancel.is_cancelled() {
+                        return Err(BackendError::Cancelled);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err(gone()),
+            }
+        }
+    }
+
+    /// A fresh sequence with room for `need` tokens; waits while the
+    /// context is full.
+    pub fn session(
+        &self,
+        need: usize,
+        cancel: &Cancel,
+    ) -> Result<LlamaCppSession<'_>, BackendError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Made first: if the wait is cancelled, its drop tells the scheduler
+        // to forget the request (admitted or not).
+        let session = LlamaCppSession {
             model: self,
-            _sequence: guard,
-        })
+            id,
+            cancel: cancel.clone(),
+        };
+        self.ask(cancel, |reply| Msg::Begin {
+            id,
+            need: need.max(1),
+            cancel: cancel.clone(),
+            reply,
+        })?;
+        Ok(session)
     }
 }
 
-/// One sequence on a model's engine thread.
+/// One sequence on a model's scheduler thread; ended when dropped.
 pub struct LlamaCppSession<'m> {
     model: &'m LlamaCppModel,
-    _sequence: MutexGuard<'m, ()>,
+    id: u64,
+    cancel: Cancel,
 }
 
 impl LlamaCppSession<'_> {
@@ -163,70 +259,454 @@ impl LlamaCppSession<'_> {
         keep: usize,
     ) -> Result<Vec<f32>, BackendError> {
         let ids = ids.to_vec();
-        self.model.ask(|reply| Job::Forward {
+        let (id, cancel) = (self.id, self.cancel.clone());
+        self.model.ask(&self.cancel, |reply| Msg::Feed {
+            id,
             ids,
             pos,
             keep,
+            cancel,
             reply,
         })
     }
 }
 
-fn engine_thread(backend: &LlamaBackend, model: LlamaModel, threads: i32, jobs: Receiver<Job>) {
-    let n_vocab = usize::try_from(model.n_vocab()).unwrap_or(0);
-    let mut batch = LlamaBatch::new(PROMPT_CHUNK, 1);
-    // Declared after `model`, so it is dropped first.
-    let mut context: Option<(LlamaContext<'_>, usize)> = None;
-    for job in jobs {
-        match job {
-            Job::Begin { n_ctx, reply } => {
-                let want = n_ctx.max(1).div_ceil(CONTEXT_STEP) * CONTEXT_STEP;
-                // Keep the context if it is big enough and not far bigger
-                // (a long request once should not hold its buffers forever).
-                let keep = context
-                    .as_ref()
-                    .is_some_and(|(_, have)| *have >= want && *have <= want * 4);
-                let result = if keep {
-                    if let Some((ctx, _)) = context.as_mut() {
-                        ctx.clear_kv_cache();
+impl Drop for LlamaCppSession<'_> {
+    fn drop(&mut self) {
+        // The thread is gone only when the model is, and then so is the
+        // sequence.
+        let _ = self.model.jobs.send(Msg::End { id: self.id });
+    }
+}
+
+/// Tokens a sequence was given and has not yet fed.
+struct Feed {
+    ids: Vec<u32>,
+    /// Of `ids`, how many are in the cache.
+    fed: usize,
+    keep: usize,
+    rows: Vec<f32>,
+    cancel: Cancel,
+    reply: Reply<Vec<f32>>,
+}
+
+struct Seq {
+    id: u64,
+    /// llama.cpp's sequence id.
+    seq: i32,
+    need: usize,
+    /// The next position to feed.
+    pos: usize,
+    feed: Option<Feed>,
+    /// Answered (admitted, or given its logits) and not yet heard from: its
+    /// next feed comes within microseconds (sampling), so a step waits for
+    /// it rather than leave it out of the batch.
+    owed: bool,
+}
+
+struct Waiting {
+    id: u64,
+    need: usize,
+    cancel: Cancel,
+    reply: Reply<()>,
+}
+
+struct Scheduler<'m> {
+    backend: &'m LlamaBackend,
+    model: &'m LlamaModel,
+    threads: i32,
+    max_batch: usize,
+    n_vocab: usize,
+    /// KV cells all streams together may grow to.
+    kv_limit: usize,
+    /// The context and its cells per stream.
+    context: Option<(LlamaContext<'m>, usize)>,
+    batch: LlamaBatch<'m>,
+    active: Vec<Seq>,
+    waiting: VecDeque<Waiting>,
+    free_seqs: Vec<i32>,
+    /// Sessions that ended while still waiting: their `Begin` is skipped.
+    ended_early: Vec<u64>,
+    /// The sequence whose prompt is fed next is the first reading one at
+    /// or after this index (round-robin).
+    turn: usize,
+    /// Whether the last step fed a prompt chunk (steps alternate).
+    fed_prompt: bool,
+}
+
+impl<'m> Scheduler<'m> {
+    fn new(
+        backend: &'m LlamaBackend,
+        model: &'m LlamaModel,
+        threads: i32,
+        max_batch: usize,
+    ) -> Self {
+        let n_ctx_train = (model.n_ctx_train() as usize).max(1);
+        // f16 keys and values of every layer.
+        let heads = u64::from(model.n_head().max(1));
+        let kv_dim = u64::try_from(model.n_embd().max(1)).unwrap_or(1) / heads
+            * u64::from(model.n_head_kv().max(1));
+        let per_token = (u64::from(model.n_layer().max(1)) * 2 * kv_dim * 2).max(1);
+        let budget = usize::try_from(KV_BUDGET_BYTES / per_token).unwrap_or(usize::MAX);
+        let kv_limit = budget.max(n_ctx_train).div_ceil(CONTEXT_STEP) * CONTEXT_STEP;
+        Scheduler {
+            backend,
+            model,
+            threads,
+            max_batch,
+            n_vocab: usize::try_from(model.n_vocab()).unwrap_or(0),
+            kv_limit,
+            context: None,
+            batch: LlamaBatch::new(PROMPT_CHUNK.max(max_batch), 1),
+            active: Vec::new(),
+            waiting: VecDeque::new(),
+            free_seqs: Vec::new(),
+            ended_early: Vec::new(),
+            turn: 0,
+            fed_prompt: false,
+        }
+    }
+
+    fn run(&mut self, jobs: Receiver<Msg>) {
+        loop {
+            // Block while there is nothing to feed. While a sequence just
+            // answered is about to send its next token (it samples), wait
+            // for it a little so that it joins this step; a session whose
+            // thread is slow (descheduled, or holding its session idle)
+            // does not stall the others past `OWED_WAIT`.
+            let mut owed_since: Option<Instant> = None;
+            loop {
+                let owed = self.active.iter().any(|s| s.owed);
+                let msg = if !self.has_feed() {
+                    match jobs.recv() {
+                        Ok(msg) => msg,
+                        // The model was dropped: every session is gone too.
+                        Err(_) => return,
                     }
-                    Ok(())
+                } else if owed {
+                    let since = *owed_since.get_or_insert_with(Instant::now);
+                    let left = OWED_WAIT.saturating_sub(since.elapsed());
+                    match jobs.recv_timeout(left) {
+                        Ok(msg) => msg,
+                        Err(RecvTimeoutError::Timeout) => break,
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
                 } else {
-                    context = None;
-                    new_context(backend, &model, want, threads).map(|ctx| {
-                        context = Some((ctx, want));
-                    })
+                    break;
                 };
-                let _ = reply.send(result);
+                self.handle(msg);
+                self.admit();
             }
-            Job::Forward {
+            while let Ok(msg) = jobs.try_recv() {
+                self.handle(msg);
+            }
+            self.admit();
+            self.step();
+        }
+    }
+
+    fn has_feed(&self) -> bool {
+        self.active.iter().any(|s| s.feed.is_some())
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Begin {
+                id,
+                need,
+                cancel,
+                reply,
+            } => {
+                if let Some(i) = self.ended_early.iter().position(|e| *e == id) {
+                    self.ended_early.swap_remove(i);
+                    return;
+                }
+                if need > self.kv_limit {
+                    let _ = reply.send(Err(BackendError::InvalidRequest(format!(
+                        "{need} tokens exceed the {} KV cells llama.cpp may hold for this model",
+                        self.kv_limit
+                    ))));
+                    return;
+                }
+                self.waiting.push_back(Waiting {
+                    id,
+                    need,
+                    cancel,
+                    reply,
+                });
+            }
+            Msg::Feed {
+                id,
                 ids,
                 pos,
                 keep,
+                cancel,
                 reply,
             } => {
-                let result = match context.as_mut() {
-                    Some((ctx, _)) => forward(ctx, &mut batch, &ids, pos, keep, n_vocab),
-                    None => Err(BackendError::Internal(
-                        "llama.cpp: forward before a sequence began".into(),
-                    )),
+                let Some(s) = self.active.iter_mut().find(|s| s.id == id) else {
+                    let _ = reply.send(Err(BackendError::Internal(
+                        "llama.cpp: feed for a sequence that is not running".into(),
+                    )));
+                    return;
                 };
-                let _ = reply.send(result);
+                s.owed = false;
+                if ids.is_empty() || keep == 0 || keep > ids.len() || pos != s.pos {
+                    let _ = reply.send(Err(BackendError::Internal(format!(
+                        "llama.cpp: {keep} logits rows asked for {} tokens at {pos} (sequence at {})",
+                        ids.len(),
+                        s.pos
+                    ))));
+                    return;
+                }
+                if pos + ids.len() > s.need {
+                    let _ = reply.send(Err(BackendError::Internal(format!(
+                        "llama.cpp: the sequence was given room for {} tokens, fed up to {}",
+                        s.need,
+                        pos + ids.len()
+                    ))));
+                    return;
+                }
+                s.feed = Some(Feed {
+                    rows: Vec::with_capacity(keep * self.n_vocab),
+                    ids,
+                    fed: 0,
+                    keep,
+                    cancel,
+                    reply,
+                });
+            }
+            Msg::End { id } => {
+                if let Some(i) = self.active.iter().position(|s| s.id == id) {
+                    let s = self.active.remove(i);
+                    self.free(s.seq);
+                } else if let Some(i) = self.waiting.iter().position(|w| w.id == id) {
+                    self.waiting.remove(i);
+                } else {
+                    // Its Begin is still in the channel.
+                    self.ended_early.push(id);
+                }
+            }
+        }
+    }
+
+    /// Frees a sequence's KV cells and id.
+    fn free(&mut self, seq: i32) {
+        if let Some((ctx, _)) = self.context.as_mut() {
+            if let Err(e) = ctx.clear_kv_cache_seq(u32::try_from(seq).ok(), None, None) {
+                tracing::warn!(seq, error = %e, "llama.cpp: cannot free a sequence's KV cells");
+            }
+        }
+        self.free_seqs.push(seq);
+    }
+
+    /// Admits waiting sessions in arrival order while a stream is free and
+    /// big enough. A context is made (or remade with bigger streams) only
+    /// while no sequence runs, since a new context starts with an empty
+    /// cache: a session longer than the streams waits for the others to end.
+    fn admit(&mut self) {
+        while let Some(w) = self.waiting.front() {
+            if w.cancel.is_cancelled() {
+                if let Some(w) = self.waiting.pop_front() {
+                    let _ = w.reply.send(Err(BackendError::Cancelled));
+                }
+                continue;
+            }
+            let need = w.need;
+            let per_seq = self.context.as_ref().map_or(0, |(_, p)| *p);
+            if need > per_seq {
+                if !self.active.is_empty() {
+                    break;
+                }
+                // At least double, so that slowly growing lengths do not
+                // remake the context each time; as many streams as the
+                // budget holds, up to the batch.
+                let per_seq = need
+                    .max(per_seq.saturating_mul(2))
+                    .min(self.kv_limit)
+                    .max(need)
+                    .div_ceil(CONTEXT_STEP)
+                    * CONTEXT_STEP;
+                let streams = (self.kv_limit / per_seq).clamp(1, self.max_batch);
+                self.context = None;
+                self.free_seqs.clear();
+                match new_context(self.backend, self.model, per_seq, streams, self.threads) {
+                    Ok(ctx) => {
+                        tracing::debug!(
+                            kv_cells_per_sequence = per_seq,
+                            sequences = streams,
+                            "llama.cpp context made"
+                        );
+                        self.context = Some((ctx, per_seq));
+                        self.free_seqs = (0..i32::try_from(streams).unwrap_or(1)).rev().collect();
+                    }
+                    Err(e) => {
+                        if let Some(w) = self.waiting.pop_front() {
+                            let _ = w.reply.send(Err(e));
+                        }
+                    }
+                }
+                continue;
+            }
+            let Some(seq) = self.free_seqs.pop() else {
+                break;
+            };
+            let Some(w) = self.waiting.pop_front() else {
+                break;
+            };
+            if w.reply.send(Ok(())).is_err() {
+                // The session is gone; its End frees nothing.
+                self.free_seqs.push(seq);
+                continue;
+            }
+            self.active.push(Seq {
+                id: w.id,
+                seq,
+                need: w.need,
+                pos: 0,
+                feed: None,
+                owed: true,
+            });
+        }
+    }
+
+    /// One `llama_decode`: the next token of every generating sequence, or
+    /// one prompt chunk of one sequence (in turn, alternating with the
+    /// former while both wait); answers the sequences whose feed is done.
+    fn step(&mut self) {
+        // Cancelled feeds are answered now and dropped; the session ends.
+        for s in &mut self.active {
+            if s.feed.as_ref().is_some_and(|f| f.cancel.is_cancelled()) {
+                if let Some(f) = s.feed.take() {
+                    let _ = f.reply.send(Err(BackendError::Cancelled));
+                    s.owed = true;
+                }
+            }
+        }
+        let Some((ctx, _)) = self.context.as_mut() else {
+            return;
+        };
+        let remaining = |s: &Seq| s.feed.as_ref().map_or(0, |f| f.ids.len() - f.fed);
+        let n = self.active.len();
+        let generating: Vec<usize> = (0..n)
+            .filter(|&i| remaining(&self.active[i]) == 1)
+            .collect();
+        let turn = self.turn % n.max(1);
+        let reading = (turn..n)
+            .chain(0..turn)
+            .find(|&i| remaining(&self.active[i]) > 1);
+        // (index in active, tokens) fed this step.
+        let added: Vec<(usize, usize)> = match reading {
+            Some(i) if generating.is_empty() || !self.fed_prompt => {
+                self.fed_prompt = true;
+                self.turn = i + 1;
+                // Chunks start at the same offsets as alone.
+                let f_fed = self.active[i].feed.as_ref().map_or(0, |f| f.fed);
+                let take = remaining(&self.active[i]).min(PROMPT_CHUNK - f_fed % PROMPT_CHUNK);
+                vec![(i, take)]
+            }
+            _ => {
+                self.fed_prompt = false;
+                generating.into_iter().map(|i| (i, 1)).collect()
+            }
+        };
+        if added.is_empty() {
+            return;
+        }
+        self.batch.clear();
+        // (index in active, batch row) of every logits row asked for.
+        let mut rows: Vec<(usize, i32)> = Vec::new();
+        let mut failed: Option<BackendError> = None;
+        for &(i, take) in &added {
+            let s = &self.active[i];
+            let Some(f) = s.feed.as_ref() else { continue };
+            let first_kept = f.ids.len() - f.keep;
+            for k in f.fed..f.fed + take {
+                let logits = k >= first_kept;
+                if logits {
+                    rows.push((i, self.batch.n_tokens()));
+                }
+                if let Err(e) = self.batch.add(
+                    LlamaToken(f.ids[k] as i32),
+                    i32::try_from(s.pos + k - f.fed).unwrap_or(i32::MAX),
+                    &[s.seq],
+                    logits,
+                ) {
+                    failed = Some(BackendError::Internal(format!("llama.cpp batch: {e}")));
+                }
+            }
+        }
+        let result = match failed.take() {
+            Some(e) => Err(e),
+            None => ctx
+                .decode(&mut self.batch)
+                .map_err(|e| BackendError::Internal(format!("llama.cpp decode: {e}"))),
+        };
+        if let Err(e) = result {
+            // The cache may hold part of this step: every sequence in it
+            // fails (its session ends and frees it), the others go on.
+            tracing::warn!(error = %e, sequences = added.len(), "llama.cpp step failed");
+            for (i, _) in added {
+                if let Some(f) = self.active[i].feed.take() {
+                    let _ = f.reply.send(Err(e.clone()));
+                    self.active[i].owed = true;
+                }
+            }
+            return;
+        }
+        for (i, row) in rows {
+            let logits = ctx.get_logits_ith(row);
+            if let Some(f) = self.active[i].feed.as_mut() {
+                if logits.len() < self.n_vocab {
+                    failed = Some(BackendError::Internal(format!(
+                        "llama.cpp returned {} logits for a vocabulary of {}",
+                        logits.len(),
+                        self.n_vocab
+                    )));
+                    break;
+                }
+                f.rows.extend_from_slice(&logits[..self.n_vocab]);
+            }
+        }
+        for (i, take) in added {
+            let s = &mut self.active[i];
+            s.pos += take;
+            let done = s.feed.as_mut().is_some_and(|f| {
+                f.fed += take;
+                f.fed == f.ids.len()
+            });
+            if done || failed.is_some() {
+                if let Some(f) = s.feed.take() {
+                    let answer = match &failed {
+                        Some(e) => Err(e.clone()),
+                        None => Ok(f.rows),
+                    };
+                    let _ = f.reply.send(answer);
+                    s.owed = true;
+                }
             }
         }
     }
 }
 
+/// A context of `streams` sequences, each in a KV stream of `per_seq`
+/// cells.
 fn new_context<'m>(
     backend: &LlamaBackend,
     model: &'m LlamaModel,
-    n_ctx: usize,
+    per_seq: usize,
+    streams: usize,
     threads: i32,
 ) -> Result<LlamaContext<'m>, BackendError> {
+    let n_ctx = per_seq.saturating_mul(streams);
+    let n_batch = u32::try_from(PROMPT_CHUNK.max(streams)).unwrap_or(u32::MAX);
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(u32::try_from(n_ctx).unwrap_or(u32::MAX)))
-        .with_n_batch(PROMPT_CHUNK as u32)
-        .with_n_ubatch(PROMPT_CHUNK as u32)
+        .with_n_batch(n_batch)
+        .with_n_ubatch(n_batch)
+        .with_n_seq_max(u32::try_from(streams).unwrap_or(1))
+        // A stream per sequence (n_ctx / n_seq_max cells each): see the
+        // module's comment on identical results.
+        .with_kv_unified(false)
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
         // Flash attention off, as llama-cpp-python has it: llama.cpp's
@@ -235,61 +715,7 @@ fn new_context<'m>(
         .with_flash_attention_policy(FLASH_ATTENTION_DISABLED);
     model.new_context(backend, params).map_err(|e| {
         BackendError::Internal(format!(
-            "llama.cpp context for {n_ctx} tokens: {e} (out of memory?)"
+            "llama.cpp context for {streams} sequences of {per_seq} tokens: {e} (out of memory?)"
         ))
     })
-}
-
-fn forward(
-    ctx: &mut LlamaContext<'_>,
-    batch: &mut LlamaBatch<'_>,
-    ids: &[u32],
-    pos: usize,
-    keep: usize,
-    n_vocab: usize,
-) -> Result<Vec<f32>, BackendError> {
-    let err = |what: &str, e: &dyn std::fmt::Display| {
-        BackendError::Internal(format!("llama.cpp {what}: {e}"))
-    };
-    if ids.is_empty() || keep == 0 || keep > ids.len() {
-        return Err(BackendError::Internal(format!(
-            "llama.cpp: {keep} logits rows asked for {} tokens",
-            ids.len()
-        )));
-    }
-    // Only the kept positions ask llama.cpp for logits: for generation that
-    // is the last one, and the output buffer stays one row.
-    let first_kept = ids.len() - keep;
-    let mut out = Vec::with_capacity(keep * n_vocab);
-    for (c, chunk) in ids.chunks(PROMPT_CHUNK).enumerate() {
-        batch.clear();
-        let mut rows = Vec::new();
-        for (i, &id) in chunk.iter().enumerate() {
-            let at = c * PROMPT_CHUNK + i;
-            let logits = at >= first_kept;
-            if logits {
-                rows.push(i32::try_from(i).unwrap_or(i32::MAX));
-            }
-            batch
-                .add(
-                    LlamaToken(id as i32),
-                    i32::try_from(pos + at).unwrap_or(i32::MAX),
-                    &[0],
-                    logits,
-                )
-                .map_err(|e| err("batch", &e))?;
-        }
-        ctx.decode(batch).map_err(|e| err("decode", &e))?;
-        for row in rows {
-            let logits = ctx.get_logits_ith(row);
-            if logits.len() < n_vocab {
-                return Err(BackendError::Internal(format!(
-                    "llama.cpp returned {} logits for a vocabulary of {n_vocab}",
-                    logits.len()
-                )));
-            }
-            out.extend_from_slice(&logits[..n_vocab]);
-        }
-    }
-    Ok(out)
 }

@@ -36,8 +36,9 @@ type LoadedMap = Mutex<HashMap<CacheKey, (Arc<LoadedModel>, u64)>>;
 
 pub struct CpuBackend {
     loaded: Arc<LoadedMap>,
-    /// One generation at a time: either engine uses every core for one
-    /// sequence, so running two at once only makes both slower.
+    /// One candle generation at a time: it uses every core for one
+    /// sequence, so running two at once only makes both slower. llama.cpp
+    /// models take it only to load; their scheduler batches sequences.
     compute: Arc<Semaphore>,
     options: EngineOptions,
     /// Every GGUF file passes here before it is opened in-process.
@@ -82,7 +83,8 @@ fn entry_id(key: &CacheKey) -> String {
 
 impl CpuBackend {
     /// Runs `work` on the entry's model (loaded on first use) on a blocking
-    /// thread, one request at a time.
+    /// thread: one request at a time on candle; on llama.cpp the permit is
+    /// let go once the model is loaded, and the model's scheduler batches.
     async fn with_model<T, F>(
         &self,
         key: CacheKey,
@@ -116,9 +118,14 @@ impl CpuBackend {
         // goes away (future dropped) must not free the slot while the
         // blocking work still runs (it stops at its next step, see `Cancel`).
         tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+            let mut permit = Some(permit);
             let model = loaded_model(&loaded, &key, &dir, &options)?;
-            work(&model)
+            if model.max_concurrent() > 1 {
+                drop(permit.take());
+            }
+            let result = work(&model);
+            drop(permit);
+            result
         })
         .await
         .map_err(join_err)?
@@ -201,6 +208,7 @@ impl Backend for CpuBackend {
                 .map(|(k, (m, _))| serde_json::json!({"key": k.as_str(), "engine": m.engine()}))
                 .collect::<Vec<_>>(),
             "threads": self.options.threads,
+            "max_batch": self.options.max_batch,
             "gguf_engine": format!("{:?}", self.options.gguf_engine),
             "llama_cpp": format!("llama-cpp-sys-2 {}", llama_cpp::LLAMA_CPP_SYS_VERSION),
         })
@@ -263,6 +271,25 @@ impl Backend for CpuBackend {
                 .map(|ids| model.forward(ids, job.logits_to_keep, &job.cancel))
                 .collect()
         }))
+    }
+
+    /// `--cpu-max-batch` for GGUF entries llama.cpp runs (known once
+    /// loaded; before, what the engine option makes likely), else one.
+    fn concurrent_requests(&self, key: &CacheKey, artifact_dir: &std::path::Path) -> usize {
+        if let Some((m, _)) = self
+            .loaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+        {
+            return m.max_concurrent();
+        }
+        let gguf = artifact_dir.join("model.gguf").is_file();
+        if gguf && self.options.gguf_engine != GgufEngine::Candle && llama_cpp::cpu_supported() {
+            self.options.max_batch.max(1)
+        } else {
+            1
+        }
     }
 
     fn cleanup(&self, key: &CacheKey) {

@@ -477,6 +477,8 @@ pub fn run(args: ProbeArgs) -> ExitCode {
         gguf_engine: args.engine,
         // One thread: the probe runs beside tenants' generations.
         threads: 1,
+        // One probe sequence: a context of one.
+        max_batch: 1,
     };
     let path = args.path;
     let outcome = std::panic::catch_unwind(move || probe(&path, &opts));
