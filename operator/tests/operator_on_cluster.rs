@@ -51,6 +51,21 @@ impl Operator {
             .sum()
     }
 
+    /// The operator's API writes once they stop growing (a second without
+    /// one, at most 20 s): the start of a steady state.
+    async fn settled_writes(&self) -> f64 {
+        let settle = Instant::now();
+        let mut writes = self.counter("rm_operator_api_writes_total");
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = self.counter("rm_operator_api_writes_total");
+            if now == writes || settle.elapsed() > Duration::from_secs(20) {
+                return now;
+            }
+            writes = now;
+        }
+    }
+
     fn signal(&self, sig: &str) {
         let _ = Command::new("kill")
             .args([sig, &self.child.id().to_string()])
@@ -478,16 +493,7 @@ async fn running_workloads_do_not_flap_and_steady_state_writes_nothing() {
     assert_eq!(device_of(&iw), Some(DeviceType::Gpu));
 
     // Steady state: events that trigger reconciles cause no writes.
-    let settle = Instant::now();
-    let mut writes = op.counter("rm_operator_api_writes_total");
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = op.counter("rm_operator_api_writes_total");
-        if now == writes || settle.elapsed() > Duration::from_secs(20) {
-            break;
-        }
-        writes = now;
-    }
+    let writes = op.settled_writes().await;
     let reconciles = op.counter("rm_operator_reconciles_total");
     for i in 0..5 {
         let patch = json!({"metadata": {"annotations": {"touch": i.to_string()}}});
@@ -838,16 +844,7 @@ async fn a_served_workload_without_a_template_gets_the_server_a_service_and_an_e
 
     // Steady state: reconciles of a served workload write nothing either
     // (the Service is compared by its rendered hash, like the Deployment).
-    let settle = Instant::now();
-    let mut writes = op.counter("rm_operator_api_writes_total");
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = op.counter("rm_operator_api_writes_total");
-        if now == writes || settle.elapsed() > Duration::from_secs(20) {
-            break;
-        }
-        writes = now;
-    }
+    let writes = op.settled_writes().await;
     let reconciles = op.counter("rm_operator_reconciles_total");
     for i in 0..3 {
         let patch = json!({"metadata": {"annotations": {"touch": i.to_string()}}});
