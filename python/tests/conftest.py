@@ -21,18 +21,20 @@ REPO = PYTHON_DIR.parent
 
 # -- the agent ----------------------------------------------------------------
 
-def _agent_binary():
-    if os.environ.get("RM_AGENT_BIN"):
-        return Path(os.environ["RM_AGENT_BIN"])
+def workspace_binary(package, env_var):
+    """A binary of the workspace: `env_var` if set (CI passes prebuilt
+    ones), else target/debug/<package>, built by cargo when it is there
+    (a no-op when up to date; keeps the tests honest after changes)."""
+    if os.environ.get(env_var):
+        return Path(os.environ[env_var])
     target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
-    binary = target / "debug" / "rm-agent"
+    binary = target / "debug" / package
     if shutil.which("cargo"):
-        # a no-op when up to date; keeps the tests honest after agent changes
-        r = subprocess.run(["cargo", "build", "-q", "-p", "rm-agent"], cwd=REPO)
+        r = subprocess.run(["cargo", "build", "-q", "-p", package], cwd=REPO)
         if r.returncode != 0 and not binary.exists():
-            pytest.fail("cargo build -p rm-agent failed")
+            pytest.fail("cargo build -p %s failed" % package)
     if not binary.exists():
-        pytest.skip("no rm-agent binary (set RM_AGENT_BIN or install cargo)")
+        pytest.skip("no %s binary (set %s or install cargo)" % (package, env_var))
     return binary
 
 
@@ -151,7 +153,7 @@ def agent(tmp_path_factory):
     root = Path(os.environ.get("RM_TEST_TMP", "/tmp")) / ("rmpy-%d" % os.getpid())
     shutil.rmtree(root, ignore_errors=True)
     smollm2_cache = os.environ.get("RM_SMOLLM2_CACHE", str(Path.home() / ".cache" / "rm-abstract" / "smollm2"))
-    a = Agent(_agent_binary(), root, [tmp_path_factory.getbasetemp(), smollm2_cache])
+    a = Agent(workspace_binary("rm-agent", "RM_AGENT_BIN"), root, [tmp_path_factory.getbasetemp(), smollm2_cache])
     # In-process rm_abstract.init() reads the pod's env: be that test pod.
     os.environ["RM_AGENT_SLOT_TOKEN"] = SLOT_TOKEN
     yield a

@@ -128,10 +128,10 @@ def test_an_upload_the_agent_refuses_comes_back_with_its_reason(tmp_path):
     client asks first (Expect: 100-continue), so it reports the agent's
     reason, not a connection reset from a body sent into a closed socket."""
     import os
-    from conftest import SLOT_TOKEN, Agent, _agent_binary
+    from conftest import SLOT_TOKEN, Agent, workspace_binary
     from rm_abstract.client import AgentClient, AgentError, AgentUnavailable
     root = Path(os.environ.get("RM_TEST_TMP", "/tmp")) / ("rmpy-up-%d" % os.getpid())
-    a = Agent(_agent_binary(), root, extra_args=["--max-upload-bytes", "1M"])
+    a = Agent(workspace_binary("rm-agent", "RM_AGENT_BIN"), root, extra_args=["--max-upload-bytes", "1M"])
     try:
         big = tmp_path / "model.safetensors"
         big.write_bytes(os.urandom(8 << 20))

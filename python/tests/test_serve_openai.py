@@ -4,33 +4,17 @@ agent: the tiny llama with a chat template, from a directory in the
 and a wrong model name is openai.NotFoundError."""
 import json
 import os
-import shutil
 import socket
 import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SLOT_TOKEN, make_tiny_llama
+from conftest import SLOT_TOKEN, make_tiny_llama, workspace_binary
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")
-
-
-def _serve_binary():
-    if os.environ.get("RM_SERVE_BIN"):
-        return Path(os.environ["RM_SERVE_BIN"])
-    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
-    binary = target / "debug" / "rm-serve"
-    if shutil.which("cargo"):
-        r = subprocess.run(["cargo", "build", "-q", "-p", "rm-serve"], cwd=REPO)
-        if r.returncode != 0 and not binary.exists():
-            pytest.fail("cargo build -p rm-serve failed")
-    if not binary.exists():
-        pytest.skip("no rm-serve binary (set RM_SERVE_BIN or install cargo)")
-    return binary
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +31,8 @@ def server(agent, tmp_path_factory):
     env = dict(os.environ, RM_SERVE_MODEL_SOURCE=str(d), RM_SERVE_MODEL_NAME="tiny", RM_DEVICE="cpu",
                RM_AGENT_SOCKET=str(agent.socket), RM_AGENT_SLOT_TOKEN=SLOT_TOKEN, RM_SERVE_PORT=str(port),
                RM_LOG="info")
-    proc = subprocess.Popen([str(_serve_binary())], env=env, stdout=log, stderr=subprocess.STDOUT)
+    binary = workspace_binary("rm-serve", "RM_SERVE_BIN")
+    proc = subprocess.Popen([str(binary)], env=env, stdout=log, stderr=subprocess.STDOUT)
     base = "http://127.0.0.1:%d" % port
     deadline = time.time() + 120
     while True:
