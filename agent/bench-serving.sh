@@ -9,14 +9,13 @@
 #   agent/bench-serving.sh            # threads: RM_BENCH_THREADS or nproc
 #   RM_BENCH_BATCH=16 RM_BENCH_CONCURRENCY=1,4,16,64 agent/bench-serving.sh
 #
-# llama-server is built once with cmake (-DLLAMA_CURL=OFF, target
-# llama-server only) from the llama.cpp source llama-cpp-sys-2 vendors,
-# copied to ~/.cache/rm-abstract/llama-server-<crate version>/, and cached
-# there. The crate as published ships llama.cpp's libraries and `common`
-# but not tools/server (only its README): then set LLAMA_CPP_SRC to a
-# llama.cpp checkout of the same version, or the comparison is skipped and
-# the agent is measured against itself with --cpu-max-batch 1 (the old,
-# one-request-at-a-time behaviour).
+# llama-server is built once by agent/build-llama-server.sh from the
+# llama.cpp source that llama-cpp-sys-2 vendors (plus its tools/server
+# sources, which the crate leaves out), with the agent's ggml flags, and
+# cached. RM_BENCH_LLAMA_SERVER=0 skips it; then, or when it cannot be
+# built, the agent is measured against itself with --cpu-max-batch 1 (the
+# old one-request-at-a-time behaviour). RM_BENCH_BATCH1=1 adds that run to
+# the comparison.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -28,25 +27,12 @@ conc=${RM_BENCH_CONCURRENCY:-1,4,16,64}
 new_tokens=${RM_BENCH_NEW_TOKENS:-64}
 limit=${RM_BENCH_TIMEOUT:-900}
 gguf=$(e2e/fetch-smollm2.sh | tail -n1)
-ver=$(grep -A1 '^name = "llama-cpp-sys-2"$' Cargo.lock | sed -n 's/^version = "\(.*\)"$/\1/p')
-cache="$HOME/.cache/rm-abstract/llama-server-$ver"
-server_bin="$cache/bin/llama-server"
-
-if [[ ! -x "$server_bin" ]]; then
-    src=${LLAMA_CPP_SRC:-$(ls -d "$HOME"/.cargo/registry/src/*/llama-cpp-sys-2-"$ver"/llama.cpp 2>/dev/null | head -n1)}
-    if [[ -n "$src" && -f "$src/tools/server/CMakeLists.txt" ]]; then
-        log "building llama-server from $src into $cache (once)"
-        mkdir -p "$cache/bin"
-        rm -rf "$cache/src" && cp -a "$src" "$cache/src"
-        cmake -S "$cache/src" -B "$cache/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
-            -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
-            -DGGML_NATIVE=ON >"$cache/cmake.log" 2>&1
-        cmake --build "$cache/build" --target llama-server -j "$(nproc)" >>"$cache/cmake.log" 2>&1
-        cp "$cache/build/bin/llama-server" "$server_bin"
-    else
-        log "llama-server not built: ${src:-no llama-cpp-sys-2-$ver source found} has no tools/server sources (the crate ships only its README); set LLAMA_CPP_SRC to a llama.cpp checkout of the vendored version to compare"
+server_bin=""
+if [[ ${RM_BENCH_LLAMA_SERVER:-1} != 0 ]]; then
+    server_bin=$(agent/build-llama-server.sh) || {
+        log "llama-server could not be built (above); measuring the agent against itself"
         server_bin=""
-    fi
+    }
 fi
 
 cargo build --release -p rm-agent --bin rm-agent >&2
@@ -74,10 +60,12 @@ start_agent() { # name max_batch
 llama_args=()
 if [[ -n "$server_bin" ]]; then
     port=${RM_BENCH_PORT:-18089}
-    # Same threads, $batch parallel slots in one unified KV cache, continuous
-    # batching (its default), room for each slot's prompt + new tokens.
+    # Same threads, $batch parallel slots with continuous batching, room
+    # for each slot's prompt + new tokens; the rest (KV layout, flash
+    # attention) at llama-server's own defaults, its best guess for this
+    # machine.
     "$server_bin" -m "$gguf" --host 127.0.0.1 --port "$port" -t "$threads" -tb "$threads" \
-        --parallel "$batch" --cont-batching --kv-unified -c $((batch * 512)) -fa off \
+        --parallel "$batch" --cont-batching -c $((batch * 512)) \
         --no-webui >"$work/llama-server.log" 2>&1 &
     pids+=($!)
     for _ in $(seq 300); do

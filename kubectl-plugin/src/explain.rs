@@ -45,6 +45,7 @@ fn with_extra(capacity: &CapacitySnapshot, t: DeviceType, extra: i64) -> Capacit
         name: "(what if)".into(),
         allocatable: [(t, extra)].into(),
         free: [(t, extra)].into(),
+        pod_room: None,
     });
     c
 }

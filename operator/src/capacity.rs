@@ -1,6 +1,8 @@
 //! Free device capacity of the cluster, per node and device type:
 //! node allocatable of the resource minus the requests of the non-terminated
-//! pods bound to that node. A pure function of nodes and pods.
+//! pods bound to that node. `from_cluster` is a pure function of nodes and
+//! pods (for `kubectl inference`); the operator's own view, which also counts
+//! what is promised but not bound yet, comes from `ledger`.
 
 use std::collections::BTreeMap;
 
@@ -16,12 +18,18 @@ pub struct NodeCapacity {
     pub name: String,
     pub allocatable: BTreeMap<DeviceType, i64>,
     pub free: BTreeMap<DeviceType, i64>,
+    /// Pods the node can still take (its `pods` allocatable minus its
+    /// pods); `None` when not tracked.
+    pub pod_room: Option<i64>,
 }
 
 /// Free devices on every schedulable node.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CapacitySnapshot {
     pub nodes: Vec<NodeCapacity>,
+    /// Devices that pods not bound to a node yet will take somewhere (other
+    /// tenants' queued pods): they come off the total.
+    pub claimed_unbound: BTreeMap<DeviceType, i64>,
 }
 
 impl CapacitySnapshot {
@@ -37,19 +45,14 @@ impl CapacitySnapshot {
             .filter(|n| is_schedulable(n))
             .filter_map(|n| {
                 let name = n.metadata.name.clone()?;
-                let alloc = n.status.as_ref()?.allocatable.as_ref()?;
-                let allocatable: BTreeMap<DeviceType, i64> = config
-                    .resource_names
-                    .iter()
-                    .filter_map(|(t, r)| Some((*t, quantity_count(alloc.get(r)?))))
-                    .filter(|(_, n)| *n > 0)
-                    .collect();
+                let allocatable = node_devices(n, config);
                 Some((
                     name.clone(),
                     NodeCapacity {
                         name,
                         free: allocatable.clone(),
                         allocatable,
+                        pod_room: None,
                     },
                 ))
             })
@@ -74,26 +77,36 @@ impl CapacitySnapshot {
         }
         CapacitySnapshot {
             nodes: by_name.into_values().collect(),
+            claimed_unbound: BTreeMap::new(),
         }
     }
 
-    /// Replicas of `per_replica` devices each that fit, each on one node.
+    /// Replicas of `per_replica` devices each that fit, each on one node,
+    /// after the devices queued pods will take (counted as whole replicas).
     pub fn replicas_that_fit(&self, t: DeviceType, per_replica: u32) -> u32 {
         let per = i64::from(per_replica.max(1));
-        let total: i64 = self
+        let on_nodes: i64 = self
             .nodes
             .iter()
-            .map(|n| n.free.get(&t).copied().unwrap_or(0).max(0) / per)
+            .map(|n| {
+                let by_devices = n.free.get(&t).copied().unwrap_or(0).max(0) / per;
+                n.pod_room
+                    .map_or(by_devices, |room| by_devices.min(room.max(0)))
+            })
             .sum();
+        let queued = self.claimed_unbound.get(&t).copied().unwrap_or(0).max(0);
+        let total = (on_nodes - whole_replicas(queued, per)).max(0);
         u32::try_from(total).unwrap_or(u32::MAX)
     }
 
-    /// Free devices of a type, over all nodes.
+    /// Free devices of a type, over all nodes, less what queued pods take.
     pub fn free_devices(&self, t: DeviceType) -> i64 {
-        self.nodes
+        let on_nodes: i64 = self
+            .nodes
             .iter()
             .map(|n| n.free.get(&t).copied().unwrap_or(0).max(0))
-            .sum()
+            .sum();
+        (on_nodes - self.claimed_unbound.get(&t).copied().unwrap_or(0)).max(0)
     }
 
     /// Nodes that have the type at all.
@@ -105,7 +118,38 @@ impl CapacitySnapshot {
     }
 }
 
-fn is_schedulable(node: &Node) -> bool {
+/// Replicas of `per` devices that `devices` amount to, rounded up.
+pub(crate) fn whole_replicas(devices: i64, per: i64) -> i64 {
+    let per = per.max(1);
+    (devices.max(0) + per - 1) / per
+}
+
+/// Devices of each type the node offers (its allocatable), types with none
+/// left out.
+pub fn node_devices(node: &Node, config: &OperatorConfig) -> BTreeMap<DeviceType, i64> {
+    let Some(alloc) = node.status.as_ref().and_then(|s| s.allocatable.as_ref()) else {
+        return BTreeMap::new();
+    };
+    config
+        .resource_names
+        .iter()
+        .filter_map(|(t, r)| Some((*t, quantity_count(alloc.get(r)?))))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
+/// Pods the node takes at most (its `pods` allocatable), if it says.
+pub fn node_pod_slots(node: &Node) -> Option<i64> {
+    node.status
+        .as_ref()?
+        .allocatable
+        .as_ref()?
+        .get("pods")
+        .map(quantity_count)
+        .filter(|n| *n > 0)
+}
+
+pub(crate) fn is_schedulable(node: &Node) -> bool {
     let cordoned = node
         .spec
         .as_ref()
@@ -119,7 +163,7 @@ fn is_schedulable(node: &Node) -> bool {
     !cordoned && ready
 }
 
-fn is_terminated(pod: &Pod) -> bool {
+pub(crate) fn is_terminated(pod: &Pod) -> bool {
     matches!(
         pod.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Succeeded" | "Failed")
@@ -167,7 +211,7 @@ fn container_request(res: Option<&ResourceRequirements>, resource: &str) -> i64 
 }
 
 /// Extended resources are whole numbers; anything else counts as zero.
-fn quantity_count(q: &Quantity) -> i64 {
+pub(crate) fn quantity_count(q: &Quantity) -> i64 {
     q.0.trim().parse().unwrap_or(0)
 }
 

@@ -21,20 +21,22 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
-use rm_crds::{InferenceWorkload, Phase, labels};
+use rm_crds::{InferenceWorkload, labels};
 use serde_json::json;
 
-use crate::capacity::pod_device_requests;
 use crate::config::OperatorConfig;
+use crate::ledger::{Freed, Ledger, WorkloadKey};
 use crate::metrics::Metrics;
 use crate::own_writes::OwnStatusWrites;
+use crate::own_writes::{OwnDeploymentWrites, RejectedDeployments};
 use crate::placement::{
-    Unschedulable, capacity_for, current_placement, failing_pods, is_for_device_type, is_own_pod,
+    Unschedulable, current_placement, deployed_device_type, failing_pods, is_for_device_type,
+    is_own_pod, ready_pods,
 };
 use crate::render::{is_current, render_deployment};
-use crate::selection::{Decision, Selection, select_device};
+use crate::selection::{Decision, Selection};
 use crate::serve::{is_controlled_by, render_service, service_is_current};
-use crate::status::{Observed, ServiceState, desired_status};
+use crate::status::{DeploymentError, Observed, ServiceState, desired_status};
 
 /// Field manager of every write the operator makes (server-side apply).
 pub const FIELD_MANAGER: &str = "rm-operator";
@@ -43,7 +45,10 @@ pub const FIELD_MANAGER: &str = "rm-operator";
 pub struct Context {
     pub client: Client,
     pub config: OperatorConfig,
-    pub nodes: Store<Node>,
+    /// Capacity: offered, held, and promised (see `ledger`).
+    pub ledger: Arc<Ledger>,
+    /// Reconcile requests for workloads woken by a reconcile.
+    pub wake: futures::channel::mpsc::UnboundedSender<ObjectRef<InferenceWorkload>>,
     pub pods: Store<Pod>,
     pub deployments: Store<Deployment>,
     /// Services of served workloads (labelled with the workload).
@@ -51,6 +56,10 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub own_writes: Arc<OwnStatusWrites>,
+    /// Deployments this operator wrote that its cache may not have yet.
+    pub applied: OwnDeploymentWrites,
+    /// Deployments the apiserver refused, by what was sent.
+    pub rejected: RejectedDeployments,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,18 +115,9 @@ pub async fn run(
     let nodes_api: Api<Node> = Api::all(client.clone());
 
     // Caches stripped of what the decisions never read, to keep memory low.
-    let (nodes, node_writer) = reflector::store();
-    let node_stream = watcher(nodes_api, watcher::Config::default())
-        .default_backoff()
-        .modify(|n: &mut Node| {
-            n.managed_fields_mut().clear();
-            n.annotations_mut().clear();
-            if let Some(s) = n.status.as_mut() {
-                s.images = None;
-            }
-        })
-        .reflect(node_writer)
-        .touched_objects();
+    // Nodes live in the ledger only (capacity, labels, taints).
+    let ledger = Arc::new(Ledger::new(config.clone()));
+    let node_stream = watcher(nodes_api, watcher::Config::default()).default_backoff();
     let (pods, pod_writer) = reflector::store();
     // Finished pods hold no devices; leave them out of the cache.
     let pod_config =
@@ -126,8 +126,7 @@ pub async fn run(
     let pod_stream = watcher(pods_api, pod_config)
         .default_backoff()
         .modify(move |p| slim_pod(p, &slim_config))
-        .reflect(pod_writer)
-        .touched_objects();
+        .reflect(pod_writer);
     let (deployments, deployment_writer) = reflector::store();
     let deployment_stream = watcher(
         deployments_api,
@@ -152,9 +151,16 @@ pub async fn run(
     .reflect(service_writer)
     .touched_objects();
 
+    // The caches are driven by tasks of their own, so that they fill
+    // independently of the controller, and changes reach it as reconcile
+    // requests mapped to the affected workloads only.
+    let (trigger, triggers) = futures::channel::mpsc::unbounded::<ObjectRef<InferenceWorkload>>();
+
     let own_writes = Arc::new(OwnStatusWrites::default());
     let seen = own_writes.clone();
     let (workload_store, workload_writer) = reflector::store();
+    let gone_ledger = ledger.clone();
+    let gone_trigger = trigger.clone();
     let workload_stream = watcher(workloads, watcher::Config::default())
         .default_backoff()
         .modify(|iw: &mut InferenceWorkload| {
@@ -163,38 +169,75 @@ pub async fn run(
                 .remove("kubectl.kubernetes.io/last-applied-configuration");
         })
         .reflect(workload_writer)
+        .inspect_ok(move |ev| {
+            // A deleted workload's promise frees what it held for waiters.
+            if let watcher::Event::Delete(iw) = ev
+                && let (Some(ns), Some(name)) = (iw.namespace(), iw.metadata.name.clone())
+            {
+                let freed = gone_ledger.forget(&(ns, name));
+                send_all(&gone_trigger, wake_refs(&gone_ledger, &freed));
+            }
+        })
         .applied_objects()
         .inspect_ok(move |iw| seen.seen(iw));
     let controller = Controller::for_stream(workload_stream, workload_store.clone());
 
-    // The caches are driven by tasks of their own, so that they fill
-    // independently of the controller, and changes reach it as reconcile
-    // requests mapped to the affected workloads only.
-    let (trigger, triggers) = futures::channel::mpsc::unbounded::<ObjectRef<InferenceWorkload>>();
-    let store = workload_store.clone();
-    spawn_trigger(node_stream, trigger.clone(), move |_node: Node| {
-        waiting_workloads(&store, |_| true)
-    });
-    let store = workload_store.clone();
-    let pod_config = config.clone();
-    let scope_ns = scope.namespace.clone();
-    spawn_trigger(pod_stream, trigger.clone(), move |pod: Pod| {
-        let mut refs = pod_triggers(&pod, &store, &pod_config);
-        // Pods are watched in all namespaces; workloads maybe in one.
-        if let Some(ns) = &scope_ns {
-            refs.retain(|r| r.namespace.as_deref() == Some(ns.as_str()));
+    let (nodes_synced, node_sync) = tokio::sync::oneshot::channel();
+    spawn_ledger_feed(node_stream, trigger.clone(), nodes_synced, {
+        let ledger = ledger.clone();
+        move |ev: watcher::Event<Node>| {
+            let freed = match ev {
+                watcher::Event::Init => {
+                    ledger.begin_node_resync();
+                    Freed::new()
+                }
+                watcher::Event::InitApply(n) | watcher::Event::Apply(n) => ledger.apply_node(&n),
+                watcher::Event::InitDone => {
+                    ledger.end_node_resync();
+                    Freed::new()
+                }
+                watcher::Event::Delete(n) => {
+                    ledger.delete_node(&n.name_any());
+                    Freed::new()
+                }
+            };
+            wake_refs(&ledger, &freed)
         }
-        refs
+    });
+    let (pods_synced, pod_sync) = tokio::sync::oneshot::channel();
+    let scope_ns = scope.namespace.clone();
+    spawn_ledger_feed(pod_stream, trigger.clone(), pods_synced, {
+        let ledger = ledger.clone();
+        move |ev: watcher::Event<Pod>| {
+            let (own, freed) = match ev {
+                watcher::Event::Init => {
+                    ledger.begin_pod_resync();
+                    (None, Freed::new())
+                }
+                watcher::Event::InitApply(p) => (None, ledger.apply_pod(&p)),
+                watcher::Event::InitDone => (None, ledger.end_pod_resync()),
+                watcher::Event::Apply(p) => (own_workload(&p), ledger.apply_pod(&p)),
+                watcher::Event::Delete(p) => (own_workload(&p), ledger.delete_pod(&p)),
+            };
+            let mut refs: Vec<_> = own.into_iter().collect();
+            refs.extend(wake_refs(&ledger, &freed));
+            // Pods are watched in all namespaces; workloads maybe in one.
+            if let Some(ns) = &scope_ns {
+                refs.retain(|r| r.namespace.as_deref() == Some(ns.as_str()));
+            }
+            refs
+        }
     });
     spawn_trigger(deployment_stream, trigger.clone(), |d: Deployment| {
         owner_workload(&d.metadata)
     });
-    spawn_trigger(service_stream, trigger, |s: Service| {
+    spawn_trigger(service_stream, trigger.clone(), |s: Service| {
         owner_workload(&s.metadata)
     });
 
     let _ = tokio::join!(
-        nodes.wait_until_ready(),
+        node_sync,
+        pod_sync,
         pods.wait_until_ready(),
         deployments.wait_until_ready(),
         services.wait_until_ready()
@@ -205,12 +248,15 @@ pub async fn run(
         recorder: Recorder::new(client.clone(), reporter),
         client,
         config,
-        nodes,
+        ledger,
+        wake: trigger,
         pods,
         deployments,
         services,
         metrics: metrics.clone(),
         own_writes,
+        applied: OwnDeploymentWrites::default(),
+        rejected: RejectedDeployments::default(),
     });
     let phase_store = workload_store.clone();
     // Ready to reconcile: the controller itself holds reconciles until its
@@ -265,6 +311,63 @@ fn spawn_trigger<K, S, F, I>(
             }
         }
     });
+}
+
+/// Drives a watch stream into the ledger: `on_event` applies each event
+/// and returns the workloads to reconcile. `synced` fires after the first
+/// complete list.
+fn spawn_ledger_feed<K, S, F>(
+    stream: S,
+    trigger: futures::channel::mpsc::UnboundedSender<ObjectRef<InferenceWorkload>>,
+    synced: tokio::sync::oneshot::Sender<()>,
+    mut on_event: F,
+) where
+    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    K: Send + 'static,
+    F: FnMut(watcher::Event<K>) -> Vec<ObjectRef<InferenceWorkload>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut synced = Some(synced);
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(ev) => {
+                    let done = matches!(ev, watcher::Event::InitDone);
+                    let refs = on_event(ev);
+                    if done && let Some(s) = synced.take() {
+                        let _ = s.send(());
+                    }
+                    if !send_all(&trigger, refs) {
+                        return;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "watch failed; retrying with back-off"),
+            }
+        }
+    });
+}
+
+/// Sends reconcile requests; false once the controller is gone.
+fn send_all(
+    trigger: &futures::channel::mpsc::UnboundedSender<ObjectRef<InferenceWorkload>>,
+    refs: Vec<ObjectRef<InferenceWorkload>>,
+) -> bool {
+    refs.into_iter().all(|r| trigger.unbounded_send(r).is_ok())
+}
+
+/// The waiting workloads that freed devices can serve.
+fn wake_refs(ledger: &Ledger, freed: &Freed) -> Vec<ObjectRef<InferenceWorkload>> {
+    ledger
+        .wake(freed)
+        .into_iter()
+        .map(|(ns, name)| ObjectRef::new(&name).within(&ns))
+        .collect()
+}
+
+/// The workload a pod belongs to (its label).
+fn own_workload(pod: &Pod) -> Option<ObjectRef<InferenceWorkload>> {
+    let name = pod.labels().get(labels::WORKLOAD)?;
+    Some(ObjectRef::new(name).within(&pod.namespace()?))
 }
 
 /// The workload that controls a Deployment or Service.
@@ -334,7 +437,7 @@ fn slim_pod(p: &mut Pod, config: &OperatorConfig) {
             .map(|cs| slim_container_statuses(cs)),
         conditions: s.conditions.as_ref().map(|cs| {
             cs.iter()
-                .filter(|c| c.type_ == "PodScheduled")
+                .filter(|c| c.type_ == "PodScheduled" || c.type_ == "Ready")
                 .cloned()
                 .collect()
         }),
@@ -391,78 +494,27 @@ fn slim_container_statuses(
         .collect()
 }
 
-/// Workloads whose state can change with free capacity: no device yet, or
-/// not all replicas ready. Running workloads are left alone (no flapping).
-fn waiting_workloads(
-    store: &Store<InferenceWorkload>,
-    filter: impl Fn(&InferenceWorkload) -> bool,
-) -> Vec<ObjectRef<InferenceWorkload>> {
-    store
-        .state()
-        .iter()
-        .filter(|iw| {
-            let phase = iw.status.as_ref().and_then(|s| s.phase);
-            !matches!(phase, Some(Phase::Running)) && filter(iw)
-        })
-        .map(|iw| ObjectRef::from_obj(iw.as_ref()))
-        .collect()
-}
-
-/// A pod of a workload triggers that workload. A pod holding devices that
-/// is someone else's, or that is leaving (deleted, or finished) whoever's
-/// it is, also triggers the workloads still waiting for a device: the
-/// devices it frees may be what they wait for (a deleted workload's pods
-/// free theirs; without this, waiters saw it only at the periodic requeue).
-fn pod_triggers(
-    pod: &Pod,
-    store: &Store<InferenceWorkload>,
-    config: &OperatorConfig,
-) -> Vec<ObjectRef<InferenceWorkload>> {
-    let own = match (pod.labels().get(labels::WORKLOAD), pod.namespace()) {
-        (Some(name), Some(ns)) => Some(ObjectRef::new(name).within(&ns)),
-        _ => None,
-    };
-    let holds_devices = !pod_device_requests(pod, config).is_empty();
-    let mut refs: Vec<_> = own.iter().cloned().collect();
-    if holds_devices && (own.is_none() || pod_is_leaving(pod)) {
-        refs.extend(waiting_workloads(store, |iw| {
-            iw.status.as_ref().and_then(|s| s.phase) == Some(Phase::Pending)
-        }));
-    }
-    refs
-}
-
-/// Deleted (or being deleted), or finished: its devices are being freed.
-fn pod_is_leaving(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_some()
-        || matches!(
-            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-            Some("Succeeded" | "Failed")
-        )
-}
-
 pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile();
     let ns = iw.namespace().ok_or(Error::NoNamespace)?;
     let name = iw.name_any();
     let now = jiff::Timestamp::now();
-    let nodes = ctx.nodes.state();
     let pods = ctx.pods.state();
-    let capacity = capacity_for(
-        &iw,
-        nodes.iter().map(AsRef::as_ref),
-        pods.iter().map(AsRef::as_ref),
-        &ctx.config,
-    );
-    let existing = ctx.deployments.get(&ObjectRef::new(&name).within(&ns));
+    let oref = ObjectRef::new(&name).within(&ns);
+    // Our own last write when the cache has not caught up with it: a
+    // lagging cache must not look like "no Deployment" (a fresh choice).
+    let cached = ctx
+        .deployments
+        .get(&ObjectRef::<Deployment>::new(&name).within(&ns));
+    let existing = ctx.applied.newest(&oref, cached.as_deref());
     let (current, unschedulable) = match existing
-        .as_deref()
+        .as_ref()
         .and_then(|d| current_placement(&iw, d, pods.iter().map(AsRef::as_ref), now))
     {
         Some((current, unschedulable)) => (Some(current), unschedulable),
         None => (None, None),
     };
-    let selection = select_device(&iw.spec, &ctx.config, &capacity, current.as_ref());
+    let selection = decide(&iw, &ns, &name, current.as_ref(), &ctx);
     let failing = failing_pods(
         pods.iter().map(AsRef::as_ref).filter(|p| {
             is_own_pod(p, &iw)
@@ -474,10 +526,15 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
     );
 
     let mut deployment_error = None;
-    let mut deployment = existing.as_deref().cloned();
+    let mut deployment = existing.clone();
     if let Some(chosen) = selection.chosen() {
         match render_deployment(&iw, chosen, &ctx.config) {
-            Ok(desired) if existing.as_deref().is_some_and(|e| is_current(e, &desired)) => {}
+            Ok(desired) if existing.as_ref().is_some_and(|e| is_current(e, &desired)) => {}
+            // Refused as it is: sending it again changes nothing until the
+            // spec does (every capacity event would re-send it).
+            Ok(desired) if let Some(err) = ctx.rejected.get(&oref, &desired) => {
+                deployment_error = Some(err);
+            }
             Ok(desired) => {
                 let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
                 ctx.metrics.write("deployment");
@@ -491,18 +548,46 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
                 {
                     Ok(d) => {
                         tracing::info!(workload = %name, namespace = %ns, device = %chosen.device_type, "applied Deployment");
+                        ctx.applied.record(&oref, &d);
+                        ctx.rejected.forget(&oref);
                         deployment = Some(d);
                     }
-                    // The apiserver rejected the user's template: report it, do not retry hot.
+                    // The apiserver refused it: report it, do not retry hot.
                     Err(kube::Error::Api(e)) if (400..500).contains(&e.code) && e.code != 409 => {
-                        deployment_error = Some(e.message.clone());
+                        let err = DeploymentError {
+                            code: e.code,
+                            message: e.message.clone(),
+                        };
+                        if err.is_spec_error() {
+                            ctx.rejected.record(&oref, &desired, &err);
+                        }
+                        deployment_error = Some(err);
                     }
                     Err(e) => return Err(e.into()),
                 }
             }
-            Err(e) => deployment_error = Some(e.to_string()),
+            Err(e) => {
+                deployment_error = Some(DeploymentError {
+                    code: 422,
+                    message: e.to_string(),
+                })
+            }
         }
     }
+    // Ready replicas on the type the status reports: right after a move the
+    // Deployment still counts the old type's pods.
+    let reported_type = selection
+        .chosen()
+        .map(|c| c.device_type)
+        .or_else(|| deployment.as_ref().and_then(deployed_device_type));
+    let ready_pods = reported_type.map(|t| {
+        i32::try_from(ready_pods(
+            pods.iter()
+                .map(AsRef::as_ref)
+                .filter(|p| is_own_pod(p, &iw) && is_for_device_type(p, t)),
+        ))
+        .unwrap_or(i32::MAX)
+    });
 
     let service = reconcile_service(&iw, &ns, &name, &ctx).await?;
 
@@ -510,6 +595,7 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
         service,
         deployment: deployment.as_ref(),
         deployment_error,
+        ready_pods,
         unschedulable: unschedulable.as_ref().map(|u| (u.count, u.message.clone())),
         failing: failing.map(|f| (f.count, f.message)),
     };
@@ -530,7 +616,11 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
             stored,
             &status,
             &selection,
-            observed.deployment_error.as_deref(),
+            observed
+                .deployment_error
+                .as_ref()
+                .map(DeploymentError::advice)
+                .as_deref(),
             observed.failing.as_ref().map(|(_, m)| m.as_str()),
             &ctx,
         )
@@ -566,6 +656,24 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
         unschedulable.as_ref(),
         &ctx.config,
     ))
+}
+
+/// Chooses the device (under the ledger's lock, see `Ledger::choose`);
+/// devices the workload no longer needs wake whoever waits for them.
+fn decide(
+    iw: &InferenceWorkload,
+    ns: &str,
+    name: &str,
+    current: Option<&crate::selection::Current>,
+    ctx: &Context,
+) -> Selection {
+    let key: WorkloadKey = (ns.to_string(), name.to_string());
+    let (selection, freed) = ctx.ledger.choose(&key, iw, &ctx.config, current);
+    for r in wake_refs(&ctx.ledger, &freed) {
+        tracing::debug!(workload = %r, "woken by devices another workload released");
+        ctx.wake.unbounded_send(r).ok();
+    }
+    selection
 }
 
 /// The Service of a served workload: applied when it differs from what is
@@ -652,8 +760,11 @@ fn requeue_after(
     unschedulable: Option<&Unschedulable>,
     config: &OperatorConfig,
 ) -> Action {
+    // Once the grace period is over, the decision it allowed has been made
+    // (moved, or kept for a reason a watch event changes): no timer then,
+    // or a stuck workload would be reconciled every second.
     match (selection.chosen(), unschedulable) {
-        (Some(_), Some(u)) => {
+        (Some(_), Some(u)) if u.longest <= config.unschedulable_grace => {
             let left = config.unschedulable_grace.saturating_sub(u.longest);
             Action::requeue(left + Duration::from_secs(1))
         }
@@ -713,7 +824,12 @@ async fn publish_decision_events(
                 .find(|c| c.type_ == rm_crds::workload::condition::AVAILABLE)
         })
         .map(|c| c.reason.as_str());
-    let rejected = deployment_error.filter(|_| previous_available != Some("DeploymentRejected"));
+    let rejected = deployment_error.filter(|_| {
+        !matches!(
+            previous_available,
+            Some("DeploymentRejected" | "DeploymentForbidden")
+        )
+    });
     let failing = failing.filter(|_| previous_available != Some("ContainersFailing"));
     // Serving: announced when the endpoint starts answering, and when the
     // Service cannot be written; each once per change of reason.
@@ -741,13 +857,7 @@ async fn publish_decision_events(
     let events = event
         .into_iter()
         .chain(serving_event)
-        .chain(rejected.map(|e| {
-            (
-                EventType::Warning,
-                "DeploymentRejected",
-                format!("the workload's Deployment was rejected: {e}"),
-            )
-        }))
+        .chain(rejected.map(|e| (EventType::Warning, "DeploymentRejected", e.to_string())))
         .chain(failing.map(|f| {
             (
                 EventType::Warning,
@@ -853,7 +963,7 @@ mod tests {
                 .is_none()
         );
         let conditions = pod.status.as_ref().unwrap().conditions.as_ref().unwrap();
-        assert_eq!(conditions.len(), 1);
+        assert_eq!(conditions.len(), 2, "PodScheduled and Ready");
         assert_eq!(conditions[0].type_, "PodScheduled");
         assert_eq!(pod.annotations().len(), 1);
         assert_eq!(pod.labels().len(), 1);

@@ -7,8 +7,10 @@
 
 pub mod capacity;
 pub mod config;
+pub mod constraints;
 pub mod controller;
 pub mod leader;
+pub mod ledger;
 pub mod metrics;
 pub mod own_writes;
 pub mod placement;

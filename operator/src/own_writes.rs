@@ -1,4 +1,5 @@
-//! The statuses this operator wrote that its workload cache has not seen yet.
+//! What this operator wrote that its caches have not seen yet: workload
+//! statuses, Deployments; and the Deployments the apiserver refused.
 //!
 //! A watch cache lags behind the operator's own writes: a reconcile that runs
 //! between a status write and its watch event reads the old status, and would
@@ -17,8 +18,13 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use rm_crds::{InferenceWorkload, InferenceWorkloadStatus};
+
+use crate::render::RENDER_HASH;
+use crate::status::DeploymentError;
 
 /// How long an entry may wait for its watch event. Watch events arrive in
 /// milliseconds; this only bounds a missed one.
@@ -120,6 +126,88 @@ impl OwnStatusWrites {
     }
 }
 
+type Key = ObjectRef<InferenceWorkload>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain data; a panic elsewhere cannot leave it torn.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Deployments the operator wrote, until its Deployment cache has them: a
+/// reconcile right after a write must not see "no Deployment" (and choose
+/// afresh, with no grace) or the one before it. Resource versions are
+/// compared as numbers (etcd revisions); one that is not a number makes
+/// the cache win.
+#[derive(Default)]
+pub struct OwnDeploymentWrites {
+    entries: Mutex<HashMap<Key, (Deployment, Instant)>>,
+}
+
+impl OwnDeploymentWrites {
+    pub fn record(&self, workload: &Key, written: &Deployment) {
+        let mut slim = written.clone();
+        // As the cache keeps it: the decisions never read the pod spec.
+        slim.managed_fields_mut().clear();
+        slim.spec.template.spec = None;
+        let now = Instant::now();
+        let mut entries = lock(&self.entries);
+        entries.retain(|_, (_, at)| now.duration_since(*at) < DEFAULT_TTL);
+        entries.insert(workload.clone(), (slim, now));
+    }
+
+    /// The newer of the cached Deployment and our last write.
+    pub fn newest(&self, workload: &Key, cached: Option<&Deployment>) -> Option<Deployment> {
+        let mut entries = lock(&self.entries);
+        let Some((written, at)) = entries.get(workload) else {
+            return cached.cloned();
+        };
+        let rv = |d: &Deployment| d.metadata.resource_version.as_deref()?.parse::<u64>().ok();
+        let ours_is_newer = at.elapsed() < DEFAULT_TTL
+            && match cached {
+                None => true,
+                Some(c) if c.metadata.uid != written.metadata.uid => false,
+                Some(c) => matches!((rv(c), rv(written)), (Some(c), Some(w)) if c < w),
+            };
+        if ours_is_newer {
+            Some(written.clone())
+        } else {
+            entries.remove(workload);
+            cached.cloned()
+        }
+    }
+}
+
+/// Deployments the apiserver refused for the workload's spec (400, 422),
+/// by their rendered hash: the same Deployment is not sent again until
+/// the spec (and so the hash) changes.
+#[derive(Default)]
+pub struct RejectedDeployments {
+    entries: Mutex<HashMap<Key, (String, DeploymentError)>>,
+}
+
+fn render_hash(d: &Deployment) -> Option<&String> {
+    d.annotations().get(RENDER_HASH)
+}
+
+impl RejectedDeployments {
+    pub fn record(&self, workload: &Key, sent: &Deployment, error: &DeploymentError) {
+        if let Some(hash) = render_hash(sent) {
+            lock(&self.entries).insert(workload.clone(), (hash.clone(), error.clone()));
+        }
+    }
+
+    /// Why this very Deployment was refused before, if it was.
+    pub fn get(&self, workload: &Key, desired: &Deployment) -> Option<DeploymentError> {
+        let entries = lock(&self.entries);
+        let (hash, error) = entries.get(workload)?;
+        (Some(hash) == render_hash(desired)).then(|| error.clone())
+    }
+
+    pub fn forget(&self, workload: &Key) {
+        lock(&self.entries).remove(workload);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,5 +279,57 @@ mod tests {
         writes.record(&workload("2", "u", Some(Phase::Running)));
         writes.forget(&workload("1", "u", None));
         assert_eq!(writes.newer_than_cache(&workload("1", "u", None)), None);
+    }
+
+    fn deployment(rv: &str, uid: &str, hash: &str) -> Deployment {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "w", "namespace": "ns", "resourceVersion": rv, "uid": uid,
+                "annotations": {RENDER_HASH: hash}},
+            "spec": {"selector": {}, "template": {"spec": {"containers": [{"name": "c"}]}}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn our_deployment_stands_in_for_a_lagging_cache() {
+        let key = ObjectRef::new("w").within("ns");
+        let writes = OwnDeploymentWrites::default();
+        let old = deployment("5", "u", "a");
+        assert_eq!(writes.newest(&key, Some(&old)), Some(old.clone()));
+        writes.record(&key, &deployment("9", "u", "b"));
+        let got = writes.newest(&key, None).expect("not in the cache yet");
+        assert_eq!(got.annotations()[RENDER_HASH], "b");
+        assert!(got.spec.template.spec.is_none(), "kept slim");
+        let got = writes.newest(&key, Some(&old)).unwrap();
+        assert_eq!(got.annotations()[RENDER_HASH], "b", "the cache lags");
+        let caught_up = deployment("12", "u", "b");
+        assert_eq!(
+            writes.newest(&key, Some(&caught_up)),
+            Some(caught_up.clone())
+        );
+        assert_eq!(
+            writes.newest(&key, Some(&old)),
+            Some(old),
+            "caught up once: the entry is gone"
+        );
+    }
+
+    #[test]
+    fn a_refused_deployment_is_known_by_its_hash() {
+        let key = ObjectRef::new("w").within("ns");
+        let rejected = RejectedDeployments::default();
+        let err = DeploymentError {
+            code: 422,
+            message: "bad".into(),
+        };
+        rejected.record(&key, &deployment("1", "u", "a"), &err);
+        assert_eq!(rejected.get(&key, &deployment("1", "u", "a")), Some(err));
+        assert_eq!(
+            rejected.get(&key, &deployment("1", "u", "b")),
+            None,
+            "the spec changed"
+        );
+        rejected.forget(&key);
+        assert_eq!(rejected.get(&key, &deployment("1", "u", "a")), None);
     }
 }

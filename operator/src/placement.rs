@@ -76,19 +76,34 @@ pub fn current_placement<'a>(
 ) -> Option<(Current, Option<Unschedulable>)> {
     let device_type = deployed_device_type(deployment)?;
     let basis = deployment.annotations().get(SELECTION_BASIS)?;
-    let unschedulable = unschedulable_pods(
-        pods.into_iter()
-            .filter(|p| is_own_pod(p, iw) && is_for_device_type(p, device_type)),
-        now,
-    );
+    let pods_of_type: Vec<&Pod> = pods
+        .into_iter()
+        .filter(|p| is_own_pod(p, iw) && is_for_device_type(p, device_type))
+        .collect();
+    let unschedulable = unschedulable_pods(pods_of_type.iter().copied(), now);
     Some((
         Current {
             device_type,
             same_basis: *basis == selection_basis(&iw.spec),
             unschedulable_for: unschedulable.as_ref().map(|u| u.longest),
+            ready: ready_pods(pods_of_type.iter().copied()),
         },
         unschedulable,
     ))
+}
+
+/// Pods whose Ready condition is True.
+pub fn ready_pods<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> u32 {
+    let n = pods
+        .into_iter()
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .count();
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// Pods the scheduler cannot place.

@@ -5,15 +5,25 @@
 //! 1. An explicit device (`rbln`, `gpu:0`, ...) is taken as asked; capacity is
 //!    only reported.
 //! 2. Once replicas run on a type they stay there (no flapping) unless the
-//!    device part of the spec changes, or their pods have been unschedulable
-//!    longer than the grace period; then the walk below runs without that type.
+//!    device part of the spec changes. Pods unschedulable longer than the
+//!    grace period move the workload only when none of its replicas is
+//!    ready there (ready replicas never move: scaling up does not uproot
+//!    them) and another type has room for all of them; then it moves there.
 //! 3. Otherwise walk the priority list (the workload's `devicePriority`, else
 //!    the cluster's): the first type with room for every replica wins; if none
-//!    has, the highest-priority type with room for at least one
-//!    (`PartialCapacity`); if none has, `cpu` when listed; else nothing
-//!    (`NoCapacity`: wait and pick again when capacity changes).
+//!    has, the accelerator with room for the most (`PartialCapacity`; ties go
+//!    to the higher priority); if none has room for one, `cpu` when listed;
+//!    else nothing (`NoCapacity`: wait and pick again when capacity changes).
 //!    `cpu` listed last is the fallback of step 3; listed earlier it is a
 //!    preference like any other type (it always has room).
+//!
+//! Why this converges: a workload moves only off a type where all its pods
+//! are stuck, only to a type with room for all its replicas in the
+//! operator's ledger (which counts every promise not bound yet), and its
+//! promise is recorded before any other decision reads capacity. So the
+//! type it moves to takes all its pods, and nothing makes it move again
+//! unless capacity the operator cannot see (another scheduler's, or CPU and
+//! memory requests) runs out.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -134,6 +144,8 @@ pub struct Current {
     pub same_basis: bool,
     /// How long the oldest unschedulable pod has been unschedulable.
     pub unschedulable_for: Option<Duration>,
+    /// Replicas ready on this type.
+    pub ready: u32,
 }
 
 /// The part of the spec a placement depends on; a change means reselect.
@@ -237,6 +249,19 @@ pub fn select_device(
     let mut excluded = None;
     if let Some(cur) = current.filter(|c| c.same_basis && order.contains(&c.device_type)) {
         match cur.unschedulable_for {
+            Some(stuck) if stuck > config.unschedulable_grace && cur.ready > 0 => {
+                return Selection {
+                    result: Ok(chosen(cur.device_type, Decision::Kept)),
+                    message: format!(
+                        "kept {}: {} replica(s) are ready there and do not move; pods unschedulable for {}s wait there for room; {free}",
+                        cur.device_type,
+                        cur.ready,
+                        stuck.as_secs()
+                    ),
+                    order,
+                    candidates,
+                };
+            }
             Some(stuck) if stuck > config.unschedulable_grace => excluded = Some((cur, stuck)),
             _ => {
                 // "Kept" only when staying put differs from what the walk
@@ -270,7 +295,10 @@ pub fn select_device(
         .map(|t| t.as_str())
         .collect::<Vec<_>>()
         .join(", ");
-    let walk = walk(&walked, replicas);
+    let walk = walk(&walked, replicas)
+        // A move goes only where all replicas fit, never to partial room
+        // (moving between partial rooms is what flaps).
+        .filter(|(_, d)| excluded.is_none() || *d != Decision::Partial);
 
     let (result, why) = match (walk, excluded) {
         (Some((t, _)), Some((cur, stuck))) => (
@@ -290,7 +318,7 @@ pub fn select_device(
         (None, Some((cur, stuck))) => (
             Ok(chosen(cur.device_type, Decision::Kept)),
             format!(
-                "pods unschedulable on {} for {}s, but no other listed type has room; kept it",
+                "pods unschedulable on {} for {}s, but no other listed type has room for all {replicas} replicas; kept it",
                 cur.device_type,
                 stuck.as_secs()
             ),
@@ -302,7 +330,7 @@ pub fn select_device(
         (Some((t, Decision::Partial)), None) => (
             Ok(chosen(t, Decision::Partial)),
             format!(
-                "chose {t}: no type has room for all {replicas} replicas; {t} is the highest priority with room for some"
+                "chose {t}: no type has room for all {replicas} replicas; {t} has room for the most; the rest stay Pending there until devices free up"
             ),
         ),
         (Some((t, d)), None) => (
@@ -345,7 +373,13 @@ fn walk(candidates: &[&Candidate], replicas: u32) -> Option<(DeviceType, Decisio
             return Some((c.device_type, Decision::Full));
         }
     }
-    if let Some(c) = accelerators().find(|c| c.replicas_fit.is_some_and(|f| f >= 1)) {
+    // The most room; `max_by_key` keeps the last maximum, so walk in
+    // reverse for ties to go to the higher priority.
+    if let Some(c) = accelerators()
+        .filter(|c| c.replicas_fit.is_some_and(|f| f >= 1))
+        .rev()
+        .max_by_key(|c| c.replicas_fit)
+    {
         return Some((c.device_type, Decision::Partial));
     }
     if cpu_is_fallback {
@@ -537,6 +571,7 @@ mod tests {
             device_type: DeviceType::Gpu,
             same_basis: true,
             unschedulable_for: None,
+            ready: 1,
         };
         let sel = select_device(
             &spec("auto", 1, None),
@@ -567,6 +602,7 @@ mod tests {
             device_type: DeviceType::Rbln,
             same_basis: true,
             unschedulable_for: Some(config.unschedulable_grace + Duration::from_secs(1)),
+            ready: 0,
         };
         let sel = select_device(&spec("auto", 1, None), &config, &cap, Some(&stuck));
         assert_eq!(
@@ -588,6 +624,43 @@ mod tests {
             DeviceType::Rbln,
             "within the grace period it stays"
         );
+        let some_ready = Current { ready: 1, ..stuck };
+        let sel = select_device(&spec("auto", 2, None), &config, &cap, Some(&some_ready));
+        assert_eq!(
+            chosen(&sel),
+            (DeviceType::Rbln, Decision::Kept),
+            "ready replicas never move: {}",
+            sel.message
+        );
+    }
+
+    #[test]
+    fn partial_capacity_takes_the_most_room_and_never_moves_between_partials() {
+        // 8 replicas: rbln fits 1, gpu 7: gpu, and stuck there it stays.
+        let cap = snapshot(&[("a", &[(ATOM, 1)]), ("g", &[(GPU, 7)])]);
+        let config = OperatorConfig {
+            cpu_fallback: false,
+            ..OperatorConfig::default()
+        };
+        let sel = select_device(&spec("auto", 8, None), &config, &cap, None);
+        assert_eq!(chosen(&sel), (DeviceType::Gpu, Decision::Partial));
+        let stuck = Current {
+            device_type: DeviceType::Gpu,
+            same_basis: true,
+            unschedulable_for: Some(config.unschedulable_grace * 2),
+            ready: 0,
+        };
+        let sel = select_device(&spec("auto", 8, None), &config, &cap, Some(&stuck));
+        assert_eq!(
+            chosen(&sel),
+            (DeviceType::Gpu, Decision::Kept),
+            "rbln has room for 1 of 8: no move: {}",
+            sel.message
+        );
+        // Ties go to the higher priority.
+        let cap = snapshot(&[("a", &[(ATOM, 2)]), ("g", &[(GPU, 2)])]);
+        let sel = select_device(&spec("auto", 8, None), &config, &cap, None);
+        assert_eq!(chosen(&sel), (DeviceType::Rbln, Decision::Partial));
     }
 
     #[test]

@@ -17,13 +17,48 @@ use crate::selection::{Decision, Selection};
 pub struct Observed<'a> {
     pub deployment: Option<&'a Deployment>,
     /// Why the Deployment could not be written, in the apiserver's words.
-    pub deployment_error: Option<String>,
+    pub deployment_error: Option<DeploymentError>,
+    /// Ready pods made for the device type the status reports (old
+    /// ReplicaSets' pods on another type do not count); `None` to take the
+    /// Deployment's own count.
+    pub ready_pods: Option<i32>,
     /// Pods of the workload the scheduler cannot place, with its message.
     pub unschedulable: Option<(usize, String)>,
     /// Pods of the workload whose containers fail, with what the first says.
     pub failing: Option<(usize, String)>,
     /// The Service of a served workload.
     pub service: ServiceState,
+}
+
+/// The apiserver refused the Deployment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeploymentError {
+    pub code: u16,
+    pub message: String,
+}
+
+impl DeploymentError {
+    /// What to do about it: a 403 is about the namespace (quota, deletion)
+    /// or the operator's rights, not the template; a 422/400 is the
+    /// template.
+    pub fn advice(&self) -> String {
+        match self.code {
+            403 => format!(
+                "the apiserver refused to write the Deployment (403 Forbidden): {}; check the namespace's ResourceQuota, whether the namespace is being deleted, and the operator's RBAC",
+                self.message
+            ),
+            _ => format!(
+                "the Deployment for this workload was rejected: {}; fix spec.template",
+                self.message
+            ),
+        }
+    }
+
+    /// Forbidden is Failed only until quota or the namespace changes; the
+    /// template's errors need a new spec.
+    pub fn is_spec_error(&self) -> bool {
+        self.code != 403
+    }
 }
 
 /// Where the Service of a served workload stands.
@@ -51,8 +86,18 @@ pub fn desired_status(
     let wanted = iw.spec.replicas.max(0);
     let dep_status = observed.deployment.and_then(|d| d.status.as_ref());
     let replicas = dep_status.and_then(|s| s.replicas).unwrap_or(0);
-    let ready = dep_status.and_then(|s| s.ready_replicas).unwrap_or(0);
+    let ready = observed
+        .ready_pods
+        .unwrap_or_else(|| dep_status.and_then(|s| s.ready_replicas).unwrap_or(0));
     let chosen = selection.chosen();
+    // No type for the current spec, but the Deployment made for an earlier
+    // one still runs: say where it runs, not that nothing does.
+    let still_serving = match chosen {
+        None => observed
+            .deployment
+            .and_then(crate::placement::deployed_device_type),
+        Some(_) => None,
+    };
     // A kept device keeps the explanation of why it was chosen, so that
     // capacity changing elsewhere rewrites nothing.
     let previous_device = iw.status.as_ref().and_then(|s| s.device.as_ref());
@@ -73,16 +118,32 @@ pub fn desired_status(
         (true, Some(d), Some(c)) => (c.reason.clone(), d.reason.clone()),
         _ => (selection.reason().to_string(), selection.message.clone()),
     };
-    let device = chosen.map(|c| DeviceStatus {
-        device_type: c.device_type,
-        resource_name: config.resource_name(c.device_type).map(Into::into),
-        count: iw.spec.devices_per_replica,
-        reason: selected_message.clone(),
-    });
+    let device = chosen
+        .map(|c| DeviceStatus {
+            device_type: c.device_type,
+            resource_name: config.resource_name(c.device_type).map(Into::into),
+            count: iw.spec.devices_per_replica,
+            reason: selected_message.clone(),
+        })
+        .or_else(|| {
+            still_serving.map(|t| DeviceStatus {
+                device_type: t,
+                resource_name: config.resource_name(t).map(Into::into),
+                count: previous_device.map_or(iw.spec.devices_per_replica, |d| d.count),
+                reason: format!(
+                    "the Deployment made for the previous spec still runs on {t}; the current spec waits: {}",
+                    selection.message
+                ),
+            })
+        });
 
-    let phase = if observed.deployment_error.is_some() {
+    let phase = if observed
+        .deployment_error
+        .as_ref()
+        .is_some_and(DeploymentError::is_spec_error)
+    {
         Phase::Failed
-    } else if chosen.is_none() {
+    } else if chosen.is_none() && still_serving.is_none() {
         Phase::Pending
     } else if let Some((failing, _)) = &observed.failing {
         // Its containers fail on the chosen device: no waiting fixes that.
@@ -133,10 +194,14 @@ pub fn desired_status(
         cond(
             condition::AVAILABLE,
             "False",
-            "DeploymentRejected",
-            format!("the Deployment for this workload was rejected: {err}; fix spec.template"),
+            if err.is_spec_error() {
+                "DeploymentRejected"
+            } else {
+                "DeploymentForbidden"
+            },
+            err.advice(),
         )
-    } else if chosen.is_none() {
+    } else if chosen.is_none() && still_serving.is_none() {
         cond(
             condition::AVAILABLE,
             "False",
@@ -373,5 +438,114 @@ mod tests {
                 .all(|c| c.type_ != condition::SERVING)
         );
         assert_eq!(plain.endpoint, None);
+    }
+
+    fn available_of(s: &InferenceWorkloadStatus) -> (String, String) {
+        let c = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == condition::AVAILABLE)
+            .unwrap();
+        (c.reason.clone(), c.message.clone())
+    }
+
+    #[test]
+    fn a_spec_waiting_for_capacity_still_reports_the_deployment_that_serves() {
+        let config = OperatorConfig {
+            cpu_fallback: false,
+            ..OperatorConfig::default()
+        };
+        let iw: InferenceWorkload = serde_json::from_value(serde_json::json!({
+            "apiVersion": "rm-abstract.io/v1alpha1", "kind": "InferenceWorkload",
+            "metadata": {"name": "w", "namespace": "n", "generation": 2},
+            "spec": {"model": {"source": "m"}, "device": "npu", "replicas": 2,
+                     "template": {"spec": {"containers": [{"name": "app"}]}}}
+        }))
+        .unwrap();
+        let capacity = CapacitySnapshot::from_cluster([], [], &config);
+        let selection = select_device(&iw.spec, &config, &capacity, None);
+        assert!(selection.chosen().is_none(), "no NPU anywhere");
+        // The Deployment made for the previous spec (gpu) runs, 2 ready.
+        let serving: Deployment = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "w"},
+            "spec": {"selector": {}, "template": {"metadata": {"annotations": {crate::render::DEVICE_TYPE: "gpu"}}}},
+            "status": {"replicas": 2, "readyReplicas": 2}
+        }))
+        .unwrap();
+        let observed = Observed {
+            deployment: Some(&serving),
+            ..Default::default()
+        };
+        let now = Time(jiff::Timestamp::now());
+        let status = desired_status(&iw, &selection, &observed, &config, &now);
+        assert_eq!(status.phase, Some(Phase::Running), "it still serves");
+        let device = status.device.as_ref().expect("the device it runs on");
+        assert_eq!(device.device_type, rm_crds::DeviceType::Gpu);
+        assert!(device.reason.contains("previous spec"), "{}", device.reason);
+        let selected = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == condition::DEVICE_SELECTED)
+            .unwrap();
+        assert_eq!(
+            (selected.status.as_str(), selected.reason.as_str()),
+            ("False", "NoCapacity")
+        );
+    }
+
+    #[test]
+    fn forbidden_is_not_a_template_error_and_old_type_pods_are_not_ready_ones() {
+        let config = OperatorConfig::default();
+        let iw: InferenceWorkload = serde_json::from_value(serde_json::json!({
+            "apiVersion": "rm-abstract.io/v1alpha1", "kind": "InferenceWorkload",
+            "metadata": {"name": "w", "namespace": "n", "generation": 1},
+            "spec": {"model": {"source": "m"}, "device": "cpu", "replicas": 2,
+                     "template": {"spec": {"containers": [{"name": "app"}]}}}
+        }))
+        .unwrap();
+        let capacity = CapacitySnapshot::from_cluster([], [], &config);
+        let selection = select_device(&iw.spec, &config, &capacity, None);
+        let now = Time(jiff::Timestamp::now());
+        let mut observed = Observed {
+            deployment_error: Some(DeploymentError {
+                code: 403,
+                message: "exceeded quota: compute".into(),
+            }),
+            ..Default::default()
+        };
+        let status = desired_status(&iw, &selection, &observed, &config, &now);
+        assert_ne!(status.phase, Some(Phase::Failed));
+        let (reason, message) = available_of(&status);
+        assert_eq!(reason, "DeploymentForbidden");
+        assert!(
+            message.contains("ResourceQuota") && !message.contains("spec.template"),
+            "{message}"
+        );
+        observed.deployment_error = Some(DeploymentError {
+            code: 422,
+            message: "spec.template.spec.containers[0].image: Required value".into(),
+        });
+        let status = desired_status(&iw, &selection, &observed, &config, &now);
+        assert_eq!(status.phase, Some(Phase::Failed));
+        assert!(available_of(&status).1.contains("fix spec.template"));
+
+        // Right after a move the Deployment counts 2 ready (old pods); only
+        // 1 pod of the new type is.
+        let moving = Deployment {
+            status: Some(k8s_openapi::api::apps::v1::DeploymentStatus {
+                replicas: Some(3),
+                ready_replicas: Some(2),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let observed = Observed {
+            deployment: Some(&moving),
+            ready_pods: Some(1),
+            ..Default::default()
+        };
+        let status = desired_status(&iw, &selection, &observed, &config, &now);
+        assert_eq!(status.ready_replicas, 1);
+        assert_eq!(status.phase, Some(Phase::Degraded));
     }
 }

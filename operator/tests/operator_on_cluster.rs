@@ -6,209 +6,17 @@
 //! device resources named for that test only (`<test>.e2e.rm-abstract.io/atom`
 //! ...), so tests run in parallel and never share capacity.
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::*;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Event, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use kube::runtime::wait::await_condition;
 use rm_crds::{DeviceType, InferenceWorkload, Phase};
-use rm_e2e_testkit::{Cluster, cluster};
+use rm_e2e_testkit::cluster;
 use serde_json::{Value, json};
-
-/// A running `rm-operator` process, killed when dropped.
-struct Operator {
-    child: Child,
-    metrics_port: u16,
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Operator {
-    fn metrics(&self) -> String {
-        let out = Command::new("curl")
-            .args([
-                "-fsS",
-                &format!("http://127.0.0.1:{}/metrics", self.metrics_port),
-            ])
-            .output()
-            .expect("curl");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn counter(&self, name: &str) -> f64 {
-        self.metrics()
-            .lines()
-            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    }
-
-    /// The operator's API writes once they stop growing (a second without
-    /// one, at most 20 s): the start of a steady state.
-    async fn settled_writes(&self) -> f64 {
-        let settle = Instant::now();
-        let mut writes = self.counter("rm_operator_api_writes_total");
-        loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let now = self.counter("rm_operator_api_writes_total");
-            if now == writes || settle.elapsed() > Duration::from_secs(20) {
-                return now;
-            }
-            writes = now;
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let _ = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status();
-    }
-}
-
-/// Resource names private to one test.
-struct Resources {
-    atom: String,
-    rngd: String,
-    gpu: String,
-}
-
-impl Resources {
-    fn new(test: &str) -> Self {
-        let domain = format!("{test}-{}.e2e.rm-abstract.io", std::process::id());
-        Self {
-            atom: format!("{domain}/atom"),
-            rngd: format!("{domain}/rngd"),
-            gpu: format!("{domain}/gpu"),
-        }
-    }
-
-    fn args(&self) -> Vec<String> {
-        vec![
-            format!("--resource-name=rbln={}", self.atom),
-            format!("--resource-name=furiosa={}", self.rngd),
-            format!("--resource-name=gpu={}", self.gpu),
-        ]
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn start_operator(cluster: &Cluster, ns: &str, res: &Resources, extra: &[&str]) -> Operator {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_rm-operator"))
-        .env("KUBECONFIG", &cluster.kubeconfig)
-        .env("RM_LOG", "info,rm_operator=debug,kube=warn")
-        .arg(format!("--namespace={ns}"))
-        .arg(format!("--metrics-addr=127.0.0.1:{port}"))
-        .args(res.args())
-        .args(extra)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start rm-operator");
-    Operator {
-        child,
-        metrics_port: port,
-    }
-}
-
-fn node_name(test: &str, n: &str) -> String {
-    format!("{test}-{n}-{}", std::process::id())
-}
-
-fn workload(name: &str, spec: Value) -> InferenceWorkload {
-    let mut full = json!({
-        "model": {"source": "HuggingFaceTB/SmolLM2-135M-Instruct"},
-        "template": {"spec": {"containers": [{"name": "app", "image": "python:3.12"}]}}
-    });
-    for (k, v) in spec.as_object().expect("object").iter() {
-        full[k] = v.clone();
-    }
-    serde_json::from_value(json!({
-        "apiVersion": "rm-abstract.io/v1alpha1",
-        "kind": "InferenceWorkload",
-        "metadata": {"name": name},
-        "spec": full,
-    }))
-    .expect("workload")
-}
-
-async fn wait_iw(
-    api: &Api<InferenceWorkload>,
-    name: &str,
-    what: &str,
-    secs: u64,
-    cond: impl Fn(&InferenceWorkload) -> bool,
-) -> InferenceWorkload {
-    let found = tokio::time::timeout(
-        Duration::from_secs(secs),
-        await_condition(api.clone(), name, move |iw: Option<&InferenceWorkload>| {
-            iw.is_some_and(&cond)
-        }),
-    )
-    .await;
-    let current = api.get_opt(name).await.ok().flatten();
-    match found {
-        Ok(Ok(Some(iw))) => iw,
-        _ => panic!(
-            "{name}: not {what} within {secs}s; status: {}",
-            serde_json::to_string_pretty(&current.and_then(|i| i.status)).unwrap_or_default()
-        ),
-    }
-}
-
-fn device_of(iw: &InferenceWorkload) -> Option<DeviceType> {
-    iw.status.as_ref()?.device.as_ref().map(|d| d.device_type)
-}
-
-fn phase_of(iw: &InferenceWorkload) -> Option<Phase> {
-    iw.status.as_ref()?.phase
-}
-
-fn condition_reason(iw: &InferenceWorkload, type_: &str) -> Option<String> {
-    iw.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| c.reason.clone())
-}
-
-async fn running_on(
-    api: &Api<InferenceWorkload>,
-    name: &str,
-    device: DeviceType,
-) -> InferenceWorkload {
-    wait_iw(api, name, &format!("Running on {device}"), 60, |iw| {
-        device_of(iw) == Some(device) && phase_of(iw) == Some(Phase::Running)
-    })
-    .await
-}
-
-async fn events_for(client: kube::Client, ns: &str, name: &str) -> Vec<(String, String)> {
-    let events: Api<Event> = Api::namespaced(client, ns);
-    events
-        .list(&ListParams::default())
-        .await
-        .expect("events")
-        .items
-        .into_iter()
-        .filter(|e| e.involved_object.name.as_deref() == Some(name))
-        .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
-        .collect()
-}
 
 #[tokio::test]
 async fn workloads_fill_rbln_then_furiosa_then_gpu_then_cpu() {
@@ -538,29 +346,22 @@ async fn pods_unschedulable_past_the_grace_period_move_to_another_type() {
     let cluster = cluster();
     let test = "grace";
     let res = Resources::new(test);
-    // The ATOM node has room but a taint the workload does not tolerate: the
-    // operator sees capacity, the scheduler cannot use it.
+    // The ATOM node has devices but almost no memory, and the workload asks
+    // for 1Gi: the operator counts devices only (the scheduler's other
+    // filters are its own), so it sees room the scheduler cannot use.
     let atom = node_name(test, "atom");
-    cluster.add_node(&atom, &[(&res.atom, 2)]);
-    let out = cluster
-        .kubectl()
-        .args([
-            "taint",
-            "node",
-            &atom,
-            "dedicated=other:NoSchedule",
-            "--overwrite",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    cluster.add_node(&atom, &[(&res.atom, 2), ("memory", 1)]);
     cluster.add_node(&node_name(test, "gpu"), &[(&res.gpu, 2)]);
     let ns = cluster.namespace(test).await;
     cluster.install_crds().await;
     let _op = start_operator(cluster, &ns, &res, &["--unschedulable-grace=3s"]);
     let client = cluster.client().await;
     let api: Api<InferenceWorkload> = Api::namespaced(client.clone(), &ns);
-    api.create(&PostParams::default(), &workload("stuck", json!({})))
+    let needs_memory = json!({"template": {"spec": {"containers": [{
+        "name": "app", "image": "python:3.12",
+        "resources": {"requests": {"memory": "1Gi"}}
+    }]}}});
+    api.create(&PostParams::default(), &workload("stuck", needs_memory))
         .await
         .unwrap();
     wait_iw(&api, "stuck", "on rbln", 30, |iw| {

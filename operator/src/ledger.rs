@@ -1,0 +1,982 @@
+//! The operator's account of device capacity: what each node offers, what
+//! bound pods hold, and what is promised but not bound yet, kept up to date
+//! from watch events (never rebuilt per reconcile).
+//!
+//! A reconcile decides under the ledger's lock: it reads its view (free
+//! devices on the nodes its template may use, less what other workloads were
+//! promised and what other tenants' queued pods will take), chooses, and
+//! records its own promise (a claim) before the lock is released. So
+//! concurrent reconciles never promise the same device twice, and a burst of
+//! workloads fills each type exactly.
+//!
+//! A claim is the replicas a workload was given on a type and not yet bound,
+//! assumed on the nodes the view had room on (first fit). When one of its
+//! pods binds, the claim shrinks on that node (or, if the scheduler chose
+//! another node, where it assumed most). A workload's next reconcile
+//! recomputes its claim from scratch, so the assumption never drifts.
+//!
+//! Workloads that wait for capacity are queued here too, by priority then
+//! age; devices that free up wake only as many of them as they can serve.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Mutex;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::ResourceExt;
+use rm_crds::{DeviceType, InferenceWorkload, labels};
+
+use crate::capacity::{
+    CapacitySnapshot, NodeCapacity, is_schedulable, is_terminated, node_devices, node_pod_slots,
+    pod_device_requests, whole_replicas,
+};
+use crate::config::OperatorConfig;
+use crate::constraints::{NodeConstraints, NodeFacts};
+use crate::render::DEVICE_TYPE;
+use crate::selection::{Current, NoChoice, Selection, select_device};
+
+/// A workload: namespace and name.
+pub type WorkloadKey = (String, String);
+type PodKey = (String, String);
+
+/// What one node offers and what bound pods hold on it.
+#[derive(Clone, Debug, Default)]
+struct NodeEntry {
+    facts: NodeFacts,
+    schedulable: bool,
+    allocatable: BTreeMap<DeviceType, i64>,
+    pod_slots: Option<i64>,
+    used: BTreeMap<DeviceType, i64>,
+    pods: i64,
+}
+
+/// What the ledger keeps of a pod.
+#[derive(Clone, Debug, PartialEq)]
+struct PodEntry {
+    node: Option<String>,
+    devices: BTreeMap<DeviceType, i64>,
+    /// The InferenceWorkload the pod belongs to (its label).
+    owner: Option<WorkloadKey>,
+    /// The device type its template was made for (our annotation).
+    device_type: Option<DeviceType>,
+}
+
+/// Replicas promised to a workload on one type and not bound yet.
+#[derive(Clone, Debug, PartialEq)]
+struct Claim {
+    device_type: DeviceType,
+    per_replica: i64,
+    /// Replicas assumed on each node.
+    assumed: BTreeMap<String, i64>,
+}
+
+/// Devices and pods held on one node.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Held {
+    devices: BTreeMap<DeviceType, i64>,
+    pods: i64,
+}
+
+/// A workload waiting for capacity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Waiter {
+    /// Higher first (the template's pod priority).
+    pub priority: i32,
+    /// Older first: creation time, seconds.
+    pub created: i64,
+    /// Types it would take, in its order.
+    pub types: Vec<DeviceType>,
+    pub per_replica: i64,
+    /// Replicas it still needs placed.
+    pub replicas: i64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    nodes: BTreeMap<String, NodeEntry>,
+    /// Nodes offering each type, so a view reads only those.
+    by_type: BTreeMap<DeviceType, BTreeSet<String>>,
+    pods: HashMap<PodKey, PodEntry>,
+    /// Workloads' bound pods: devices and pods per node.
+    own_used: HashMap<WorkloadKey, BTreeMap<String, Held>>,
+    /// Unbound pods that request devices.
+    unbound: HashMap<PodKey, PodEntry>,
+    claims: HashMap<WorkloadKey, Claim>,
+    /// All claims' assumed devices and pods, per node.
+    claimed: BTreeMap<String, Held>,
+    waiters: HashMap<WorkloadKey, Waiter>,
+    /// Objects seen since a watch (re)list began: what is not seen again is gone.
+    resync_nodes: Option<BTreeSet<String>>,
+    resync_pods: Option<BTreeSet<PodKey>>,
+}
+
+/// The capacity account; one per operator, shared by all reconciles.
+#[derive(Debug)]
+pub struct Ledger {
+    config: OperatorConfig,
+    state: Mutex<State>,
+}
+
+/// Devices a change made free, per type (the input of wake-ups).
+pub type Freed = BTreeMap<DeviceType, i64>;
+
+impl Ledger {
+    pub fn new(config: OperatorConfig) -> Self {
+        Ledger {
+            config,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// A ledger of lists (tests, `kubectl inference`).
+    pub fn from_lists<'a>(
+        nodes: impl IntoIterator<Item = &'a Node>,
+        pods: impl IntoIterator<Item = &'a Pod>,
+        config: &OperatorConfig,
+    ) -> Self {
+        let ledger = Ledger::new(config.clone());
+        for n in nodes {
+            ledger.apply_node(n);
+        }
+        for p in pods {
+            ledger.apply_pod(p);
+        }
+        ledger
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain counters behind; the
+        // next event or reconcile corrects them, so poisoning is ignored.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A node was added or changed. Returns the devices it made free.
+    pub fn apply_node(&self, node: &Node) -> Freed {
+        let Some(name) = node.metadata.name.clone() else {
+            return Freed::new();
+        };
+        let mut st = self.lock();
+        if let Some(seen) = st.resync_nodes.as_mut() {
+            seen.insert(name.clone());
+        }
+        let before = st.nodes.get(&name).map(|n| n.offered());
+        let entry = st.nodes.entry(name.clone()).or_default();
+        entry.facts = NodeFacts::of(node);
+        entry.schedulable = is_schedulable(node);
+        entry.allocatable = node_devices(node, &self.config);
+        entry.pod_slots = node_pod_slots(node);
+        let after = entry.offered();
+        let types: Vec<DeviceType> = entry.allocatable.keys().copied().collect();
+        for (t, set) in st.by_type.iter_mut() {
+            if !types.contains(t) {
+                set.remove(&name);
+            }
+        }
+        for t in types {
+            st.by_type.entry(t).or_default().insert(name.clone());
+        }
+        increase(before.unwrap_or_default(), after)
+    }
+
+    pub fn delete_node(&self, name: &str) {
+        let mut st = self.lock();
+        st.remove_node(name);
+    }
+
+    /// A watch of nodes starts over (a relist): nodes not applied before
+    /// `end_node_resync` are gone.
+    pub fn begin_node_resync(&self) {
+        self.lock().resync_nodes = Some(BTreeSet::new());
+    }
+
+    pub fn end_node_resync(&self) {
+        let mut st = self.lock();
+        let Some(seen) = st.resync_nodes.take() else {
+            return;
+        };
+        let gone: Vec<String> = st
+            .nodes
+            .keys()
+            .filter(|n| !seen.contains(*n))
+            .cloned()
+            .collect();
+        for n in gone {
+            st.remove_node(&n);
+        }
+    }
+
+    pub fn begin_pod_resync(&self) {
+        self.lock().resync_pods = Some(BTreeSet::new());
+    }
+
+    /// Ends a relist of pods; returns the devices the vanished pods freed.
+    pub fn end_pod_resync(&self) -> Freed {
+        let mut st = self.lock();
+        let Some(seen) = st.resync_pods.take() else {
+            return Freed::new();
+        };
+        let gone: Vec<PodKey> = st
+            .pods
+            .keys()
+            .filter(|k| !seen.contains(*k))
+            .cloned()
+            .collect();
+        let mut freed = Freed::new();
+        for k in gone {
+            add_all(&mut freed, &st.remove_pod(&k));
+        }
+        freed
+    }
+
+    /// A pod was added or changed. Returns the devices it made free (it
+    /// finished, or is being deleted).
+    pub fn apply_pod(&self, pod: &Pod) -> Freed {
+        let (Some(ns), Some(name)) = (pod.namespace(), pod.metadata.name.clone()) else {
+            return Freed::new();
+        };
+        let key = (ns.clone(), name);
+        let mut st = self.lock();
+        if let Some(seen) = st.resync_pods.as_mut() {
+            seen.insert(key.clone());
+        }
+        // A pod being deleted or finished holds its devices no more as far
+        // as choosing goes: they are as good as free.
+        if is_terminated(pod) || pod.metadata.deletion_timestamp.is_some() {
+            return st.remove_pod(&key);
+        }
+        let entry = PodEntry {
+            node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+            devices: pod_device_requests(pod, &self.config),
+            owner: pod
+                .labels()
+                .get(labels::WORKLOAD)
+                .map(|w| (ns.clone(), w.clone())),
+            device_type: pod
+                .annotations()
+                .get(DEVICE_TYPE)
+                .and_then(|t| t.parse().ok()),
+        };
+        if st.pods.get(&key) == Some(&entry) {
+            return Freed::new();
+        }
+        // A change (it was bound, most often) frees nothing.
+        st.take_pod(&key);
+        st.insert_pod(key, entry);
+        Freed::new()
+    }
+
+    pub fn delete_pod(&self, pod: &Pod) -> Freed {
+        let (Some(ns), Some(name)) = (pod.namespace(), pod.metadata.name.clone()) else {
+            return Freed::new();
+        };
+        self.lock().remove_pod(&(ns, name))
+    }
+
+    /// A workload is gone: its claim and place in the queue go with it.
+    pub fn forget(&self, w: &WorkloadKey) -> Freed {
+        let mut st = self.lock();
+        st.waiters.remove(w);
+        st.drop_claim(w)
+    }
+
+    /// Decides for workload `w` under the lock: `choose` gets the capacity
+    /// the workload sees and returns its choice: a promise (type, replicas
+    /// wanted on it, devices per replica) or none, and how it waits if
+    /// replicas stay unplaced. The promise is recorded before the lock is
+    /// released. Also returns the devices its earlier promise held and this
+    /// one no longer does (to wake others with).
+    pub fn decide<T>(
+        &self,
+        w: &WorkloadKey,
+        constraints: &NodeConstraints,
+        types: &[DeviceType],
+        choose: impl FnOnce(&CapacitySnapshot) -> (T, Option<Promise>, Option<Waiter>),
+    ) -> (T, Freed) {
+        let mut st = self.lock();
+        let view = st.view(w, constraints, types);
+        let (out, promise, waiter) = choose(&view);
+        let mut freed = st.drop_claim(w);
+        let unplaced = match promise {
+            // cpu, or a type the cluster has no resource for: nothing to
+            // count, and always room.
+            Some(p) if self.config.resource_name(p.device_type).is_none() => Some(0),
+            Some(p) => {
+                let unplaced = st.claim(w, &view, &p);
+                if let Some(c) = st.claims.get(w) {
+                    let now: i64 = c.assumed.values().sum::<i64>() * c.per_replica;
+                    if let Some(f) = freed.get_mut(&c.device_type) {
+                        *f -= now;
+                    }
+                }
+                Some(unplaced)
+            }
+            None => None,
+        };
+        match (waiter, unplaced) {
+            (Some(mut waiter), Some(n)) if n > 0 => {
+                waiter.replicas = n;
+                st.waiters.insert(w.clone(), waiter);
+            }
+            (Some(waiter), None) => {
+                st.waiters.insert(w.clone(), waiter);
+            }
+            _ => {
+                st.waiters.remove(w);
+            }
+        }
+        freed.retain(|_, n| *n > 0);
+        (out, freed)
+    }
+
+    /// The waiting workloads that `freed` devices can serve, in priority
+    /// order then age, each counted against what it would take.
+    pub fn wake(&self, freed: &Freed) -> Vec<WorkloadKey> {
+        if freed.values().all(|n| *n <= 0) {
+            return vec![];
+        }
+        let st = self.lock();
+        let mut budget = freed.clone();
+        let mut queue: Vec<(&WorkloadKey, &Waiter)> = st.waiters.iter().collect();
+        queue.sort_by(|a, b| {
+            (-a.1.priority, a.1.created, a.0).cmp(&(-b.1.priority, b.1.created, b.0))
+        });
+        let mut woken = vec![];
+        for (w, waiter) in queue {
+            let Some(t) = waiter
+                .types
+                .iter()
+                .find(|t| budget.get(t).copied().unwrap_or(0) >= waiter.per_replica)
+            else {
+                continue;
+            };
+            let left = budget.entry(*t).or_default();
+            let take = (*left / waiter.per_replica).min(waiter.replicas.max(1));
+            *left -= take * waiter.per_replica;
+            woken.push(w.clone());
+            if budget.values().all(|n| *n <= 0) {
+                break;
+            }
+        }
+        woken
+    }
+
+    /// Free capacity as workload `w` sees it, for `kubectl inference` and
+    /// tests (reconciles use `decide`).
+    pub fn view(
+        &self,
+        w: &WorkloadKey,
+        constraints: &NodeConstraints,
+        types: &[DeviceType],
+    ) -> CapacitySnapshot {
+        self.lock().view(w, constraints, types)
+    }
+
+    /// The device selection for a workload, made under the lock with its
+    /// promise recorded: `select_device` on the capacity its template may
+    /// use; it waits in the queue when replicas find no room (never for a
+    /// spec that no capacity fixes).
+    pub fn choose(
+        &self,
+        w: &WorkloadKey,
+        iw: &InferenceWorkload,
+        config: &OperatorConfig,
+        current: Option<&Current>,
+    ) -> (Selection, Freed) {
+        let template_spec = iw.spec.template.as_ref().and_then(|t| t.spec.as_ref());
+        let constraints = NodeConstraints::of(template_spec);
+        let replicas = i64::from(iw.spec.replicas.max(0));
+        let per_replica = i64::from(iw.spec.devices_per_replica.max(1));
+        self.decide(w, &constraints, &DeviceType::ALL, |view| {
+            let selection = select_device(&iw.spec, config, view, current);
+            let waiter = Waiter {
+                priority: template_spec.and_then(|s| s.priority).unwrap_or(0),
+                created: iw
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map_or(0, |t| t.0.as_second()),
+                types: selection.order.clone(),
+                per_replica,
+                replicas,
+            };
+            let promise = selection.chosen().map(|c| Promise {
+                device_type: c.device_type,
+                replicas,
+                per_replica,
+            });
+            let waits = matches!(selection.result, Ok(_) | Err(NoChoice::NoCapacity));
+            (selection, promise, waits.then_some(waiter))
+        })
+    }
+
+    /// Replicas promised and not bound, per type (metrics, tests).
+    pub fn claimed_replicas(&self) -> BTreeMap<DeviceType, i64> {
+        let st = self.lock();
+        let mut out = BTreeMap::new();
+        for c in st.claims.values() {
+            *out.entry(c.device_type).or_default() += c.assumed.values().sum::<i64>();
+        }
+        out
+    }
+
+    /// Workloads waiting for capacity.
+    pub fn waiting(&self) -> usize {
+        self.lock().waiters.len()
+    }
+}
+
+/// What a decision promises: `replicas` of `per_replica` devices on
+/// `device_type`, less those already bound there.
+#[derive(Clone, Debug)]
+pub struct Promise {
+    pub device_type: DeviceType,
+    pub replicas: i64,
+    pub per_replica: i64,
+}
+
+impl NodeEntry {
+    /// Devices offered to new pods: none when cordoned or not Ready.
+    fn offered(&self) -> BTreeMap<DeviceType, i64> {
+        if !self.schedulable {
+            return BTreeMap::new();
+        }
+        self.allocatable
+            .iter()
+            .map(|(t, n)| (*t, n - self.used.get(t).copied().unwrap_or(0)))
+            .collect()
+    }
+}
+
+impl State {
+    fn remove_node(&mut self, name: &str) {
+        self.nodes.remove(name);
+        for set in self.by_type.values_mut() {
+            set.remove(name);
+        }
+    }
+
+    fn insert_pod(&mut self, key: PodKey, entry: PodEntry) {
+        match &entry.node {
+            Some(node) => {
+                let n = self.nodes.entry(node.clone()).or_default();
+                n.pods += 1;
+                for (t, d) in &entry.devices {
+                    *n.used.entry(*t).or_default() += d;
+                }
+                if let Some(owner) = &entry.owner {
+                    let mine = self
+                        .own_used
+                        .entry(owner.clone())
+                        .or_default()
+                        .entry(node.clone())
+                        .or_default();
+                    mine.pods += 1;
+                    add_all(&mut mine.devices, &entry.devices);
+                    // Bound: one replica of the claim is now a pod.
+                    if let Some(t) = entry.device_type
+                        && entry.devices.contains_key(&t)
+                    {
+                        self.claim_bound(owner, t, node);
+                    }
+                }
+            }
+            None if !entry.devices.is_empty() => {
+                self.unbound.insert(key.clone(), entry.clone());
+            }
+            None => {}
+        }
+        self.pods.insert(key, entry);
+    }
+
+    /// The pod leaves: returns the devices that frees (a queued pod's
+    /// too: what it would have taken is free again).
+    fn remove_pod(&mut self, key: &PodKey) -> Freed {
+        self.take_pod(key).map(|e| e.devices).unwrap_or_default()
+    }
+
+    /// Takes the pod out of every count.
+    fn take_pod(&mut self, key: &PodKey) -> Option<PodEntry> {
+        let entry = self.pods.remove(key)?;
+        self.unbound.remove(key);
+        let Some(node) = &entry.node else {
+            return Some(entry);
+        };
+        if let Some(n) = self.nodes.get_mut(node) {
+            n.pods -= 1;
+            sub_all(&mut n.used, &entry.devices);
+        }
+        if let Some(owner) = &entry.owner
+            && let Some(by_node) = self.own_used.get_mut(owner)
+        {
+            if let Some(mine) = by_node.get_mut(node) {
+                mine.pods -= 1;
+                sub_all(&mut mine.devices, &entry.devices);
+                if mine.pods <= 0 {
+                    by_node.remove(node);
+                }
+            }
+            if by_node.is_empty() {
+                self.own_used.remove(owner);
+            }
+        }
+        Some(entry)
+    }
+
+    fn claim_bound(&mut self, owner: &WorkloadKey, t: DeviceType, node: &str) {
+        let Some(claim) = self.claims.get_mut(owner).filter(|c| c.device_type == t) else {
+            return;
+        };
+        // Where the scheduler put it, else where most were assumed.
+        let at = if claim.assumed.get(node).copied().unwrap_or(0) > 0 {
+            node.to_string()
+        } else {
+            match claim.assumed.iter().max_by_key(|(_, n)| **n) {
+                Some((n, _)) => n.clone(),
+                None => return,
+            }
+        };
+        let per = claim.per_replica;
+        if let Some(n) = claim.assumed.get_mut(&at) {
+            *n -= 1;
+            if *n <= 0 {
+                claim.assumed.remove(&at);
+            }
+        }
+        let held = self.claimed.entry(at).or_default();
+        *held.devices.entry(t).or_default() -= per;
+        held.pods -= 1;
+    }
+
+    fn drop_claim(&mut self, w: &WorkloadKey) -> Freed {
+        let Some(claim) = self.claims.remove(w) else {
+            return Freed::new();
+        };
+        let mut freed = Freed::new();
+        for (node, n) in &claim.assumed {
+            let held = self.claimed.entry(node.clone()).or_default();
+            *held.devices.entry(claim.device_type).or_default() -= n * claim.per_replica;
+            held.pods -= n;
+            *freed.entry(claim.device_type).or_default() += n * claim.per_replica;
+        }
+        freed
+    }
+
+    /// Records the promise on the view's nodes (first fit, in name order);
+    /// returns the replicas that found no room.
+    fn claim(&mut self, w: &WorkloadKey, view: &CapacitySnapshot, p: &Promise) -> i64 {
+        let per = p.per_replica.max(1);
+        let bound: i64 = self
+            .own_used
+            .get(w)
+            .map(|by_node| {
+                by_node
+                    .values()
+                    .map(|h| h.devices.get(&p.device_type).copied().unwrap_or(0) / per)
+                    .sum()
+            })
+            .unwrap_or(0);
+        let mut left = (p.replicas - bound).max(0);
+        // Queued foreign pods take their share first (they are older).
+        let mut queued = whole_replicas(
+            view.claimed_unbound
+                .get(&p.device_type)
+                .copied()
+                .unwrap_or(0),
+            per,
+        );
+        let mut assumed = BTreeMap::new();
+        for n in &view.nodes {
+            if left == 0 {
+                break;
+            }
+            let by_devices = n.free.get(&p.device_type).copied().unwrap_or(0).max(0) / per;
+            let mut room = n.pod_room.map_or(by_devices, |r| by_devices.min(r.max(0)));
+            let skip = room.min(queued);
+            queued -= skip;
+            room -= skip;
+            let take = room.min(left);
+            if take > 0 {
+                assumed.insert(n.name.clone(), take);
+                left -= take;
+            }
+        }
+        for (node, n) in &assumed {
+            let held = self.claimed.entry(node.clone()).or_default();
+            *held.devices.entry(p.device_type).or_default() += n * per;
+            held.pods += n;
+        }
+        if !assumed.is_empty() {
+            self.claims.insert(
+                w.clone(),
+                Claim {
+                    device_type: p.device_type,
+                    per_replica: per,
+                    assumed,
+                },
+            );
+        }
+        left
+    }
+
+    fn view(
+        &self,
+        w: &WorkloadKey,
+        constraints: &NodeConstraints,
+        types: &[DeviceType],
+    ) -> CapacitySnapshot {
+        let own_claim = self.claims.get(w);
+        let own_used = self.own_used.get(w);
+        let names: BTreeSet<&String> = types
+            .iter()
+            .filter_map(|t| self.by_type.get(t))
+            .flatten()
+            .collect();
+        let mut nodes = Vec::with_capacity(names.len());
+        for name in names {
+            let Some(n) = self.nodes.get(name) else {
+                continue;
+            };
+            if !n.schedulable || constraints.check(&n.facts).is_some() {
+                continue;
+            }
+            let claimed = self.claimed.get(name).cloned().unwrap_or_default();
+            let mine = own_used.and_then(|m| m.get(name));
+            let mine_claimed = own_claim.and_then(|c| c.assumed.get(name).map(|r| (c, *r)));
+            let mut free = BTreeMap::new();
+            for (t, alloc) in &n.allocatable {
+                let mut f = alloc
+                    - n.used.get(t).copied().unwrap_or(0)
+                    - claimed.devices.get(t).copied().unwrap_or(0);
+                // The workload's own pods and promise are free for itself:
+                // re-deciding must not see its replicas as someone else's.
+                f += mine.and_then(|m| m.devices.get(t)).copied().unwrap_or(0);
+                if let Some((c, r)) = mine_claimed.filter(|(c, _)| c.device_type == *t) {
+                    f += r * c.per_replica;
+                }
+                free.insert(*t, f);
+            }
+            let pod_room = n.pod_slots.map(|slots| {
+                slots - n.pods - claimed.pods
+                    + mine.map_or(0, |m| m.pods)
+                    + mine_claimed.map_or(0, |(_, r)| r)
+            });
+            nodes.push(NodeCapacity {
+                name: name.clone(),
+                allocatable: n.allocatable.clone(),
+                free,
+                pod_room,
+            });
+        }
+        let mut claimed_unbound = BTreeMap::new();
+        for p in self.unbound.values() {
+            // The workload's own queued pods are its claim, counted above;
+            // other workloads' are counted by their claims, unless they have
+            // none on that type (after a restart, before they reconcile).
+            let counted = match &p.owner {
+                Some(o) if o == w => true,
+                Some(o) => self
+                    .claims
+                    .get(o)
+                    .is_some_and(|c| p.devices.contains_key(&c.device_type)),
+                None => false,
+            };
+            if !counted {
+                add_all(&mut claimed_unbound, &p.devices);
+            }
+        }
+        CapacitySnapshot {
+            nodes,
+            claimed_unbound,
+        }
+    }
+}
+
+fn add_all(into: &mut BTreeMap<DeviceType, i64>, from: &BTreeMap<DeviceType, i64>) {
+    for (t, n) in from {
+        *into.entry(*t).or_default() += n;
+    }
+}
+
+fn sub_all(from: &mut BTreeMap<DeviceType, i64>, what: &BTreeMap<DeviceType, i64>) {
+    for (t, n) in what {
+        *from.entry(*t).or_default() -= n;
+    }
+    from.retain(|_, n| *n != 0);
+}
+
+/// Per type, how much `after` offers beyond `before`.
+fn increase(before: BTreeMap<DeviceType, i64>, after: BTreeMap<DeviceType, i64>) -> Freed {
+    after
+        .into_iter()
+        .filter_map(|(t, n)| {
+            let more = n.max(0) - before.get(&t).copied().unwrap_or(0).max(0);
+            (more > 0).then_some((t, more))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capacity::tests::node;
+    use crate::selection::Decision;
+    use serde_json::json;
+
+    const ATOM: &str = "rebellions.ai/ATOM";
+    const GPU: &str = "nvidia.com/gpu";
+
+    fn workload(name: &str, spec: serde_json::Value) -> InferenceWorkload {
+        let mut spec = spec;
+        spec["model"] = json!({"source": "org/m"});
+        if spec.get("template").is_none() {
+            spec["template"] = json!({"spec": {"containers": [{"name": "app"}]}});
+        }
+        serde_json::from_value(json!({
+            "apiVersion": "rm-abstract.io/v1alpha1", "kind": "InferenceWorkload",
+            "metadata": {"name": name, "namespace": "ns", "creationTimestamp": format!("2026-01-01T00:00:{:02}Z", name.len() % 60)},
+            "spec": spec
+        }))
+        .unwrap()
+    }
+
+    fn key(name: &str) -> WorkloadKey {
+        ("ns".into(), name.into())
+    }
+
+    fn choose(l: &Ledger, name: &str, spec: serde_json::Value) -> Selection {
+        l.choose(
+            &key(name),
+            &workload(name, spec),
+            &OperatorConfig::default(),
+            None,
+        )
+        .0
+    }
+
+    fn chosen_type(s: &Selection) -> Option<DeviceType> {
+        s.chosen().map(|c| c.device_type)
+    }
+
+    /// A pod of workload `w` made for `t`, bound to `node` or queued.
+    fn own_pod(w: &str, i: usize, t: DeviceType, node: Option<&str>) -> Pod {
+        let resource = OperatorConfig::default()
+            .resource_name(t)
+            .unwrap()
+            .to_string();
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("{w}-{i}"), "namespace": "ns",
+                "labels": {labels::WORKLOAD: w}, "annotations": {DEVICE_TYPE: t.as_str()}},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "resources": {"limits": {resource: "1"}}}]},
+            "status": {"phase": "Pending"}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_burst_fills_each_type_exactly_once() {
+        let nodes = [
+            node("atom-1", &[(ATOM, 4)]),
+            node("atom-2", &[(ATOM, 4)]),
+            node("gpu-1", &[(GPU, 8)]),
+            node("gpu-2", &[(GPU, 8)]),
+        ];
+        let l = Ledger::from_lists(&nodes, [], &OperatorConfig::default());
+        let picks: Vec<_> = (0..20)
+            .map(|i| chosen_type(&choose(&l, &format!("w{i}"), json!({"device": "auto"}))))
+            .collect();
+        let count = |t| picks.iter().filter(|p| **p == Some(t)).count();
+        assert_eq!(count(DeviceType::Rbln), 8, "{picks:?}");
+        assert_eq!(count(DeviceType::Gpu), 12, "{picks:?}");
+        assert_eq!(
+            l.claimed_replicas(),
+            [(DeviceType::Rbln, 8), (DeviceType::Gpu, 12)].into()
+        );
+        // Re-deciding a workload sees its own promise as its own.
+        let again = choose(&l, "w0", json!({"device": "auto"}));
+        assert_eq!(
+            chosen_type(&again),
+            Some(DeviceType::Rbln),
+            "{}",
+            again.message
+        );
+        assert_eq!(l.claimed_replicas()[&DeviceType::Rbln], 8);
+    }
+
+    #[test]
+    fn a_bound_pod_turns_its_promise_into_use() {
+        let l = Ledger::from_lists(&[node("a", &[(ATOM, 2)])], [], &OperatorConfig::default());
+        choose(&l, "w", json!({"device": "auto", "replicas": 2}));
+        assert_eq!(l.claimed_replicas()[&DeviceType::Rbln], 2);
+        l.apply_pod(&own_pod("w", 0, DeviceType::Rbln, None));
+        assert_eq!(
+            l.claimed_replicas()[&DeviceType::Rbln],
+            2,
+            "queued: still a promise"
+        );
+        l.apply_pod(&own_pod("w", 0, DeviceType::Rbln, Some("a")));
+        assert_eq!(l.claimed_replicas()[&DeviceType::Rbln], 1);
+        let other = l.view(
+            &key("other"),
+            &NodeConstraints::default(),
+            &[DeviceType::Rbln],
+        );
+        assert_eq!(
+            other.free_devices(DeviceType::Rbln),
+            0,
+            "one bound, one promised"
+        );
+        // Its next decision counts the bound replica as placed.
+        choose(&l, "w", json!({"device": "auto", "replicas": 2}));
+        assert_eq!(l.claimed_replicas()[&DeviceType::Rbln], 1);
+        // Deleting the pod frees its device.
+        let freed = l.delete_pod(&own_pod("w", 0, DeviceType::Rbln, Some("a")));
+        assert_eq!(freed, [(DeviceType::Rbln, 1)].into());
+    }
+
+    #[test]
+    fn the_template_decides_which_nodes_count() {
+        let mut tainted = node("atom", &[(ATOM, 4)]);
+        tainted.spec = Some(
+            serde_json::from_value(
+                json!({"taints": [{"key": "dedicated", "value": "batch", "effect": "NoSchedule"}]}),
+            )
+            .unwrap(),
+        );
+        let mut gpu = node("gpu", &[(GPU, 4)]);
+        gpu.metadata.labels = Some([("pool".to_string(), "gpu".to_string())].into());
+        let l = Ledger::from_lists(&[tainted, gpu], [], &OperatorConfig::default());
+        let plain = choose(&l, "plain", json!({"device": "auto"}));
+        assert_eq!(
+            chosen_type(&plain),
+            Some(DeviceType::Gpu),
+            "the ATOM node is tainted"
+        );
+        let tolerant = choose(
+            &l,
+            "tolerant",
+            json!({"device": "auto", "template": {"spec": {"containers": [{"name": "app"}],
+                "tolerations": [{"key": "dedicated", "operator": "Exists"}]}}}),
+        );
+        assert_eq!(chosen_type(&tolerant), Some(DeviceType::Rbln));
+        let pinned = choose(
+            &l,
+            "pinned",
+            json!({"device": "auto", "template": {"spec": {"containers": [{"name": "app"}],
+                "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+                "nodeSelector": {"pool": "gpu"}}}}),
+        );
+        assert_eq!(
+            chosen_type(&pinned),
+            Some(DeviceType::Gpu),
+            "{}",
+            pinned.message
+        );
+    }
+
+    #[test]
+    fn queued_pods_of_other_tenants_take_their_devices_first() {
+        let foreign: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "training", "namespace": "other"},
+            "spec": {"containers": [{"name": "c", "resources": {"limits": {ATOM: "3"}}}]},
+            "status": {"phase": "Pending"}
+        }))
+        .unwrap();
+        let l = Ledger::from_lists(
+            &[node("a", &[(ATOM, 4)]), node("g", &[(GPU, 4)])],
+            [&foreign],
+            &OperatorConfig::default(),
+        );
+        let s = choose(&l, "w", json!({"device": "auto", "replicas": 2}));
+        assert_eq!(chosen_type(&s), Some(DeviceType::Gpu), "{}", s.message);
+        // The queued pod goes away: its devices wake a waiter.
+        let freed = l.delete_pod(&foreign);
+        assert_eq!(freed, [(DeviceType::Rbln, 3)].into());
+    }
+
+    #[test]
+    fn freed_devices_wake_only_as_many_waiters_as_they_serve() {
+        let config = OperatorConfig {
+            cpu_fallback: false,
+            ..OperatorConfig::default()
+        };
+        let l = Ledger::from_lists(&[node("a", &[(ATOM, 0)])], [], &config);
+        let mut names = vec![];
+        for i in 0..10 {
+            let name = format!("waiter-{i:02}");
+            let mut iw = workload(&name, json!({"device": "rbln"}));
+            iw.metadata.creation_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    jiff::Timestamp::from_second(1_000 + i).unwrap(),
+                ));
+            if i == 7 {
+                iw.spec
+                    .template
+                    .as_mut()
+                    .unwrap()
+                    .spec
+                    .as_mut()
+                    .unwrap()
+                    .priority = Some(100);
+            }
+            let (s, _) = l.choose(&key(&name), &iw, &config, None);
+            assert_eq!(s.chosen().map(|c| c.decision), Some(Decision::Explicit));
+            names.push(name);
+        }
+        assert_eq!(l.waiting(), 10);
+        let woken = l.wake(&[(DeviceType::Rbln, 1)].into());
+        assert_eq!(woken, [key("waiter-07")], "the highest priority first");
+        let woken = l.wake(&[(DeviceType::Rbln, 2)].into());
+        assert_eq!(
+            woken,
+            [key("waiter-07"), key("waiter-00")],
+            "then the oldest"
+        );
+        assert!(
+            l.wake(&[(DeviceType::Gpu, 4)].into()).is_empty(),
+            "nobody waits for gpu"
+        );
+    }
+
+    #[test]
+    fn a_relist_drops_what_is_gone() {
+        let l = Ledger::from_lists(&[node("a", &[(ATOM, 2)])], [], &OperatorConfig::default());
+        let pod = own_pod("w", 0, DeviceType::Rbln, Some("a"));
+        l.apply_pod(&pod);
+        let all = |l: &Ledger| l.view(&key("x"), &NodeConstraints::default(), &[DeviceType::Rbln]);
+        assert_eq!(all(&l).free_devices(DeviceType::Rbln), 1);
+        l.begin_pod_resync();
+        let freed = l.end_pod_resync();
+        assert_eq!(freed, [(DeviceType::Rbln, 1)].into());
+        assert_eq!(all(&l).free_devices(DeviceType::Rbln), 2);
+        l.begin_node_resync();
+        l.end_node_resync();
+        assert_eq!(
+            all(&l).free_devices(DeviceType::Rbln),
+            0,
+            "the node is gone"
+        );
+    }
+
+    #[test]
+    fn a_full_node_by_pod_count_holds_no_replica() {
+        let mut n = node("a", &[(ATOM, 4)]);
+        n.status
+            .as_mut()
+            .unwrap()
+            .allocatable
+            .as_mut()
+            .unwrap()
+            .insert(
+                "pods".into(),
+                k8s_openapi::apimachinery::pkg::api::resource::Quantity("1".into()),
+            );
+        let busy: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "other"},
+            "spec": {"nodeName": "a", "containers": [{"name": "c"}]},
+            "status": {"phase": "Running"}
+        }))
+        .unwrap();
+        let l = Ledger::from_lists(&[n], [&busy], &OperatorConfig::default());
+        let v = l.view(&key("w"), &NodeConstraints::default(), &[DeviceType::Rbln]);
+        assert_eq!(v.replicas_that_fit(DeviceType::Rbln, 1), 0);
+    }
+}
