@@ -10,7 +10,7 @@ pub mod workload;
 pub use device::{DeviceRequest, DeviceStringError, DeviceType, Priority};
 pub use workload::{
     CompileOptions, DeviceStatus, GROUP, InferenceWorkload, InferenceWorkloadSpec,
-    InferenceWorkloadStatus, ModelSpec, Phase, Precision, ServeSpec,
+    InferenceWorkloadStatus, ModelSpec, Phase, Placement, Precision, ServeSpec, TypePlacement,
 };
 
 /// Labels and annotations under the `rm-abstract.io` prefix.
@@ -22,4 +22,7 @@ pub mod labels {
     /// On a pod: the workload's `spec.compile` as JSON, passed on to the
     /// container as `RM_COMPILE_OPTIONS` by the webhook.
     pub const COMPILE_OPTIONS: &str = "rm-abstract.io/compile-options";
+    /// On a spread workload's pods and Deployments: the device type (each
+    /// type's Deployment selects its own pods by it).
+    pub const DEVICE_TYPE: &str = "rm-abstract.io/device-type";
 }

@@ -154,6 +154,40 @@ pub struct InferenceWorkloadSpec {
     /// the defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serve: Option<ServeSpec>,
+
+    /// How replicas are placed when the first type with room cannot hold
+    /// them all. `single` (default): all on one type (the first with room
+    /// for all, else the one with room for the most). `spread`: as many as
+    /// fit on each type in priority order, one Deployment per type;
+    /// scaling up places the new replicas, never moves running ones.
+    #[serde(default, skip_serializing_if = "Placement::is_single")]
+    pub placement: Placement,
+
+    /// Move to a higher-priority device type once it has room for every
+    /// replica (`placement: single`). Off by default: running replicas stay
+    /// where they are. The move rolls one replica at a time, each new
+    /// replica Ready before an old one goes, so the workload never serves
+    /// with fewer ready replicas than before; it waits until all replicas
+    /// are ready, and only ever goes up the priority list.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub move_up: bool,
+}
+
+/// `spec.placement`.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    #[default]
+    Single,
+    Spread,
+}
+
+impl Placement {
+    pub fn is_single(&self) -> bool {
+        *self == Placement::Single
+    }
 }
 
 /// Name of the serving container the operator adds for `spec.serve`.
@@ -352,10 +386,25 @@ pub struct InferenceWorkloadStatus {
     /// set while a served workload has ready pods behind its Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// Replicas per device type (more than one with `placement: spread`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub placements: Vec<TypePlacement>,
     /// `DeviceSelected`, `Compiled`, `Available` and, with `spec.serve`, `Serving`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+}
+
+/// Replicas of a workload on one device type.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TypePlacement {
+    #[serde(rename = "type")]
+    pub device_type: DeviceType,
+    /// Replicas placed on the type (its Deployment's).
+    pub replicas: i32,
+    pub ready_replicas: i32,
 }
 
 /// The device choice and why it was made.

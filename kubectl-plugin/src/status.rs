@@ -56,7 +56,15 @@ pub fn workload_row(
         row.push(iw.namespace().unwrap_or_default().into());
     }
     row.push(iw.name_any().into());
+    // Spread over several types: each with its replicas ("rbln:1,gpu:7").
+    let placements = status.map(|s| s.placements.as_slice()).unwrap_or_default();
     row.push(match device {
+        Some(_) if placements.len() > 1 => placements
+            .iter()
+            .map(|p| format!("{}:{}", p.device_type, p.replicas))
+            .collect::<Vec<_>>()
+            .join(",")
+            .into(),
         Some(d) => d.device_type.to_string().into(),
         None => Cell::new("<none>", Tone::Dim),
     });
@@ -296,6 +304,20 @@ pub fn workload_detail(
         None => "<none yet>".into(),
     };
     field(&mut out, "Device:", &chosen);
+    let placements = status.map(|s| s.placements.as_slice()).unwrap_or_default();
+    if placements.len() > 1 {
+        let split = placements
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} {}/{} ready",
+                    p.device_type, p.ready_replicas, p.replicas
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        field(&mut out, "Spread:", &split);
+    }
     let ready = status.map_or(0, |s| s.ready_replicas);
     field(
         &mut out,
@@ -676,6 +698,30 @@ Pods:
   llama-abc   1/1     Running         atom-1   rebellions.ai/ATOM=1   2m
   llama-def   0/1     Unschedulable   <none>   rebellions.ai/ATOM=1   30s
 "
+        );
+    }
+
+    #[test]
+    fn a_spread_workload_shows_its_replicas_per_type() {
+        let spread = workload(
+            "wide",
+            json!({"replicas": 8, "placement": "spread"}),
+            json!({
+                "phase": "Running", "replicas": 8, "readyReplicas": 8,
+                "device": {"type": "rbln", "resourceName": "rebellions.ai/ATOM", "count": 1, "reason": "spread"},
+                "placements": [
+                    {"type": "rbln", "replicas": 1, "readyReplicas": 1},
+                    {"type": "gpu", "replicas": 7, "readyReplicas": 6}
+                ]
+            }),
+        );
+        let t = workload_table(&[spread], false, false, now());
+        let text = t.render(Paint::Plain);
+        let row = text.lines().nth(1).unwrap();
+        assert_eq!(
+            row.split_whitespace().nth(1),
+            Some("rbln:1,gpu:7"),
+            "{text}"
         );
     }
 }

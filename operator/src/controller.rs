@@ -1,12 +1,14 @@
 //! The InferenceWorkload controller: watches workloads, their Deployments,
-//! and the nodes and pods that make up free capacity; reconciles each
-//! workload into a Deployment on the device type `selection` picks.
+//! and the nodes and pods that make up free capacity (the ledger);
+//! reconciles each workload into Deployments on the device types
+//! `selection` picks (one, or one per type with `placement: spread`).
 //!
 //! A reconcile reads only from the watch caches and writes only what changed:
 //! the Deployment (and, for served workloads, the Service) when its rendered
 //! hash differs, the status when it differs, an Event when the decision
 //! changes. At steady state it writes nothing.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +23,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
-use rm_crds::{InferenceWorkload, labels};
+use rm_crds::{DeviceType, InferenceWorkload, Placement, TypePlacement, labels};
 use serde_json::json;
 
 use crate::config::OperatorConfig;
@@ -31,12 +33,13 @@ use crate::own_writes::OwnStatusWrites;
 use crate::own_writes::{OwnDeploymentWrites, RejectedDeployments};
 use crate::placement::{
     Unschedulable, current_placement, deployed_device_type, failing_pods, is_for_device_type,
-    is_own_pod, ready_pods,
+    is_own_pod, ready_pods, unschedulable_pods,
 };
-use crate::render::{is_current, render_deployment};
-use crate::selection::{Decision, Selection};
+use crate::render::{deployment_name, deployment_names, is_current, render_part};
+use crate::selection::{Decision, Parts, Selection};
 use crate::serve::{is_controlled_by, render_service, service_is_current};
 use crate::status::{DeploymentError, Observed, ServiceState, desired_status};
+use crate::workload_pods::WorkloadPods;
 
 /// Field manager of every write the operator makes (server-side apply).
 pub const FIELD_MANAGER: &str = "rm-operator";
@@ -49,7 +52,8 @@ pub struct Context {
     pub ledger: Arc<Ledger>,
     /// Reconcile requests for workloads woken by a reconcile.
     pub wake: futures::channel::mpsc::UnboundedSender<ObjectRef<InferenceWorkload>>,
-    pub pods: Store<Pod>,
+    /// Each workload's own pods (readiness, failures, placement).
+    pub pods: Arc<WorkloadPods>,
     pub deployments: Store<Deployment>,
     /// Services of served workloads (labelled with the workload).
     pub services: Store<Service>,
@@ -118,15 +122,14 @@ pub async fn run(
     // Nodes live in the ledger only (capacity, labels, taints).
     let ledger = Arc::new(Ledger::new(config.clone()));
     let node_stream = watcher(nodes_api, watcher::Config::default()).default_backoff();
-    let (pods, pod_writer) = reflector::store();
-    // Finished pods hold no devices; leave them out of the cache.
+    // Finished pods hold no devices; leave them out.
     let pod_config =
         watcher::Config::default().fields("status.phase!=Succeeded,status.phase!=Failed");
     let slim_config = config.clone();
     let pod_stream = watcher(pods_api, pod_config)
         .default_backoff()
-        .modify(move |p| slim_pod(p, &slim_config))
-        .reflect(pod_writer);
+        .modify(move |p| slim_pod(p, &slim_config));
+    let pods = Arc::new(WorkloadPods::default());
     let (deployments, deployment_writer) = reflector::store();
     let deployment_stream = watcher(
         deployments_api,
@@ -208,16 +211,33 @@ pub async fn run(
     let scope_ns = scope.namespace.clone();
     spawn_ledger_feed(pod_stream, trigger.clone(), pods_synced, {
         let ledger = ledger.clone();
+        let pods = pods.clone();
         move |ev: watcher::Event<Pod>| {
             let (own, freed) = match ev {
                 watcher::Event::Init => {
                     ledger.begin_pod_resync();
+                    pods.begin_resync();
                     (None, Freed::new())
                 }
-                watcher::Event::InitApply(p) => (None, ledger.apply_pod(&p)),
-                watcher::Event::InitDone => (None, ledger.end_pod_resync()),
-                watcher::Event::Apply(p) => (own_workload(&p), ledger.apply_pod(&p)),
-                watcher::Event::Delete(p) => (own_workload(&p), ledger.delete_pod(&p)),
+                watcher::Event::InitApply(p) => {
+                    let freed = ledger.apply_pod(&p);
+                    pods.apply(p);
+                    (None, freed)
+                }
+                watcher::Event::InitDone => {
+                    pods.end_resync();
+                    (None, ledger.end_pod_resync())
+                }
+                watcher::Event::Apply(p) => {
+                    let freed = ledger.apply_pod(&p);
+                    let own = own_workload(&p);
+                    pods.apply(p);
+                    (own, freed)
+                }
+                watcher::Event::Delete(p) => {
+                    pods.delete(&p);
+                    (own_workload(&p), ledger.delete_pod(&p))
+                }
             };
             let mut refs: Vec<_> = own.into_iter().collect();
             refs.extend(wake_refs(&ledger, &freed));
@@ -238,7 +258,6 @@ pub async fn run(
     let _ = tokio::join!(
         node_sync,
         pod_sync,
-        pods.wait_until_ready(),
         deployments.wait_until_ready(),
         services.wait_until_ready()
     );
@@ -382,12 +401,12 @@ fn owner_workload(
     Some(ObjectRef::new(&owner.name).within(meta.namespace.as_deref()?))
 }
 
-/// Keeps only what capacity, placement and triggers read of a pod: the
-/// cache holds every pod of the cluster, and every reconcile walks it, so
-/// the rest is dropped, down to the containers' non-device resources.
+/// Keeps only what capacity, placement and triggers read of a pod: every
+/// pod of the cluster passes through the watch, and workloads' pods are
+/// kept, so the rest is dropped, down to the containers' non-device
+/// resources.
 fn slim_pod(p: &mut Pod, config: &OperatorConfig) {
     use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus, ResourceRequirements};
-    use std::collections::BTreeMap;
     let devices_only = |m: &Option<BTreeMap<String, Quantity>>| {
         m.as_ref()
             .map(|m| {
@@ -499,40 +518,67 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
     let ns = iw.namespace().ok_or(Error::NoNamespace)?;
     let name = iw.name_any();
     let now = jiff::Timestamp::now();
-    let pods = ctx.pods.state();
-    let oref = ObjectRef::new(&name).within(&ns);
-    // Our own last write when the cache has not caught up with it: a
-    // lagging cache must not look like "no Deployment" (a fresh choice).
-    let cached = ctx
-        .deployments
-        .get(&ObjectRef::<Deployment>::new(&name).within(&ns));
-    let existing = ctx.applied.newest(&oref, cached.as_deref());
-    let (current, unschedulable) = match existing
+    let key: WorkloadKey = (ns.clone(), name.clone());
+    let pods = ctx.pods.of(&key);
+    let spread = iw.spec.placement == Placement::Spread;
+    // The Deployments the workload owns, by name: our own last write where
+    // the cache has not caught up with it (a lagging cache must not look
+    // like "no Deployment", a fresh choice with no grace).
+    let owned: BTreeMap<String, Deployment> = deployment_names(&name)
+        .filter_map(|n| {
+            let dref = ObjectRef::<Deployment>::new(&n).within(&ns);
+            let cached = ctx.deployments.get(&dref);
+            let d = ctx.applied.newest(&dref, cached.as_deref())?;
+            is_controlled_by(&d.metadata, &iw).then_some((n, d))
+        })
+        .collect();
+    let whole = owned.get(&name).cloned();
+    let (current, unschedulable) = match whole
         .as_ref()
+        .filter(|_| !spread)
         .and_then(|d| current_placement(&iw, d, pods.iter().map(AsRef::as_ref), now))
     {
         Some((current, unschedulable)) => (Some(current), unschedulable),
         None => (None, None),
     };
-    let selection = decide(&iw, &ns, &name, current.as_ref(), &ctx);
-    let failing = failing_pods(
-        pods.iter().map(AsRef::as_ref).filter(|p| {
-            is_own_pod(p, &iw)
-                && selection
-                    .chosen()
-                    .is_some_and(|c| is_for_device_type(p, c.device_type))
-        }),
-        now,
-    );
+    // Replicas each type holds now, for `spread` (which never moves them).
+    let current_parts: BTreeMap<DeviceType, u32> = DeviceType::ALL
+        .into_iter()
+        .filter_map(|t| {
+            let d = owned.get(&deployment_name(&name, Some(t)))?;
+            Some((t, u32::try_from(d.spec.replicas.unwrap_or(0)).unwrap_or(0)))
+        })
+        .collect();
+    let (selection, parts) = decide(&iw, &key, current.as_ref(), &current_parts, &ctx);
+    let part_types: Vec<DeviceType> = parts.iter().map(|(c, _)| c.device_type).collect();
+    let of_part_types =
+        |p: &&Pod| is_own_pod(p, &iw) && part_types.iter().any(|t| is_for_device_type(p, *t));
+    let failing = failing_pods(pods.iter().map(AsRef::as_ref).filter(of_part_types), now);
+    let unschedulable = if spread {
+        unschedulable_pods(pods.iter().map(AsRef::as_ref).filter(of_part_types), now)
+    } else {
+        unschedulable
+    };
 
     let mut deployment_error = None;
-    let mut deployment = existing.clone();
-    if let Some(chosen) = selection.chosen() {
-        match render_deployment(&iw, chosen, &ctx.config) {
-            Ok(desired) if existing.as_ref().is_some_and(|e| is_current(e, &desired)) => {}
+    let mut applied: BTreeMap<String, Deployment> = BTreeMap::new();
+    for (chosen, replicas) in &parts {
+        let replicas = i32::try_from(*replicas).unwrap_or(i32::MAX);
+        let dname = deployment_name(&name, spread.then_some(chosen.device_type));
+        let dref = ObjectRef::<Deployment>::new(&dname).within(&ns);
+        let existing = owned.get(&dname);
+        // A move up rolls with a surge until no pod of another type is
+        // left, so that the ready count never drops.
+        let surge = iw.spec.move_up
+            && (matches!(chosen.decision, Decision::MovedUp { .. })
+                || pods
+                    .iter()
+                    .any(|p| !is_for_device_type(p, chosen.device_type)));
+        match render_part(&iw, chosen, replicas, spread, surge, &ctx.config) {
+            Ok(desired) if existing.is_some_and(|e| is_current(e, &desired)) => {}
             // Refused as it is: sending it again changes nothing until the
             // spec does (every capacity event would re-send it).
-            Ok(desired) if let Some(err) = ctx.rejected.get(&oref, &desired) => {
+            Ok(desired) if let Some(err) = ctx.rejected.get(&dref, &desired) => {
                 deployment_error = Some(err);
             }
             Ok(desired) => {
@@ -540,17 +586,17 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
                 ctx.metrics.write("deployment");
                 match api
                     .patch(
-                        &name,
+                        &dname,
                         &PatchParams::apply(FIELD_MANAGER).force(),
                         &Patch::Apply(&desired),
                     )
                     .await
                 {
                     Ok(d) => {
-                        tracing::info!(workload = %name, namespace = %ns, device = %chosen.device_type, "applied Deployment");
-                        ctx.applied.record(&oref, &d);
-                        ctx.rejected.forget(&oref);
-                        deployment = Some(d);
+                        tracing::info!(workload = %name, namespace = %ns, deployment = %dname, device = %chosen.device_type, replicas, "applied Deployment");
+                        ctx.applied.record(&dref, &d);
+                        ctx.rejected.forget(&dref);
+                        applied.insert(dname, d);
                     }
                     // The apiserver refused it: report it, do not retry hot.
                     Err(kube::Error::Api(e)) if (400..500).contains(&e.code) && e.code != 409 => {
@@ -559,7 +605,7 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
                             message: e.message.clone(),
                         };
                         if err.is_spec_error() {
-                            ctx.rejected.record(&oref, &desired, &err);
+                            ctx.rejected.record(&dref, &desired, &err);
                         }
                         deployment_error = Some(err);
                     }
@@ -574,28 +620,96 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
             }
         }
     }
-    // Ready replicas on the type the status reports: right after a move the
-    // Deployment still counts the old type's pods.
-    let reported_type = selection
-        .chosen()
-        .map(|c| c.device_type)
-        .or_else(|| deployment.as_ref().and_then(deployed_device_type));
-    let ready_pods = reported_type.map(|t| {
+    // Deployments of types (or a placement) no longer chosen go; with
+    // nothing chosen the old one stays and serves.
+    if !parts.is_empty() && deployment_error.is_none() {
+        let wanted: Vec<String> = parts
+            .iter()
+            .map(|(c, _)| deployment_name(&name, spread.then_some(c.device_type)))
+            .collect();
+        for stale in owned.keys().filter(|n| !wanted.contains(n)) {
+            let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+            ctx.metrics.write("deployment");
+            match api.delete(stale, &DeleteParams::default()).await {
+                Ok(_) => {
+                    tracing::info!(workload = %name, namespace = %ns, deployment = %stale, "deleted a Deployment of a type no longer chosen")
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    let deployment_of = |dname: &str| applied.get(dname).or_else(|| owned.get(dname));
+    // Ready replicas on the types the status reports: right after a move
+    // the Deployment still counts the old type's pods.
+    let ready_on = |t: DeviceType| {
         i32::try_from(ready_pods(
             pods.iter()
                 .map(AsRef::as_ref)
                 .filter(|p| is_own_pod(p, &iw) && is_for_device_type(p, t)),
         ))
         .unwrap_or(i32::MAX)
+    };
+    let mut placements: Vec<TypePlacement> = parts
+        .iter()
+        .map(|(c, n)| TypePlacement {
+            device_type: c.device_type,
+            replicas: i32::try_from(*n).unwrap_or(i32::MAX),
+            ready_replicas: ready_on(c.device_type),
+        })
+        .collect();
+    // Types the workload is leaving whose pods still serve (a move rolls).
+    for t in DeviceType::ALL {
+        if !part_types.contains(&t) && ready_on(t) > 0 {
+            placements.push(TypePlacement {
+                device_type: t,
+                replicas: 0,
+                ready_replicas: ready_on(t),
+            });
+        }
+    }
+    let serving_ready = placements.iter().map(|p| p.ready_replicas).sum();
+    let deployment = match parts.first() {
+        Some((c, _)) => deployment_of(&deployment_name(&name, spread.then_some(c.device_type))),
+        None => deployment_of(&name),
+    };
+    let reported_type = selection
+        .chosen()
+        .map(|c| c.device_type)
+        .or_else(|| deployment.and_then(deployed_device_type));
+    let ready_pods = if parts.is_empty() {
+        reported_type.map(ready_on)
+    } else {
+        Some(
+            placements
+                .iter()
+                .filter(|p| p.replicas > 0)
+                .map(|p| p.ready_replicas)
+                .sum(),
+        )
+    };
+    let replicas = spread.then(|| {
+        parts
+            .iter()
+            .filter_map(|(c, _)| {
+                deployment_of(&deployment_name(&name, Some(c.device_type)))?
+                    .status
+                    .as_ref()?
+                    .replicas
+            })
+            .sum()
     });
 
     let service = reconcile_service(&iw, &ns, &name, &ctx).await?;
 
     let observed = Observed {
         service,
-        deployment: deployment.as_ref(),
+        deployment,
         deployment_error,
         ready_pods,
+        serving_ready: Some(serving_ready),
+        replicas,
+        placements,
         unschedulable: unschedulable.as_ref().map(|u| (u.count, u.message.clone())),
         failing: failing.map(|f| (f.count, f.message)),
     };
@@ -662,18 +776,19 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
 /// devices the workload no longer needs wake whoever waits for them.
 fn decide(
     iw: &InferenceWorkload,
-    ns: &str,
-    name: &str,
+    key: &WorkloadKey,
     current: Option<&crate::selection::Current>,
+    current_parts: &BTreeMap<DeviceType, u32>,
     ctx: &Context,
-) -> Selection {
-    let key: WorkloadKey = (ns.to_string(), name.to_string());
-    let (selection, freed) = ctx.ledger.choose(&key, iw, &ctx.config, current);
+) -> (Selection, Parts) {
+    let (selection, parts, freed) = ctx
+        .ledger
+        .choose(key, iw, &ctx.config, current, current_parts);
     for r in wake_refs(&ctx.ledger, &freed) {
         tracing::debug!(workload = %r, "woken by devices another workload released");
         ctx.wake.unbounded_send(r).ok();
     }
-    selection
+    (selection, parts)
 }
 
 /// The Service of a served workload: applied when it differs from what is
@@ -804,6 +919,7 @@ async fn publish_decision_events(
                 .selection(c.device_type.as_str(), c.decision.reason());
             let reason = match c.decision {
                 Decision::Reselected { .. } => "Reselected",
+                Decision::MovedUp { .. } => "MovedUp",
                 _ if previous_type.is_some() => "Reselected",
                 _ => "DeviceSelected",
             };

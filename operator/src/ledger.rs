@@ -23,7 +23,7 @@ use std::sync::Mutex;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
-use rm_crds::{DeviceType, InferenceWorkload, labels};
+use rm_crds::{DeviceType, InferenceWorkload, Placement, labels};
 
 use crate::capacity::{
     CapacitySnapshot, NodeCapacity, is_schedulable, is_terminated, node_devices, node_pod_slots,
@@ -32,7 +32,7 @@ use crate::capacity::{
 use crate::config::OperatorConfig;
 use crate::constraints::{NodeConstraints, NodeFacts};
 use crate::render::DEVICE_TYPE;
-use crate::selection::{Current, NoChoice, Selection, select_device};
+use crate::selection::{Current, NoChoice, Parts, Selection, select_device, select_spread};
 
 /// A workload: namespace and name.
 pub type WorkloadKey = (String, String);
@@ -100,10 +100,14 @@ struct State {
     own_used: HashMap<WorkloadKey, BTreeMap<String, Held>>,
     /// Unbound pods that request devices.
     unbound: HashMap<PodKey, PodEntry>,
-    claims: HashMap<WorkloadKey, Claim>,
+    /// Per workload, one claim per type (several with `placement: spread`).
+    claims: HashMap<WorkloadKey, Vec<Claim>>,
     /// All claims' assumed devices and pods, per node.
     claimed: BTreeMap<String, Held>,
     waiters: HashMap<WorkloadKey, Waiter>,
+    /// Workloads with `moveUp` below their first type: the higher types
+    /// they would move to.
+    movers: HashMap<WorkloadKey, Vec<DeviceType>>,
     /// Objects seen since a watch (re)list began: what is not seen again is gone.
     resync_nodes: Option<BTreeSet<String>>,
     resync_pods: Option<BTreeSet<PodKey>>,
@@ -275,48 +279,53 @@ impl Ledger {
     pub fn forget(&self, w: &WorkloadKey) -> Freed {
         let mut st = self.lock();
         st.waiters.remove(w);
+        st.movers.remove(w);
         st.drop_claim(w)
     }
 
     /// Decides for workload `w` under the lock: `choose` gets the capacity
-    /// the workload sees and returns its choice: a promise (type, replicas
-    /// wanted on it, devices per replica) or none, and how it waits if
-    /// replicas stay unplaced. The promise is recorded before the lock is
-    /// released. Also returns the devices its earlier promise held and this
-    /// one no longer does (to wake others with).
+    /// the workload sees and returns its choice: promises (type, replicas
+    /// wanted on it, devices per replica; one per type), or none, and how it
+    /// waits if replicas stay unplaced. The promises are recorded before the
+    /// lock is released. Also returns the devices its earlier promises held
+    /// and these no longer do (to wake others with).
     pub fn decide<T>(
         &self,
         w: &WorkloadKey,
         constraints: &NodeConstraints,
         types: &[DeviceType],
-        choose: impl FnOnce(&CapacitySnapshot) -> (T, Option<Promise>, Option<Waiter>),
+        choose: impl FnOnce(&CapacitySnapshot) -> (T, Vec<Promise>, Wait),
     ) -> (T, Freed) {
         let mut st = self.lock();
         let view = st.view(w, constraints, types);
-        let (out, promise, waiter) = choose(&view);
+        let (out, promises, wait) = choose(&view);
         let mut freed = st.drop_claim(w);
-        let unplaced = match promise {
-            // cpu, or a type the cluster has no resource for: nothing to
-            // count, and always room.
-            Some(p) if self.config.resource_name(p.device_type).is_none() => Some(0),
-            Some(p) => {
-                let unplaced = st.claim(w, &view, &p);
-                if let Some(c) = st.claims.get(w) {
-                    let now: i64 = c.assumed.values().sum::<i64>() * c.per_replica;
-                    if let Some(f) = freed.get_mut(&c.device_type) {
-                        *f -= now;
-                    }
+        let unplaced = if promises.is_empty() {
+            None
+        } else {
+            let mut pods_taken = BTreeMap::new();
+            let mut unplaced = 0;
+            for p in &promises {
+                // cpu, or a type the cluster has no resource for: nothing
+                // to count, and always room.
+                if self.config.resource_name(p.device_type).is_some() {
+                    unplaced += st.claim(w, &view, p, &mut pods_taken);
                 }
-                Some(unplaced)
             }
-            None => None,
+            for c in st.claims.get(w).into_iter().flatten() {
+                let now: i64 = c.assumed.values().sum::<i64>() * c.per_replica;
+                if let Some(f) = freed.get_mut(&c.device_type) {
+                    *f -= now;
+                }
+            }
+            Some(unplaced)
         };
-        match (waiter, unplaced) {
-            (Some(mut waiter), Some(n)) if n > 0 => {
+        match (wait, unplaced) {
+            (Wait::IfUnplaced(mut waiter), Some(n)) if n > 0 => {
                 waiter.replicas = n;
                 st.waiters.insert(w.clone(), waiter);
             }
-            (Some(waiter), None) => {
+            (Wait::IfUnplaced(waiter), None) | (Wait::Always(waiter), _) => {
                 st.waiters.insert(w.clone(), waiter);
             }
             _ => {
@@ -339,7 +348,15 @@ impl Ledger {
         queue.sort_by(|a, b| {
             (-a.1.priority, a.1.created, a.0).cmp(&(-b.1.priority, b.1.created, b.0))
         });
-        let mut woken = vec![];
+        // Workloads that may move up to a type that freed devices: few, and
+        // each checks for room for all its replicas when it reconciles.
+        let mut woken: Vec<WorkloadKey> = st
+            .movers
+            .iter()
+            .filter(|(_, higher)| higher.iter().any(|t| freed.get(t).is_some_and(|n| *n > 0)))
+            .map(|(w, _)| w.clone())
+            .collect();
+        woken.sort();
         for (w, waiter) in queue {
             let Some(t) = waiter
                 .types
@@ -371,22 +388,36 @@ impl Ledger {
     }
 
     /// The device selection for a workload, made under the lock with its
-    /// promise recorded: `select_device` on the capacity its template may
-    /// use; it waits in the queue when replicas find no room (never for a
-    /// spec that no capacity fixes).
+    /// promises recorded: `select_device` (or `select_spread`, with the
+    /// replicas each type holds now in `current_parts`) on the capacity its
+    /// template may use. It waits in the queue when replicas find no room
+    /// (never for a spec that no capacity fixes). Returns the replicas per
+    /// type to run.
     pub fn choose(
         &self,
         w: &WorkloadKey,
         iw: &InferenceWorkload,
         config: &OperatorConfig,
         current: Option<&Current>,
-    ) -> (Selection, Freed) {
+        current_parts: &BTreeMap<DeviceType, u32>,
+    ) -> (Selection, Parts, Freed) {
         let template_spec = iw.spec.template.as_ref().and_then(|t| t.spec.as_ref());
         let constraints = NodeConstraints::of(template_spec);
         let replicas = i64::from(iw.spec.replicas.max(0));
         let per_replica = i64::from(iw.spec.devices_per_replica.max(1));
-        self.decide(w, &constraints, &DeviceType::ALL, |view| {
-            let selection = select_device(&iw.spec, config, view, current);
+        let spread = iw.spec.placement == Placement::Spread;
+        let ((selection, parts), freed) = self.decide(w, &constraints, &DeviceType::ALL, |view| {
+            let (selection, parts, unplaced) = if spread {
+                select_spread(&iw.spec, config, view, current_parts)
+            } else {
+                let selection = select_device(&iw.spec, config, view, current);
+                let parts = selection
+                    .chosen()
+                    .map(|c| (c.clone(), u32::try_from(replicas).unwrap_or(0)))
+                    .into_iter()
+                    .collect();
+                (selection, parts, 0)
+            };
             let waiter = Waiter {
                 priority: template_spec.and_then(|s| s.priority).unwrap_or(0),
                 created: iw
@@ -398,21 +429,49 @@ impl Ledger {
                 per_replica,
                 replicas,
             };
-            let promise = selection.chosen().map(|c| Promise {
-                device_type: c.device_type,
-                replicas,
-                per_replica,
-            });
-            let waits = matches!(selection.result, Ok(_) | Err(NoChoice::NoCapacity));
-            (selection, promise, waits.then_some(waiter))
-        })
+            let promises: Vec<Promise> = parts
+                .iter()
+                .map(|(c, n)| Promise {
+                    device_type: c.device_type,
+                    replicas: i64::from(*n),
+                    per_replica,
+                })
+                .collect();
+            let wait = match &selection.result {
+                Err(NoChoice::NoCapacity) => Wait::Always(waiter),
+                Err(_) => Wait::Never,
+                Ok(_) if unplaced > 0 => Wait::Always(Waiter {
+                    replicas: i64::from(unplaced),
+                    ..waiter
+                }),
+                Ok(_) => Wait::IfUnplaced(waiter),
+            };
+            ((selection, parts), promises, wait)
+        });
+        let higher: Vec<DeviceType> = match selection.chosen() {
+            Some(c) if iw.spec.move_up && !spread => selection
+                .order
+                .iter()
+                .take_while(|t| **t != c.device_type)
+                .copied()
+                .collect(),
+            _ => vec![],
+        };
+        let mut st = self.lock();
+        if higher.is_empty() {
+            st.movers.remove(w);
+        } else {
+            st.movers.insert(w.clone(), higher);
+        }
+        drop(st);
+        (selection, parts, freed)
     }
 
     /// Replicas promised and not bound, per type (metrics, tests).
     pub fn claimed_replicas(&self) -> BTreeMap<DeviceType, i64> {
         let st = self.lock();
         let mut out = BTreeMap::new();
-        for c in st.claims.values() {
+        for c in st.claims.values().flatten() {
             *out.entry(c.device_type).or_default() += c.assumed.values().sum::<i64>();
         }
         out
@@ -422,6 +481,18 @@ impl Ledger {
     pub fn waiting(&self) -> usize {
         self.lock().waiters.len()
     }
+}
+
+/// Whether a decision queues the workload for freed devices.
+#[derive(Clone, Debug)]
+pub enum Wait {
+    /// Never (cpu, or a spec no capacity fixes).
+    Never,
+    /// If its promises leave replicas without room (or it has none); the
+    /// waiter's `replicas` become those left.
+    IfUnplaced(Waiter),
+    /// Yes, for the waiter's `replicas`.
+    Always(Waiter),
 }
 
 /// What a decision promises: `replicas` of `per_replica` devices on
@@ -522,7 +593,11 @@ impl State {
     }
 
     fn claim_bound(&mut self, owner: &WorkloadKey, t: DeviceType, node: &str) {
-        let Some(claim) = self.claims.get_mut(owner).filter(|c| c.device_type == t) else {
+        let Some(claim) = self
+            .claims
+            .get_mut(owner)
+            .and_then(|cs| cs.iter_mut().find(|c| c.device_type == t))
+        else {
             return;
         };
         // Where the scheduler put it, else where most were assumed.
@@ -547,22 +622,28 @@ impl State {
     }
 
     fn drop_claim(&mut self, w: &WorkloadKey) -> Freed {
-        let Some(claim) = self.claims.remove(w) else {
-            return Freed::new();
-        };
         let mut freed = Freed::new();
-        for (node, n) in &claim.assumed {
-            let held = self.claimed.entry(node.clone()).or_default();
-            *held.devices.entry(claim.device_type).or_default() -= n * claim.per_replica;
-            held.pods -= n;
-            *freed.entry(claim.device_type).or_default() += n * claim.per_replica;
+        for claim in self.claims.remove(w).into_iter().flatten() {
+            for (node, n) in &claim.assumed {
+                let held = self.claimed.entry(node.clone()).or_default();
+                *held.devices.entry(claim.device_type).or_default() -= n * claim.per_replica;
+                held.pods -= n;
+                *freed.entry(claim.device_type).or_default() += n * claim.per_replica;
+            }
         }
         freed
     }
 
     /// Records the promise on the view's nodes (first fit, in name order);
-    /// returns the replicas that found no room.
-    fn claim(&mut self, w: &WorkloadKey, view: &CapacitySnapshot, p: &Promise) -> i64 {
+    /// returns the replicas that found no room. `pods_taken` carries the
+    /// pod slots earlier promises of the same decision took, per node.
+    fn claim(
+        &mut self,
+        w: &WorkloadKey,
+        view: &CapacitySnapshot,
+        p: &Promise,
+        pods_taken: &mut BTreeMap<String, i64>,
+    ) -> i64 {
         let per = p.per_replica.max(1);
         let bound: i64 = self
             .own_used
@@ -589,13 +670,17 @@ impl State {
                 break;
             }
             let by_devices = n.free.get(&p.device_type).copied().unwrap_or(0).max(0) / per;
-            let mut room = n.pod_room.map_or(by_devices, |r| by_devices.min(r.max(0)));
+            let taken = pods_taken.get(&n.name).copied().unwrap_or(0);
+            let mut room = n
+                .pod_room
+                .map_or(by_devices, |r| by_devices.min((r - taken).max(0)));
             let skip = room.min(queued);
             queued -= skip;
             room -= skip;
             let take = room.min(left);
             if take > 0 {
                 assumed.insert(n.name.clone(), take);
+                *pods_taken.entry(n.name.clone()).or_default() += take;
                 left -= take;
             }
         }
@@ -605,14 +690,11 @@ impl State {
             held.pods += n;
         }
         if !assumed.is_empty() {
-            self.claims.insert(
-                w.clone(),
-                Claim {
-                    device_type: p.device_type,
-                    per_replica: per,
-                    assumed,
-                },
-            );
+            self.claims.entry(w.clone()).or_default().push(Claim {
+                device_type: p.device_type,
+                per_replica: per,
+                assumed,
+            });
         }
         left
     }
@@ -623,7 +705,7 @@ impl State {
         constraints: &NodeConstraints,
         types: &[DeviceType],
     ) -> CapacitySnapshot {
-        let own_claim = self.claims.get(w);
+        let own_claims = self.claims.get(w);
         let own_used = self.own_used.get(w);
         let names: BTreeSet<&String> = types
             .iter()
@@ -640,7 +722,12 @@ impl State {
             }
             let claimed = self.claimed.get(name).cloned().unwrap_or_default();
             let mine = own_used.and_then(|m| m.get(name));
-            let mine_claimed = own_claim.and_then(|c| c.assumed.get(name).map(|r| (c, *r)));
+            // The workload's own promises on this node, per type.
+            let mine_claimed: Vec<(DeviceType, i64, i64)> = own_claims
+                .into_iter()
+                .flatten()
+                .filter_map(|c| Some((c.device_type, *c.assumed.get(name)?, c.per_replica)))
+                .collect();
             let mut free = BTreeMap::new();
             for (t, alloc) in &n.allocatable {
                 let mut f = alloc
@@ -649,15 +736,17 @@ impl State {
                 // The workload's own pods and promise are free for itself:
                 // re-deciding must not see its replicas as someone else's.
                 f += mine.and_then(|m| m.devices.get(t)).copied().unwrap_or(0);
-                if let Some((c, r)) = mine_claimed.filter(|(c, _)| c.device_type == *t) {
-                    f += r * c.per_replica;
-                }
+                f += mine_claimed
+                    .iter()
+                    .filter(|(ct, _, _)| ct == t)
+                    .map(|(_, r, per)| r * per)
+                    .sum::<i64>();
                 free.insert(*t, f);
             }
             let pod_room = n.pod_slots.map(|slots| {
                 slots - n.pods - claimed.pods
                     + mine.map_or(0, |m| m.pods)
-                    + mine_claimed.map_or(0, |(_, r)| r)
+                    + mine_claimed.iter().map(|(_, r, _)| r).sum::<i64>()
             });
             nodes.push(NodeCapacity {
                 name: name.clone(),
@@ -676,7 +765,9 @@ impl State {
                 Some(o) => self
                     .claims
                     .get(o)
-                    .is_some_and(|c| p.devices.contains_key(&c.device_type)),
+                    .into_iter()
+                    .flatten()
+                    .any(|c| p.devices.contains_key(&c.device_type)),
                 None => false,
             };
             if !counted {
@@ -748,6 +839,7 @@ mod tests {
             &workload(name, spec),
             &OperatorConfig::default(),
             None,
+            &BTreeMap::new(),
         )
         .0
     }
@@ -917,7 +1009,7 @@ mod tests {
                     .unwrap()
                     .priority = Some(100);
             }
-            let (s, _) = l.choose(&key(&name), &iw, &config, None);
+            let (s, _, _) = l.choose(&key(&name), &iw, &config, None, &BTreeMap::new());
             assert_eq!(s.chosen().map(|c| c.decision), Some(Decision::Explicit));
             names.push(name);
         }

@@ -20,3 +20,4 @@ pub mod serve;
 pub mod server;
 pub mod status;
 pub mod webhook;
+pub mod workload_pods;

@@ -126,7 +126,7 @@ impl OwnStatusWrites {
     }
 }
 
-type Key = ObjectRef<InferenceWorkload>;
+type Key = ObjectRef<Deployment>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Plain data; a panic elsewhere cannot leave it torn.

@@ -119,25 +119,64 @@ fn pod_template(
     Ok(template)
 }
 
+/// The name of the Deployment holding a workload's replicas on one type:
+/// the workload's own name with `placement: single`; with `spread`, one per
+/// type, named `<workload>-<type>`.
+pub fn deployment_name(workload: &str, spread_type: Option<rm_crds::DeviceType>) -> String {
+    match spread_type {
+        Some(t) => format!("{workload}-{t}"),
+        None => workload.to_string(),
+    }
+}
+
+/// Every Deployment name a workload may own, in either placement.
+pub fn deployment_names(workload: &str) -> impl Iterator<Item = String> + '_ {
+    std::iter::once(None)
+        .chain(rm_crds::DeviceType::ALL.into_iter().map(Some))
+        .map(move |t| deployment_name(workload, t))
+}
+
+/// The whole workload's Deployment (`placement: single`).
 pub fn render_deployment(
     iw: &InferenceWorkload,
     chosen: &Chosen,
     config: &OperatorConfig,
 ) -> Result<Deployment, RenderError> {
-    let name = iw
+    render_part(iw, chosen, iw.spec.replicas, false, false, config)
+}
+
+/// The Deployment of `replicas` on the chosen type. With `spread` it is one
+/// of several: named after its type, selecting (and labelling) only its
+/// type's pods, so that the workload's Deployments never share a pod.
+/// `surge`: roll with one extra replica and none unavailable (a move up to
+/// another type, where the extra replica has its own device).
+pub fn render_part(
+    iw: &InferenceWorkload,
+    chosen: &Chosen,
+    replicas: i32,
+    spread: bool,
+    surge: bool,
+    config: &OperatorConfig,
+) -> Result<Deployment, RenderError> {
+    let workload = iw
         .metadata
         .name
         .clone()
         .ok_or(RenderError::MissingMetadata("name"))?;
+    let name = deployment_name(&workload, spread.then_some(chosen.device_type));
     let owner = iw
         .controller_owner_ref(&())
         .ok_or(RenderError::MissingMetadata("uid"))?;
-    let selector: BTreeMap<String, String> = [(labels::WORKLOAD.to_string(), name.clone())].into();
+    let mut selector: BTreeMap<String, String> =
+        [(labels::WORKLOAD.to_string(), workload.clone())].into();
+    if spread {
+        selector.insert(labels::DEVICE_TYPE.into(), chosen.device_type.to_string());
+    }
 
     let mut template = pod_template(iw, config)?;
     let meta = template.metadata.get_or_insert_with(ObjectMeta::default);
     let pod_labels = meta.labels.get_or_insert_with(BTreeMap::new);
-    pod_labels.insert(labels::WORKLOAD.into(), name.clone());
+    pod_labels.extend(selector.clone());
     pod_labels.insert(labels::INJECT.into(), "true".into());
     let pod_annotations = meta.annotations.get_or_insert_with(BTreeMap::new);
     pod_annotations.insert(DEVICE_TYPE.into(), chosen.device_type.to_string());
@@ -183,18 +222,19 @@ pub fn render_deployment(
             ..Default::default()
         },
         spec: DeploymentSpec {
-            replicas: Some(iw.spec.replicas),
+            replicas: Some(replicas),
             selector: LabelSelector {
                 match_labels: Some(selector),
                 ..Default::default()
             },
             // Devices are scarce: replace pods one at a time instead of
-            // surging, which would need spare devices.
+            // surging, which would need spare devices; except when moving
+            // up, where the new pods take the other type's devices.
             strategy: resource.map(|_| DeploymentStrategy {
                 type_: Some("RollingUpdate".into()),
                 rolling_update: Some(RollingUpdateDeployment {
-                    max_surge: Some(IntOrString::Int(0)),
-                    max_unavailable: Some(IntOrString::Int(1)),
+                    max_surge: Some(IntOrString::Int(i32::from(surge))),
+                    max_unavailable: Some(IntOrString::Int(i32::from(!surge))),
                 }),
             }),
             template,

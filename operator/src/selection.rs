@@ -64,6 +64,10 @@ pub enum Decision {
     Kept,
     /// Pods were unschedulable too long on `from`; moved here.
     Reselected { from: DeviceType },
+    /// `placement: spread`: replicas over several types, this the first.
+    Spread,
+    /// `moveUp`: room for every replica freed on this higher type.
+    MovedUp { from: DeviceType },
 }
 
 impl Decision {
@@ -76,6 +80,8 @@ impl Decision {
             Decision::Explicit => "Explicit",
             Decision::Kept => "Kept",
             Decision::Reselected { .. } => "Reselected",
+            Decision::Spread => "Spread",
+            Decision::MovedUp { .. } => "MovedUp",
         }
     }
 }
@@ -268,6 +274,28 @@ pub fn select_device(
                 // would pick now; otherwise the walk's own reason holds.
                 let all: Vec<&Candidate> = candidates.iter().collect();
                 let now = walk(&all, replicas);
+                let rank = |t: DeviceType| order.iter().position(|o| *o == t);
+                if let Some((t, Decision::Full)) = now
+                    && spec.move_up
+                    && cur.unschedulable_for.is_none()
+                    && cur.ready >= replicas
+                    && rank(t) < rank(cur.device_type)
+                {
+                    return Selection {
+                        result: Ok(chosen(
+                            t,
+                            Decision::MovedUp {
+                                from: cur.device_type,
+                            },
+                        )),
+                        message: format!(
+                            "moving up from {} to {t} (spec.moveUp): {t} has room for all {replicas} replicas; one replica at a time, each new one Ready before an old one goes; {free}",
+                            cur.device_type
+                        ),
+                        order,
+                        candidates,
+                    };
+                }
                 if now.is_none_or(|(t, _)| t != cur.device_type) {
                     let would = now
                         .map(|(t, _)| t.to_string())
@@ -352,6 +380,125 @@ pub fn select_device(
         order,
         candidates,
     }
+}
+
+/// Replicas per type: one part with `placement: single`, one per type
+/// with replicas with `spread`.
+pub type Parts = Vec<(Chosen, u32)>;
+
+/// `placement: spread`: as many replicas as fit on each type in priority
+/// order. The replicas a type holds now (`current`) stay there, so scaling
+/// up places only the new ones and nothing running moves; scaling down
+/// removes from the lowest-priority type first. Replicas with room nowhere
+/// go to `cpu` when it is the fallback, else wait (`unplaced`). An explicit
+/// device is one type: the whole workload goes there, as with `single`.
+pub fn select_spread(
+    spec: &InferenceWorkloadSpec,
+    config: &OperatorConfig,
+    capacity: &CapacitySnapshot,
+    current: &std::collections::BTreeMap<DeviceType, u32>,
+) -> (Selection, Parts, u32) {
+    let base = select_device(spec, config, capacity, None);
+    let replicas = u32::try_from(spec.replicas.max(0)).unwrap_or(0);
+    let explicit = matches!(spec.device_request(), Ok(DeviceRequest::Exact { .. }));
+    if explicit || base.result.is_err() && base.candidates.is_empty() {
+        let parts = base
+            .chosen()
+            .map(|c| (c.clone(), replicas))
+            .into_iter()
+            .collect();
+        return (base, parts, 0);
+    }
+    let cpu_is_fallback = base
+        .candidates
+        .last()
+        .is_some_and(|c| c.device_type == DeviceType::Cpu);
+    let mut counts: Vec<(DeviceType, u32)> = base
+        .order
+        .iter()
+        .map(|t| (*t, current.get(t).copied().unwrap_or(0)))
+        .collect();
+    let mut total: u32 = counts.iter().map(|(_, n)| n).sum();
+    // Scale down from the lowest priority up.
+    for (_, n) in counts.iter_mut().rev() {
+        let drop = (*n).min(total.saturating_sub(replicas));
+        *n -= drop;
+        total -= drop;
+    }
+    let mut need = replicas.saturating_sub(total);
+    let last = base.candidates.len().saturating_sub(1);
+    for (i, c) in base.candidates.iter().enumerate() {
+        if need == 0 || (cpu_is_fallback && i == last) {
+            break;
+        }
+        let n = &mut counts[i].1;
+        // `replicas_fit` counts the workload's own replicas as room.
+        let room = c.replicas_fit.map_or(need, |fit| fit.saturating_sub(*n));
+        let add = room.min(need);
+        *n += add;
+        need -= add;
+    }
+    if need > 0 && cpu_is_fallback {
+        counts[last].1 += need;
+        need = 0;
+    }
+    let device_string = |t: DeviceType| t.to_string();
+    let parts: Parts = counts
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(t, n)| {
+            (
+                Chosen {
+                    device_type: *t,
+                    decision: Decision::Spread,
+                    device_string: device_string(*t),
+                },
+                *n,
+            )
+        })
+        .collect();
+    let free = describe_candidates(&base.candidates, spec.devices_per_replica);
+    let listed = base
+        .order
+        .iter()
+        .map(|t| t.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let split = parts
+        .iter()
+        .map(|(c, n)| format!("{} {n}", c.device_type))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let waiting = if need > 0 {
+        format!("; {need} wait for capacity")
+    } else {
+        String::new()
+    };
+    let (result, message) = match parts.first() {
+        Some((c, _)) => (
+            Ok(c.clone()),
+            format!(
+                "spread {replicas} replicas over [{listed}] in that order: {split}{waiting}; running replicas stay where they are; {free}"
+            ),
+        ),
+        None => (
+            Err(NoChoice::NoCapacity),
+            format!(
+                "no type in [{listed}] has room for a replica of {} device(s); waiting for capacity (add nodes, free devices, or widen spec.devicePriority); {free}",
+                spec.devices_per_replica
+            ),
+        ),
+    };
+    (
+        Selection {
+            result,
+            order: base.order,
+            candidates: base.candidates,
+            message,
+        },
+        parts,
+        need,
+    )
 }
 
 /// Steps 3 of the module rules over `candidates` in priority order.
@@ -683,5 +830,123 @@ mod tests {
         );
         b.device = "atom".into();
         assert_ne!(selection_basis(&a), selection_basis(&b));
+    }
+
+    #[test]
+    fn spread_fills_types_in_priority_order_and_keeps_what_runs() {
+        let config = OperatorConfig {
+            cpu_fallback: false,
+            ..OperatorConfig::default()
+        };
+        let cap = snapshot(&[("a", &[(ATOM, 1)]), ("g", &[(GPU, 7)])]);
+        let none = std::collections::BTreeMap::new();
+        let (sel, parts, unplaced) = select_spread(&spec("auto", 8, None), &config, &cap, &none);
+        let split: Vec<_> = parts.iter().map(|(c, n)| (c.device_type, *n)).collect();
+        assert_eq!(split, [(DeviceType::Rbln, 1), (DeviceType::Gpu, 7)]);
+        assert_eq!(unplaced, 0);
+        assert_eq!(sel.reason(), "Spread");
+        assert!(sel.message.contains("rbln 1, gpu 7"), "{}", sel.message);
+
+        // 10 wanted: 2 wait.
+        let (sel, _, unplaced) = select_spread(&spec("auto", 10, None), &config, &cap, &none);
+        assert_eq!(unplaced, 2);
+        assert!(
+            sel.message.contains("2 wait for capacity"),
+            "{}",
+            sel.message
+        );
+
+        // Running: 4 on gpu (their devices count as free for the workload
+        // itself). Scaling to 6 with room for 1 on rbln keeps the 4 and
+        // places 1 on rbln and 1 more on gpu; nothing moves up.
+        let running: std::collections::BTreeMap<_, _> = [(DeviceType::Gpu, 4)].into();
+        let (_, parts, _) = select_spread(&spec("auto", 6, None), &config, &cap, &running);
+        let split: Vec<_> = parts.iter().map(|(c, n)| (c.device_type, *n)).collect();
+        assert_eq!(split, [(DeviceType::Rbln, 1), (DeviceType::Gpu, 5)]);
+
+        // Scaling down takes from the lowest priority first.
+        let running: std::collections::BTreeMap<_, _> =
+            [(DeviceType::Rbln, 1), (DeviceType::Gpu, 7)].into();
+        let (_, parts, _) = select_spread(&spec("auto", 3, None), &config, &cap, &running);
+        let split: Vec<_> = parts.iter().map(|(c, n)| (c.device_type, *n)).collect();
+        assert_eq!(split, [(DeviceType::Rbln, 1), (DeviceType::Gpu, 2)]);
+    }
+
+    #[test]
+    fn spread_puts_what_fits_nowhere_on_the_cpu_fallback() {
+        let cap = snapshot(&[("a", &[(ATOM, 2)])]);
+        let none = std::collections::BTreeMap::new();
+        let (_, parts, unplaced) = select_spread(
+            &spec("auto", 5, None),
+            &OperatorConfig::default(),
+            &cap,
+            &none,
+        );
+        let split: Vec<_> = parts.iter().map(|(c, n)| (c.device_type, *n)).collect();
+        assert_eq!(split, [(DeviceType::Rbln, 2), (DeviceType::Cpu, 3)]);
+        assert_eq!(unplaced, 0);
+        // An explicit device is one type: all there, as with single.
+        let (sel, parts, _) = select_spread(
+            &spec("gpu", 5, None),
+            &OperatorConfig::default(),
+            &cap,
+            &none,
+        );
+        assert_eq!(sel.reason(), "Explicit");
+        assert_eq!(parts.len(), 1);
+        assert_eq!(parts[0].1, 5);
+    }
+
+    #[test]
+    fn move_up_only_by_policy_only_up_and_only_when_all_are_ready() {
+        let cap = snapshot(&[("a", &[(ATOM, 4)]), ("g", &[(GPU, 8)])]);
+        let config = OperatorConfig::default();
+        let on_gpu = Current {
+            device_type: DeviceType::Gpu,
+            same_basis: true,
+            unschedulable_for: None,
+            ready: 4,
+        };
+        let mut s = spec("auto", 4, None);
+        let sel = select_device(&s, &config, &cap, Some(&on_gpu));
+        assert_eq!(
+            chosen(&sel),
+            (DeviceType::Gpu, Decision::Kept),
+            "off by default"
+        );
+        s.move_up = true;
+        let sel = select_device(&s, &config, &cap, Some(&on_gpu));
+        assert_eq!(
+            chosen(&sel),
+            (
+                DeviceType::Rbln,
+                Decision::MovedUp {
+                    from: DeviceType::Gpu
+                }
+            )
+        );
+        assert_eq!(sel.reason(), "MovedUp");
+        let not_all_ready = Current {
+            ready: 3,
+            ..on_gpu.clone()
+        };
+        let sel = select_device(&s, &config, &cap, Some(&not_all_ready));
+        assert_eq!(chosen(&sel).0, DeviceType::Gpu, "waits until all are ready");
+        // Room for 3 of 4 on rbln: no move.
+        let small = snapshot(&[("a", &[(ATOM, 3)]), ("g", &[(GPU, 8)])]);
+        let sel = select_device(&s, &config, &small, Some(&on_gpu));
+        assert_eq!(chosen(&sel).0, DeviceType::Gpu);
+        // Never down: on rbln with gpu free, it stays.
+        let on_rbln = Current {
+            device_type: DeviceType::Rbln,
+            ..on_gpu
+        };
+        let sel = select_device(
+            &s,
+            &config,
+            &snapshot(&[("g", &[(GPU, 8)])]),
+            Some(&on_rbln),
+        );
+        assert_eq!(chosen(&sel).0, DeviceType::Rbln);
     }
 }

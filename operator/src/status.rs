@@ -22,6 +22,15 @@ pub struct Observed<'a> {
     /// ReplicaSets' pods on another type do not count); `None` to take the
     /// Deployment's own count.
     pub ready_pods: Option<i32>,
+    /// Ready pods of the workload on any type, those of a type it is
+    /// leaving included (they serve until the move is done); `None` to
+    /// take `ready_pods`.
+    pub serving_ready: Option<i32>,
+    /// Replicas that exist over all the workload's Deployments (`spread`);
+    /// `None` to take the Deployment's own count.
+    pub replicas: Option<i32>,
+    /// Replicas per type, as placed.
+    pub placements: Vec<rm_crds::TypePlacement>,
     /// Pods of the workload the scheduler cannot place, with its message.
     pub unschedulable: Option<(usize, String)>,
     /// Pods of the workload whose containers fail, with what the first says.
@@ -85,7 +94,9 @@ pub fn desired_status(
 ) -> InferenceWorkloadStatus {
     let wanted = iw.spec.replicas.max(0);
     let dep_status = observed.deployment.and_then(|d| d.status.as_ref());
-    let replicas = dep_status.and_then(|s| s.replicas).unwrap_or(0);
+    let replicas = observed
+        .replicas
+        .unwrap_or_else(|| dep_status.and_then(|s| s.replicas).unwrap_or(0));
     let ready = observed
         .ready_pods
         .unwrap_or_else(|| dep_status.and_then(|s| s.ready_replicas).unwrap_or(0));
@@ -152,7 +163,10 @@ pub fn desired_status(
         } else {
             Phase::Degraded
         }
-    } else if ready >= wanted && observed.deployment.is_some() {
+    } else if observed.serving_ready.unwrap_or(ready).max(ready) >= wanted
+        && observed.deployment.is_some()
+    {
+        // Running also while a move rolls: the pods it leaves still serve.
         Phase::Running
     } else if ready > 0 {
         Phase::Degraded
@@ -222,6 +236,21 @@ pub fn desired_status(
             "ReplicasReady",
             format!("{ready}/{wanted} replicas ready"),
         )
+    } else if observed.serving_ready.is_some_and(|s| s >= wanted) {
+        let serving = observed.serving_ready.unwrap_or(0);
+        cond(
+            condition::AVAILABLE,
+            "True",
+            "Moving",
+            format!(
+                "{ready}/{wanted} replicas ready on {}; {} still serve on the type the workload leaves, until their replacements are ready",
+                device
+                    .as_ref()
+                    .map(|d| d.device_type.to_string())
+                    .unwrap_or_default(),
+                serving - ready
+            ),
+        )
     } else if let Some((n, msg)) = &observed.unschedulable {
         cond(
             condition::AVAILABLE,
@@ -289,6 +318,7 @@ pub fn desired_status(
         ready: Some(format!("{ready}/{wanted}")),
         selector: Some(format!("{}={}", labels::WORKLOAD, iw.name_any())),
         observed_generation: generation,
+        placements: observed.placements.clone(),
         conditions,
     }
 }

@@ -349,3 +349,203 @@ async fn scaling_up_past_the_room_never_moves_ready_replicas() {
         cluster.remove_node(&node_name(test, n)).await;
     }
 }
+
+fn placements_of(iw: &InferenceWorkload) -> Vec<(DeviceType, i32, i32)> {
+    iw.status
+        .as_ref()
+        .map(|s| {
+            s.placements
+                .iter()
+                .map(|p| (p.device_type, p.replicas, p.ready_replicas))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn spread_places_8_replicas_1_on_rbln_and_7_on_gpu_without_moves() {
+    let cluster = cluster();
+    let test = "spread";
+    let res = Resources::new(test);
+    cluster.add_node(&node_name(test, "atom"), &[(&res.atom, 1)]);
+    cluster.add_node(&node_name(test, "gpu"), &[(&res.gpu, 7)]);
+    let ns = cluster.namespace(test).await;
+    cluster.install_crds().await;
+    let _op = start_operator(
+        cluster,
+        &ns,
+        &res,
+        &["--cpu-fallback=false", "--unschedulable-grace=2s"],
+    );
+    let client = cluster.client().await;
+    let api: Api<InferenceWorkload> = Api::namespaced(client.clone(), &ns);
+    create(&api, "eight", json!({"replicas": 8, "placement": "spread"})).await;
+    let iw = wait_iw(&api, "eight", "Running with 8 ready", 90, |iw| {
+        phase_of(iw) == Some(Phase::Running)
+    })
+    .await;
+    assert_eq!(
+        placements_of(&iw),
+        [(DeviceType::Rbln, 1, 1), (DeviceType::Gpu, 7, 7)]
+    );
+    assert_eq!(device_of(&iw), Some(DeviceType::Rbln), "the first type");
+    assert_eq!(
+        condition_reason(&iw, "DeviceSelected").as_deref(),
+        Some("Spread")
+    );
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(client.clone(), &ns);
+    for (d, n) in [("eight-rbln", 1), ("eight-gpu", 7)] {
+        assert_eq!(deployments.get(d).await.unwrap().spec.replicas, Some(n));
+    }
+    assert!(deployments.get_opt("eight").await.unwrap().is_none());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let iw = api.get("eight").await.unwrap();
+    assert_eq!(phase_of(&iw), Some(Phase::Running), "stable");
+    let failed = events_with_reason(client.clone(), &ns, "FailedScheduling").await;
+    assert!(failed.is_empty(), "pods were unschedulable: {failed:?}");
+    let moved = events_with_reason(client, &ns, "Reselected").await;
+    assert!(moved.is_empty(), "reselections: {moved:?}");
+    for n in ["atom", "gpu"] {
+        cluster.remove_node(&node_name(test, n)).await;
+    }
+}
+
+#[tokio::test]
+async fn spread_scale_up_places_the_new_replicas_and_moves_none() {
+    let cluster = cluster();
+    let test = "spreadup";
+    let res = Resources::new(test);
+    cluster.add_node(&node_name(test, "atom"), &[(&res.atom, 4)]);
+    cluster.add_node(&node_name(test, "gpu"), &[(&res.gpu, 8)]);
+    let ns = cluster.namespace(test).await;
+    cluster.install_crds().await;
+    let _op = start_operator(cluster, &ns, &res, &[]);
+    let client = cluster.client().await;
+    let api: Api<InferenceWorkload> = Api::namespaced(client.clone(), &ns);
+    create(&api, "grows", json!({"replicas": 4, "placement": "spread"})).await;
+    let iw = running_on(&api, "grows", DeviceType::Rbln).await;
+    assert_eq!(placements_of(&iw), [(DeviceType::Rbln, 4, 4)]);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let uids = |list: kube::core::ObjectList<Pod>| {
+        let mut u: Vec<String> = list
+            .items
+            .into_iter()
+            .filter_map(|p| p.metadata.uid)
+            .collect();
+        u.sort();
+        u
+    };
+    let rbln_pods = ListParams::default().labels("rm-abstract.io/device-type=rbln");
+    let before = uids(pods.list(&rbln_pods).await.unwrap());
+    assert_eq!(before.len(), 4);
+
+    kubectl_ok(cluster, &["scale", "iw/grows", "--replicas=6", "-n", &ns]);
+    let iw = wait_iw(&api, "grows", "Running with 6 ready", 90, |iw| {
+        phase_of(iw) == Some(Phase::Running)
+            && iw.status.as_ref().is_some_and(|s| s.ready_replicas == 6)
+    })
+    .await;
+    assert_eq!(
+        placements_of(&iw),
+        [(DeviceType::Rbln, 4, 4), (DeviceType::Gpu, 2, 2)]
+    );
+    assert_eq!(
+        uids(pods.list(&rbln_pods).await.unwrap()),
+        before,
+        "the 4 running rbln pods were not touched"
+    );
+    for n in ["atom", "gpu"] {
+        cluster.remove_node(&node_name(test, n)).await;
+    }
+}
+
+/// Ready pods of the workload that are not being deleted (those serve).
+async fn serving_pods(pods: &Api<Pod>, workload: &str) -> usize {
+    pods.list(&ListParams::default().labels(&format!("rm-abstract.io/workload={workload}")))
+        .await
+        .map(|l| {
+            l.items
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .filter(|p| {
+                    p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|cs| {
+                            cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                        })
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn move_up_by_policy_never_drops_the_ready_count() {
+    let cluster = cluster();
+    let test = "moveup";
+    let res = Resources::new(test);
+    cluster.add_node(&node_name(test, "atom"), &[(&res.atom, 4)]);
+    cluster.add_node(&node_name(test, "gpu"), &[(&res.gpu, 8)]);
+    let ns = cluster.namespace(test).await;
+    cluster.install_crds().await;
+    let _op = start_operator(cluster, &ns, &res, &[]);
+    let client = cluster.client().await;
+    let api: Api<InferenceWorkload> = Api::namespaced(client.clone(), &ns);
+    create(
+        &api,
+        "holder",
+        json!({"replicas": 4, "devicePriority": ["rbln"]}),
+    )
+    .await;
+    running_on(&api, "holder", DeviceType::Rbln).await;
+    create(&api, "mover", json!({"replicas": 4, "moveUp": true})).await;
+    create(&api, "stayer", json!({"replicas": 4})).await;
+    running_on(&api, "mover", DeviceType::Gpu).await;
+    running_on(&api, "stayer", DeviceType::Gpu).await;
+
+    // Watch the serving pods of the mover through the move.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (pods, done) = (pods.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut least = usize::MAX;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                least = least.min(serving_pods(&pods, "mover").await);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            least
+        })
+    };
+    api.delete("holder", &Default::default()).await.unwrap();
+    let iw = wait_iw(
+        &api,
+        "mover",
+        "moved up to rbln, 4 ready there",
+        120,
+        |iw| placements_of(iw) == [(DeviceType::Rbln, 4, 4)],
+    )
+    .await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let least = watcher.await.unwrap();
+    assert!(
+        least >= 4,
+        "the ready count dropped to {least} during the move"
+    );
+    assert_eq!(phase_of(&iw), Some(Phase::Running));
+    let events = events_for(client.clone(), &ns, "mover").await;
+    assert!(
+        events
+            .iter()
+            .any(|(r, m)| r == "MovedUp" && m.contains("from gpu to rbln")),
+        "{events:?}"
+    );
+    // Without the policy a workload stays where it runs.
+    let stayer = api.get("stayer").await.unwrap();
+    assert_eq!(device_of(&stayer), Some(DeviceType::Gpu));
+    for n in ["atom", "gpu"] {
+        cluster.remove_node(&node_name(test, n)).await;
+    }
+}
