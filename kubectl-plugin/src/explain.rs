@@ -46,6 +46,7 @@ fn with_extra(capacity: &CapacitySnapshot, t: DeviceType, extra: i64) -> Capacit
         allocatable: [(t, extra)].into(),
         free: [(t, extra)].into(),
         pod_room: None,
+        weight: 1,
     });
     c
 }

@@ -21,6 +21,10 @@ pub struct NodeCapacity {
     /// Pods the node can still take (its `pods` allocatable minus its
     /// pods); `None` when not tracked.
     pub pod_room: Option<i64>,
+    /// How many nodes this entry stands for: 1 for a node; the ledger's
+    /// aggregate view counts nodes of equal room as one entry (and takes
+    /// one out with -1).
+    pub weight: i64,
 }
 
 /// Free devices on every schedulable node.
@@ -53,6 +57,7 @@ impl CapacitySnapshot {
                         free: allocatable.clone(),
                         allocatable,
                         pod_room: None,
+                        weight: 1,
                     },
                 ))
             })
@@ -90,8 +95,9 @@ impl CapacitySnapshot {
             .iter()
             .map(|n| {
                 let by_devices = n.free.get(&t).copied().unwrap_or(0).max(0) / per;
-                n.pod_room
-                    .map_or(by_devices, |room| by_devices.min(room.max(0)))
+                n.weight
+                    * n.pod_room
+                        .map_or(by_devices, |room| by_devices.min(room.max(0)))
             })
             .sum();
         let queued = self.claimed_unbound.get(&t).copied().unwrap_or(0).max(0);
@@ -104,7 +110,7 @@ impl CapacitySnapshot {
         let on_nodes: i64 = self
             .nodes
             .iter()
-            .map(|n| n.free.get(&t).copied().unwrap_or(0).max(0))
+            .map(|n| n.weight * n.free.get(&t).copied().unwrap_or(0).max(0))
             .sum();
         (on_nodes - self.claimed_unbound.get(&t).copied().unwrap_or(0)).max(0)
     }
@@ -114,7 +120,10 @@ impl CapacitySnapshot {
         self.nodes
             .iter()
             .filter(|n| n.allocatable.contains_key(&t))
-            .count()
+            .map(|n| n.weight)
+            .sum::<i64>()
+            .try_into()
+            .unwrap_or(0)
     }
 }
 

@@ -87,6 +87,14 @@ impl NodeConstraints {
         }
     }
 
+    /// No selector, required affinity or toleration: the template may use
+    /// every untainted node (the ledger answers it from aggregates).
+    pub fn is_unconstrained(&self) -> bool {
+        self.node_selector.is_empty()
+            && self.required_terms.is_none()
+            && self.tolerations.is_empty()
+    }
+
     /// `None` when a pod of this template may be scheduled on the node.
     pub fn check(&self, node: &NodeFacts) -> Option<Mismatch> {
         if !self

@@ -108,6 +108,15 @@ struct State {
     /// Workloads with `moveUp` below their first type: the higher types
     /// they would move to.
     movers: HashMap<WorkloadKey, Vec<DeviceType>>,
+    /// The aggregate index: per type, untainted schedulable nodes counted
+    /// by their room (free devices, pods they can take), so a decision for
+    /// a template without node constraints costs the same on 100 nodes or
+    /// 5,000.
+    hist: BTreeMap<DeviceType, BTreeMap<(i64, i64), i64>>,
+    /// The key each node is counted under, per type.
+    keys: HashMap<String, Vec<(DeviceType, (i64, i64))>>,
+    /// Per type, the untainted schedulable nodes with room (first fit).
+    with_room: BTreeMap<DeviceType, BTreeSet<String>>,
     /// Objects seen since a watch (re)list began: what is not seen again is gone.
     resync_nodes: Option<BTreeSet<String>>,
     resync_pods: Option<BTreeSet<PodKey>>,
@@ -178,6 +187,7 @@ impl Ledger {
         for t in types {
             st.by_type.entry(t).or_default().insert(name.clone());
         }
+        st.refresh(&name);
         increase(before.unwrap_or_default(), after)
     }
 
@@ -309,7 +319,12 @@ impl Ledger {
                 // cpu, or a type the cluster has no resource for: nothing
                 // to count, and always room.
                 if self.config.resource_name(p.device_type).is_some() {
-                    unplaced += st.claim(w, &view, p, &mut pods_taken);
+                    let queued = view
+                        .claimed_unbound
+                        .get(&p.device_type)
+                        .copied()
+                        .unwrap_or(0);
+                    unplaced += st.claim(w, constraints, p, queued, &mut pods_taken);
                 }
             }
             for c in st.claims.get(w).into_iter().flatten() {
@@ -523,6 +538,7 @@ impl State {
         for set in self.by_type.values_mut() {
             set.remove(name);
         }
+        self.refresh(name);
     }
 
     fn insert_pod(&mut self, key: PodKey, entry: PodEntry) {
@@ -549,6 +565,7 @@ impl State {
                         self.claim_bound(owner, t, node);
                     }
                 }
+                self.refresh(node);
             }
             None if !entry.devices.is_empty() => {
                 self.unbound.insert(key.clone(), entry.clone());
@@ -575,6 +592,7 @@ impl State {
             n.pods -= 1;
             sub_all(&mut n.used, &entry.devices);
         }
+        self.refresh(node);
         if let Some(owner) = &entry.owner
             && let Some(by_node) = self.own_used.get_mut(owner)
         {
@@ -616,9 +634,10 @@ impl State {
                 claim.assumed.remove(&at);
             }
         }
-        let held = self.claimed.entry(at).or_default();
+        let held = self.claimed.entry(at.clone()).or_default();
         *held.devices.entry(t).or_default() -= per;
         held.pods -= 1;
+        self.refresh(&at);
     }
 
     fn drop_claim(&mut self, w: &WorkloadKey) -> Freed {
@@ -629,19 +648,23 @@ impl State {
                 *held.devices.entry(claim.device_type).or_default() -= n * claim.per_replica;
                 held.pods -= n;
                 *freed.entry(claim.device_type).or_default() += n * claim.per_replica;
+                self.refresh(node);
             }
         }
         freed
     }
 
-    /// Records the promise on the view's nodes (first fit, in name order);
-    /// returns the replicas that found no room. `pods_taken` carries the
-    /// pod slots earlier promises of the same decision took, per node.
+    /// Records the promise on the nodes the template may use with room
+    /// (first fit, in name order); returns the replicas that found no room.
+    /// `pods_taken` carries the pod slots earlier promises of the same
+    /// decision took, per node; `queued` the devices other tenants' queued
+    /// pods will take of the type (they are older: they go first).
     fn claim(
         &mut self,
         w: &WorkloadKey,
-        view: &CapacitySnapshot,
+        constraints: &NodeConstraints,
         p: &Promise,
+        queued: i64,
         pods_taken: &mut BTreeMap<String, i64>,
     ) -> i64 {
         let per = p.per_replica.max(1);
@@ -656,39 +679,38 @@ impl State {
             })
             .unwrap_or(0);
         let mut left = (p.replicas - bound).max(0);
-        // Queued foreign pods take their share first (they are older).
-        let mut queued = whole_replicas(
-            view.claimed_unbound
-                .get(&p.device_type)
-                .copied()
-                .unwrap_or(0),
-            per,
-        );
+        let mut queued = whole_replicas(queued, per);
         let mut assumed = BTreeMap::new();
-        for n in &view.nodes {
+        // Stops at the first nodes that hold the promise: the cost follows
+        // the replicas, not the nodes.
+        for name in self.candidate_nodes(w, constraints, p.device_type) {
             if left == 0 {
                 break;
             }
-            let by_devices = n.free.get(&p.device_type).copied().unwrap_or(0).max(0) / per;
-            let taken = pods_taken.get(&n.name).copied().unwrap_or(0);
-            let mut room = n
-                .pod_room
-                .map_or(by_devices, |r| by_devices.min((r - taken).max(0)));
+            let Some((free, pod_room)) = self.room_for(w, name, p.device_type) else {
+                continue;
+            };
+            let by_devices = free.max(0) / per;
+            let taken = pods_taken.get(name).copied().unwrap_or(0);
+            let mut room = pod_room.map_or(by_devices, |r| by_devices.min((r - taken).max(0)));
             let skip = room.min(queued);
             queued -= skip;
             room -= skip;
             let take = room.min(left);
             if take > 0 {
-                assumed.insert(n.name.clone(), take);
-                *pods_taken.entry(n.name.clone()).or_default() += take;
+                assumed.insert(name.clone(), take);
                 left -= take;
             }
+        }
+        for (name, n) in &assumed {
+            *pods_taken.entry(name.clone()).or_default() += n;
         }
         for (node, n) in &assumed {
             let held = self.claimed.entry(node.clone()).or_default();
             *held.devices.entry(p.device_type).or_default() += n * per;
             held.pods += n;
         }
+        let touched: Vec<String> = assumed.keys().cloned().collect();
         if !assumed.is_empty() {
             self.claims.entry(w.clone()).or_default().push(Claim {
                 device_type: p.device_type,
@@ -696,7 +718,134 @@ impl State {
                 assumed,
             });
         }
+        for node in touched {
+            self.refresh(&node);
+        }
         left
+    }
+
+    /// Nodes a promise of type `t` may go to, lazily: without node
+    /// constraints, the workload's own nodes, then the untainted nodes with
+    /// room (from the index) in name order; else every node of the type
+    /// that passes them.
+    fn candidate_nodes<'a>(
+        &'a self,
+        w: &WorkloadKey,
+        constraints: &'a NodeConstraints,
+        t: DeviceType,
+    ) -> Box<dyn Iterator<Item = &'a String> + 'a> {
+        if constraints.is_unconstrained() {
+            let own = self.own_nodes(w);
+            let usable = move |n: &&String| {
+                self.nodes
+                    .get(*n)
+                    .is_some_and(|e| e.schedulable && e.facts.taints.is_empty())
+            };
+            let others = self.with_room.get(&t).into_iter().flatten().filter({
+                let own = own.clone();
+                move |n| !own.contains(n)
+            });
+            Box::new(own.into_iter().chain(others).filter(usable))
+        } else {
+            Box::new(self.by_type.get(&t).into_iter().flatten().filter(move |n| {
+                self.nodes
+                    .get(*n)
+                    .is_some_and(|e| e.schedulable && constraints.check(&e.facts).is_none())
+            }))
+        }
+    }
+
+    /// Nodes where the workload has pods or promises.
+    fn own_nodes<'a>(&'a self, w: &WorkloadKey) -> BTreeSet<&'a String> {
+        let mut names: BTreeSet<&String> = self
+            .own_used
+            .get(w)
+            .map(|m| m.keys().collect())
+            .unwrap_or_default();
+        for c in self.claims.get(w).into_iter().flatten() {
+            names.extend(c.assumed.keys());
+        }
+        names
+    }
+
+    /// Free devices of type `t` on a node as workload `w` sees them (its
+    /// own pods and promises count as free for itself: re-deciding must not
+    /// take its replicas for someone else's), and the pods it can take.
+    fn room_for(&self, w: &WorkloadKey, name: &str, t: DeviceType) -> Option<(i64, Option<i64>)> {
+        let n = self.nodes.get(name)?;
+        let alloc = *n.allocatable.get(&t)?;
+        let claimed = self.claimed.get(name);
+        let mine = self.own_used.get(w).and_then(|m| m.get(name));
+        let (mut mine_devices, mut mine_pods) = mine.map_or((0, 0), |m| {
+            (m.devices.get(&t).copied().unwrap_or(0), m.pods)
+        });
+        for c in self.claims.get(w).into_iter().flatten() {
+            if let Some(r) = c.assumed.get(name) {
+                mine_pods += r;
+                if c.device_type == t {
+                    mine_devices += r * c.per_replica;
+                }
+            }
+        }
+        let free = alloc
+            - n.used.get(&t).copied().unwrap_or(0)
+            - claimed.map_or(0, |c| c.devices.get(&t).copied().unwrap_or(0))
+            + mine_devices;
+        let pod_room = n
+            .pod_slots
+            .map(|slots| slots - n.pods - claimed.map_or(0, |c| c.pods) + mine_pods);
+        Some((free, pod_room))
+    }
+
+    /// Re-counts one node in the aggregate index (after anything that
+    /// changes its room: its own state, a pod bound there, a promise).
+    fn refresh(&mut self, name: &str) {
+        for (t, key) in self.keys.remove(name).unwrap_or_default() {
+            if let Some(h) = self.hist.get_mut(&t) {
+                if let Some(c) = h.get_mut(&key) {
+                    *c -= 1;
+                    if *c == 0 {
+                        h.remove(&key);
+                    }
+                }
+            }
+            if let Some(s) = self.with_room.get_mut(&t) {
+                s.remove(name);
+            }
+        }
+        let Some(n) = self.nodes.get(name) else {
+            return;
+        };
+        if !n.schedulable || !n.facts.taints.is_empty() {
+            return;
+        }
+        let claimed = self.claimed.get(name);
+        let mut keys = Vec::with_capacity(n.allocatable.len());
+        for (t, alloc) in &n.allocatable {
+            let free = alloc
+                - n.used.get(t).copied().unwrap_or(0)
+                - claimed.map_or(0, |c| c.devices.get(t).copied().unwrap_or(0));
+            let pods = n
+                .pod_slots
+                .map(|slots| slots - n.pods - claimed.map_or(0, |c| c.pods));
+            // Pod room beyond the free devices never matters: each replica
+            // takes at least one device. Capping it keeps the keys few.
+            let room = pods.map_or(free.max(0), |p| p.min(free.max(0)));
+            *self
+                .hist
+                .entry(*t)
+                .or_default()
+                .entry((free, room))
+                .or_default() += 1;
+            if free > 0 && room > 0 {
+                self.with_room
+                    .entry(*t)
+                    .or_default()
+                    .insert(name.to_string());
+            }
+            keys.push((*t, (free, room)));
+        }
+        self.keys.insert(name.to_string(), keys);
     }
 
     fn view(
@@ -705,55 +854,58 @@ impl State {
         constraints: &NodeConstraints,
         types: &[DeviceType],
     ) -> CapacitySnapshot {
-        let own_claims = self.claims.get(w);
-        let own_used = self.own_used.get(w);
-        let names: BTreeSet<&String> = types
-            .iter()
-            .filter_map(|t| self.by_type.get(t))
-            .flatten()
-            .collect();
-        let mut nodes = Vec::with_capacity(names.len());
-        for name in names {
-            let Some(n) = self.nodes.get(name) else {
-                continue;
-            };
-            if !n.schedulable || constraints.check(&n.facts).is_some() {
-                continue;
+        let mut nodes = vec![];
+        if constraints.is_unconstrained() {
+            // Every untainted node may be used: read the aggregate index, a
+            // few entries per type however many nodes there are, and correct
+            // it on the nodes where the workload has pods or promises.
+            for t in types {
+                for ((free, room), count) in self.hist.get(t).into_iter().flatten() {
+                    nodes.push(aggregate_entry(*t, *free, Some(*room), *count));
+                }
             }
-            let claimed = self.claimed.get(name).cloned().unwrap_or_default();
-            let mine = own_used.and_then(|m| m.get(name));
-            // The workload's own promises on this node, per type.
-            let mine_claimed: Vec<(DeviceType, i64, i64)> = own_claims
-                .into_iter()
+            for name in self.own_nodes(w) {
+                for (t, key) in self.keys.get(name).into_iter().flatten() {
+                    if !types.contains(t) {
+                        continue;
+                    }
+                    let Some((free, pod_room)) = self.room_for(w, name, *t) else {
+                        continue;
+                    };
+                    nodes.push(aggregate_entry(*t, key.0, Some(key.1), -1));
+                    let room = pod_room.map_or(free.max(0), |p| p.min(free.max(0)));
+                    nodes.push(aggregate_entry(*t, free, Some(room), 1));
+                }
+            }
+        } else {
+            let names: BTreeSet<&String> = types
+                .iter()
+                .filter_map(|t| self.by_type.get(t))
                 .flatten()
-                .filter_map(|c| Some((c.device_type, *c.assumed.get(name)?, c.per_replica)))
                 .collect();
-            let mut free = BTreeMap::new();
-            for (t, alloc) in &n.allocatable {
-                let mut f = alloc
-                    - n.used.get(t).copied().unwrap_or(0)
-                    - claimed.devices.get(t).copied().unwrap_or(0);
-                // The workload's own pods and promise are free for itself:
-                // re-deciding must not see its replicas as someone else's.
-                f += mine.and_then(|m| m.devices.get(t)).copied().unwrap_or(0);
-                f += mine_claimed
-                    .iter()
-                    .filter(|(ct, _, _)| ct == t)
-                    .map(|(_, r, per)| r * per)
-                    .sum::<i64>();
-                free.insert(*t, f);
+            for name in names {
+                let Some(n) = self.nodes.get(name) else {
+                    continue;
+                };
+                if !n.schedulable || constraints.check(&n.facts).is_some() {
+                    continue;
+                }
+                let mut free = BTreeMap::new();
+                let mut pod_room = None;
+                for t in n.allocatable.keys() {
+                    if let Some((f, room)) = self.room_for(w, name, *t) {
+                        free.insert(*t, f);
+                        pod_room = room;
+                    }
+                }
+                nodes.push(NodeCapacity {
+                    name: name.clone(),
+                    allocatable: n.allocatable.clone(),
+                    free,
+                    pod_room,
+                    weight: 1,
+                });
             }
-            let pod_room = n.pod_slots.map(|slots| {
-                slots - n.pods - claimed.pods
-                    + mine.map_or(0, |m| m.pods)
-                    + mine_claimed.iter().map(|(_, r, _)| r).sum::<i64>()
-            });
-            nodes.push(NodeCapacity {
-                name: name.clone(),
-                allocatable: n.allocatable.clone(),
-                free,
-                pod_room,
-            });
         }
         let mut claimed_unbound = BTreeMap::new();
         for p in self.unbound.values() {
@@ -778,6 +930,18 @@ impl State {
             nodes,
             claimed_unbound,
         }
+    }
+}
+
+/// An entry of the aggregate view: `count` nodes with `free` devices of
+/// type `t` and room for `room` pods.
+fn aggregate_entry(t: DeviceType, free: i64, room: Option<i64>, count: i64) -> NodeCapacity {
+    NodeCapacity {
+        name: String::new(),
+        allocatable: [(t, free.max(0))].into(),
+        free: [(t, free)].into(),
+        pod_room: room,
+        weight: count,
     }
 }
 
@@ -1070,5 +1234,62 @@ mod tests {
         let l = Ledger::from_lists(&[n], [&busy], &OperatorConfig::default());
         let v = l.view(&key("w"), &NodeConstraints::default(), &[DeviceType::Rbln]);
         assert_eq!(v.replicas_that_fit(DeviceType::Rbln, 1), 0);
+    }
+
+    proptest::proptest! {
+        /// The aggregate view (templates without node constraints) and the
+        /// node-by-node view answer alike, whatever the pods and promises.
+        #[test]
+        fn the_aggregate_view_equals_the_node_by_node_one(
+            allocs in proptest::collection::vec((0i64..9, 0i64..9, 1i64..12), 1..12),
+            bound in proptest::collection::vec((0usize..12, 0i64..3, proptest::bool::ANY), 0..30),
+            decisions in proptest::collection::vec((1i32..6, 1u32..3), 0..6),
+        ) {
+            let config = OperatorConfig::default();
+            let nodes: Vec<Node> = allocs
+                .iter()
+                .enumerate()
+                .map(|(i, (atom, gpu, pods))| {
+                    let mut n = node(&format!("n{i:02}"), &[(ATOM, *atom), (GPU, *gpu)]);
+                    n.metadata.labels = Some([("all".to_string(), "yes".to_string())].into());
+                    n.status.as_mut().unwrap().allocatable.as_mut().unwrap().insert(
+                        "pods".into(),
+                        k8s_openapi::apimachinery::pkg::api::resource::Quantity(pods.to_string()),
+                    );
+                    n
+                })
+                .collect();
+            let l = Ledger::from_lists(&nodes, [], &config);
+            for (i, (n, devices, own)) in bound.iter().enumerate() {
+                let node = format!("n{:02}", n % allocs.len());
+                let mut p = own_pod(if *own { "w0" } else { "other" }, i, DeviceType::Gpu, Some(&node));
+                p.spec.as_mut().unwrap().containers[0].resources = Some(
+                    serde_json::from_value(json!({"limits": {GPU: devices.to_string()}})).unwrap(),
+                );
+                l.apply_pod(&p);
+            }
+            for (i, (replicas, per)) in decisions.iter().enumerate() {
+                let mut iw = workload(&format!("w{i}"), json!({"replicas": replicas}));
+                iw.spec.devices_per_replica = *per;
+                l.choose(&key(&format!("w{i}")), &iw, &config, None, &BTreeMap::new());
+            }
+            let everything = NodeConstraints::of(Some(
+                &serde_json::from_value(json!({"containers": [], "nodeSelector": {"all": "yes"}})).unwrap(),
+            ));
+            for w in ["w0", "w1", "nobody"] {
+                let fast = l.view(&key(w), &NodeConstraints::default(), &DeviceType::ALL);
+                let slow = l.view(&key(w), &everything, &DeviceType::ALL);
+                for t in [DeviceType::Rbln, DeviceType::Gpu] {
+                    proptest::prop_assert_eq!(fast.free_devices(t), slow.free_devices(t), "{} {}", w, t);
+                    for per in 1..4 {
+                        proptest::prop_assert_eq!(
+                            fast.replicas_that_fit(t, per),
+                            slow.replicas_that_fit(t, per),
+                            "{} {} per {}", w, t, per
+                        );
+                    }
+                }
+            }
+        }
     }
 }

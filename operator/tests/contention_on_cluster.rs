@@ -180,7 +180,7 @@ async fn templates_pinned_by_node_selector_or_taint_get_a_type_their_nodes_have(
     );
     let ns = cluster.namespace(test).await;
     cluster.install_crds().await;
-    let op = start_operator(cluster, &ns, &res, &["--cpu-fallback=false"]);
+    let _op = start_operator(cluster, &ns, &res, &["--cpu-fallback=false"]);
     let client = cluster.client().await;
     let api: Api<InferenceWorkload> = Api::namespaced(client.clone(), &ns);
     let template = |extra: serde_json::Value| {
@@ -211,20 +211,60 @@ async fn templates_pinned_by_node_selector_or_taint_get_a_type_their_nodes_have(
     let failed = events_with_reason(client.clone(), &ns, "FailedScheduling").await;
     assert!(failed.is_empty(), "pods were unschedulable: {failed:?}");
 
-    // Asked for rbln explicitly, pinned to the gpu pool: taken as asked, the
-    // status says no node it may use has room, and it is not reconciled
-    // once a second while it waits.
-    let mut explicit = template(json!({"nodeSelector": {"pool": pool}}));
-    explicit["device"] = json!("rbln");
-    let mut spec = explicit;
-    spec["model"] = json!({"source": "HuggingFaceTB/SmolLM2-135M-Instruct"});
-    create(&api, "explicit", spec).await;
+    for n in [atom, gpu] {
+        cluster.remove_node(&n).await;
+    }
+}
+
+#[tokio::test]
+async fn an_explicit_type_no_node_of_the_template_has_waits_without_a_timer() {
+    let cluster = cluster();
+    let test = "explicit";
+    let res = Resources::new(test);
+    let gpu = node_name(test, "gpu");
+    cluster.add_node(&node_name(test, "atom"), &[(&res.atom, 4)]);
+    cluster.add_node(&gpu, &[(&res.gpu, 4)]);
+    let pool = format!("gpu-{}", std::process::id());
+    kubectl_ok(
+        cluster,
+        &[
+            "label",
+            "node",
+            &gpu,
+            &format!("pool={pool}"),
+            "--overwrite",
+        ],
+    );
+    let ns = cluster.namespace(test).await;
+    cluster.install_crds().await;
+    // A short grace period: before, once it was over the workload was
+    // reconciled every second for as long as it waited.
+    let op = start_operator(cluster, &ns, &res, &["--unschedulable-grace=1s"]);
+    let client = cluster.client().await;
+    let api: Api<InferenceWorkload> = Api::namespaced(client.clone(), &ns);
+    // Asked for rbln explicitly, pinned to the gpu pool: taken as asked,
+    // and the status says no node it may use has room.
+    create(
+        &api,
+        "explicit",
+        json!({"device": "rbln", "template": {"spec": {
+            "containers": [{"name": "app", "image": "python:3.12"}],
+            "nodeSelector": {"pool": pool}
+        }}}),
+    )
+    .await;
     let iw = wait_iw(&api, "explicit", "on rbln", 30, |iw| {
         device_of(iw) == Some(DeviceType::Rbln)
     })
     .await;
     let reason = iw.status.unwrap().device.unwrap().reason;
     assert!(reason.contains("room for 0 of 1"), "{reason}");
+    wait_iw(&api, "explicit", "Unschedulable", 30, |iw| {
+        condition_reason(iw, "Available").as_deref() == Some("Unschedulable")
+    })
+    .await;
+    // Past the grace period, with nothing else to move to.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     op.settled_writes().await;
     let before = op.counter("rm_operator_reconciles_total");
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -233,8 +273,8 @@ async fn templates_pinned_by_node_selector_or_taint_get_a_type_their_nodes_have(
         reconciles <= 2.0,
         "{reconciles} reconciles in 6 s while waiting"
     );
-    for n in [atom, gpu] {
-        cluster.remove_node(&n).await;
+    for n in ["atom", "gpu"] {
+        cluster.remove_node(&node_name(test, n)).await;
     }
 }
 
