@@ -34,6 +34,10 @@ use crate::constraints::{NodeConstraints, NodeFacts};
 use crate::render::DEVICE_TYPE;
 use crate::selection::{Current, NoChoice, Parts, Selection, select_device, select_spread};
 
+/// A node's room for one type in the aggregate index: free devices, and
+/// the pods it can take (capped at the free devices).
+type Room = (i64, i64);
+
 /// A workload: namespace and name.
 pub type WorkloadKey = (String, String);
 type PodKey = (String, String);
@@ -112,9 +116,9 @@ struct State {
     /// by their room (free devices, pods they can take), so a decision for
     /// a template without node constraints costs the same on 100 nodes or
     /// 5,000.
-    hist: BTreeMap<DeviceType, BTreeMap<(i64, i64), i64>>,
+    hist: BTreeMap<DeviceType, BTreeMap<Room, i64>>,
     /// The key each node is counted under, per type.
-    keys: HashMap<String, Vec<(DeviceType, (i64, i64))>>,
+    keys: HashMap<String, Vec<(DeviceType, Room)>>,
     /// Per type, the untainted schedulable nodes with room (first fit).
     with_room: BTreeMap<DeviceType, BTreeSet<String>>,
     /// Objects seen since a watch (re)list began: what is not seen again is gone.
