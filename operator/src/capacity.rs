@@ -80,6 +80,13 @@ impl CapacitySnapshot {
                 }
             }
         }
+        for node in by_name.values_mut() {
+            // More requested than offered (a device went away under a
+            // running pod): the node is full, no more.
+            for free in node.free.values_mut() {
+                *free = (*free).max(0);
+            }
+        }
         CapacitySnapshot {
             nodes: by_name.into_values().collect(),
             claimed_unbound: BTreeMap::new(),
@@ -94,7 +101,11 @@ impl CapacitySnapshot {
             .nodes
             .iter()
             .map(|n| {
-                let by_devices = n.free.get(&t).copied().unwrap_or(0).max(0) / per;
+                // A node's free count is negative where promises assumed
+                // more replicas than the scheduler left room for (it put
+                // a pod elsewhere): those replicas go to other nodes, so
+                // the shortfall counts against the total.
+                let by_devices = n.free.get(&t).copied().unwrap_or(0).div_euclid(per);
                 n.weight
                     * n.pod_room
                         .map_or(by_devices, |room| by_devices.min(room.max(0)))
@@ -110,7 +121,7 @@ impl CapacitySnapshot {
         let on_nodes: i64 = self
             .nodes
             .iter()
-            .map(|n| n.weight * n.free.get(&t).copied().unwrap_or(0).max(0))
+            .map(|n| n.weight * n.free.get(&t).copied().unwrap_or(0))
             .sum();
         (on_nodes - self.claimed_unbound.get(&t).copied().unwrap_or(0)).max(0)
     }

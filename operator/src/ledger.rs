@@ -175,7 +175,10 @@ impl Ledger {
         if let Some(seen) = st.resync_nodes.as_mut() {
             seen.insert(name.clone());
         }
-        let before = st.nodes.get(&name).map(|n| n.offered());
+        let before = st
+            .nodes
+            .get(&name)
+            .map(|n| (n.offered(), n.facts.taints.clone()));
         let entry = st.nodes.entry(name.clone()).or_default();
         entry.facts = NodeFacts::of(node);
         entry.schedulable = is_schedulable(node);
@@ -191,8 +194,16 @@ impl Ledger {
         for t in types {
             st.by_type.entry(t).or_default().insert(name.clone());
         }
+        let taints_now = entry_taints(&st, &name);
         st.refresh(&name);
-        increase(before.unwrap_or_default(), after)
+        match before {
+            // A taint that goes (the node lifecycle controller's `not-ready`
+            // often goes after Ready comes) opens the node to templates
+            // that did not tolerate it: all it offers counts as freed.
+            Some((_, taints)) if taints.iter().any(|t| !taints_now.contains(t)) => after,
+            Some((offered, _)) => increase(offered, after),
+            None => increase(BTreeMap::new(), after),
+        }
     }
 
     pub fn delete_node(&self, name: &str) {
@@ -791,8 +802,9 @@ impl State {
                 }
             }
         }
-        let free = alloc
-            - n.used.get(&t).copied().unwrap_or(0)
+        // Bound pods fill a node at most (a device may go away under a
+        // running pod); promises may overfill it (see `replicas_that_fit`).
+        let free = (alloc - n.used.get(&t).copied().unwrap_or(0)).max(0)
             - claimed.map_or(0, |c| c.devices.get(&t).copied().unwrap_or(0))
             + mine_devices;
         let pod_room = n
@@ -826,8 +838,7 @@ impl State {
         let claimed = self.claimed.get(name);
         let mut keys = Vec::with_capacity(n.allocatable.len());
         for (t, alloc) in &n.allocatable {
-            let free = alloc
-                - n.used.get(t).copied().unwrap_or(0)
+            let free = (alloc - n.used.get(t).copied().unwrap_or(0)).max(0)
                 - claimed.map_or(0, |c| c.devices.get(t).copied().unwrap_or(0));
             let pods = n
                 .pod_slots
@@ -947,6 +958,13 @@ fn aggregate_entry(t: DeviceType, free: i64, room: Option<i64>, count: i64) -> N
         pod_room: room,
         weight: count,
     }
+}
+
+fn entry_taints(st: &State, name: &str) -> Vec<k8s_openapi::api::core::v1::Taint> {
+    st.nodes
+        .get(name)
+        .map(|n| n.facts.taints.clone())
+        .unwrap_or_default()
 }
 
 fn add_all(into: &mut BTreeMap<DeviceType, i64>, from: &BTreeMap<DeviceType, i64>) {
@@ -1295,5 +1313,103 @@ mod tests {
                 }
             }
         }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// A burst simulated step by step: workloads decide, their pods
+        /// appear unbound, a scheduler binds them to a node with a free
+        /// device, and workloads re-decide in between. The ledger never
+        /// promises more than the cluster has.
+        #[test]
+        fn a_simulated_burst_never_overcommits(
+            steps in proptest::collection::vec((0usize..40, 0u8..3), 1..300),
+        ) {
+            let config = OperatorConfig::default();
+            let nodes: Vec<Node> = (0..4).map(|i| node(&format!("a{i}"), &[(ATOM, 3)])).collect();
+            let l = Ledger::from_lists(&nodes, [], &config);
+            let mut chosen: BTreeMap<usize, DeviceType> = BTreeMap::new();
+            let mut pods: BTreeMap<usize, Option<String>> = BTreeMap::new();
+            let mut used: BTreeMap<String, i64> = BTreeMap::new();
+            for (w, action) in steps {
+                let name = format!("w{w}");
+                match action {
+                    0 => {
+                        let s = l.choose(&key(&name), &workload(&name, json!({})), &config, None, &BTreeMap::new()).0;
+                        if let Some(c) = s.chosen() {
+                            // A new choice of type replaces the pod.
+                            if chosen.insert(w, c.device_type) != Some(c.device_type) {
+                                if let Some(Some(n)) = pods.remove(&w) {
+                                    *used.get_mut(&n).unwrap() -= 1;
+                                    l.delete_pod(&own_pod(&name, 0, DeviceType::Rbln, Some(&n)));
+                                }
+                            }
+                        }
+                    }
+                    1 => {
+                        if chosen.get(&w) == Some(&DeviceType::Rbln) && !pods.contains_key(&w) {
+                            pods.insert(w, None);
+                            l.apply_pod(&own_pod(&name, 0, DeviceType::Rbln, None));
+                        }
+                    }
+                    _ => {
+                        if let Some(slot @ None) = pods.get_mut(&w) {
+                            if let Some(n) = (0..4).map(|i| format!("a{i}")).find(|n| used.get(n).copied().unwrap_or(0) < 3) {
+                                *used.entry(n.clone()).or_default() += 1;
+                                *slot = Some(n.clone());
+                                l.apply_pod(&own_pod(&name, 0, DeviceType::Rbln, Some(&n)));
+                            }
+                        }
+                    }
+                }
+                let on_rbln = chosen.values().filter(|t| **t == DeviceType::Rbln).count();
+                proptest::prop_assert!(on_rbln <= 12, "{on_rbln} workloads were given rbln, 12 ATOMs exist");
+            }
+        }
+    }
+
+    #[test]
+    fn a_node_that_arrives_wakes_a_waiter() {
+        let config = OperatorConfig {
+            cpu_fallback: false,
+            ..OperatorConfig::default()
+        };
+        let l = Ledger::new(config.clone());
+        let (s, _, _) = l.choose(
+            &key("waits"),
+            &workload("waits", json!({})),
+            &config,
+            None,
+            &BTreeMap::new(),
+        );
+        assert_eq!(s.reason(), "NoCapacity");
+        let mut n = node("new", &[(GPU, 1)]);
+        let ready = n.status.as_mut().unwrap().conditions.take();
+        assert!(l.wake(&l.apply_node(&n)).is_empty(), "not Ready yet");
+        n.status.as_mut().unwrap().conditions = ready;
+        // Ready, but the lifecycle controller's not-ready taint is still on.
+        n.spec = Some(
+            serde_json::from_value(json!({"taints": [{"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}]}))
+                .unwrap(),
+        );
+        let freed = l.apply_node(&n);
+        let (s, _, _) = l.choose(
+            &key("waits"),
+            &workload("waits", json!({})),
+            &config,
+            None,
+            &BTreeMap::new(),
+        );
+        assert_eq!(
+            s.reason(),
+            "NoCapacity",
+            "the taint keeps it out: {freed:?}"
+        );
+        // The taint goes: that wakes the waiter, though the devices were
+        // counted as offered before.
+        n.spec = None;
+        let freed = l.apply_node(&n);
+        assert_eq!(freed, [(DeviceType::Gpu, 1)].into());
+        assert_eq!(l.wake(&freed), [key("waits")]);
     }
 }
