@@ -122,6 +122,8 @@ def common(o, variant):
     check(grants(cr, "rm-abstract.io", "inferenceworkloads/status", "patch") is not None, "ClusterRole: patch status")
     check(grants(cr, "rm-abstract.io", "inferenceworkloads/scale", "get") is not None, "ClusterRole: get scale")
     check(grants(cr, "apps", "deployments", "patch") is not None, "ClusterRole: patch deployments")
+    check(grants(cr, "scheduling.k8s.io", "priorityclasses", "watch") is not None,
+          "ClusterRole: watch priorityclasses (the order of waiting workloads)")
     check(grants(cr, "", "secrets", "get") is None, "ClusterRole grants nothing on secrets")
     check(grants(cr, "", "services", "patch") is not None and grants(cr, "", "services", "delete") is not None,
           "ClusterRole: patch and delete services (served workloads)")

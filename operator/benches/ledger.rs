@@ -87,7 +87,7 @@ fn bench(c: &mut Criterion) {
             let mut times = Vec::with_capacity(2_000);
             for _ in 0..2_000 {
                 let t = Instant::now();
-                std::hint::black_box(ledger.choose(&key, iw, &config, None, &none));
+                std::hint::black_box(ledger.choose(&key, iw, &config, None, &none, 0));
                 times.push(t.elapsed().as_secs_f64() * 1e6);
             }
             let (p50, p99) = percentiles(times);
@@ -96,7 +96,7 @@ fn bench(c: &mut Criterion) {
                 nodes * 10
             );
             c.bench_function(&format!("choose/{label}/{nodes}-nodes"), |b| {
-                b.iter(|| ledger.choose(&key, iw, &config, None, &none))
+                b.iter(|| ledger.choose(&key, iw, &config, None, &none, 0))
             });
         }
         // A pod event: bind and unbind one device pod.

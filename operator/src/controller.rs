@@ -15,6 +15,7 @@ use std::time::Duration;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::scheduling::v1::PriorityClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
@@ -57,6 +58,8 @@ pub struct Context {
     pub deployments: Store<Deployment>,
     /// Services of served workloads (labelled with the workload).
     pub services: Store<Service>,
+    /// PriorityClasses, for the order of waiting workloads.
+    pub priority_classes: Store<PriorityClass>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub own_writes: Arc<OwnStatusWrites>,
@@ -143,6 +146,15 @@ pub async fn run(
         d.spec.template.spec = None;
     })
     .reflect(deployment_writer)
+    .touched_objects();
+    let (priority_classes, class_writer) = reflector::store();
+    let class_stream = watcher(
+        Api::<PriorityClass>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(|c: &mut PriorityClass| c.managed_fields_mut().clear())
+    .reflect(class_writer)
     .touched_objects();
     let (services, service_writer) = reflector::store();
     let service_stream = watcher(
@@ -254,12 +266,15 @@ pub async fn run(
     spawn_trigger(service_stream, trigger.clone(), |s: Service| {
         owner_workload(&s.metadata)
     });
+    // A class's value changes only the order of later wake-ups.
+    spawn_trigger(class_stream, trigger.clone(), |_: PriorityClass| None);
 
     let _ = tokio::join!(
         node_sync,
         pod_sync,
         deployments.wait_until_ready(),
-        services.wait_until_ready()
+        services.wait_until_ready(),
+        priority_classes.wait_until_ready()
     );
     tracing::info!("node, pod, deployment and service caches synced");
 
@@ -272,6 +287,7 @@ pub async fn run(
         pods,
         deployments,
         services,
+        priority_classes,
         metrics: metrics.clone(),
         own_writes,
         applied: OwnDeploymentWrites::default(),
@@ -772,6 +788,27 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
     ))
 }
 
+/// The priority the workload's pods will have, as the Priority admission
+/// plugin sets it: the template's `priority`, else its `priorityClassName`'s
+/// value, else the global default class's, else 0. Orders the workloads
+/// waiting for devices.
+pub fn pod_priority(iw: &InferenceWorkload, classes: &Store<PriorityClass>) -> i32 {
+    let spec = iw.spec.template.as_ref().and_then(|t| t.spec.as_ref());
+    if let Some(p) = spec.and_then(|s| s.priority) {
+        return p;
+    }
+    match spec.and_then(|s| s.priority_class_name.as_deref()) {
+        Some(name) => classes
+            .get(&ObjectRef::new(name))
+            .map_or(0, |c| c.value.unwrap_or(0)),
+        None => classes
+            .state()
+            .iter()
+            .find(|c| c.global_default == Some(true))
+            .map_or(0, |c| c.value.unwrap_or(0)),
+    }
+}
+
 /// Chooses the device (under the ledger's lock, see `Ledger::choose`);
 /// devices the workload no longer needs wake whoever waits for them.
 fn decide(
@@ -781,9 +818,10 @@ fn decide(
     current_parts: &BTreeMap<DeviceType, u32>,
     ctx: &Context,
 ) -> (Selection, Parts) {
-    let (selection, parts, freed) = ctx
-        .ledger
-        .choose(key, iw, &ctx.config, current, current_parts);
+    let priority = pod_priority(iw, &ctx.priority_classes);
+    let (selection, parts, freed) =
+        ctx.ledger
+            .choose(key, iw, &ctx.config, current, current_parts, priority);
     for r in wake_refs(&ctx.ledger, &freed) {
         tracing::debug!(workload = %r, "woken by devices another workload released");
         ctx.wake.unbounded_send(r).ok();

@@ -144,7 +144,7 @@ impl Ledger {
         }
     }
 
-    /// A ledger of lists (tests, `kubectl inference`).
+    /// A ledger of lists (tests, benchmarks).
     pub fn from_lists<'a>(
         nodes: impl IntoIterator<Item = &'a Node>,
         pods: impl IntoIterator<Item = &'a Pod>,
@@ -406,8 +406,8 @@ impl Ledger {
         woken
     }
 
-    /// Free capacity as workload `w` sees it, for `kubectl inference` and
-    /// tests (reconciles use `decide`).
+    /// Free capacity as workload `w` sees it, for tests (reconciles use
+    /// `decide`).
     pub fn view(
         &self,
         w: &WorkloadKey,
@@ -422,7 +422,7 @@ impl Ledger {
     /// replicas each type holds now in `current_parts`) on the capacity its
     /// template may use. It waits in the queue when replicas find no room
     /// (never for a spec that no capacity fixes). Returns the replicas per
-    /// type to run.
+    /// type to run. `priority` orders it in the queue (`pod_priority`).
     pub fn choose(
         &self,
         w: &WorkloadKey,
@@ -430,6 +430,7 @@ impl Ledger {
         config: &OperatorConfig,
         current: Option<&Current>,
         current_parts: &BTreeMap<DeviceType, u32>,
+        priority: i32,
     ) -> (Selection, Parts, Freed) {
         let template_spec = iw.spec.template.as_ref().and_then(|t| t.spec.as_ref());
         let constraints = NodeConstraints::of(template_spec);
@@ -449,7 +450,7 @@ impl Ledger {
                 (selection, parts, 0)
             };
             let waiter = Waiter {
-                priority: template_spec.and_then(|s| s.priority).unwrap_or(0),
+                priority,
                 created: iw
                     .metadata
                     .creation_timestamp
@@ -1026,6 +1027,7 @@ mod tests {
             &OperatorConfig::default(),
             None,
             &BTreeMap::new(),
+            0,
         )
         .0
     }
@@ -1185,17 +1187,8 @@ mod tests {
                 Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                     jiff::Timestamp::from_second(1_000 + i).unwrap(),
                 ));
-            if i == 7 {
-                iw.spec
-                    .template
-                    .as_mut()
-                    .unwrap()
-                    .spec
-                    .as_mut()
-                    .unwrap()
-                    .priority = Some(100);
-            }
-            let (s, _, _) = l.choose(&key(&name), &iw, &config, None, &BTreeMap::new());
+            let priority = if i == 7 { 100 } else { 0 };
+            let (s, _, _) = l.choose(&key(&name), &iw, &config, None, &BTreeMap::new(), priority);
             assert_eq!(s.chosen().map(|c| c.decision), Some(Decision::Explicit));
             names.push(name);
         }
@@ -1293,7 +1286,7 @@ mod tests {
             for (i, (replicas, per)) in decisions.iter().enumerate() {
                 let mut iw = workload(&format!("w{i}"), json!({"replicas": replicas}));
                 iw.spec.devices_per_replica = *per;
-                l.choose(&key(&format!("w{i}")), &iw, &config, None, &BTreeMap::new());
+                l.choose(&key(&format!("w{i}")), &iw, &config, None, &BTreeMap::new(), 0);
             }
             let everything = NodeConstraints::of(Some(
                 &serde_json::from_value(json!({"containers": [], "nodeSelector": {"all": "yes"}})).unwrap(),
@@ -1335,7 +1328,7 @@ mod tests {
                 let name = format!("w{w}");
                 match action {
                     0 => {
-                        let s = l.choose(&key(&name), &workload(&name, json!({})), &config, None, &BTreeMap::new()).0;
+                        let s = l.choose(&key(&name), &workload(&name, json!({})), &config, None, &BTreeMap::new(), 0).0;
                         if let Some(c) = s.chosen() {
                             // A new choice of type replaces the pod.
                             if chosen.insert(w, c.device_type) != Some(c.device_type) {
@@ -1381,6 +1374,7 @@ mod tests {
             &config,
             None,
             &BTreeMap::new(),
+            0,
         );
         assert_eq!(s.reason(), "NoCapacity");
         let mut n = node("new", &[(GPU, 1)]);
@@ -1399,6 +1393,7 @@ mod tests {
             &config,
             None,
             &BTreeMap::new(),
+            0,
         );
         assert_eq!(
             s.reason(),

@@ -194,15 +194,135 @@ pub async fn running_on(
     .await
 }
 
-pub async fn events_for(client: kube::Client, ns: &str, name: &str) -> Vec<(String, String)> {
+async fn namespace_events(client: kube::Client, ns: &str) -> Vec<Event> {
     let events: Api<Event> = Api::namespaced(client, ns);
     events
         .list(&ListParams::default())
         .await
         .expect("events")
         .items
+}
+
+/// (reason, message) of the Events about one object.
+pub async fn events_for(client: kube::Client, ns: &str, name: &str) -> Vec<(String, String)> {
+    namespace_events(client, ns)
+        .await
         .into_iter()
         .filter(|e| e.involved_object.name.as_deref() == Some(name))
         .map(|e| (e.reason.unwrap_or_default(), e.message.unwrap_or_default()))
         .collect()
+}
+
+/// "object: message" of the namespace's Events with this reason (the
+/// scheduler's `FailedScheduling`, the operator's `Reselected`, ...).
+pub async fn events_with_reason(client: kube::Client, ns: &str, reason: &str) -> Vec<String> {
+    namespace_events(client, ns)
+        .await
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .map(|e| {
+            format!(
+                "{}: {}",
+                e.involved_object.name.unwrap_or_default(),
+                e.message.unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+/// Which of a test's device resources a node offers.
+#[derive(Clone, Copy)]
+pub enum Dev {
+    Atom,
+    Rngd,
+    Gpu,
+}
+
+/// One test's slice of the cluster: kwok nodes with its own device
+/// resources, its namespace (CRDs installed) and its operator.
+pub struct Setup {
+    pub cluster: &'static Cluster,
+    pub test: &'static str,
+    pub res: Resources,
+    pub ns: String,
+    pub op: Operator,
+    pub client: kube::Client,
+    pub api: Api<InferenceWorkload>,
+    nodes: Vec<String>,
+}
+
+impl Setup {
+    /// `nodes`: (short name, device, count); the operator gets `args`.
+    pub async fn new(test: &'static str, nodes: &[(&str, Dev, u32)], args: &[&str]) -> Setup {
+        let cluster = rm_e2e_testkit::cluster();
+        let res = Resources::new(test);
+        let mut names = vec![];
+        for (n, dev, count) in nodes {
+            let resource = match dev {
+                Dev::Atom => &res.atom,
+                Dev::Rngd => &res.rngd,
+                Dev::Gpu => &res.gpu,
+            };
+            let name = node_name(test, n);
+            cluster.add_node(&name, &[(resource, *count)]);
+            names.push(name);
+        }
+        let ns = cluster.namespace(test).await;
+        cluster.install_crds().await;
+        let op = start_operator(cluster, &ns, &res, args);
+        let client = cluster.client().await;
+        let api = Api::namespaced(client.clone(), &ns);
+        Setup {
+            cluster,
+            test,
+            res,
+            ns,
+            op,
+            client,
+            api,
+            nodes: names,
+        }
+    }
+
+    /// The full name of one of the test's nodes.
+    pub fn node(&self, short: &str) -> String {
+        node_name(self.test, short)
+    }
+
+    pub fn kubectl(&self, args: &[&str]) {
+        let out = self.cluster.kubectl().args(args).output().expect("kubectl");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Creates a workload (the default SmolLM2 model and container, with
+    /// `spec` merged over them).
+    pub async fn create(&self, name: &str, spec: Value) {
+        self.api
+            .create(&kube::api::PostParams::default(), &workload(name, spec))
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e}"));
+    }
+
+    pub async fn events_with_reason(&self, reason: &str) -> Vec<String> {
+        events_with_reason(self.client.clone(), &self.ns, reason).await
+    }
+
+    /// No pod was ever unschedulable, no workload was moved.
+    pub async fn assert_no_unschedulable_pod_and_no_move(&self) {
+        let failed = self.events_with_reason("FailedScheduling").await;
+        assert!(failed.is_empty(), "pods were unschedulable: {failed:?}");
+        let moved = self.events_with_reason("Reselected").await;
+        assert!(moved.is_empty(), "reselections: {moved:?}");
+    }
+
+    /// Removes the test's nodes (the namespace is left to the clean-up).
+    pub async fn remove_nodes(&self) {
+        for n in &self.nodes {
+            self.cluster.remove_node(n).await;
+        }
+    }
 }
