@@ -176,6 +176,7 @@ pub async fn run(
     let (workload_store, workload_writer) = reflector::store();
     let gone_ledger = ledger.clone();
     let gone_trigger = trigger.clone();
+    let listed = workload_store.clone();
     let workload_stream = watcher(workloads, watcher::Config::default())
         .default_backoff()
         .modify(|iw: &mut InferenceWorkload| {
@@ -186,12 +187,19 @@ pub async fn run(
         .reflect(workload_writer)
         .inspect_ok(move |ev| {
             // A deleted workload's promise frees what it held for waiters.
-            if let watcher::Event::Delete(iw) = ev
-                && let (Some(ns), Some(name)) = (iw.namespace(), iw.metadata.name.clone())
-            {
-                let freed = gone_ledger.forget(&(ns, name));
-                send_all(&gone_trigger, wake_refs(&gone_ledger, &freed));
-            }
+            let freed = match ev {
+                watcher::Event::Delete(iw) => match (iw.namespace(), iw.metadata.name.clone()) {
+                    (Some(ns), Some(name)) => gone_ledger.forget(&(ns, name)),
+                    _ => Freed::new(),
+                },
+                // Listed again (after a watch gap): those deleted meanwhile
+                // sent no Delete event.
+                watcher::Event::InitDone => gone_ledger.retain_workloads(|(ns, name)| {
+                    listed.get(&ObjectRef::new(name).within(ns)).is_some()
+                }),
+                _ => Freed::new(),
+            };
+            send_all(&gone_trigger, wake_refs(&gone_ledger, &freed));
         })
         .applied_objects()
         .inspect_ok(move |iw| seen.seen(iw));

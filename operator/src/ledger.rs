@@ -308,6 +308,29 @@ impl Ledger {
         st.drop_claim(w)
     }
 
+    /// Keeps the promises and places in the queue of the workloads that
+    /// exist: after a watch of workloads lists them again, those deleted
+    /// meanwhile (no Delete event reached the operator) must not hold
+    /// devices. Returns the devices that frees.
+    pub fn retain_workloads(&self, exists: impl Fn(&WorkloadKey) -> bool) -> Freed {
+        let mut st = self.lock();
+        let gone: BTreeSet<WorkloadKey> = st
+            .claims
+            .keys()
+            .chain(st.waiters.keys())
+            .chain(st.movers.keys())
+            .filter(|w| !exists(w))
+            .cloned()
+            .collect();
+        let mut freed = Freed::new();
+        for w in gone {
+            st.waiters.remove(&w);
+            st.movers.remove(&w);
+            add_all(&mut freed, &st.drop_claim(&w));
+        }
+        freed
+    }
+
     /// Decides for workload `w` under the lock: `choose` gets the capacity
     /// the workload sees and returns its choice: promises (type, replicas
     /// wanted on it, devices per replica; one per type), or none, and how it
@@ -1205,6 +1228,17 @@ mod tests {
             l.wake(&[(DeviceType::Gpu, 4)].into()).is_empty(),
             "nobody waits for gpu"
         );
+    }
+
+    #[test]
+    fn workloads_deleted_unseen_give_back_their_promises() {
+        let l = Ledger::from_lists(&[node("a", &[(ATOM, 2)])], [], &OperatorConfig::default());
+        choose(&l, "kept", json!({}));
+        choose(&l, "gone", json!({}));
+        assert_eq!(l.claimed_replicas()[&DeviceType::Rbln], 2);
+        let freed = l.retain_workloads(|w| w.1 == "kept");
+        assert_eq!(freed, [(DeviceType::Rbln, 1)].into());
+        assert_eq!(l.claimed_replicas()[&DeviceType::Rbln], 1);
     }
 
     #[test]
