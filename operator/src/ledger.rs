@@ -222,13 +222,7 @@ impl Ledger {
         let Some(seen) = st.resync_nodes.take() else {
             return;
         };
-        let gone: Vec<String> = st
-            .nodes
-            .keys()
-            .filter(|n| !seen.contains(*n))
-            .cloned()
-            .collect();
-        for n in gone {
+        for n in unseen(st.nodes.keys(), &seen) {
             st.remove_node(&n);
         }
     }
@@ -243,14 +237,8 @@ impl Ledger {
         let Some(seen) = st.resync_pods.take() else {
             return Freed::new();
         };
-        let gone: Vec<PodKey> = st
-            .pods
-            .keys()
-            .filter(|k| !seen.contains(*k))
-            .cloned()
-            .collect();
         let mut freed = Freed::new();
-        for k in gone {
+        for k in unseen(st.pods.keys(), &seen) {
             add_all(&mut freed, &st.remove_pod(&k));
         }
         freed
@@ -521,7 +509,7 @@ impl Ledger {
         (selection, parts, freed)
     }
 
-    /// Replicas promised and not bound, per type (metrics, tests).
+    /// Replicas promised and not bound, per type (tests).
     pub fn claimed_replicas(&self) -> BTreeMap<DeviceType, i64> {
         let st = self.lock();
         let mut out = BTreeMap::new();
@@ -989,6 +977,14 @@ fn entry_taints(st: &State, name: &str) -> Vec<k8s_openapi::api::core::v1::Taint
         .get(name)
         .map(|n| n.facts.taints.clone())
         .unwrap_or_default()
+}
+
+/// What a relist did not deliver again: gone.
+fn unseen<'a, K: Ord + Clone + 'a>(
+    keys: impl Iterator<Item = &'a K>,
+    seen: &BTreeSet<K>,
+) -> Vec<K> {
+    keys.filter(|k| !seen.contains(*k)).cloned().collect()
 }
 
 fn add_all(into: &mut BTreeMap<DeviceType, i64>, from: &BTreeMap<DeviceType, i64>) {

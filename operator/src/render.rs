@@ -264,6 +264,16 @@ fn request_devices(container: &mut Container, resource: &str, count: u32) {
         .insert(resource.into(), qty);
 }
 
+/// The value of a container's env var (tests of rendered pods).
+#[cfg(test)]
+pub(crate) fn env_value<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
+    c.env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.as_deref())
+}
+
 fn set_env(container: &mut Container, name: &str, value: &str) {
     let env = container.env.get_or_insert_with(Vec::new);
     env.retain(|e| e.name != name);
@@ -432,14 +442,6 @@ mod tests {
         .unwrap()
     }
 
-    fn env_of<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
-        c.env
-            .iter()
-            .flatten()
-            .find(|e| e.name == name)
-            .and_then(|e| e.value.as_deref())
-    }
-
     #[test]
     fn served_without_a_template_the_pod_is_the_serving_container_alone() {
         let d = render_deployment(&served(None), &rbln(), &OperatorConfig::default()).unwrap();
@@ -458,14 +460,14 @@ mod tests {
         let res = c.resources.as_ref().unwrap();
         assert_eq!(res.limits.as_ref().unwrap()["rebellions.ai/ATOM"].0, "1");
         assert_eq!(res.requests.as_ref().unwrap()["rebellions.ai/ATOM"].0, "1");
-        assert_eq!(env_of(c, "RM_DEVICE"), Some("rbln"));
+        assert_eq!(env_value(c, "RM_DEVICE"), Some("rbln"));
         // The same JSON as the annotation the webhook turns into the env.
         assert_eq!(
-            env_of(c, "RM_COMPILE_OPTIONS"),
+            env_value(c, "RM_COMPILE_OPTIONS"),
             Some(annotations[labels::COMPILE_OPTIONS].as_str())
         );
         assert_eq!(
-            env_of(c, "RM_SERVE_MODEL_SOURCE"),
+            env_value(c, "RM_SERVE_MODEL_SOURCE"),
             Some("/rm-serve/model/smollm2")
         );
         let claim = pod
@@ -508,11 +510,11 @@ mod tests {
             "the device is the server's"
         );
         assert_eq!(
-            env_of(&pod.containers[0], "RM_DEVICE"),
+            env_value(&pod.containers[0], "RM_DEVICE"),
             Some("cpu"),
             "user env kept"
         );
-        assert_eq!(env_of(&pod.containers[1], "RM_DEVICE"), Some("rbln"));
+        assert_eq!(env_value(&pod.containers[1], "RM_DEVICE"), Some("rbln"));
         let volumes: Vec<&str> = pod
             .volumes
             .iter()
@@ -545,7 +547,7 @@ mod tests {
         assert_eq!(pod.tolerations.unwrap().len(), 1);
         assert_eq!(pod.containers.len(), 1);
         assert_eq!(pod.containers[0].name, "rm-serve");
-        assert_eq!(env_of(&pod.containers[0], "RM_DEVICE"), Some("rbln"));
+        assert_eq!(env_value(&pod.containers[0], "RM_DEVICE"), Some("rbln"));
     }
 
     #[test]

@@ -317,6 +317,7 @@ fn plain_env(name: &str, value: &str) -> EnvVar {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::render::env_value;
 
     fn served(source: &str, serve: serde_json::Value) -> InferenceWorkload {
         serde_json::from_value(serde_json::json!({
@@ -325,14 +326,6 @@ mod tests {
             "spec": {"model": {"source": source}, "serve": serve}
         }))
         .unwrap()
-    }
-
-    fn env<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
-        c.env
-            .iter()
-            .flatten()
-            .find(|e| e.name == name)
-            .and_then(|e| e.value.as_deref())
     }
 
     #[test]
@@ -364,15 +357,15 @@ mod tests {
         );
         assert_eq!(c.name, "rm-serve");
         assert_eq!(c.image.as_deref(), Some("ghcr.io/rm-abstract/serve:latest"));
-        assert_eq!(env(&c, "RM_SERVE_MODEL_SOURCE"), Some("org/m"));
-        assert_eq!(env(&c, "RM_SERVE_MODEL_NAME"), Some("chat"));
-        assert_eq!(env(&c, "RM_SERVE_PORT"), Some("8000"));
-        assert_eq!(env(&c, "RM_WORKLOAD_NAME"), Some("chat"));
+        assert_eq!(env_value(&c, "RM_SERVE_MODEL_SOURCE"), Some("org/m"));
+        assert_eq!(env_value(&c, "RM_SERVE_MODEL_NAME"), Some("chat"));
+        assert_eq!(env_value(&c, "RM_SERVE_PORT"), Some("8000"));
+        assert_eq!(env_value(&c, "RM_WORKLOAD_NAME"), Some("chat"));
         assert_eq!(
-            env(&c, "RM_COMPILE_OPTIONS"),
+            env_value(&c, "RM_COMPILE_OPTIONS"),
             Some(r#"{"precision":"bf16"}"#)
         );
-        assert_eq!(env(&c, "RM_SERVE_MODEL_REVISION"), None);
+        assert_eq!(env_value(&c, "RM_SERVE_MODEL_REVISION"), None);
         let port = &c.ports.as_ref().unwrap()[0];
         assert_eq!(
             (port.name.as_deref(), port.container_port),
@@ -418,13 +411,13 @@ mod tests {
         );
         let serve = iw.spec.serve.clone().unwrap();
         let c = serve_container(&iw, &serve, &ServeSettings::default(), None);
-        assert_eq!(env(&c, "RM_SERVE_MODEL_NAME"), Some("smol"));
-        assert_eq!(env(&c, "RM_SERVE_PORT"), Some("9000"));
+        assert_eq!(env_value(&c, "RM_SERVE_MODEL_NAME"), Some("smol"));
+        assert_eq!(env_value(&c, "RM_SERVE_PORT"), Some("9000"));
         assert_eq!(
-            env(&c, "RM_SERVE_MODEL_SOURCE"),
+            env_value(&c, "RM_SERVE_MODEL_SOURCE"),
             Some("/rm-serve/model/smollm2")
         );
-        assert_eq!(env(&c, "RM_COMPILE_OPTIONS"), None);
+        assert_eq!(env_value(&c, "RM_COMPILE_OPTIONS"), None);
         assert_eq!(
             c.resources.as_ref().unwrap().limits.as_ref().unwrap()["memory"].0,
             "2Gi"

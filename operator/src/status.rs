@@ -354,30 +354,40 @@ mod tests {
     use crate::capacity::CapacitySnapshot;
     use crate::selection::select_device;
 
+    /// A workload as the apiserver stores it, and the selection for it on
+    /// an empty cluster.
+    fn workload_and_selection(
+        name: &str,
+        ns: &str,
+        generation: i64,
+        spec: serde_json::Value,
+        config: &OperatorConfig,
+    ) -> (InferenceWorkload, Selection) {
+        let iw: InferenceWorkload = serde_json::from_value(serde_json::json!({
+            "apiVersion": "rm-abstract.io/v1alpha1", "kind": "InferenceWorkload",
+            "metadata": {"name": name, "namespace": ns, "generation": generation},
+            "spec": spec
+        }))
+        .unwrap();
+        let capacity = CapacitySnapshot::from_cluster([], [], config);
+        let selection = select_device(&iw.spec, config, &capacity, None);
+        (iw, selection)
+    }
+
     #[test]
     fn failing_containers_fail_the_workload_and_say_why() {
         let config = OperatorConfig::default();
-        let iw: InferenceWorkload = serde_json::from_value(serde_json::json!({
-            "apiVersion": "rm-abstract.io/v1alpha1", "kind": "InferenceWorkload",
-            "metadata": {"name": "w", "namespace": "n", "generation": 1},
-            "spec": {"model": {"source": "m"}, "device": "cpu", "replicas": 1,
-                     "template": {"spec": {"containers": [{"name": "app"}]}}}
-        }))
-        .unwrap();
-        let capacity = CapacitySnapshot::from_cluster([], [], &config);
-        let selection = select_device(&iw.spec, &config, &capacity, None);
+        let (iw, selection) = workload_and_selection(
+            "w",
+            "n",
+            1,
+            serde_json::json!({"model": {"source": "m"}, "device": "cpu", "replicas": 1,
+                     "template": {"spec": {"containers": [{"name": "app"}]}}}),
+            &config,
+        );
         assert!(selection.chosen().is_some());
         let deployment = Deployment::default();
         let now = Time(jiff::Timestamp::now());
-        let available = |s: &InferenceWorkloadStatus| {
-            let c = s
-                .conditions
-                .iter()
-                .find(|c| c.type_ == condition::AVAILABLE)
-                .unwrap();
-            (c.reason.clone(), c.message.clone())
-        };
-
         let mut observed = Observed {
             deployment: Some(&deployment),
             failing: Some((
@@ -389,7 +399,7 @@ mod tests {
         let failed = desired_status(&iw, &selection, &observed, &config, &now);
         assert_eq!(failed.phase, Some(Phase::Failed));
         assert_eq!(
-            available(&failed),
+            available_of(&failed),
             (
                 "ContainersFailing".into(),
                 "0/1 replicas ready; 1 pod(s) failing: container app, exit code 1: RMUnavailableError: no SDK".into()
@@ -399,20 +409,19 @@ mod tests {
         observed.failing = None;
         let progressing = desired_status(&iw, &selection, &observed, &config, &now);
         assert_eq!(progressing.phase, Some(Phase::Progressing));
-        assert_eq!(available(&progressing).0, "ReplicasNotReady");
+        assert_eq!(available_of(&progressing).0, "ReplicasNotReady");
     }
 
     #[test]
     fn a_served_workload_gets_its_endpoint_once_pods_are_ready() {
         let config = OperatorConfig::default();
-        let iw: InferenceWorkload = serde_json::from_value(serde_json::json!({
-            "apiVersion": "rm-abstract.io/v1alpha1", "kind": "InferenceWorkload",
-            "metadata": {"name": "chat", "namespace": "ml", "generation": 1},
-            "spec": {"model": {"source": "m"}, "device": "cpu", "serve": {}}
-        }))
-        .unwrap();
-        let capacity = CapacitySnapshot::from_cluster([], [], &config);
-        let selection = select_device(&iw.spec, &config, &capacity, None);
+        let (iw, selection) = workload_and_selection(
+            "chat",
+            "ml",
+            1,
+            serde_json::json!({"model": {"source": "m"}, "device": "cpu", "serve": {}}),
+            &config,
+        );
         let now = Time(jiff::Timestamp::now());
         let serving = |s: &InferenceWorkloadStatus| {
             let c = s
@@ -485,15 +494,14 @@ mod tests {
             cpu_fallback: false,
             ..OperatorConfig::default()
         };
-        let iw: InferenceWorkload = serde_json::from_value(serde_json::json!({
-            "apiVersion": "rm-abstract.io/v1alpha1", "kind": "InferenceWorkload",
-            "metadata": {"name": "w", "namespace": "n", "generation": 2},
-            "spec": {"model": {"source": "m"}, "device": "npu", "replicas": 2,
-                     "template": {"spec": {"containers": [{"name": "app"}]}}}
-        }))
-        .unwrap();
-        let capacity = CapacitySnapshot::from_cluster([], [], &config);
-        let selection = select_device(&iw.spec, &config, &capacity, None);
+        let (iw, selection) = workload_and_selection(
+            "w",
+            "n",
+            2,
+            serde_json::json!({"model": {"source": "m"}, "device": "npu", "replicas": 2,
+                     "template": {"spec": {"containers": [{"name": "app"}]}}}),
+            &config,
+        );
         assert!(selection.chosen().is_none(), "no NPU anywhere");
         // The Deployment made for the previous spec (gpu) runs, 2 ready.
         let serving: Deployment = serde_json::from_value(serde_json::json!({
@@ -526,15 +534,14 @@ mod tests {
     #[test]
     fn forbidden_is_not_a_template_error_and_old_type_pods_are_not_ready_ones() {
         let config = OperatorConfig::default();
-        let iw: InferenceWorkload = serde_json::from_value(serde_json::json!({
-            "apiVersion": "rm-abstract.io/v1alpha1", "kind": "InferenceWorkload",
-            "metadata": {"name": "w", "namespace": "n", "generation": 1},
-            "spec": {"model": {"source": "m"}, "device": "cpu", "replicas": 2,
-                     "template": {"spec": {"containers": [{"name": "app"}]}}}
-        }))
-        .unwrap();
-        let capacity = CapacitySnapshot::from_cluster([], [], &config);
-        let selection = select_device(&iw.spec, &config, &capacity, None);
+        let (iw, selection) = workload_and_selection(
+            "w",
+            "n",
+            1,
+            serde_json::json!({"model": {"source": "m"}, "device": "cpu", "replicas": 2,
+                     "template": {"spec": {"containers": [{"name": "app"}]}}}),
+            &config,
+        );
         let now = Time(jiff::Timestamp::now());
         let mut observed = Observed {
             deployment_error: Some(DeploymentError {

@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use rm_crds::{DeviceType, InferenceWorkload, Phase};
 use rm_e2e_testkit::cluster;
-use serde_json::{Value, json};
+use serde_json::json;
 
 #[tokio::test]
 async fn workloads_fill_rbln_then_furiosa_then_gpu_then_cpu() {
@@ -496,20 +496,6 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
         .unwrap();
     running_on(&api, "c", DeviceType::Cpu).await;
     assert!(second.counter("rm_operator_reconciles_total") > 0.0);
-}
-
-fn served_workload(name: &str, spec: Value) -> InferenceWorkload {
-    let mut full = json!({"model": {"source": "HuggingFaceTB/SmolLM2-135M-Instruct"}});
-    for (k, v) in spec.as_object().expect("object").iter() {
-        full[k] = v.clone();
-    }
-    serde_json::from_value(json!({
-        "apiVersion": "rm-abstract.io/v1alpha1",
-        "kind": "InferenceWorkload",
-        "metadata": {"name": name},
-        "spec": full,
-    }))
-    .expect("workload")
 }
 
 fn env_value<'a>(c: &'a k8s_openapi::api::core::v1::Container, name: &str) -> Option<&'a str> {

@@ -125,11 +125,29 @@ pub fn node_name(test: &str, n: &str) -> String {
     format!("{test}-{n}-{}", std::process::id())
 }
 
+/// A workload of SmolLM2 with one plain container, `spec` merged over it.
 pub fn workload(name: &str, spec: Value) -> InferenceWorkload {
-    let mut full = json!({
-        "model": {"source": "HuggingFaceTB/SmolLM2-135M-Instruct"},
-        "template": {"spec": {"containers": [{"name": "app", "image": "python:3.12"}]}}
-    });
+    workload_over(
+        json!({
+            "model": {"source": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+            "template": {"spec": {"containers": [{"name": "app", "image": "python:3.12"}]}}
+        }),
+        name,
+        spec,
+    )
+}
+
+/// A workload of SmolLM2 with no template, `spec` merged over it (served
+/// workloads bring `serve`).
+pub fn served_workload(name: &str, spec: Value) -> InferenceWorkload {
+    workload_over(
+        json!({"model": {"source": "HuggingFaceTB/SmolLM2-135M-Instruct"}}),
+        name,
+        spec,
+    )
+}
+
+fn workload_over(mut full: Value, name: &str, spec: Value) -> InferenceWorkload {
     for (k, v) in spec.as_object().expect("object").iter() {
         full[k] = v.clone();
     }
