@@ -163,12 +163,15 @@ pub struct InferenceWorkloadSpec {
     #[serde(default, skip_serializing_if = "Placement::is_single")]
     pub placement: Placement,
 
-    /// Move to a higher-priority device type once it has room for every
-    /// replica (`placement: single`). Off by default: running replicas stay
-    /// where they are. The move rolls one replica at a time, each new
-    /// replica Ready before an old one goes, so the workload never serves
-    /// with fewer ready replicas than before; it waits until all replicas
-    /// are ready, and only ever goes up the priority list.
+    /// Move replicas to a higher-priority device type when it has room.
+    /// Off by default: running replicas stay where they are. With
+    /// `placement: single` the workload moves once that type has room for
+    /// every replica; with `spread`, one replica at a time to the highest
+    /// type with room above the lowest one it runs on. Either way one
+    /// replica at a time, each new replica Ready before an old one goes, so
+    /// the workload never serves with fewer ready replicas than before; it
+    /// waits until all replicas are ready, and only ever goes up the
+    /// priority list.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub move_up: bool,
 }

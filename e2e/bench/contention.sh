@@ -11,26 +11,19 @@
 # Usage: e2e/bench/contention.sh [OPERATOR_BINARY]   (default target/release/rm-operator)
 #        N=500 ROOM=100 NODES_PER_TYPE=10 e2e/bench/contention.sh
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-cd "$ROOT"
-OPERATOR=${1:-target/release/rm-operator}
-[[ -x "$OPERATOR" ]] || { echo "build it first: cargo build --release -p rm-operator" >&2; exit 2; }
+# shellcheck source=e2e/bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 N=${N:-500}
 ROOM=${ROOM:-100}
 NODES_PER_TYPE=${NODES_PER_TYPE:-10}
 (( ROOM % NODES_PER_TYPE == 0 )) || { echo "ROOM must be a multiple of NODES_PER_TYPE" >&2; exit 2; }
 per_node=$((ROOM / NODES_PER_TYPE))
 
-export KUBECONFIG=$(e2e/cluster.sh up 2>/dev/null | tail -n 1)
-PATH="$(e2e/cluster.sh bin-dir):$PATH"
-run_id=$$
 domain="contention-$run_id.e2e.rm-abstract.io"
 ns="bcont-$run_id"
-work=$(mktemp -d)
-op_pid=
 nodes=()
 cleanup() {
-    kill "$op_pid" 2>/dev/null || true
+    stop_operator
     rm -rf "$work"
     kubectl delete ns "$ns" --ignore-not-found --timeout=300s >/dev/null 2>&1 || true
     for n in "${nodes[@]}"; do kubectl delete node "$n" >/dev/null 2>&1 || true; done
@@ -45,37 +38,13 @@ for t in atom rngd gpu; do
         e2e/cluster.sh node "$n" "$domain/$t=$per_node" "pods=$((N + 50))" 2>/dev/null
     done
 done
-kubectl apply --server-side -f crds/inferenceworkload.yaml >/dev/null
-kubectl wait --for=condition=Established crd/inferenceworkloads.rm-abstract.io >/dev/null
+apply_crd
 kubectl create ns "$ns" >/dev/null
 
-for ((i = 0; i < N; i++)); do
-    cat <<EOF
----
-apiVersion: rm-abstract.io/v1alpha1
-kind: InferenceWorkload
-metadata: {name: w$i}
-spec:
-  model: {source: HuggingFaceTB/SmolLM2-135M-Instruct}
-  template:
-    spec:
-      containers:
-      - name: app
-        image: python:3.12
-EOF
-done >"$work/workloads.yaml"
-
-metrics_port=$((18900 + run_id % 800))
-"$OPERATOR" --namespace "$ns" --metrics-addr "127.0.0.1:$metrics_port" \
+gen_workloads 0 "$N" >"$work/workloads.yaml"
+start_operator $((18900 + run_id % 800)) "$ns" \
     --resource-name "rbln=$domain/atom" --resource-name "furiosa=$domain/rngd" \
-    --resource-name "gpu=$domain/gpu" 2>"$work/operator.log" &
-op_pid=$!
-until curl -fsS "http://127.0.0.1:$metrics_port/readyz" >/dev/null 2>&1; do
-    kill -0 "$op_pid" 2>/dev/null || { cat "$work/operator.log" >&2; echo "rm-operator exited" >&2; exit 1; }
-    sleep 0.2
-done
-counter() { curl -fsS "http://127.0.0.1:$metrics_port/metrics" | awk -v m="$1" '$1 ~ "^"m {s+=$2} END {print s+0}'; }
-ticks() { awk '{print $14 + $15}' "/proc/$op_pid/stat"; }
+    --resource-name "gpu=$domain/gpu"
 
 # A watch tells when the last workload turns Running (polling would take
 # CPU from the operator).
@@ -83,12 +52,12 @@ python3 e2e/bench/count_until.py "$N" Running -- kubectl get iw -n "$ns" --watch
     -o 'jsonpath={.metadata.name} {.status.phase}{"\n"}' >"$work/t_running" &
 watch_running=$!
 sleep 1
-c0=$(ticks)
+c0=$(op_ticks)
 t0=$(date +%s.%N)
 kubectl apply --server-side -n "$ns" -f "$work/workloads.yaml" >/dev/null
 t_apply=$(date +%s.%N)
 wait "$watch_running"
-c1=$(ticks)
+c1=$(op_ticks)
 t1=$(cat "$work/t_running")
 python3 -c "print(f'$N workloads applied in {$t_apply - $t0:.1f} s; all Running {$t1 - $t0:.1f} s after the apply began')"
 python3 -c "print(f'operator CPU until then: {($c1 - $c0) / $(getconf CLK_TCK):.2f} s')"
@@ -102,16 +71,9 @@ unschedulable_pods=$(kubectl get events -n "$ns" --field-selector reason=FailedS
 reselected=$(kubectl get events -n "$ns" --field-selector reason=Reselected -o name | wc -l)
 echo "pods ever Unschedulable: $unschedulable_pods ($failed FailedScheduling Events; goal 0)"
 echo "reselections: $reselected (goal 0)"
-# Writes until the run is quiet: two 5 s periods without one.
-prev=-1
-quiet=0
-while (( quiet < 2 )); do
-    w=$(counter rm_operator_api_writes_total)
-    if [[ "$w" == "$prev" ]]; then quiet=$((quiet + 1)); else quiet=0; fi
-    prev=$w
-    sleep 5
-done
+# Writes until the run is quiet.
+prev=$(wait_quiet)
 r=$(counter rm_operator_reconciles_total)
 python3 -c "print(f'API writes: {$prev:.0f} ({$prev / $N:.2f} per workload); reconciles: {$r:.0f} ({$r / $N:.1f} per workload)')"
-echo "writes by kind: $(curl -fsS "http://127.0.0.1:$metrics_port/metrics" | grep '^rm_operator_api_writes_total{' | sed 's/rm_operator_api_writes_total//' | tr '\n' ' ')"
-grep -E 'VmHWM' /proc/$op_pid/status | tr -s ' ' | sed 's/^/operator peak memory: /'
+echo "writes by kind: $(writes_by_kind)"
+echo "operator memory: $(op_memory)"

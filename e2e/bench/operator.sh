@@ -11,24 +11,15 @@
 #
 # Usage: e2e/bench/operator.sh [OPERATOR_BINARY]   (default: target/release/rm-operator)
 set -euo pipefail
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-cd "$ROOT"
-OPERATOR=${1:-target/release/rm-operator}
-[[ -x "$OPERATOR" ]] || { echo "build it first: cargo build --release -p rm-operator" >&2; exit 2; }
-
-export KUBECONFIG=$(e2e/cluster.sh up 2>/dev/null | tail -n 1)
-PATH="$(e2e/cluster.sh bin-dir):$PATH"
-run_id=$$
+# shellcheck source=e2e/bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 res="bench-$run_id.e2e.rm-abstract.io/gpu"
 # Room for every pod of the run: a kubelet takes 110 by default.
 e2e/cluster.sh node "bench-$run_id" "$res=5000" pods=3000 2>/dev/null
-kubectl apply --server-side -f crds/inferenceworkload.yaml >/dev/null
-kubectl wait --for=condition=Established crd/inferenceworkloads.rm-abstract.io >/dev/null
-work=$(mktemp -d)
-op_pid=
+apply_crd
 # The node goes last: pods bound to a node that is gone wait minutes for the
 # pod garbage collector, and a run that overlaps that deletion measures it.
-trap 'kill $op_pid 2>/dev/null || true; rm -rf "$work"; kubectl delete ns "bd-$run_id" "bw-$run_id" "bc-$run_id" "bx-$run_id" --ignore-not-found --timeout=300s >/dev/null 2>&1 || true; kubectl delete node "bench-$run_id" >/dev/null 2>&1 || true' EXIT
+trap 'stop_operator; rm -rf "$work"; kubectl delete ns "bd-$run_id" "bw-$run_id" "bc-$run_id" "bx-$run_id" --ignore-not-found --timeout=300s >/dev/null 2>&1 || true; kubectl delete node "bench-$run_id" >/dev/null 2>&1 || true' EXIT
 leftovers() { kubectl get ns --no-headers 2>/dev/null | grep -cE '^b[dwcx]-[0-9]+ ' || true; }
 if [[ $(leftovers) -gt 0 ]]; then
     echo "waiting for an earlier run's namespaces to be deleted..."
@@ -38,8 +29,6 @@ kubectl create ns "bd-$run_id" >/dev/null
 kubectl create ns "bw-$run_id" >/dev/null
 kubectl create ns "bc-$run_id" >/dev/null
 
-now() { date +%s.%N; }
-elapsed() { python3 -c "print(f'{$2 - $1:.2f}')"; }
 # CPU time (clock ticks) of the control plane's processes and the operator.
 cpu_ticks() {
     local f
@@ -61,12 +50,12 @@ print(f"  CPU seconds in those {secs:.2f} s: {parts}; total {total:.2f} of {cpus
 PYEOF2
 }
 
-# The same pod template for both: one container asking for one device.
-gen() { # gen KIND FROM TO
+# The same pod template as gen_workloads renders: one container asking for
+# one device.
+gen_deployments() { # gen_deployments FROM TO
     local i
-    for ((i = $2; i < $3; i++)); do
-        if [[ $1 == Deployment ]]; then
-            cat <<EOF
+    for ((i = $1; i < $2; i++)); do
+        cat <<EOF
 ---
 apiVersion: apps/v1
 kind: Deployment
@@ -82,26 +71,11 @@ spec:
         image: python:3.12
         resources: {limits: {"$res": "1"}}
 EOF
-        else
-            cat <<EOF
----
-apiVersion: rm-abstract.io/v1alpha1
-kind: InferenceWorkload
-metadata: {name: w$i}
-spec:
-  model: {source: HuggingFaceTB/SmolLM2-135M-Instruct}
-  template:
-    spec:
-      containers:
-      - name: app
-        image: python:3.12
-EOF
-        fi
     done
 }
-gen Deployment 0 200 >"$work/deployments.yaml"
-gen InferenceWorkload 0 200 >"$work/workloads.yaml"
-gen InferenceWorkload 200 1000 >"$work/more.yaml"
+gen_deployments 0 200 >"$work/deployments.yaml"
+gen_workloads 0 200 >"$work/workloads.yaml"
+gen_workloads 200 1000 >"$work/more.yaml"
 
 echo "== 1. 200 at once"
 c0=$(cpu_ticks)
@@ -124,15 +98,9 @@ crs_only=$(elapsed "$t0" "$t1")
 echo "kubectl apply --server-side of 200 InferenceWorkloads, no operator running: ${crs_only}s"
 cpu_report "$c0" "$(cpu_ticks)" "$crs_only"
 
-metrics_port=$((18100 + run_id % 800))
-"$OPERATOR" --namespace "bw-$run_id" --metrics-addr "127.0.0.1:$metrics_port" \
+start_operator $((18100 + run_id % 800)) "bw-$run_id" \
     --resource-name "gpu=$res" --resource-name "rbln=none-$run_id.e2e.rm-abstract.io/atom" \
-    --resource-name "furiosa=none-$run_id.e2e.rm-abstract.io/rngd" 2>"$work/operator.log" &
-op_pid=$!
-until curl -fsS "http://127.0.0.1:$metrics_port/readyz" >/dev/null 2>&1; do
-    kill -0 "$op_pid" 2>/dev/null || { cat "$work/operator.log" >&2; echo "rm-operator exited" >&2; exit 1; }
-    sleep 0.2
-done
+    --resource-name "furiosa=none-$run_id.e2e.rm-abstract.io/rngd"
 
 selected() {
     kubectl get iw -n "bw-$run_id" -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="DeviceSelected")].status}{"\n"}{end}' | grep -c True || true
@@ -157,38 +125,28 @@ with_operator=$(elapsed "$t0" "$t1")
 apply_only=$(elapsed "$t0" "$t_apply")
 echo "kubectl apply --server-side of 200 InferenceWorkloads: ${apply_only}s; until all have Deployment + DeviceSelected: ${with_operator}s"
 cpu_report "$c0" "$c1" "$with_operator"
-python3 -c "b=$baseline; w=$with_operator; a=$apply_only; print(f'operator adds {100*(w-b)/b:.0f}% to the Deployments-only time (goal: at most 25%); of that, applying the 200 custom resources (beside the operator's writes, on the same CPUs) is {100*(a-b)/b:.0f}% and the operator after the last one was stored {100*(w-a)/b:.0f}%')"
+python3 -c "b=$baseline; w=$with_operator; a=$apply_only; print(f'operator adds {100*(w-b)/b:.0f}% to the Deployments-only time (goal: at most 25%); of that, applying the 200 custom resources (beside the writes of the operator, on the same CPUs) is {100*(a-b)/b:.0f}% and the operator after the last one was stored {100*(w-a)/b:.0f}%')"
 
 echo "== 2. memory with 1000 workloads"
 kubectl apply --server-side -n "bw-$run_id" -f "$work/more.yaml" >/dev/null
 until [[ $(selected) -ge 1000 ]]; do sleep 1; done
 sleep 5
-grep -E 'VmRSS|VmHWM' /proc/$op_pid/status | tr -s ' ' | sed 's/^/operator /'
+echo "operator memory: $(op_memory)"
 
 echo "== 3. API writes per reconcile at steady state (1000 workloads)"
-counter() { curl -fsS "http://127.0.0.1:$metrics_port/metrics" | awk -v m="$1" '$1 ~ "^"m {s+=$2} END {print s+0}'; }
-# Let the rollouts settle (pods Running, Deployments ready): no write for
-# two 5 s periods in a row.
-prev=-1
-quiet=0
-while (( quiet < 2 )); do
-    w=$(counter rm_operator_api_writes_total)
-    if [[ "$w" == "$prev" ]]; then quiet=$((quiet + 1)); else quiet=0; fi
-    prev=$w
-    sleep 5
-done
-by_kind() { curl -fsS "http://127.0.0.1:$metrics_port/metrics" | grep '^rm_operator_api_writes_total{' | tr '\n' ' '; }
-k0=$(by_kind)
+# Let the rollouts settle (pods Running, Deployments ready).
+wait_quiet >/dev/null
+k0=$(writes_by_kind)
 w0=$(counter rm_operator_api_writes_total)
 r0=$(counter rm_operator_reconciles_total)
 kubectl annotate iw --all -n "bw-$run_id" bench/touch="$(date +%s)" --overwrite >/dev/null
 sleep 10
 w1=$(counter rm_operator_api_writes_total)
 r1=$(counter rm_operator_reconciles_total)
-k1=$(by_kind)
+k1=$(writes_by_kind)
 python3 -c "r=$r1-$r0; w=$w1-$w0; print(f'reconciles: {r:.0f}, writes: {w:.0f}, writes per reconcile: {w/max(r,1):.3f} (goal: 0)')"
 if [[ "$k0" == "$k1" ]]; then
-    echo "writes by kind since start (1000 workloads): $(echo "$k1" | sed 's/rm_operator_api_writes_total//g')"
+    echo "writes by kind since start (1000 workloads): $k1"
 else
     printf 'writes by kind, before: %s\n                after:  %s\n' "$k0" "$k1"
 fi

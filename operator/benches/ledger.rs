@@ -1,10 +1,11 @@
 //! The cost of one placement decision (`Ledger::choose`, what a reconcile
 //! does under the ledger's lock) and of one pod event, as the cluster
 //! grows: 100, 1,000 and 5,000 nodes with 10 pods each. Prints the median
-//! and p99 of 2,000 decisions per size besides criterion's estimates.
+//! and p99 of 2,000 decisions per size besides criterion's estimates, the
+//! first decision for a template's node constraints (it builds their
+//! index), and a pod event with 1 and with 64 indexes kept.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -12,6 +13,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use rm_crds::InferenceWorkload;
 use rm_operator::config::OperatorConfig;
 use rm_operator::ledger::Ledger;
+use rm_operator::selection::SpreadNow;
 use serde_json::json;
 
 const GPU: &str = "nvidia.com/gpu";
@@ -79,11 +81,17 @@ fn bench(c: &mut Criterion) {
         "pinned",
         json!({"spec": {"containers": [{"name": "app"}], "nodeSelector": {"pool": "gpu"}}}),
     );
-    let none = BTreeMap::new();
+    let none = SpreadNow::default();
     for nodes in [100, 1_000, 5_000] {
         let ledger = cluster(nodes);
         for (label, iw) in [("plain", &plain), ("nodeSelector", &pinned)] {
             let key = ("ml".to_string(), format!("{label}-{nodes}"));
+            let t = Instant::now();
+            std::hint::black_box(ledger.choose(&key, iw, &config, None, &none, 0));
+            println!(
+                "choose, {label}, {nodes} nodes: first decision {:.1} µs",
+                t.elapsed().as_secs_f64() * 1e6
+            );
             let mut times = Vec::with_capacity(2_000);
             for _ in 0..2_000 {
                 let t = Instant::now();
@@ -104,7 +112,28 @@ fn bench(c: &mut Criterion) {
         let bound = pod.clone();
         pod.spec.as_mut().unwrap().node_name = None;
         let unbound = pod;
-        c.bench_function(&format!("pod-event/{nodes}-nodes"), |b| {
+        c.bench_function(&format!("pod-event/{nodes}-nodes/2-indexes"), |b| {
+            b.iter(|| {
+                ledger.apply_pod(&unbound);
+                ledger.apply_pod(&bound);
+            })
+        });
+        // 62 more templates, each with node constraints of its own.
+        for i in 0..62 {
+            let iw = workload(
+                "own",
+                json!({"spec": {"containers": [{"name": "app"}], "nodeSelector": {"pool": "gpu", "team": format!("t{i}")}}}),
+            );
+            ledger.choose(
+                &("ml".to_string(), format!("own-{i}")),
+                &iw,
+                &config,
+                None,
+                &none,
+                0,
+            );
+        }
+        c.bench_function(&format!("pod-event/{nodes}-nodes/64-indexes"), |b| {
             b.iter(|| {
                 ledger.apply_pod(&unbound);
                 ledger.apply_pod(&bound);

@@ -17,6 +17,9 @@ pub struct NodeConstraints {
     /// when the template has none.
     required_terms: Option<Vec<NodeSelectorTerm>>,
     tolerations: Vec<Toleration>,
+    /// The constraints in one canonical string (empty when there are none):
+    /// templates with equal constraints share one capacity index.
+    key: String,
 }
 
 /// Why a node is not usable for a template.
@@ -72,7 +75,7 @@ impl NodeConstraints {
         let Some(spec) = spec else {
             return Self::default();
         };
-        NodeConstraints {
+        let mut c = NodeConstraints {
             node_selector: spec.node_selector.clone().unwrap_or_default(),
             required_terms: spec
                 .affinity
@@ -84,12 +87,26 @@ impl NodeConstraints {
                 })
                 .map(|s| s.node_selector_terms.clone()),
             tolerations: spec.tolerations.clone().unwrap_or_default(),
+            key: String::new(),
+        };
+        if !c.is_unconstrained() {
+            // Debug output of ordered maps and plain structs is canonical.
+            c.key = format!(
+                "{:?}|{:?}|{:?}",
+                c.node_selector, c.required_terms, c.tolerations
+            );
         }
+        c
+    }
+
+    /// Equal for equal constraints; empty for none.
+    pub fn key(&self) -> &str {
+        &self.key
     }
 
     /// No selector, required affinity or toleration: the template may use
-    /// every untainted node (the ledger answers it from aggregates).
-    pub fn is_unconstrained(&self) -> bool {
+    /// every untainted node.
+    fn is_unconstrained(&self) -> bool {
         self.node_selector.is_empty()
             && self.required_terms.is_none()
             && self.tolerations.is_empty()

@@ -37,7 +37,7 @@ use crate::placement::{
     is_own_pod, ready_pods, unschedulable_pods,
 };
 use crate::render::{deployment_name, deployment_names, is_current, render_part};
-use crate::selection::{Decision, Parts, Selection};
+use crate::selection::{Decision, Parts, Selection, SpreadNow};
 use crate::serve::{is_controlled_by, render_service, service_is_current};
 use crate::status::{DeploymentError, Observed, ServiceState, desired_status};
 use crate::workload_pods::WorkloadPods;
@@ -565,15 +565,14 @@ pub async fn reconcile(iw: Arc<InferenceWorkload>, ctx: Arc<Context>) -> Result<
         Some((current, unschedulable)) => (Some(current), unschedulable),
         None => (None, None),
     };
-    // Replicas each type holds now, for `spread` (which never moves them).
-    let current_parts: BTreeMap<DeviceType, u32> = DeviceType::ALL
-        .into_iter()
-        .filter_map(|t| {
-            let d = owned.get(&deployment_name(&name, Some(t)))?;
-            Some((t, u32::try_from(d.spec.replicas.unwrap_or(0)).unwrap_or(0)))
-        })
-        .collect();
-    let (selection, parts) = decide(&iw, &key, current.as_ref(), &current_parts, &ctx);
+    // Where a `spread` workload's replicas are (it never moves them, but
+    // for one at a time with `moveUp`).
+    let spread_now = if spread {
+        spread_now(&iw, &name, &owned, &pods, &ctx.config, now)
+    } else {
+        SpreadNow::default()
+    };
+    let (selection, parts) = decide(&iw, &key, current.as_ref(), &spread_now, &ctx);
     let part_types: Vec<DeviceType> = parts.iter().map(|(c, _)| c.device_type).collect();
     let of_part_types =
         |p: &&Pod| is_own_pod(p, &iw) && part_types.iter().any(|t| is_for_device_type(p, *t));
@@ -819,17 +818,50 @@ pub fn pod_priority(iw: &InferenceWorkload, classes: &Store<PriorityClass>) -> i
 
 /// Chooses the device (under the ledger's lock, see `Ledger::choose`);
 /// devices the workload no longer needs wake whoever waits for them.
+/// A `spread` workload's replicas per type (its Deployments'), the ready
+/// ones, and the types whose pods are stuck (unschedulable past the grace
+/// period, or failing).
+fn spread_now(
+    iw: &InferenceWorkload,
+    name: &str,
+    owned: &BTreeMap<String, Deployment>,
+    pods: &[Arc<Pod>],
+    config: &OperatorConfig,
+    now: jiff::Timestamp,
+) -> SpreadNow {
+    let mut out = SpreadNow::default();
+    for t in DeviceType::ALL {
+        let Some(d) = owned.get(&deployment_name(name, Some(t))) else {
+            continue;
+        };
+        let of_type = || {
+            pods.iter()
+                .map(AsRef::as_ref)
+                .filter(move |p| is_own_pod(p, iw) && is_for_device_type(p, t))
+        };
+        out.replicas
+            .insert(t, u32::try_from(d.spec.replicas.unwrap_or(0)).unwrap_or(0));
+        out.ready.insert(t, ready_pods(of_type()));
+        let stuck = unschedulable_pods(of_type(), now)
+            .is_some_and(|u| u.longest > config.unschedulable_grace);
+        if stuck || failing_pods(of_type(), now).is_some() {
+            out.stuck.insert(t);
+        }
+    }
+    out
+}
+
 fn decide(
     iw: &InferenceWorkload,
     key: &WorkloadKey,
     current: Option<&crate::selection::Current>,
-    current_parts: &BTreeMap<DeviceType, u32>,
+    spread_now: &SpreadNow,
     ctx: &Context,
 ) -> (Selection, Parts) {
     let priority = pod_priority(iw, &ctx.priority_classes);
     let (selection, parts, freed) =
         ctx.ledger
-            .choose(key, iw, &ctx.config, current, current_parts, priority);
+            .choose(key, iw, &ctx.config, current, spread_now, priority);
     for r in wake_refs(&ctx.ledger, &freed) {
         tracing::debug!(workload = %r, "woken by devices another workload released");
         ctx.wake.unbounded_send(r).ok();
@@ -970,6 +1002,13 @@ async fn publish_decision_events(
                 _ => "DeviceSelected",
             };
             Some((EventType::Normal, reason, selection.message.clone()))
+        }
+        // `spread` moving up on the types it runs on already.
+        Some(c)
+            if matches!(c.decision, Decision::MovedUp { .. })
+                && previous_reason != Some(selection.reason()) =>
+        {
+            Some((EventType::Normal, "MovedUp", selection.message.clone()))
         }
         None if previous_reason != Some(selection.reason()) => Some((
             EventType::Warning,

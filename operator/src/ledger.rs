@@ -18,7 +18,7 @@
 //! Workloads that wait for capacity are queued here too, by priority then
 //! age; devices that free up wake only as many of them as they can serve.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -32,7 +32,9 @@ use crate::capacity::{
 use crate::config::OperatorConfig;
 use crate::constraints::{NodeConstraints, NodeFacts};
 use crate::render::DEVICE_TYPE;
-use crate::selection::{Current, NoChoice, Parts, Selection, select_device, select_spread};
+use crate::selection::{
+    Current, NoChoice, Parts, Selection, SpreadNow, select_device, select_spread,
+};
 
 /// A node's room for one type in the aggregate index: free devices, and
 /// the pods it can take (capped at the free devices).
@@ -94,6 +96,30 @@ pub struct Waiter {
     pub replicas: i64,
 }
 
+/// The nodes one set of node constraints admits, counted per type by their
+/// room (free devices, pods they can take): a decision reads a few entries
+/// per type, and its promise walks only nodes with room, so deciding costs
+/// the same on 100 nodes or 5,000. Kept up to date on every change of a
+/// node's room, for every index.
+#[derive(Debug)]
+struct RoomIndex {
+    constraints: NodeConstraints,
+    /// Nodes whose labels and taints the constraints admit.
+    members: HashSet<String>,
+    /// Per type, the schedulable members counted by room.
+    hist: BTreeMap<DeviceType, BTreeMap<Room, i64>>,
+    /// The room each member is counted under, per type.
+    counted: HashMap<String, Vec<(DeviceType, Room)>>,
+    /// Per type, the schedulable members with room, in name order (first
+    /// fit).
+    with_room: BTreeMap<DeviceType, BTreeSet<String>>,
+    last_used: u64,
+}
+
+/// Indexes kept for templates with node constraints; beyond that the least
+/// recently used one goes (it is rebuilt, once, if it is needed again).
+const MAX_INDEXES: usize = 64;
+
 #[derive(Debug, Default)]
 struct State {
     nodes: BTreeMap<String, NodeEntry>,
@@ -112,15 +138,11 @@ struct State {
     /// Workloads with `moveUp` below their first type: the higher types
     /// they would move to.
     movers: HashMap<WorkloadKey, Vec<DeviceType>>,
-    /// The aggregate index: per type, untainted schedulable nodes counted
-    /// by their room (free devices, pods they can take), so a decision for
-    /// a template without node constraints costs the same on 100 nodes or
-    /// 5,000.
-    hist: BTreeMap<DeviceType, BTreeMap<Room, i64>>,
-    /// The key each node is counted under, per type.
-    keys: HashMap<String, Vec<(DeviceType, Room)>>,
-    /// Per type, the untainted schedulable nodes with room (first fit).
-    with_room: BTreeMap<DeviceType, BTreeSet<String>>,
+    /// Capacity indexes, one per set of node constraints in use (by
+    /// `NodeConstraints::key`; the empty set is templates without any).
+    indexes: HashMap<String, RoomIndex>,
+    /// Indexes looked up so far: the clock that picks the one to evict.
+    lookups: u64,
     /// Objects seen since a watch (re)list began: what is not seen again is gone.
     resync_nodes: Option<BTreeSet<String>>,
     resync_pods: Option<BTreeSet<PodKey>>,
@@ -195,7 +217,7 @@ impl Ledger {
             st.by_type.entry(t).or_default().insert(name.clone());
         }
         let taints_now = entry_taints(&st, &name);
-        st.refresh(&name);
+        st.readmit(&name);
         match before {
             // A taint that goes (the node lifecycle controller's `not-ready`
             // often goes after Ready comes) opens the node to templates
@@ -333,6 +355,7 @@ impl Ledger {
         choose: impl FnOnce(&CapacitySnapshot) -> (T, Vec<Promise>, Wait),
     ) -> (T, Freed) {
         let mut st = self.lock();
+        st.ensure_index(constraints);
         let view = st.view(w, constraints, types);
         let (out, promises, wait) = choose(&view);
         let mut freed = st.drop_claim(w);
@@ -425,12 +448,25 @@ impl Ledger {
         constraints: &NodeConstraints,
         types: &[DeviceType],
     ) -> CapacitySnapshot {
-        self.lock().view(w, constraints, types)
+        let mut st = self.lock();
+        st.ensure_index(constraints);
+        st.view(w, constraints, types)
+    }
+
+    /// The same view read node by node (the oracle of the indexed one).
+    #[cfg(test)]
+    fn view_by_node(
+        &self,
+        w: &WorkloadKey,
+        constraints: &NodeConstraints,
+        types: &[DeviceType],
+    ) -> CapacitySnapshot {
+        self.lock().view_by_node(w, constraints, types)
     }
 
     /// The device selection for a workload, made under the lock with its
-    /// promises recorded: `select_device` (or `select_spread`, with the
-    /// replicas each type holds now in `current_parts`) on the capacity its
+    /// promises recorded: `select_device` (or `select_spread`, with where
+    /// its replicas are now in `spread_now`) on the capacity its
     /// template may use. It waits in the queue when replicas find no room
     /// (never for a spec that no capacity fixes). Returns the replicas per
     /// type to run. `priority` orders it in the queue (`pod_priority`).
@@ -440,7 +476,7 @@ impl Ledger {
         iw: &InferenceWorkload,
         config: &OperatorConfig,
         current: Option<&Current>,
-        current_parts: &BTreeMap<DeviceType, u32>,
+        spread_now: &SpreadNow,
         priority: i32,
     ) -> (Selection, Parts, Freed) {
         let template_spec = iw.spec.template.as_ref().and_then(|t| t.spec.as_ref());
@@ -450,7 +486,7 @@ impl Ledger {
         let spread = iw.spec.placement == Placement::Spread;
         let ((selection, parts), freed) = self.decide(w, &constraints, &DeviceType::ALL, |view| {
             let (selection, parts, unplaced) = if spread {
-                select_spread(&iw.spec, config, view, current_parts)
+                select_spread(&iw.spec, config, view, spread_now)
             } else {
                 let selection = select_device(&iw.spec, config, view, current);
                 let parts = selection
@@ -490,8 +526,9 @@ impl Ledger {
             };
             ((selection, parts), promises, wait)
         });
-        let higher: Vec<DeviceType> = match selection.chosen() {
-            Some(c) if iw.spec.move_up && !spread => selection
+        // Types above the lowest one it runs on: devices freed there wake it.
+        let higher: Vec<DeviceType> = match parts.last() {
+            Some((c, _)) if iw.spec.move_up => selection
                 .order
                 .iter()
                 .take_while(|t| **t != c.device_type)
@@ -565,7 +602,7 @@ impl State {
         for set in self.by_type.values_mut() {
             set.remove(name);
         }
-        self.refresh(name);
+        self.readmit(name);
     }
 
     fn insert_pod(&mut self, key: PodKey, entry: PodEntry) {
@@ -751,35 +788,31 @@ impl State {
         left
     }
 
-    /// Nodes a promise of type `t` may go to, lazily: without node
-    /// constraints, the workload's own nodes, then the untainted nodes with
-    /// room (from the index) in name order; else every node of the type
-    /// that passes them.
+    /// Nodes a promise of type `t` may go to, lazily: the workload's own
+    /// nodes, then the nodes with room from its constraints' index, in name
+    /// order.
     fn candidate_nodes<'a>(
         &'a self,
         w: &WorkloadKey,
-        constraints: &'a NodeConstraints,
+        constraints: &NodeConstraints,
         t: DeviceType,
-    ) -> Box<dyn Iterator<Item = &'a String> + 'a> {
-        if constraints.is_unconstrained() {
-            let own = self.own_nodes(w);
-            let usable = move |n: &&String| {
-                self.nodes
-                    .get(*n)
-                    .is_some_and(|e| e.schedulable && e.facts.taints.is_empty())
-            };
-            let others = self.with_room.get(&t).into_iter().flatten().filter({
+    ) -> impl Iterator<Item = &'a String> + 'a {
+        let index = self.indexes.get(constraints.key());
+        let own = self.own_nodes(w);
+        let others = index
+            .and_then(|i| i.with_room.get(&t))
+            .into_iter()
+            .flatten()
+            .filter({
                 let own = own.clone();
                 move |n| !own.contains(n)
             });
-            Box::new(own.into_iter().chain(others).filter(usable))
-        } else {
-            Box::new(self.by_type.get(&t).into_iter().flatten().filter(move |n| {
-                self.nodes
-                    .get(*n)
-                    .is_some_and(|e| e.schedulable && constraints.check(&e.facts).is_none())
-            }))
-        }
+        own.into_iter()
+            .filter(move |n| {
+                index.is_some_and(|i| i.members.contains(*n))
+                    && self.nodes.get(*n).is_some_and(|e| e.schedulable)
+            })
+            .chain(others)
     }
 
     /// Nodes where the workload has pods or promises.
@@ -825,56 +858,101 @@ impl State {
         Some((free, pod_room))
     }
 
-    /// Re-counts one node in the aggregate index (after anything that
-    /// changes its room: its own state, a pod bound there, a promise).
-    fn refresh(&mut self, name: &str) {
-        for (t, key) in self.keys.remove(name).unwrap_or_default() {
-            if let Some(h) = self.hist.get_mut(&t) {
-                if let Some(c) = h.get_mut(&key) {
-                    *c -= 1;
-                    if *c == 0 {
-                        h.remove(&key);
-                    }
-                }
-            }
-            if let Some(s) = self.with_room.get_mut(&t) {
-                s.remove(name);
-            }
-        }
-        let Some(n) = self.nodes.get(name) else {
-            return;
-        };
-        if !n.schedulable || !n.facts.taints.is_empty() {
-            return;
-        }
+    /// A node's room per type as others see it (less what bound pods and
+    /// promises hold); `None` when it takes no pods.
+    fn rooms(&self, name: &str) -> Option<Vec<(DeviceType, Room)>> {
+        let n = self.nodes.get(name).filter(|n| n.schedulable)?;
         let claimed = self.claimed.get(name);
-        let mut keys = Vec::with_capacity(n.allocatable.len());
-        for (t, alloc) in &n.allocatable {
-            let free = (alloc - n.used.get(t).copied().unwrap_or(0)).max(0)
-                - claimed.map_or(0, |c| c.devices.get(t).copied().unwrap_or(0));
-            let pods = n
-                .pod_slots
-                .map(|slots| slots - n.pods - claimed.map_or(0, |c| c.pods));
-            // Pod room beyond the free devices never matters: each replica
-            // takes at least one device. Capping it keeps the keys few.
-            let room = pods.map_or(free.max(0), |p| p.min(free.max(0)));
-            *self
-                .hist
-                .entry(*t)
-                .or_default()
-                .entry((free, room))
-                .or_default() += 1;
-            if free > 0 && room > 0 {
-                self.with_room
-                    .entry(*t)
-                    .or_default()
-                    .insert(name.to_string());
-            }
-            keys.push((*t, (free, room)));
-        }
-        self.keys.insert(name.to_string(), keys);
+        let pods = n
+            .pod_slots
+            .map(|slots| slots - n.pods - claimed.map_or(0, |c| c.pods));
+        Some(
+            n.allocatable
+                .iter()
+                .map(|(t, alloc)| {
+                    let free = (alloc - n.used.get(t).copied().unwrap_or(0)).max(0)
+                        - claimed.map_or(0, |c| c.devices.get(t).copied().unwrap_or(0));
+                    // Pod room beyond the free devices never matters: each
+                    // replica takes at least one device. Capping it keeps the
+                    // keys few.
+                    let room = pods.map_or(free.max(0), |p| p.min(free.max(0)));
+                    (*t, (free, room))
+                })
+                .collect(),
+        )
     }
 
+    /// Re-counts one node in every index that admits it (after anything
+    /// that changes its room: its own state, a pod bound there, a promise).
+    fn refresh(&mut self, name: &str) {
+        let rooms = self.rooms(name);
+        for index in self.indexes.values_mut() {
+            index.uncount(name);
+            if let Some(rooms) = &rooms
+                && index.members.contains(name)
+            {
+                index.count(name, rooms);
+            }
+        }
+    }
+
+    /// After a node's labels or taints changed, or it went: which indexes
+    /// admit it.
+    fn readmit(&mut self, name: &str) {
+        let facts = self.nodes.get(name).map(|n| &n.facts);
+        for index in self.indexes.values_mut() {
+            if facts.is_some_and(|f| index.constraints.check(f).is_none()) {
+                index.members.insert(name.to_string());
+            } else {
+                index.members.remove(name);
+            }
+        }
+        self.refresh(name);
+    }
+
+    /// Makes sure the index of `constraints` exists: built from the nodes on
+    /// first use (linear, once); the least recently used goes when there are
+    /// more than `MAX_INDEXES` (the one of no constraints stays).
+    fn ensure_index(&mut self, constraints: &NodeConstraints) {
+        self.lookups += 1;
+        let now = self.lookups;
+        if let Some(index) = self.indexes.get_mut(constraints.key()) {
+            index.last_used = now;
+            return;
+        }
+        if self.indexes.len() > MAX_INDEXES
+            && let Some(oldest) = self
+                .indexes
+                .iter()
+                .filter(|(k, _)| !k.is_empty())
+                .min_by_key(|(_, i)| i.last_used)
+                .map(|(k, _)| k.clone())
+        {
+            self.indexes.remove(&oldest);
+        }
+        let mut index = RoomIndex {
+            constraints: constraints.clone(),
+            members: HashSet::new(),
+            hist: BTreeMap::new(),
+            counted: HashMap::new(),
+            with_room: BTreeMap::new(),
+            last_used: now,
+        };
+        for (name, n) in &self.nodes {
+            if constraints.check(&n.facts).is_none() {
+                index.members.insert(name.clone());
+                if let Some(rooms) = self.rooms(name) {
+                    index.count(name, &rooms);
+                }
+            }
+        }
+        self.indexes.insert(constraints.key().to_string(), index);
+    }
+
+    /// The capacity the workload's template may use, from its index (made
+    /// sure of before): a few entries per type however many nodes there
+    /// are, corrected on the nodes where the workload has pods or promises
+    /// (those count as free for itself).
     fn view(
         &self,
         w: &WorkloadKey,
@@ -882,17 +960,14 @@ impl State {
         types: &[DeviceType],
     ) -> CapacitySnapshot {
         let mut nodes = vec![];
-        if constraints.is_unconstrained() {
-            // Every untainted node may be used: read the aggregate index, a
-            // few entries per type however many nodes there are, and correct
-            // it on the nodes where the workload has pods or promises.
+        if let Some(index) = self.indexes.get(constraints.key()) {
             for t in types {
-                for ((free, room), count) in self.hist.get(t).into_iter().flatten() {
+                for ((free, room), count) in index.hist.get(t).into_iter().flatten() {
                     nodes.push(aggregate_entry(*t, *free, Some(*room), *count));
                 }
             }
             for name in self.own_nodes(w) {
-                for (t, key) in self.keys.get(name).into_iter().flatten() {
+                for (t, key) in index.counted.get(name).into_iter().flatten() {
                     if !types.contains(t) {
                         continue;
                     }
@@ -904,39 +979,61 @@ impl State {
                     nodes.push(aggregate_entry(*t, free, Some(room), 1));
                 }
             }
-        } else {
-            let names: BTreeSet<&String> = types
-                .iter()
-                .filter_map(|t| self.by_type.get(t))
-                .flatten()
-                .collect();
-            for name in names {
-                let Some(n) = self.nodes.get(name) else {
-                    continue;
-                };
-                if !n.schedulable || constraints.check(&n.facts).is_some() {
-                    continue;
-                }
-                let mut free = BTreeMap::new();
-                let mut pod_room = None;
-                for t in n.allocatable.keys() {
-                    if let Some((f, room)) = self.room_for(w, name, *t) {
-                        free.insert(*t, f);
-                        pod_room = room;
-                    }
-                }
-                nodes.push(NodeCapacity {
-                    name: name.clone(),
-                    allocatable: n.allocatable.clone(),
-                    free,
-                    pod_room,
-                    weight: 1,
-                });
-            }
         }
+        CapacitySnapshot {
+            nodes,
+            claimed_unbound: self.claimed_unbound(w),
+        }
+    }
+
+    /// The view read node by node, every node of the types checked.
+    #[cfg(test)]
+    fn view_by_node(
+        &self,
+        w: &WorkloadKey,
+        constraints: &NodeConstraints,
+        types: &[DeviceType],
+    ) -> CapacitySnapshot {
+        let mut nodes = vec![];
+        let names: BTreeSet<&String> = types
+            .iter()
+            .filter_map(|t| self.by_type.get(t))
+            .flatten()
+            .collect();
+        for name in names {
+            let Some(n) = self.nodes.get(name) else {
+                continue;
+            };
+            if !n.schedulable || constraints.check(&n.facts).is_some() {
+                continue;
+            }
+            let mut free = BTreeMap::new();
+            let mut pod_room = None;
+            for t in n.allocatable.keys() {
+                if let Some((f, room)) = self.room_for(w, name, *t) {
+                    free.insert(*t, f);
+                    pod_room = room;
+                }
+            }
+            nodes.push(NodeCapacity {
+                name: name.clone(),
+                allocatable: n.allocatable.clone(),
+                free,
+                pod_room,
+                weight: 1,
+            });
+        }
+        CapacitySnapshot {
+            nodes,
+            claimed_unbound: self.claimed_unbound(w),
+        }
+    }
+
+    /// Devices other tenants' queued pods will take, per type.
+    fn claimed_unbound(&self, w: &WorkloadKey) -> BTreeMap<DeviceType, i64> {
         let mut claimed_unbound = BTreeMap::new();
         for p in self.unbound.values() {
-            // The workload's own queued pods are its claim, counted above;
+            // The workload's own queued pods are its claim, counted as such;
             // other workloads' are counted by their claims, unless they have
             // none on that type (after a restart, before they reconcile).
             let counted = match &p.owner {
@@ -953,9 +1050,37 @@ impl State {
                 add_all(&mut claimed_unbound, &p.devices);
             }
         }
-        CapacitySnapshot {
-            nodes,
-            claimed_unbound,
+        claimed_unbound
+    }
+}
+
+impl RoomIndex {
+    fn count(&mut self, name: &str, rooms: &[(DeviceType, Room)]) {
+        for (t, room) in rooms {
+            *self.hist.entry(*t).or_default().entry(*room).or_default() += 1;
+            if room.0 > 0 && room.1 > 0 {
+                self.with_room
+                    .entry(*t)
+                    .or_default()
+                    .insert(name.to_string());
+            }
+        }
+        self.counted.insert(name.to_string(), rooms.to_vec());
+    }
+
+    fn uncount(&mut self, name: &str) {
+        for (t, room) in self.counted.remove(name).unwrap_or_default() {
+            if let Some(h) = self.hist.get_mut(&t)
+                && let Some(c) = h.get_mut(&room)
+            {
+                *c -= 1;
+                if *c == 0 {
+                    h.remove(&room);
+                }
+            }
+            if let Some(s) = self.with_room.get_mut(&t) {
+                s.remove(name);
+            }
         }
     }
 }
@@ -1045,7 +1170,7 @@ mod tests {
             &workload(name, spec),
             &OperatorConfig::default(),
             None,
-            &BTreeMap::new(),
+            &SpreadNow::default(),
             0,
         )
         .0
@@ -1207,7 +1332,14 @@ mod tests {
                     jiff::Timestamp::from_second(1_000 + i).unwrap(),
                 ));
             let priority = if i == 7 { 100 } else { 0 };
-            let (s, _, _) = l.choose(&key(&name), &iw, &config, None, &BTreeMap::new(), priority);
+            let (s, _, _) = l.choose(
+                &key(&name),
+                &iw,
+                &config,
+                None,
+                &SpreadNow::default(),
+                priority,
+            );
             assert_eq!(s.chosen().map(|c| c.decision), Some(Decision::Explicit));
             names.push(name);
         }
@@ -1281,29 +1413,57 @@ mod tests {
         assert_eq!(v.replicas_that_fit(DeviceType::Rbln, 1), 0);
     }
 
+    /// Node constraints of a template from its pod spec's JSON.
+    fn constraints(spec: serde_json::Value) -> NodeConstraints {
+        let mut spec = spec;
+        spec["containers"] = json!([]);
+        NodeConstraints::of(Some(&serde_json::from_value(spec).unwrap()))
+    }
+
     proptest::proptest! {
-        /// The aggregate view (templates without node constraints) and the
-        /// node-by-node view answer alike, whatever the pods and promises.
+        /// The indexed view and the node-by-node one answer alike, for
+        /// templates with and without node constraints, whatever the pods,
+        /// promises, and nodes relabelled or tainted after the indexes
+        /// were built.
         #[test]
-        fn the_aggregate_view_equals_the_node_by_node_one(
-            allocs in proptest::collection::vec((0i64..9, 0i64..9, 1i64..12), 1..12),
+        fn the_indexed_view_equals_the_node_by_node_one(
+            allocs in proptest::collection::vec((0i64..9, 0i64..9, 1i64..12, 0u8..4), 1..12),
             bound in proptest::collection::vec((0usize..12, 0i64..3, proptest::bool::ANY), 0..30),
-            decisions in proptest::collection::vec((1i32..6, 1u32..3), 0..6),
+            decisions in proptest::collection::vec((1i32..6, 1u32..3, 0usize..4), 0..6),
+            relabel in proptest::collection::vec((0usize..12, 0u8..4), 0..4),
         ) {
             let config = OperatorConfig::default();
+            let make = |i: usize, atom: i64, gpu: i64, pods: i64, kind: u8| {
+                let mut n = node(&format!("n{i:02}"), &[(ATOM, atom), (GPU, gpu)]);
+                let pool = if kind % 2 == 0 { "a" } else { "b" };
+                n.metadata.labels = Some([("pool".to_string(), pool.to_string())].into());
+                if kind >= 2 {
+                    n.spec = Some(serde_json::from_value(json!({"taints": [
+                        {"key": "dedicated", "value": "inference", "effect": "NoSchedule"}
+                    ]})).unwrap());
+                }
+                n.status.as_mut().unwrap().allocatable.as_mut().unwrap().insert(
+                    "pods".into(),
+                    k8s_openapi::apimachinery::pkg::api::resource::Quantity(pods.to_string()),
+                );
+                n
+            };
             let nodes: Vec<Node> = allocs
                 .iter()
                 .enumerate()
-                .map(|(i, (atom, gpu, pods))| {
-                    let mut n = node(&format!("n{i:02}"), &[(ATOM, *atom), (GPU, *gpu)]);
-                    n.metadata.labels = Some([("all".to_string(), "yes".to_string())].into());
-                    n.status.as_mut().unwrap().allocatable.as_mut().unwrap().insert(
-                        "pods".into(),
-                        k8s_openapi::apimachinery::pkg::api::resource::Quantity(pods.to_string()),
-                    );
-                    n
-                })
+                .map(|(i, (atom, gpu, pods, kind))| make(i, *atom, *gpu, *pods, *kind))
                 .collect();
+            let sets = [
+                NodeConstraints::default(),
+                constraints(json!({"nodeSelector": {"pool": "a"}})),
+                constraints(json!({"tolerations": [{"key": "dedicated", "operator": "Exists"}]})),
+                constraints(json!({
+                    "tolerations": [{"key": "dedicated", "value": "inference"}],
+                    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "NotIn", "values": ["a"]}]}]
+                    }}}
+                })),
+            ];
             let l = Ledger::from_lists(&nodes, [], &config);
             for (i, (n, devices, own)) in bound.iter().enumerate() {
                 let node = format!("n{:02}", n % allocs.len());
@@ -1313,29 +1473,90 @@ mod tests {
                 );
                 l.apply_pod(&p);
             }
-            for (i, (replicas, per)) in decisions.iter().enumerate() {
+            for (i, (replicas, per, set)) in decisions.iter().enumerate() {
                 let mut iw = workload(&format!("w{i}"), json!({"replicas": replicas}));
                 iw.spec.devices_per_replica = *per;
-                l.choose(&key(&format!("w{i}")), &iw, &config, None, &BTreeMap::new(), 0);
+                let template: serde_json::Value = match set {
+                    0 => json!({"containers": []}),
+                    1 => json!({"containers": [], "nodeSelector": {"pool": "a"}}),
+                    2 => json!({"containers": [], "tolerations": [{"key": "dedicated", "operator": "Exists"}]}),
+                    _ => json!({"containers": [], "tolerations": [{"key": "dedicated", "value": "inference"}],
+                        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                            "nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "NotIn", "values": ["a"]}]}]
+                        }}}}),
+                };
+                iw.spec.template = Some(serde_json::from_value(json!({"spec": template})).unwrap());
+                l.choose(&key(&format!("w{i}")), &iw, &config, None, &SpreadNow::default(), 0);
             }
-            let everything = NodeConstraints::of(Some(
-                &serde_json::from_value(json!({"containers": [], "nodeSelector": {"all": "yes"}})).unwrap(),
-            ));
-            for w in ["w0", "w1", "nobody"] {
-                let fast = l.view(&key(w), &NodeConstraints::default(), &DeviceType::ALL);
-                let slow = l.view(&key(w), &everything, &DeviceType::ALL);
-                for t in [DeviceType::Rbln, DeviceType::Gpu] {
-                    proptest::prop_assert_eq!(fast.free_devices(t), slow.free_devices(t), "{} {}", w, t);
-                    for per in 1..4 {
-                        proptest::prop_assert_eq!(
-                            fast.replicas_that_fit(t, per),
-                            slow.replicas_that_fit(t, per),
-                            "{} {} per {}", w, t, per
-                        );
+            // Labels and taints change under the built indexes.
+            for (n, kind) in &relabel {
+                let i = n % allocs.len();
+                let (atom, gpu, pods, _) = allocs[i];
+                l.apply_node(&make(i, atom, gpu, pods, *kind));
+            }
+            for c in &sets {
+                for w in ["w0", "w1", "nobody"] {
+                    let fast = l.view(&key(w), c, &DeviceType::ALL);
+                    let slow = l.view_by_node(&key(w), c, &DeviceType::ALL);
+                    for t in [DeviceType::Rbln, DeviceType::Gpu] {
+                        proptest::prop_assert_eq!(fast.free_devices(t), slow.free_devices(t), "{} {} {:?}", w, t, c);
+                        for per in 1..4 {
+                            proptest::prop_assert_eq!(
+                                fast.replicas_that_fit(t, per),
+                                slow.replicas_that_fit(t, per),
+                                "{} {} per {} {:?}", w, t, per, c
+                            );
+                        }
                     }
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_evicted_index_is_rebuilt_alike() {
+        let config = OperatorConfig::default();
+        let nodes: Vec<Node> = (0..4)
+            .map(|i| {
+                let mut n = node(&format!("n{i}"), &[(GPU, 4)]);
+                n.metadata.labels = Some([("slot".to_string(), i.to_string())].into());
+                n
+            })
+            .collect();
+        let l = Ledger::from_lists(&nodes, [], &config);
+        let pinned = |i: usize| {
+            constraints(
+                json!({"nodeSelector": {"slot": (i % 4).to_string()}, "tolerations": [{"key": format!("k{i}"), "operator": "Exists"}]}),
+            )
+        };
+        let first = pinned(0);
+        l.view(&key("w"), &NodeConstraints::default(), &DeviceType::ALL);
+        assert_eq!(
+            l.view(&key("w"), &first, &DeviceType::ALL)
+                .free_devices(DeviceType::Gpu),
+            4
+        );
+        // Enough other sets to evict the first one's index.
+        for i in 1..=MAX_INDEXES + 1 {
+            l.view(&key("w"), &pinned(i), &DeviceType::ALL);
+        }
+        assert!(!l.lock().indexes.contains_key(first.key()), "evicted");
+        assert!(
+            l.lock().indexes.contains_key(""),
+            "the index of no constraints stays"
+        );
+        // A pod binds on n0 meanwhile; the rebuilt index sees it.
+        let mut p = own_pod("other", 0, DeviceType::Gpu, Some("n0"));
+        p.spec.as_mut().unwrap().containers[0].resources =
+            Some(serde_json::from_value(json!({"limits": {GPU: "3"}})).unwrap());
+        l.apply_pod(&p);
+        let v = l.view(&key("w"), &first, &DeviceType::ALL);
+        assert_eq!(v.free_devices(DeviceType::Gpu), 1);
+        assert_eq!(
+            v.free_devices(DeviceType::Gpu),
+            l.view_by_node(&key("w"), &first, &DeviceType::ALL)
+                .free_devices(DeviceType::Gpu)
+        );
     }
 
     proptest::proptest! {
@@ -1358,7 +1579,7 @@ mod tests {
                 let name = format!("w{w}");
                 match action {
                     0 => {
-                        let s = l.choose(&key(&name), &workload(&name, json!({})), &config, None, &BTreeMap::new(), 0).0;
+                        let s = l.choose(&key(&name), &workload(&name, json!({})), &config, None, &SpreadNow::default(), 0).0;
                         if let Some(c) = s.chosen() {
                             // A new choice of type replaces the pod.
                             if chosen.insert(w, c.device_type) != Some(c.device_type) {
@@ -1403,7 +1624,7 @@ mod tests {
             &workload("waits", json!({})),
             &config,
             None,
-            &BTreeMap::new(),
+            &SpreadNow::default(),
             0,
         );
         assert_eq!(s.reason(), "NoCapacity");
@@ -1422,7 +1643,7 @@ mod tests {
             &workload("waits", json!({})),
             &config,
             None,
-            &BTreeMap::new(),
+            &SpreadNow::default(),
             0,
         );
         assert_eq!(

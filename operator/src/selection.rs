@@ -25,6 +25,7 @@
 //! unless capacity the operator cannot see (another scheduler's, or CPU and
 //! memory requests) runs out.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -386,6 +387,69 @@ pub fn select_device(
 /// with replicas with `spread`.
 pub type Parts = Vec<(Chosen, u32)>;
 
+/// Where a `spread` workload's replicas are now.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SpreadNow {
+    /// Replicas each type's Deployment asks for.
+    pub replicas: BTreeMap<DeviceType, u32>,
+    /// Ready pods of each type.
+    pub ready: BTreeMap<DeviceType, u32>,
+    /// Types with pods unschedulable past the grace period, or failing.
+    pub stuck: BTreeSet<DeviceType>,
+}
+
+/// A `moveUp` step of a `spread` workload, as its Deployments show it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MoveStep {
+    None,
+    /// One replica more than wanted, not ready on `to`, above `from`.
+    InFlight {
+        from: DeviceType,
+        to: DeviceType,
+    },
+}
+
+impl SpreadNow {
+    /// Every replica ready and none stuck.
+    fn settled(&self, replicas: u32) -> bool {
+        self.stuck.is_empty()
+            && self.replicas.values().sum::<u32>() == replicas
+            && self
+                .replicas
+                .iter()
+                .all(|(t, n)| self.ready.get(t).copied().unwrap_or(0) >= *n)
+    }
+
+    /// A step in flight: exactly one replica more than `replicas`, the one
+    /// type short of ready ones ranking above a lower type with replicas.
+    fn move_step(&self, replicas: u32, order: &[DeviceType]) -> MoveStep {
+        if self.replicas.values().sum::<u32>() != replicas + 1 {
+            return MoveStep::None;
+        }
+        let short: Vec<DeviceType> = self
+            .replicas
+            .iter()
+            .filter(|(t, n)| self.ready.get(t).copied().unwrap_or(0) < **n)
+            .map(|(t, _)| *t)
+            .collect();
+        let rank = |t: DeviceType| order.iter().position(|o| *o == t);
+        let [to] = short[..] else {
+            return MoveStep::None;
+        };
+        let from = order
+            .iter()
+            .rev()
+            .find(|t| self.replicas.get(t).copied().unwrap_or(0) > 0)
+            .copied();
+        match (from, rank(to)) {
+            (Some(from), Some(r)) if rank(from).is_some_and(|f| f > r) => {
+                MoveStep::InFlight { from, to }
+            }
+            _ => MoveStep::None,
+        }
+    }
+}
+
 /// `placement: spread`: as many replicas as fit on each type in priority
 /// order. The replicas a type holds now (`current`) stay there, so scaling
 /// up places only the new ones and nothing running moves; scaling down
@@ -396,8 +460,9 @@ pub fn select_spread(
     spec: &InferenceWorkloadSpec,
     config: &OperatorConfig,
     capacity: &CapacitySnapshot,
-    current: &std::collections::BTreeMap<DeviceType, u32>,
+    now: &SpreadNow,
 ) -> (Selection, Parts, u32) {
+    let current = &now.replicas;
     let base = select_device(spec, config, capacity, None);
     let replicas = u32::try_from(spec.replicas.max(0)).unwrap_or(0);
     let explicit = matches!(spec.device_request(), Ok(DeviceRequest::Exact { .. }));
@@ -425,6 +490,28 @@ pub fn select_spread(
         *n -= drop;
         total -= drop;
     }
+    let rank = |t: DeviceType| base.order.iter().position(|o| *o == t);
+    let mut moving = None;
+    if spec.move_up
+        && let MoveStep::InFlight { from, to } = now.move_step(replicas, &base.order)
+    {
+        counts = base
+            .order
+            .iter()
+            .map(|t| (*t, current.get(t).copied().unwrap_or(0)))
+            .collect();
+        total = replicas;
+        if now.stuck.contains(&to) {
+            // The surge replica cannot run there: it goes, and the old
+            // replicas stay.
+            if let Some(i) = rank(to) {
+                counts[i].1 = counts[i].1.saturating_sub(1);
+            }
+        } else {
+            // Not ready yet: nothing goes.
+            moving = Some((from, to));
+        }
+    }
     let mut need = replicas.saturating_sub(total);
     let last = base.candidates.len().saturating_sub(1);
     for (i, c) in base.candidates.iter().enumerate() {
@@ -441,6 +528,22 @@ pub fn select_spread(
     if need > 0 && cpu_is_fallback {
         counts[last].1 += need;
         need = 0;
+    }
+    // `moveUp`, one replica at a time: with every replica ready and none
+    // stuck, one more on the highest type with room above the lowest type
+    // that holds replicas. It is taken from there once it is ready.
+    if spec.move_up && moving.is_none() && need == 0 && now.settled(replicas) {
+        let lowest = counts.iter().rposition(|(_, n)| *n > 0);
+        let higher = base
+            .candidates
+            .iter()
+            .enumerate()
+            .take(lowest.unwrap_or(0))
+            .find(|(i, c)| c.replicas_fit.is_none_or(|fit| fit > counts[*i].1));
+        if let (Some(low), Some((i, _))) = (lowest, higher) {
+            counts[i].1 += 1;
+            moving = Some((counts[low].0, counts[i].0));
+        }
     }
     let device_string = |t: DeviceType| t.to_string();
     let parts: Parts = counts
@@ -474,14 +577,23 @@ pub fn select_spread(
     } else {
         String::new()
     };
-    let (result, message) = match parts.first() {
-        Some((c, _)) => (
+    let (result, message) = match (parts.first(), moving) {
+        (Some((c, _)), Some((from, to))) => (
+            Ok(Chosen {
+                decision: Decision::MovedUp { from },
+                ..c.clone()
+            }),
+            format!(
+                "moving up one replica from {from} to {to} (spec.moveUp): {split}; the new replica is Ready before the old one goes; {free}"
+            ),
+        ),
+        (Some((c, _)), None) => (
             Ok(c.clone()),
             format!(
                 "spread {replicas} replicas over [{listed}] in that order: {split}{waiting}; running replicas stay where they are; {free}"
             ),
         ),
-        None => (
+        (None, _) => (
             Err(NoChoice::NoCapacity),
             format!(
                 "no type in [{listed}] has room for a replica of {} device(s); waiting for capacity (add nodes, free devices, or widen spec.devicePriority); {free}",
@@ -832,6 +944,66 @@ mod tests {
         assert_ne!(selection_basis(&a), selection_basis(&b));
     }
 
+    /// A spread workload's Deployments: (type, replicas, ready).
+    fn spread_now(parts: &[(DeviceType, u32, u32)]) -> SpreadNow {
+        SpreadNow {
+            replicas: parts.iter().map(|(t, n, _)| (*t, *n)).collect(),
+            ready: parts.iter().map(|(t, _, r)| (*t, *r)).collect(),
+            stuck: BTreeSet::new(),
+        }
+    }
+
+    fn split(parts: &Parts) -> Vec<(DeviceType, u32)> {
+        parts.iter().map(|(c, n)| (c.device_type, *n)).collect()
+    }
+
+    #[test]
+    fn spread_moves_up_by_policy_one_ready_replica_at_a_time() {
+        let config = OperatorConfig {
+            cpu_fallback: false,
+            ..OperatorConfig::default()
+        };
+        // Room for 3 on rbln; 2 run on rbln and 2 on gpu, all ready.
+        let cap = snapshot(&[("a", &[(ATOM, 3)]), ("g", &[(GPU, 8)])]);
+        let mut s = spec("auto", 4, None);
+        let settled = spread_now(&[(DeviceType::Rbln, 2, 2), (DeviceType::Gpu, 2, 2)]);
+        let (sel, parts, _) = select_spread(&s, &config, &cap, &settled);
+        assert_eq!(split(&parts), [(DeviceType::Rbln, 2), (DeviceType::Gpu, 2)]);
+        assert_eq!(sel.reason(), "Spread", "no policy, no move");
+
+        s.move_up = true;
+        // Step 1: one more on rbln; gpu keeps its 2.
+        let (sel, parts, _) = select_spread(&s, &config, &cap, &settled);
+        assert_eq!(split(&parts), [(DeviceType::Rbln, 3), (DeviceType::Gpu, 2)]);
+        assert_eq!(sel.reason(), "MovedUp");
+        assert!(sel.message.contains("from gpu to rbln"), "{}", sel.message);
+        // Not ready yet: nothing goes.
+        let in_flight = spread_now(&[(DeviceType::Rbln, 3, 2), (DeviceType::Gpu, 2, 2)]);
+        let (sel, parts, _) = select_spread(&s, &config, &cap, &in_flight);
+        assert_eq!(split(&parts), [(DeviceType::Rbln, 3), (DeviceType::Gpu, 2)]);
+        assert_eq!(sel.reason(), "MovedUp");
+        // Ready: one gpu replica goes.
+        let ready = spread_now(&[(DeviceType::Rbln, 3, 3), (DeviceType::Gpu, 2, 2)]);
+        let (_, parts, _) = select_spread(&s, &config, &cap, &ready);
+        assert_eq!(split(&parts), [(DeviceType::Rbln, 3), (DeviceType::Gpu, 1)]);
+        // rbln is full (room for 3): no further step.
+        let done = spread_now(&[(DeviceType::Rbln, 3, 3), (DeviceType::Gpu, 1, 1)]);
+        let (sel, parts, _) = select_spread(&s, &config, &cap, &done);
+        assert_eq!(split(&parts), [(DeviceType::Rbln, 3), (DeviceType::Gpu, 1)]);
+        assert_eq!(sel.reason(), "Spread");
+
+        // A replica not ready anywhere holds the next step back.
+        let unready = spread_now(&[(DeviceType::Rbln, 2, 2), (DeviceType::Gpu, 2, 1)]);
+        let (_, parts, _) = select_spread(&s, &config, &cap, &unready);
+        assert_eq!(split(&parts), [(DeviceType::Rbln, 2), (DeviceType::Gpu, 2)]);
+
+        // The surge replica cannot be scheduled: it goes, the old stay.
+        let mut stuck = in_flight.clone();
+        stuck.stuck.insert(DeviceType::Rbln);
+        let (_, parts, _) = select_spread(&s, &config, &cap, &stuck);
+        assert_eq!(split(&parts), [(DeviceType::Rbln, 2), (DeviceType::Gpu, 2)]);
+    }
+
     #[test]
     fn spread_fills_types_in_priority_order_and_keeps_what_runs() {
         let config = OperatorConfig {
@@ -839,10 +1011,9 @@ mod tests {
             ..OperatorConfig::default()
         };
         let cap = snapshot(&[("a", &[(ATOM, 1)]), ("g", &[(GPU, 7)])]);
-        let none = std::collections::BTreeMap::new();
+        let none = SpreadNow::default();
         let (sel, parts, unplaced) = select_spread(&spec("auto", 8, None), &config, &cap, &none);
-        let split: Vec<_> = parts.iter().map(|(c, n)| (c.device_type, *n)).collect();
-        assert_eq!(split, [(DeviceType::Rbln, 1), (DeviceType::Gpu, 7)]);
+        assert_eq!(split(&parts), [(DeviceType::Rbln, 1), (DeviceType::Gpu, 7)]);
         assert_eq!(unplaced, 0);
         assert_eq!(sel.reason(), "Spread");
         assert!(sel.message.contains("rbln 1, gpu 7"), "{}", sel.message);
@@ -859,31 +1030,27 @@ mod tests {
         // Running: 4 on gpu (their devices count as free for the workload
         // itself). Scaling to 6 with room for 1 on rbln keeps the 4 and
         // places 1 on rbln and 1 more on gpu; nothing moves up.
-        let running: std::collections::BTreeMap<_, _> = [(DeviceType::Gpu, 4)].into();
+        let running = spread_now(&[(DeviceType::Gpu, 4, 4)]);
         let (_, parts, _) = select_spread(&spec("auto", 6, None), &config, &cap, &running);
-        let split: Vec<_> = parts.iter().map(|(c, n)| (c.device_type, *n)).collect();
-        assert_eq!(split, [(DeviceType::Rbln, 1), (DeviceType::Gpu, 5)]);
+        assert_eq!(split(&parts), [(DeviceType::Rbln, 1), (DeviceType::Gpu, 5)]);
 
         // Scaling down takes from the lowest priority first.
-        let running: std::collections::BTreeMap<_, _> =
-            [(DeviceType::Rbln, 1), (DeviceType::Gpu, 7)].into();
+        let running = spread_now(&[(DeviceType::Rbln, 1, 1), (DeviceType::Gpu, 7, 7)]);
         let (_, parts, _) = select_spread(&spec("auto", 3, None), &config, &cap, &running);
-        let split: Vec<_> = parts.iter().map(|(c, n)| (c.device_type, *n)).collect();
-        assert_eq!(split, [(DeviceType::Rbln, 1), (DeviceType::Gpu, 2)]);
+        assert_eq!(split(&parts), [(DeviceType::Rbln, 1), (DeviceType::Gpu, 2)]);
     }
 
     #[test]
     fn spread_puts_what_fits_nowhere_on_the_cpu_fallback() {
         let cap = snapshot(&[("a", &[(ATOM, 2)])]);
-        let none = std::collections::BTreeMap::new();
+        let none = SpreadNow::default();
         let (_, parts, unplaced) = select_spread(
             &spec("auto", 5, None),
             &OperatorConfig::default(),
             &cap,
             &none,
         );
-        let split: Vec<_> = parts.iter().map(|(c, n)| (c.device_type, *n)).collect();
-        assert_eq!(split, [(DeviceType::Rbln, 2), (DeviceType::Cpu, 3)]);
+        assert_eq!(split(&parts), [(DeviceType::Rbln, 2), (DeviceType::Cpu, 3)]);
         assert_eq!(unplaced, 0);
         // An explicit device is one type: all there, as with single.
         let (sel, parts, _) = select_spread(

@@ -446,6 +446,82 @@ async fn move_up_by_policy_never_drops_the_ready_count() {
     s.remove_nodes().await;
 }
 
+/// Pods of the workload not being deleted, ready or not.
+async fn live_pods(pods: &Api<Pod>, workload: &str) -> usize {
+    pods.list(&ListParams::default().labels(&format!("rm-abstract.io/workload={workload}")))
+        .await
+        .map(|l| {
+            l.items
+                .iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn spread_moves_up_one_replica_at_a_time_never_dropping_the_ready_count() {
+    let s = Setup::new("spreadmove", &[("atom", Atom, 4), ("gpu", Gpu, 8)], &[]).await;
+    s.create("holder", json!({"replicas": 2, "devicePriority": ["rbln"]}))
+        .await;
+    running_on(&s.api, "holder", DeviceType::Rbln).await;
+    s.create(
+        "mover",
+        json!({"replicas": 4, "placement": "spread", "moveUp": true}),
+    )
+    .await;
+    let iw = wait_iw(&s.api, "mover", "rbln 2 + gpu 2, all ready", 90, |iw| {
+        placements_of(iw) == [(DeviceType::Rbln, 2, 2), (DeviceType::Gpu, 2, 2)]
+    })
+    .await;
+    assert_eq!(
+        condition_reason(&iw, "DeviceSelected").as_deref(),
+        Some("Spread"),
+        "no room above: no move"
+    );
+
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (pods, done) = (pods.clone(), done.clone());
+        tokio::spawn(async move {
+            let (mut least_ready, mut most_live) = (usize::MAX, 0);
+            while !done.load(Ordering::Relaxed) {
+                least_ready = least_ready.min(serving_pods(&pods, "mover").await);
+                most_live = most_live.max(live_pods(&pods, "mover").await);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (least_ready, most_live)
+        })
+    };
+    s.api.delete("holder", &Default::default()).await.unwrap();
+    let iw = wait_iw(&s.api, "mover", "all 4 on rbln, ready", 120, |iw| {
+        placements_of(iw) == [(DeviceType::Rbln, 4, 4)]
+    })
+    .await;
+    done.store(true, Ordering::Relaxed);
+    let (least_ready, most_live) = watcher.await.unwrap();
+    assert!(least_ready >= 4, "the ready count dropped to {least_ready}");
+    assert!(
+        most_live <= 5,
+        "{most_live} pods at once: more than one replica moved at a time"
+    );
+    assert_eq!(phase_of(&iw), Some(Phase::Running));
+    let deployments: Api<Deployment> = Api::namespaced(s.client.clone(), &s.ns);
+    assert!(
+        deployments.get_opt("mover-gpu").await.unwrap().is_none(),
+        "the emptied type's Deployment is gone"
+    );
+    let events = events_for(s.client.clone(), &s.ns, "mover").await;
+    assert!(
+        events
+            .iter()
+            .any(|(r, m)| r == "MovedUp" && m.contains("from gpu to rbln")),
+        "{events:?}"
+    );
+    s.remove_nodes().await;
+}
+
 #[tokio::test]
 async fn a_freed_device_goes_to_the_waiter_of_the_higher_priority_class() {
     let s = Setup::new("prioclass", &[("atom", Atom, 1)], &["--cpu-fallback=false"]).await;
