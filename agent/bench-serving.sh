@@ -15,7 +15,8 @@
 # cached. RM_BENCH_LLAMA_SERVER=0 skips it; then, or when it cannot be
 # built, the agent is measured against itself with --cpu-max-batch 1 (the
 # old one-request-at-a-time behaviour). RM_BENCH_BATCH1=1 adds that run to
-# the comparison.
+# the comparison; RM_BENCH_EXACT=1 adds the agent with --cpu-exact-batching
+# (against llama-server again, in a pass of its own).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -44,13 +45,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-start_agent() { # name max_batch
-    local dir="$work/$1"
+start_agent() { # name max_batch [agent args...]
+    local dir="$work/$1" max_batch=$2
+    shift 2
     mkdir -p "$dir"
     RM_LOG=${RM_LOG:-warn} target/release/rm-agent --socket "$dir/agent.sock" --cache-dir "$dir/cache" \
         --model-path-allow "$(dirname "$gguf")" --min-free-disk 0 \
-        --cpu-threads "$threads" --cpu-max-batch "$2" \
-        --max-queued-per-namespace 256 --max-queued 256 >"$dir/log" 2>&1 &
+        --cpu-threads "$threads" --cpu-max-batch "$max_batch" \
+        --max-queued-per-namespace 256 --max-queued 256 "$@" >"$dir/log" 2>&1 &
     pids+=($!)
     for _ in $(seq 100); do [[ -S "$dir/agent.sock" ]] && return 0; sleep 0.1; done
     log "the agent did not start: $(tail -n5 "$dir/log")"
@@ -80,6 +82,13 @@ start_agent batched "$batch"
 timeout "$limit" python3 agent/bench_serving.py --agent-socket "$work/batched/agent.sock" \
     --agent-gguf "$gguf" --label "agent (batch $batch)" --concurrency "$conc" \
     --new-tokens "$new_tokens" "${llama_args[@]}"
+if [[ -n "${RM_BENCH_EXACT:-}" ]]; then
+    log "the same agent with --cpu-exact-batching (each sequence's logits as alone)"
+    start_agent exact "$batch" --cpu-exact-batching
+    timeout "$limit" python3 agent/bench_serving.py --agent-socket "$work/exact/agent.sock" \
+        --agent-gguf "$gguf" --label "agent (batch $batch, exact)" --concurrency "$conc" \
+        --new-tokens "$new_tokens" "${llama_args[@]}"
+fi
 if [[ -z "$server_bin" || -n "${RM_BENCH_BATCH1:-}" ]]; then
     log "the same agent with --cpu-max-batch 1 (requests one after another, as before issue 19)"
     start_agent serial 1

@@ -104,6 +104,14 @@ struct Cli {
     #[arg(long, env = "RM_CPU_MAX_BATCH", default_value_t = rm_agent::backend::cpu::engine::DEFAULT_MAX_BATCH as u64,
           value_parser = clap::value_parser!(u64).range(1..=rm_agent::backend::cpu::llama_cpp::MAX_BATCH_LIMIT as u64))]
     cpu_max_batch: u64,
+    /// Batched llama.cpp sequences get bit for bit the logits each gets
+    /// alone, whatever runs beside it: flash attention off and one prompt
+    /// read per step, at some cost in throughput. Off (the default), as in
+    /// llama-server: flash attention on, and new prompts read together;
+    /// then a sequence's logits may differ in the last bits from a lone
+    /// run once its context passes 256 tokens.
+    #[arg(long, env = "RM_CPU_EXACT_BATCHING")]
+    cpu_exact_batching: bool,
     /// The Python that runs worker plugins: replaces a leading `python3` of
     /// each manifest's command (a venv with torch for `cpu-transformers`,
     /// say). Default: `python3` from `PATH`.
@@ -231,6 +239,7 @@ async fn run(cli: Cli) -> Result<(), StartError> {
         gguf_engine: cli.cpu_engine,
         // Within 1..=MAX_BATCH_LIMIT (the parser's range).
         max_batch: usize::try_from(cli.cpu_max_batch).unwrap_or(1),
+        exact_batching: cli.cpu_exact_batching,
         ..EngineOptions::default()
     };
     if let Some(t) = cli.cpu_threads.filter(|t| *t > 0) {

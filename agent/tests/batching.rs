@@ -149,12 +149,17 @@ fn run_one(
 }
 
 fn load(artifact: &Path, max_batch: usize) -> LoadedModel {
+    load_with(artifact, max_batch, false)
+}
+
+fn load_with(artifact: &Path, max_batch: usize, exact_batching: bool) -> LoadedModel {
     let m = LoadedModel::load(
         artifact,
         &EngineOptions {
             gguf_engine: GgufEngine::LlamaCpp,
             threads: 2,
             max_batch,
+            exact_batching,
         },
     )
     .unwrap();
@@ -218,6 +223,37 @@ fn concurrent_requests_get_exactly_what_each_gets_alone_and_extra_ones_wait() {
     for (a, t) in alone.iter().zip(&again) {
         assert_eq!(a.tokens, t.as_ref().unwrap().tokens);
     }
+}
+
+/// A prompt of about 600 tokens (past the 512 KV cells where a lone decode
+/// with flash attention splits its sums across threads), sampled, beside
+/// three short ones: (tokens alone, tokens batched) of the long one.
+fn long_context_alone_and_batched(exact: bool) -> (Vec<u32>, Vec<u32>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (_agent, _key, artifact, smol) = prepared(dir.path(), &[]);
+    let model = load_with(&artifact, 4, exact);
+    let mut cases: Vec<_> = cases(&model, smol, 16).into_iter().take(4).collect();
+    let long: Vec<u32> = cases
+        .iter()
+        .flat_map(|(p, _)| p.clone())
+        .cycle()
+        .take(600)
+        .collect();
+    cases[0].0 = long;
+    cases[0].1.do_sample = true;
+    cases[0].1.temperature = 1.0;
+    cases[0].1.seed = 3;
+    let alone = run_one(&model, &cases[0].0, &cases[0].1, &Cancel::default(), None)
+        .unwrap()
+        .tokens;
+    let together = concurrently(&model, &cases, &[None; 4]);
+    (alone, together[0].as_ref().unwrap().tokens.clone())
+}
+
+#[test]
+fn exact_batching_keeps_long_contexts_identical_too() {
+    let (alone, batched) = long_context_alone_and_batched(true);
+    assert_eq!(alone, batched);
 }
 
 #[test]

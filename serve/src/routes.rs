@@ -382,7 +382,8 @@ async fn generate(
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0)
     });
-    // Each choice is its own generation: the agent queues them in turn.
+    // Each choice is its own generation; all are sent at once, and the
+    // agent runs them side by side in one batch (llama.cpp on the CPU).
     let mut streams = Vec::new();
     for (pi, ids) in prompts.iter().enumerate() {
         for j in 0..sampling.n {

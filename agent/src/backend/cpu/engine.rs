@@ -54,6 +54,9 @@ pub struct EngineOptions {
     /// Sequences one llama.cpp model runs at once (continuous batching,
     /// `--cpu-max-batch`); candle runs one.
     pub max_batch: usize,
+    /// Batched sequences get bit for bit the logits they get alone
+    /// (`--cpu-exact-batching`): flash attention off, one prompt per step.
+    pub exact_batching: bool,
 }
 
 /// Default of `--cpu-max-batch`.
@@ -67,6 +70,7 @@ impl Default for EngineOptions {
                 .map(|n| n.get())
                 .unwrap_or(1),
             max_batch: DEFAULT_MAX_BATCH,
+            exact_batching: false,
         }
     }
 }
@@ -294,7 +298,7 @@ fn load_gguf(
     }
     if llama_cpp {
         drop(content);
-        let m = LlamaCppModel::load(path, opts.threads, opts.max_batch)?;
+        let m = LlamaCppModel::load(path, opts.threads, opts.max_batch, opts.exact_batching)?;
         let ctx = m.context_length();
         Ok((Weights::LlamaCpp(m), vocab, ctx))
     } else {

@@ -20,20 +20,34 @@
 //! thread sends the tokens to feed and waits for logits, and samples on its
 //! own (engine.rs, the same code as a lone request). The scheduler
 //! alternates two kinds of `llama_decode` step: one that feeds the next
-//! token of every generating sequence at once, and one that feeds one
-//! prompt chunk of one sequence, in turn between the sequences reading a
-//! prompt. So a long prompt delays the others' next token by one chunk at a
-//! time, not by its whole length.
+//! token of every generating sequence at once, and one that feeds the next
+//! prompt chunk of every sequence reading a prompt (up to
+//! `PROMPT_STEP_TOKENS`, in turn when more wait). So a long prompt delays
+//! the others' next token by one chunk at a time, not by its whole length,
+//! and a burst of new requests is read in one pass, as llama-server does.
+//! Tokens go into a step in sequence id order and the lowest free id is
+//! handed out first: with a stream per sequence llama.cpp runs a step in
+//! one pass only over consecutive ids (`split_equal`, sequential).
 //!
-//! The steps are shaped so that a sequence's logits are bit for bit those it
-//! gets alone, whatever runs beside it: with a stream of its own its KV
-//! cells sit where they would alone (a unified cache interleaves them, and
-//! the attention sums then run in another order), and a prompt chunk is
-//! never split with other sequences' tokens (llama.cpp would cut it into
-//! micro-batches of other sizes, which its kernels round differently). A
-//! generation step is one token per stream, as alone. A sequence's cells are
-//! freed when its session ends. A session needs room for its prompt and new
-//! tokens in one stream; one that does not fit waits, in arrival order.
+//! Two modes. By default, as llama-server runs: flash attention on and the
+//! prompts of several sequences read in one step. With exact batching
+//! (`--cpu-exact-batching`) a sequence's logits are bit for bit those it
+//! gets alone, whatever runs beside it: flash attention off (a lone decode
+//! over 512 cells or more splits its attention sums across threads, a
+//! batched one does not) and one prompt chunk per step (llama.cpp cuts the
+//! chunks of a shared step into micro-batches of other sizes, and its
+//! attention kernel takes another path at 64 query rows). Either way each
+//! sequence has a KV stream of its own, so its cells sit where they would
+//! alone (a unified cache interleaves them and the attention sums run in
+//! another order), and a generation step is one token per stream, as
+//! alone. By default the logits equal a lone run's while the prompt is
+//! under 64 tokens and the context within 256 (tests/batching.rs); past
+//! that they may differ in the last bits, and a sampled token can fall
+//! differently (seen on a 600-token prompt: the 16th of 16 tokens).
+//!
+//! A sequence's cells are freed when its session ends. A session needs
+//! room for its prompt and new tokens in one stream; one that does not fit
+//! waits, in arrival order.
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
@@ -56,13 +70,17 @@ use crate::backend::{BackendError, Cancel};
 /// llama.cpp's version, as vendored by `llama-cpp-sys-2`.
 pub const LLAMA_CPP_SYS_VERSION: &str = "0.1.161";
 
-/// `LLAMA_FLASH_ATTN_TYPE_DISABLED` of llama.h.
+/// `LLAMA_FLASH_ATTN_TYPE_DISABLED` and `_ENABLED` of llama.h.
 const FLASH_ATTENTION_DISABLED: i32 = 0;
+const FLASH_ATTENTION_ENABLED: i32 = 1;
 
-/// Prompt tokens per step, alone or beside others (the same chunks either
-/// way, so that the results are the same): the other sequences' next token
-/// waits for one chunk, about 2-3 generation steps of a small model.
+/// Prompt tokens of one sequence per step, alone or beside others (the same
+/// chunks either way, so that the results are the same).
 const PROMPT_CHUNK: usize = 128;
+/// Prompt tokens of all sequences together per step (llama-server's
+/// micro-batch): 16 chat prompts of up to 32 tokens are read in one pass,
+/// and the others' next token waits for at most this much.
+const PROMPT_STEP_TOKENS: usize = 512;
 /// A stream's size is a multiple of this (llama.cpp pads its attention to
 /// 256 cells), so nearby lengths share one.
 const CONTEXT_STEP: usize = 256;
@@ -147,8 +165,14 @@ pub struct LlamaCppModel {
 
 impl LlamaCppModel {
     /// Loads `path`; its context runs up to `max_batch` sequences at once
-    /// on `threads` threads.
-    pub fn load(path: &Path, threads: usize, max_batch: usize) -> Result<Self, BackendError> {
+    /// on `threads` threads; `exact`: each gets the logits it gets alone
+    /// (see the module's comment).
+    pub fn load(
+        path: &Path,
+        threads: usize,
+        max_batch: usize,
+        exact: bool,
+    ) -> Result<Self, BackendError> {
         if !cpu_supported() {
             return Err(BackendError::Unsupported(
                 "llama.cpp in this agent needs a CPU with AVX2, FMA, F16C and BMI2 (x86-64-v3); run with --cpu-engine auto or candle".into(),
@@ -169,7 +193,7 @@ impl LlamaCppModel {
         std::thread::Builder::new()
             .name("llama.cpp".into())
             .spawn(move || {
-                let mut s = Scheduler::new(backend, &model, threads, max_batch);
+                let mut s = Scheduler::new(backend, &model, threads, max_batch, exact);
                 s.run(rx);
             })
             .map_err(|e| {
@@ -316,6 +340,8 @@ struct Scheduler<'m> {
     model: &'m LlamaModel,
     threads: i32,
     max_batch: usize,
+    /// Bit-identical batching: flash attention off, one prompt per step.
+    exact: bool,
     n_vocab: usize,
     /// KV cells all streams together may grow to.
     kv_limit: usize,
@@ -340,6 +366,7 @@ impl<'m> Scheduler<'m> {
         model: &'m LlamaModel,
         threads: i32,
         max_batch: usize,
+        exact: bool,
     ) -> Self {
         let n_ctx_train = (model.n_ctx_train() as usize).max(1);
         // f16 keys and values of every layer.
@@ -354,10 +381,11 @@ impl<'m> Scheduler<'m> {
             model,
             threads,
             max_batch,
+            exact,
             n_vocab: usize::try_from(model.n_vocab()).unwrap_or(0),
             kv_limit,
             context: None,
-            batch: LlamaBatch::new(PROMPT_CHUNK.max(max_batch), 1),
+            batch: LlamaBatch::new(PROMPT_STEP_TOKENS.max(max_batch), 1),
             active: Vec::new(),
             waiting: VecDeque::new(),
             free_seqs: Vec::new(),
@@ -496,7 +524,16 @@ impl<'m> Scheduler<'m> {
                 tracing::warn!(seq, error = %e, "llama.cpp: cannot free a sequence's KV cells");
             }
         }
-        self.free_seqs.push(seq);
+        self.release_seq(seq);
+    }
+
+    /// Puts a sequence id back so that the lowest free one goes next: the
+    /// running ids stay packed from 0, and a step over consecutive ids is
+    /// one pass of llama.cpp (with a stream per sequence it splits a batch
+    /// wherever the ids, in batch order, skip one).
+    fn release_seq(&mut self, seq: i32) {
+        let at = self.free_seqs.partition_point(|s| *s > seq);
+        self.free_seqs.insert(at, seq);
     }
 
     /// Admits waiting sessions in arrival order while a stream is free and
@@ -529,7 +566,14 @@ impl<'m> Scheduler<'m> {
                 let streams = (self.kv_limit / per_seq).clamp(1, self.max_batch);
                 self.context = None;
                 self.free_seqs.clear();
-                match new_context(self.backend, self.model, per_seq, streams, self.threads) {
+                match new_context(
+                    self.backend,
+                    self.model,
+                    per_seq,
+                    streams,
+                    self.threads,
+                    self.exact,
+                ) {
                     Ok(ctx) => {
                         tracing::debug!(
                             kv_cells_per_sequence = per_seq,
@@ -555,7 +599,7 @@ impl<'m> Scheduler<'m> {
             };
             if w.reply.send(Ok(())).is_err() {
                 // The session is gone; its End frees nothing.
-                self.free_seqs.push(seq);
+                self.release_seq(seq);
                 continue;
             }
             self.active.push(Seq {
@@ -587,28 +631,41 @@ impl<'m> Scheduler<'m> {
         };
         let remaining = |s: &Seq| s.feed.as_ref().map_or(0, |f| f.ids.len() - f.fed);
         let n = self.active.len();
-        let generating: Vec<usize> = (0..n)
+        // In sequence id order: llama.cpp runs consecutive ids in one pass.
+        let mut generating: Vec<usize> = (0..n)
             .filter(|&i| remaining(&self.active[i]) == 1)
             .collect();
+        generating.sort_unstable_by_key(|&i| self.active[i].seq);
+        // The next chunk of every sequence reading its prompt (chunks start
+        // at the same offsets as alone), from the one whose turn it is, as
+        // many as one step holds.
         let turn = self.turn % n.max(1);
-        let reading = (turn..n)
-            .chain(0..turn)
-            .find(|&i| remaining(&self.active[i]) > 1);
-        // (index in active, tokens) fed this step.
-        let added: Vec<(usize, usize)> = match reading {
-            Some(i) if generating.is_empty() || !self.fed_prompt => {
-                self.fed_prompt = true;
-                self.turn = i + 1;
-                // Chunks start at the same offsets as alone.
-                let f_fed = self.active[i].feed.as_ref().map_or(0, |f| f.fed);
-                let take = remaining(&self.active[i]).min(PROMPT_CHUNK - f_fed % PROMPT_CHUNK);
-                vec![(i, take)]
+        let mut reading: Vec<(usize, usize)> = Vec::new();
+        let mut tokens = 0;
+        for i in (turn..n).chain(0..turn) {
+            let left = remaining(&self.active[i]);
+            if left <= 1 {
+                continue;
             }
-            _ => {
+            let fed = self.active[i].feed.as_ref().map_or(0, |f| f.fed);
+            let take = left.min(PROMPT_CHUNK - fed % PROMPT_CHUNK);
+            if tokens + take > PROMPT_STEP_TOKENS || self.exact && !reading.is_empty() {
+                break;
+            }
+            tokens += take;
+            reading.push((i, take));
+        }
+        // (index in active, tokens) fed this step.
+        let added: Vec<(usize, usize)> =
+            if !reading.is_empty() && (generating.is_empty() || !self.fed_prompt) {
+                self.fed_prompt = true;
+                self.turn = reading.last().map_or(0, |(i, _)| i + 1);
+                reading.sort_unstable_by_key(|&(i, _)| self.active[i].seq);
+                reading
+            } else {
                 self.fed_prompt = false;
                 generating.into_iter().map(|i| (i, 1)).collect()
-            }
-        };
+            };
         if added.is_empty() {
             return;
         }
@@ -696,9 +753,10 @@ fn new_context<'m>(
     per_seq: usize,
     streams: usize,
     threads: i32,
+    exact: bool,
 ) -> Result<LlamaContext<'m>, BackendError> {
     let n_ctx = per_seq.saturating_mul(streams);
-    let n_batch = u32::try_from(PROMPT_CHUNK.max(streams)).unwrap_or(u32::MAX);
+    let n_batch = u32::try_from(PROMPT_STEP_TOKENS.max(streams)).unwrap_or(u32::MAX);
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(u32::try_from(n_ctx).unwrap_or(u32::MAX)))
         .with_n_batch(n_batch)
@@ -709,10 +767,16 @@ fn new_context<'m>(
         .with_kv_unified(false)
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
-        // Flash attention off, as llama-cpp-python has it: llama.cpp's
-        // default ("auto") turns it on for CPU, which measured 4-14 % slower
-        // per generated token on SmolLM2 (e2e/bench/cpu-engine.sh, 2 threads).
-        .with_flash_attention_policy(FLASH_ATTENTION_DISABLED);
+        // Flash attention on, as llama-server has it on CPU: 1.0-1.4x the
+        // tokens/s of the same scheduler without it at 1-64 clients
+        // (agent/bench-serving.sh, agent/README.md). Off for exact batching: a lone decode
+        // over 512 cells or more splits its attention across threads,
+        // batched ones do not, so the sums would round differently.
+        .with_flash_attention_policy(if exact {
+            FLASH_ATTENTION_DISABLED
+        } else {
+            FLASH_ATTENTION_ENABLED
+        });
     model.new_context(backend, params).map_err(|e| {
         BackendError::Internal(format!(
             "llama.cpp context for {streams} sequences of {per_seq} tokens: {e} (out of memory?)"

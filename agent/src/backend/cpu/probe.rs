@@ -479,6 +479,7 @@ pub fn run(args: ProbeArgs) -> ExitCode {
         threads: 1,
         // One probe sequence: a context of one.
         max_batch: 1,
+        exact_batching: false,
     };
     let path = args.path;
     let outcome = std::panic::catch_unwind(move || probe(&path, &opts));
