@@ -107,9 +107,9 @@ struct Cli {
     /// Batched llama.cpp sequences get bit for bit the logits each gets
     /// alone, whatever runs beside it: flash attention off and one prompt
     /// read per step, at some cost in throughput. Off (the default), as in
-    /// llama-server: flash attention on, and new prompts read together;
-    /// then a sequence's logits may differ in the last bits from a lone
-    /// run once its context passes 256 tokens.
+    /// llama-server: new prompts read together, and flash attention on for
+    /// short streams; then a sequence's logits may differ in the last bits
+    /// from a lone run.
     #[arg(long, env = "RM_CPU_EXACT_BATCHING")]
     cpu_exact_batching: bool,
     /// The Python that runs worker plugins: replaces a leading `python3` of

@@ -257,6 +257,14 @@ fn exact_batching_keeps_long_contexts_identical_too() {
 }
 
 #[test]
+fn long_contexts_run_without_flash_attention_and_stay_identical() {
+    // Streams of over 256 cells have flash attention off in the default
+    // mode too (a lone decode would split its sums across threads).
+    let (alone, batched) = long_context_alone_and_batched(false);
+    assert_eq!(alone, batched);
+}
+
+#[test]
 fn a_cancelled_sequence_stops_and_the_others_are_undisturbed() {
     let dir = tempfile::tempdir().unwrap();
     let (_agent, _key, artifact, smol) = prepared(dir.path(), &[]);

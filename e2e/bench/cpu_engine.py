@@ -95,9 +95,11 @@ def hwm_kib(pid):
     return 0
 
 
-def start_agent(binary, work, engine, threads):
+def start_agent(binary, work, engine, threads, gguf):
     sock = os.path.join(work, f"agent-{engine}.sock")
-    env = dict(os.environ, RM_CPU_ENGINE=engine, RM_CPU_THREADS=str(threads), RM_LOG="warn")
+    # The agent reads models from node paths only where it is allowed to.
+    env = dict(os.environ, RM_CPU_ENGINE=engine, RM_CPU_THREADS=str(threads), RM_LOG="warn",
+               RM_MODEL_PATH_ALLOW=os.path.dirname(os.path.abspath(gguf)))
     p = subprocess.Popen([binary, "--socket", sock, "--cache-dir", os.path.join(work, "cache")], env=env)
     for _ in range(300):
         if os.path.exists(sock):
@@ -122,12 +124,12 @@ class AgentEngine:
         os.makedirs(work, exist_ok=True)
         # Compile (if needed) in a process of its own, so that the peak
         # memory measured is the engine's, not the compile's.
-        p, sock = start_agent(binary, work, engine, threads)
+        p, sock = start_agent(binary, work, engine, threads, gguf)
         try:
             call(sock, "POST", "/v1/prepare", prepare)
         finally:
             stop(p)
-        self.proc, self.sock = start_agent(binary, work, engine, threads)
+        self.proc, self.sock = start_agent(binary, work, engine, threads, gguf)
         self.key = call(self.sock, "POST", "/v1/prepare", prepare)["key"]
         self.body = {"key": self.key, "device": "cpu", "input_ids": prompt, "max_new_tokens": NEW_TOKENS,
                      "ignore_eos": True}

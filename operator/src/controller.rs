@@ -816,8 +816,6 @@ pub fn pod_priority(iw: &InferenceWorkload, classes: &Store<PriorityClass>) -> i
     }
 }
 
-/// Chooses the device (under the ledger's lock, see `Ledger::choose`);
-/// devices the workload no longer needs wake whoever waits for them.
 /// A `spread` workload's replicas per type (its Deployments'), the ready
 /// ones, and the types whose pods are stuck (unschedulable past the grace
 /// period, or failing).
@@ -851,6 +849,8 @@ fn spread_now(
     out
 }
 
+/// Chooses the device (under the ledger's lock, see `Ledger::choose`);
+/// devices the workload no longer needs wake whoever waits for them.
 fn decide(
     iw: &InferenceWorkload,
     key: &WorkloadKey,

@@ -29,21 +29,20 @@
 //! handed out first: with a stream per sequence llama.cpp runs a step in
 //! one pass only over consecutive ids (`split_equal`, sequential).
 //!
-//! Two modes. By default, as llama-server runs: flash attention on and the
-//! prompts of several sequences read in one step. With exact batching
-//! (`--cpu-exact-batching`) a sequence's logits are bit for bit those it
-//! gets alone, whatever runs beside it: flash attention off (a lone decode
-//! over 512 cells or more splits its attention sums across threads, a
-//! batched one does not) and one prompt chunk per step (llama.cpp cuts the
-//! chunks of a shared step into micro-batches of other sizes, and its
-//! attention kernel takes another path at 64 query rows). Either way each
-//! sequence has a KV stream of its own, so its cells sit where they would
-//! alone (a unified cache interleaves them and the attention sums run in
-//! another order), and a generation step is one token per stream, as
-//! alone. By default the logits equal a lone run's while the prompt is
-//! under 64 tokens and the context within 256 (tests/batching.rs); past
-//! that they may differ in the last bits, and a sampled token can fall
-//! differently (seen on a 600-token prompt: the 16th of 16 tokens).
+//! Two modes. By default, as llama-server runs: new prompts read together,
+//! and flash attention on for contexts of short streams (up to 256 cells;
+//! from 512 a lone decode splits its attention sums across threads and a
+//! batched one does not, so longer streams run without it). With exact
+//! batching (`--cpu-exact-batching`) a sequence's logits are bit for bit
+//! those it gets alone, whatever runs beside it: flash attention off and
+//! one prompt chunk per step (llama.cpp cuts the chunks of a shared step
+//! into micro-batches of other sizes, and its flash attention kernel takes
+//! another path at 64 query rows). Either way each sequence has a KV
+//! stream of its own, so its cells sit where they would alone (a unified
+//! cache interleaves them and the attention sums run in another order),
+//! and a generation step is one token per stream, as alone. By default
+//! tests/batching.rs finds the same equality (short prompts, and a
+//! 600-token one); exact batching guarantees it.
 //!
 //! A sequence's cells are freed when its session ends. A session needs
 //! room for its prompt and new tokens in one stream; one that does not fit
@@ -73,6 +72,15 @@ pub const LLAMA_CPP_SYS_VERSION: &str = "0.1.161";
 /// `LLAMA_FLASH_ATTN_TYPE_DISABLED` and `_ENABLED` of llama.h.
 const FLASH_ATTENTION_DISABLED: i32 = 0;
 const FLASH_ATTENTION_ENABLED: i32 = 1;
+/// Flash attention is on for contexts whose streams hold up to this many
+/// cells, off beyond (and always off with exact batching). Under 512 cells
+/// llama.cpp's CPU kernel attends row by row, alone or batched: 1.0-1.4x
+/// the tokens/s without it at 1-64 clients of short requests
+/// (agent/bench-serving.sh). From 512 cells a lone decode splits its sums
+/// across threads: measured slower on one long request (0.86-0.98x
+/// llama.cpp's generation against 0.97-1.04x without it,
+/// e2e/bench/cpu-engine.sh), and rounded differently from a batched one.
+const FLASH_ATTENTION_MAX_CELLS: usize = 256;
 
 /// Prompt tokens of one sequence per step, alone or beside others (the same
 /// chunks either way, so that the results are the same).
@@ -572,7 +580,9 @@ impl<'m> Scheduler<'m> {
                     per_seq,
                     streams,
                     self.threads,
-                    self.exact,
+                    // Only streams where a lone decode never splits its
+                    // attention (see `FLASH_ATTENTION_MAX_CELLS`).
+                    !self.exact && per_seq <= FLASH_ATTENTION_MAX_CELLS,
                 ) {
                     Ok(ctx) => {
                         tracing::debug!(
@@ -753,29 +763,28 @@ fn new_context<'m>(
     per_seq: usize,
     streams: usize,
     threads: i32,
-    exact: bool,
+    flash_attention: bool,
 ) -> Result<LlamaContext<'m>, BackendError> {
     let n_ctx = per_seq.saturating_mul(streams);
     let n_batch = u32::try_from(PROMPT_STEP_TOKENS.max(streams)).unwrap_or(u32::MAX);
+    // Micro-batches of one prompt chunk: a step's prompt tokens run in
+    // passes of this size. 512, llama-server's, measured no faster in the
+    // serving benchmark, and llama.cpp sizes its compute buffers by it.
+    let n_ubatch = u32::try_from(PROMPT_CHUNK.max(streams)).unwrap_or(u32::MAX);
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(u32::try_from(n_ctx).unwrap_or(u32::MAX)))
         .with_n_batch(n_batch)
-        .with_n_ubatch(n_batch)
+        .with_n_ubatch(n_ubatch)
         .with_n_seq_max(u32::try_from(streams).unwrap_or(1))
         // A stream per sequence (n_ctx / n_seq_max cells each): see the
         // module's comment on identical results.
         .with_kv_unified(false)
         .with_n_threads(threads)
         .with_n_threads_batch(threads)
-        // Flash attention on, as llama-server has it on CPU: 1.0-1.4x the
-        // tokens/s of the same scheduler without it at 1-64 clients
-        // (agent/bench-serving.sh, agent/README.md). Off for exact batching: a lone decode
-        // over 512 cells or more splits its attention across threads,
-        // batched ones do not, so the sums would round differently.
-        .with_flash_attention_policy(if exact {
-            FLASH_ATTENTION_DISABLED
-        } else {
+        .with_flash_attention_policy(if flash_attention {
             FLASH_ATTENTION_ENABLED
+        } else {
+            FLASH_ATTENTION_DISABLED
         });
     model.new_context(backend, params).map_err(|e| {
         BackendError::Internal(format!(
