@@ -31,25 +31,31 @@ fn placements_of(iw: &InferenceWorkload) -> Vec<(DeviceType, i32, i32)> {
         .unwrap_or_default()
 }
 
-/// Ready pods of the workload that are not being deleted (those serve).
-async fn serving_pods(pods: &Api<Pod>, workload: &str) -> usize {
+/// Pods of the workload that are not being deleted.
+async fn live_pods(pods: &Api<Pod>, workload: &str) -> Vec<Pod> {
     pods.list(&ListParams::default().labels(&format!("rm-abstract.io/workload={workload}")))
         .await
         .map(|l| {
             l.items
-                .iter()
+                .into_iter()
                 .filter(|p| p.metadata.deletion_timestamp.is_none())
-                .filter(|p| {
-                    p.status
-                        .as_ref()
-                        .and_then(|s| s.conditions.as_ref())
-                        .is_some_and(|cs| {
-                            cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
-                        })
-                })
-                .count()
+                .collect()
         })
-        .unwrap_or(0)
+        .unwrap_or_default()
+}
+
+/// Ready pods of the workload that are not being deleted (those serve).
+async fn serving_pods(pods: &Api<Pod>, workload: &str) -> usize {
+    live_pods(pods, workload)
+        .await
+        .iter()
+        .filter(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .count()
 }
 
 #[tokio::test]
@@ -446,19 +452,6 @@ async fn move_up_by_policy_never_drops_the_ready_count() {
     s.remove_nodes().await;
 }
 
-/// Pods of the workload not being deleted, ready or not.
-async fn live_pods(pods: &Api<Pod>, workload: &str) -> usize {
-    pods.list(&ListParams::default().labels(&format!("rm-abstract.io/workload={workload}")))
-        .await
-        .map(|l| {
-            l.items
-                .iter()
-                .filter(|p| p.metadata.deletion_timestamp.is_none())
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn spread_moves_up_one_replica_at_a_time_never_dropping_the_ready_count() {
     let s = Setup::new("spreadmove", &[("atom", Atom, 4), ("gpu", Gpu, 8)], &[]).await;
@@ -488,7 +481,7 @@ async fn spread_moves_up_one_replica_at_a_time_never_dropping_the_ready_count() 
             let (mut least_ready, mut most_live) = (usize::MAX, 0);
             while !done.load(Ordering::Relaxed) {
                 least_ready = least_ready.min(serving_pods(&pods, "mover").await);
-                most_live = most_live.max(live_pods(&pods, "mover").await);
+                most_live = most_live.max(live_pods(&pods, "mover").await.len());
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             (least_ready, most_live)
