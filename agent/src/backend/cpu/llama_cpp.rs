@@ -78,7 +78,7 @@ const FLASH_ATTENTION_ENABLED: i32 = 1;
 /// the tokens/s without it at 1-64 clients of short requests
 /// (agent/bench-serving.sh). From 512 cells a lone decode splits its sums
 /// across threads: measured slower on one long request (0.86-0.98x
-/// llama.cpp's generation against 0.97-1.04x without it,
+/// llama.cpp's generation against 0.93-1.04x without it,
 /// e2e/bench/cpu-engine.sh), and rounded differently from a batched one.
 const FLASH_ATTENTION_MAX_CELLS: usize = 256;
 
