@@ -17,6 +17,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, PostParams};
 use rm_crds::{DeviceType, InferenceWorkload, Phase};
+use rm_operator::placement::ready_pods;
 use serde_json::json;
 
 fn placements_of(iw: &InferenceWorkload) -> Vec<(DeviceType, i32, i32)> {
@@ -31,31 +32,47 @@ fn placements_of(iw: &InferenceWorkload) -> Vec<(DeviceType, i32, i32)> {
         .unwrap_or_default()
 }
 
-/// Pods of the workload that are not being deleted.
-async fn live_pods(pods: &Api<Pod>, workload: &str) -> Vec<Pod> {
-    pods.list(&ListParams::default().labels(&format!("rm-abstract.io/workload={workload}")))
-        .await
-        .map(|l| {
-            l.items
-                .into_iter()
-                .filter(|p| p.metadata.deletion_timestamp.is_none())
-                .collect()
-        })
-        .unwrap_or_default()
+/// Samples a workload's pods every 100 ms while it runs: the fewest ready
+/// ones not being deleted (those serve) and the most not being deleted.
+struct PodSampler {
+    done: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(usize, usize)>,
 }
 
-/// Ready pods of the workload that are not being deleted (those serve).
-async fn serving_pods(pods: &Api<Pod>, workload: &str) -> usize {
-    live_pods(pods, workload)
-        .await
-        .iter()
-        .filter(|p| {
-            p.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-        .count()
+impl PodSampler {
+    fn start(pods: Api<Pod>, workload: &str) -> Self {
+        let done = Arc::new(AtomicBool::new(false));
+        let labels = format!("rm-abstract.io/workload={workload}");
+        let task = tokio::spawn({
+            let done = done.clone();
+            async move {
+                let (mut least_ready, mut most_live) = (usize::MAX, 0);
+                while !done.load(Ordering::Relaxed) {
+                    let live: Vec<Pod> = pods
+                        .list(&ListParams::default().labels(&labels))
+                        .await
+                        .map(|l| l.items)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|p| p.metadata.deletion_timestamp.is_none())
+                        .collect();
+                    least_ready = least_ready.min(ready_pods(&live) as usize);
+                    most_live = most_live.max(live.len());
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                (least_ready, most_live)
+            }
+        });
+        PodSampler { done, task }
+    }
+
+    /// (fewest ready, most live) seen.
+    async fn stop(self) -> (usize, usize) {
+        self.done.store(true, Ordering::Relaxed);
+        self.task
+            .await
+            .unwrap_or_else(|e| panic!("the pod sampler failed: {e}"))
+    }
 }
 
 #[tokio::test]
@@ -410,19 +427,7 @@ async fn move_up_by_policy_never_drops_the_ready_count() {
     running_on(&s.api, "stayer", DeviceType::Gpu).await;
 
     // Watch the serving pods of the mover through the move.
-    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
-    let done = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (pods, done) = (pods.clone(), done.clone());
-        tokio::spawn(async move {
-            let mut least = usize::MAX;
-            while !done.load(Ordering::Relaxed) {
-                least = least.min(serving_pods(&pods, "mover").await);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            least
-        })
-    };
+    let sampler = PodSampler::start(Api::namespaced(s.client.clone(), &s.ns), "mover");
     s.api.delete("holder", &Default::default()).await.unwrap();
     let iw = wait_iw(
         &s.api,
@@ -432,8 +437,7 @@ async fn move_up_by_policy_never_drops_the_ready_count() {
         |iw| placements_of(iw) == [(DeviceType::Rbln, 4, 4)],
     )
     .await;
-    done.store(true, Ordering::Relaxed);
-    let least = watcher.await.unwrap();
+    let (least, _) = sampler.stop().await;
     assert!(
         least >= 4,
         "the ready count dropped to {least} during the move"
@@ -473,27 +477,13 @@ async fn spread_moves_up_one_replica_at_a_time_never_dropping_the_ready_count() 
         "no room above: no move"
     );
 
-    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
-    let done = Arc::new(AtomicBool::new(false));
-    let watcher = {
-        let (pods, done) = (pods.clone(), done.clone());
-        tokio::spawn(async move {
-            let (mut least_ready, mut most_live) = (usize::MAX, 0);
-            while !done.load(Ordering::Relaxed) {
-                least_ready = least_ready.min(serving_pods(&pods, "mover").await);
-                most_live = most_live.max(live_pods(&pods, "mover").await.len());
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            (least_ready, most_live)
-        })
-    };
+    let sampler = PodSampler::start(Api::namespaced(s.client.clone(), &s.ns), "mover");
     s.api.delete("holder", &Default::default()).await.unwrap();
     let iw = wait_iw(&s.api, "mover", "all 4 on rbln, ready", 120, |iw| {
         placements_of(iw) == [(DeviceType::Rbln, 4, 4)]
     })
     .await;
-    done.store(true, Ordering::Relaxed);
-    let (least_ready, most_live) = watcher.await.unwrap();
+    let (least_ready, most_live) = sampler.stop().await;
     assert!(least_ready >= 4, "the ready count dropped to {least_ready}");
     assert!(
         most_live <= 5,
